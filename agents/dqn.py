@@ -1,0 +1,105 @@
+"""PlasticDQN: SB3's DQN with a Double-DQN option and the intervention hooks."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch as th
+from stable_baselines3 import DQN
+from stable_baselines3.common.buffers import ReplayBufferSamples
+from torch import nn
+from torch.nn import functional as F
+
+from agents.hooks import Intervention
+from agents.plastic import PlasticMixin
+
+
+class PlasticDQN(PlasticMixin, DQN):
+    """Deep Q-Network (SB3's :class:`~stable_baselines3.DQN`) with plasticity hooks.
+
+    Takes every argument :class:`~stable_baselines3.DQN` takes, plus:
+
+    :param interventions: interventions called from inside :meth:`train` (see :mod:`agents.hooks`).
+        Empty by default, in which case training is bit-for-bit stock SB3.
+    :param double_q: use the Double-DQN target (van Hasselt et al., 2016): the online network picks the
+        next action, the target network evaluates it. This is the only difference from stock DQN.
+    """
+
+    def __init__(
+        self,
+        *args: Any,
+        interventions: Sequence[Intervention] | None = None,
+        double_q: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        self._init_plastic(interventions)
+        self.double_q = double_q
+        super().__init__(*args, **kwargs)
+
+    @property
+    def value_head(self) -> nn.Linear:
+        """The last linear layer of the online Q-network."""
+        head = self.q_net.q_net[-1]
+        if not isinstance(head, nn.Linear):
+            raise TypeError(f"the Q-network must end in nn.Linear, got {type(head).__name__}")
+        return head
+
+    def value_features(self, obs: th.Tensor) -> th.Tensor:
+        """Input of the Q head for ``obs`` (a batch as the replay buffer stores it), with its graph."""
+        features = self.q_net.extract_features(obs, self.q_net.features_extractor)
+        for layer in self.q_net.q_net[:-1]:
+            features = layer(features)
+        return features
+
+    def compute_target(self, batch: ReplayBufferSamples, discounts: th.Tensor | float) -> th.Tensor:
+        """TD target ``r + (1 - done) * discount * Q_target(s', a')``, shape ``(batch_size, 1)``.
+
+        ``a'`` is ``argmax Q_target(s')`` (stock DQN) or, with ``double_q``, ``argmax Q_online(s')``.
+        """
+        with th.no_grad():
+            next_q_target = self.q_net_target(batch.next_observations)
+            if self.double_q:
+                next_actions = self.q_net(batch.next_observations).argmax(dim=1, keepdim=True)
+                next_q_values = th.gather(next_q_target, dim=1, index=next_actions)
+            else:
+                # Same ops as SB3's DQN.train, so the stock path stays bit-identical.
+                next_q_values, _ = next_q_target.max(dim=1)
+                next_q_values = next_q_values.reshape(-1, 1)
+            return batch.rewards + (1 - batch.dones) * discounts * next_q_values
+
+    def train(self, gradient_steps: int, batch_size: int = 100) -> None:
+        """SB3's ``DQN.train`` with the feature, loss-term and update hooks (see :mod:`agents.hooks`)."""
+        self.policy.set_training_mode(True)
+        self._update_learning_rate(self.policy.optimizer)
+
+        losses = []
+        for _ in range(gradient_steps):
+            replay_data = self.replay_buffer.sample(batch_size, env=self._vec_normalize_env)  # type: ignore[union-attr]
+            # For n-step replay, the discount is gamma**n_steps (when no early termination)
+            discounts = replay_data.discounts if replay_data.discounts is not None else self.gamma
+            target_q_values = self.compute_target(replay_data, discounts)
+
+            # Split the forward pass at the head so the interventions see its input, with its graph.
+            features = self.value_features(replay_data.observations)
+            current_q_values = self.value_head(features)
+            current_q_values = th.gather(current_q_values, dim=1, index=replay_data.actions.long())
+
+            loss = F.smooth_l1_loss(current_q_values, target_q_values)
+            losses.append(loss.item())
+            extra = self._intervention_loss(replay_data, features)
+            if extra is not None:
+                loss = loss + extra
+
+            self.policy.optimizer.zero_grad()
+            loss.backward()
+            th.nn.utils.clip_grad_norm_(self.policy.parameters(), self.max_grad_norm)
+            self.policy.optimizer.step()
+            self._after_gradient_step()
+
+        self._n_updates += gradient_steps
+
+        self.logger.record("train/n_updates", self._n_updates, exclude="tensorboard")
+        self.logger.record("train/loss", np.mean(losses))
+        self._record_terms()

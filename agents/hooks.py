@@ -1,0 +1,83 @@
+"""The hook protocol between the agents and the interventions.
+
+An *intervention* is anything that wants to act on an agent during training: add a loss term,
+reset layers after an update, react to a task switch. Agents call the hooks below at fixed points
+inside ``train()`` and ``collect_rollouts()``; interventions never need more of the agent than its
+named accessors (``value_head``, ``value_features``, ``policy.optimizer`` and, for DQN,
+``q_net_target``).
+
+Order of calls, per gradient step::
+
+    features = <input of the value head on the batch, with its graph>
+    terms    = {k: v for iv in interventions for k, v in iv.loss_terms(agent, batch, features)}
+    loss     = <the algorithm's own loss> + sum(terms)
+    backward, clip, optimizer.step()
+    iv.on_update(agent, agent.num_gradient_steps)      # for every intervention
+
+and, once per task switch (in the step that crosses the boundary, before the transition is stored
+or trained on), ``iv.on_task_switch(agent, switch)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+import torch as th
+
+if TYPE_CHECKING:
+    from stable_baselines3.common.base_class import BaseAlgorithm
+
+
+@dataclass(frozen=True)
+class TaskSwitch:
+    """What an agent knows about a task switch when it sees one.
+
+    :param num_timesteps: the agent's ``num_timesteps`` at the step that crossed the boundary
+        (counted over all parallel environments, like SB3 does).
+    :param from_task: id of the task that just ended.
+    :param to_task: id of the task that starts with the next episode.
+    :param from_name: name of the task that just ended.
+    """
+
+    num_timesteps: int
+    from_task: int
+    to_task: int
+    from_name: str
+
+
+class Intervention:
+    """Base class of every intervention. Each hook is a no-op, so a subclass overrides only what it needs.
+
+    A list of bare ``Intervention()`` objects is valid and must leave training unchanged.
+    """
+
+    #: Short name, used for logging (``train/<name>/<term>``). Subclasses set their own.
+    name: str = "noop"
+
+    def attach(self, agent: BaseAlgorithm) -> None:
+        """Called once when the agent has built its networks (and again if it rebuilds them)."""
+
+    def loss_terms(self, agent: BaseAlgorithm, batch: NamedTuple, features: th.Tensor) -> dict[str, th.Tensor]:
+        """Extra scalar loss terms for this gradient step; they are added to the algorithm's loss.
+
+        :param agent: the agent being trained.
+        :param batch: SB3's replay (DQN) or rollout (PPO) minibatch.
+        :param features: the input of the value head on ``batch.observations``, shape
+            ``(batch_size, width)``, still attached to the graph of the loss.
+        :return: term name -> scalar tensor. Each is logged as ``train/<name>/<term>``.
+        """
+        return {}
+
+    def on_update(self, agent: BaseAlgorithm, num_gradient_steps: int) -> None:
+        """Called right after each optimizer step. ``num_gradient_steps`` counts steps so far (from 1)."""
+
+    def on_task_switch(self, agent: BaseAlgorithm, switch: TaskSwitch) -> None:
+        """Called once when the environment sequence moves to the next task."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume this intervention exactly (counters, saved weights, ...)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned."""

@@ -1,0 +1,93 @@
+"""What PlasticDQN and PlasticPPO share: the intervention list, its hooks and task-switch detection."""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from collections import defaultdict
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch as th
+from torch import nn
+
+from agents.hooks import Intervention, TaskSwitch
+
+
+class PlasticMixin:
+    """Mixed in before an SB3 algorithm class. It adds, and only adds, the hook calls.
+
+    With an empty intervention list every computation is the parent's, so parameters match stock SB3
+    bit for bit (see ``tests/test_agents.py``).
+    """
+
+    interventions: list[Intervention]
+    #: Optimizer steps taken so far. Unlike SB3's ``_n_updates`` (epochs for PPO), this counts every step.
+    num_gradient_steps: int
+
+    def _init_plastic(self, interventions: Sequence[Intervention] | None) -> None:
+        interventions = list(interventions or [])
+        for iv in interventions:
+            if not isinstance(iv, Intervention):
+                raise TypeError(f"interventions must be Intervention instances, got {type(iv).__name__}")
+        self.interventions = interventions
+        self.num_gradient_steps = 0
+        self._term_logs: dict[str, list[float]] = defaultdict(list)
+
+    def _setup_model(self) -> None:
+        super()._setup_model()  # type: ignore[misc]
+        for iv in self.interventions:
+            iv.attach(self)  # type: ignore[arg-type]
+
+    def _excluded_save_params(self) -> list[str]:
+        # Interventions carry their own state_dict(); the SB3 zip holds the algorithm only.
+        return super()._excluded_save_params() + ["interventions", "_term_logs"]  # type: ignore[misc]
+
+    # -- accessors the interventions and the monitor use ------------------------------------------
+    # SB3's BaseAlgorithm is an ABC, so these stay abstract until each algorithm defines them.
+    @property
+    @abstractmethod
+    def value_head(self) -> nn.Linear:
+        """The last linear layer of the value estimate (DQN's Q head, PPO's value head)."""
+
+    @abstractmethod
+    def value_features(self, obs: th.Tensor) -> th.Tensor:
+        """The input of :attr:`value_head` for a batch of observations (as the buffers store them)."""
+
+    # -- hook calls -------------------------------------------------------------------------------
+    def _intervention_loss(self, batch: NamedTuple, features: th.Tensor) -> th.Tensor | None:
+        """Sum of every intervention's loss terms for this batch, or ``None`` if there are none."""
+        total: th.Tensor | None = None
+        for iv in self.interventions:
+            for key, term in iv.loss_terms(self, batch, features).items():  # type: ignore[arg-type]
+                if term.dim() != 0:
+                    raise ValueError(f"loss term {iv.name}/{key} must be a scalar, got shape {tuple(term.shape)}")
+                self._term_logs[f"train/{iv.name}/{key}"].append(term.item())
+                total = term if total is None else total + term
+        return total
+
+    def _after_gradient_step(self) -> None:
+        self.num_gradient_steps += 1
+        for iv in self.interventions:
+            iv.on_update(self, self.num_gradient_steps)  # type: ignore[arg-type]
+
+    def _record_terms(self) -> None:
+        for key, values in self._term_logs.items():
+            self.logger.record(key, float(np.mean(values)))  # type: ignore[attr-defined]
+        self._term_logs.clear()
+
+    def _update_info_buffer(self, infos: list[dict[str, Any]], dones: np.ndarray | None = None) -> None:
+        # SB3 calls this after every env step, before storing or training on the transition.
+        super()._update_info_buffer(infos, dones)  # type: ignore[misc]
+        for info in infos:
+            if info.get("task_switch"):
+                # All parallel copies switch on the same step: notify once.
+                switch = TaskSwitch(
+                    num_timesteps=int(self.num_timesteps),  # type: ignore[attr-defined]
+                    from_task=int(info["task_id"]),
+                    to_task=int(info["next_task_id"]),
+                    from_name=str(info.get("task_name", "")),
+                )
+                for iv in self.interventions:
+                    iv.on_task_switch(self, switch)  # type: ignore[arg-type]
+                break

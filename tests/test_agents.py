@@ -1,0 +1,184 @@
+"""PlasticDQN / PlasticPPO: bit-for-bit equivalence with SB3, the Double-DQN target and the hooks."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch as th
+from stable_baselines3 import DQN, PPO
+from stable_baselines3.common.buffers import ReplayBufferSamples
+
+from agents import Intervention, PlasticDQN, PlasticPPO
+
+DQN_KW = dict(learning_starts=64, batch_size=16, train_freq=1, target_update_interval=50,
+              buffer_size=1_000, policy_kwargs=dict(net_arch=[32]), seed=3, device="cpu")
+PPO_KW = dict(n_steps=64, batch_size=32, n_epochs=2, policy_kwargs=dict(net_arch=[32]), seed=3, device="cpu")
+
+
+def assert_same_parameters(a: th.nn.Module, b: th.nn.Module) -> None:
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for key in sa:
+        assert th.equal(sa[key], sb[key]), f"{key} differs"
+
+
+class Recorder(Intervention):
+    """A no-op intervention that only counts hook calls."""
+
+    name = "recorder"
+
+    def __init__(self) -> None:
+        self.updates: list[int] = []
+        self.feature_shapes: list[tuple[int, ...]] = []
+
+    def loss_terms(self, agent, batch, features):
+        self.feature_shapes.append(tuple(features.shape))
+        return {}
+
+    def on_update(self, agent, num_gradient_steps):
+        self.updates.append(num_gradient_steps)
+
+
+@pytest.mark.parametrize("interventions", [[], [Intervention(), Intervention()]], ids=["none", "noops"])
+def test_dqn_equals_stock_sb3(interventions):
+    ours = PlasticDQN("MlpPolicy", "CartPole-v1", interventions=interventions, **DQN_KW).learn(400)
+    stock = DQN("MlpPolicy", "CartPole-v1", **DQN_KW).learn(400)
+    assert ours._n_updates == stock._n_updates > 0
+    assert_same_parameters(ours.policy, stock.policy)
+
+
+@pytest.mark.parametrize("interventions", [[], [Intervention()]], ids=["none", "noop"])
+def test_ppo_equals_stock_sb3(interventions):
+    ours = PlasticPPO("MlpPolicy", "CartPole-v1", interventions=interventions, **PPO_KW).learn(192)
+    stock = PPO("MlpPolicy", "CartPole-v1", **PPO_KW).learn(192)
+    assert_same_parameters(ours.policy, stock.policy)
+
+
+def test_update_counter_and_feature_shape():
+    rec = Recorder()
+    dqn = PlasticDQN("MlpPolicy", "CartPole-v1", interventions=[rec], **DQN_KW).learn(200)
+    assert rec.updates == list(range(1, dqn._n_updates + 1))
+    assert set(rec.feature_shapes) == {(16, 32)}
+
+    rec = Recorder()
+    ppo = PlasticPPO("MlpPolicy", "CartPole-v1", interventions=[rec], **PPO_KW).learn(128)
+    # 2 rollouts of 64 steps, 2 epochs, 2 minibatches of 32 each
+    assert rec.updates == list(range(1, 9)) and ppo.num_gradient_steps == 8
+    assert set(rec.feature_shapes) == {(32, 32)}
+
+
+@pytest.mark.parametrize("algo", [PlasticDQN, PlasticPPO])
+def test_value_features_feed_the_head_with_graph(algo):
+    kw = DQN_KW if algo is PlasticDQN else PPO_KW
+    agent = algo("MlpPolicy", "CartPole-v1", **kw)
+    obs = th.randn(5, 4)
+    features = agent.value_features(obs)
+    assert features.shape == (5, 32)
+    assert features.requires_grad and features.grad_fn is not None
+    head_out = agent.value_head(features)
+    if algo is PlasticDQN:
+        assert th.allclose(head_out, agent.q_net(obs))
+    else:
+        assert th.allclose(head_out, agent.policy.predict_values(obs))
+    # The graph reaches the layers below the head.
+    head_out.sum().backward()
+    head_ids = {id(p) for p in agent.value_head.parameters()}
+    below = [p for p in agent.policy.parameters() if id(p) not in head_ids and p.grad is not None]
+    assert below and all(p.grad.abs().sum() > 0 for p in below)
+
+
+def _batch(rng: np.random.Generator, n: int = 6) -> ReplayBufferSamples:
+    t = lambda a: th.as_tensor(a, dtype=th.float32)  # noqa: E731
+    return ReplayBufferSamples(
+        observations=t(rng.normal(size=(n, 4))),
+        actions=th.as_tensor(rng.integers(0, 2, size=(n, 1))),
+        next_observations=t(rng.normal(size=(n, 4))),
+        dones=t([[0.0], [1.0], [0.0], [0.0], [1.0], [0.0]][:n]),
+        rewards=t(rng.normal(size=(n, 1))),
+    )
+
+
+def test_double_q_target_matches_hand_computation():
+    agent = PlasticDQN("MlpPolicy", "CartPole-v1", double_q=True, **DQN_KW)
+    # Make the target network differ from the online one so the two targets disagree.
+    with th.no_grad():
+        for p in agent.q_net_target.parameters():
+            p.add_(th.randn_like(p))
+    batch = _batch(np.random.default_rng(0))
+    gamma = 0.9
+    got = agent.compute_target(batch, gamma)
+
+    with th.no_grad():
+        q_online = agent.q_net(batch.next_observations).numpy()
+        q_target = agent.q_net_target(batch.next_observations).numpy()
+    expected, vanilla = [], []
+    for i in range(len(q_online)):
+        a_star = int(np.argmax(q_online[i]))  # the online net picks...
+        bootstrap = (1.0 - float(batch.dones[i, 0])) * gamma
+        expected.append(float(batch.rewards[i, 0]) + bootstrap * q_target[i, a_star])  # ...the target evaluates
+        vanilla.append(float(batch.rewards[i, 0]) + bootstrap * q_target[i].max())
+    np.testing.assert_allclose(got.numpy().ravel(), expected, rtol=1e-6)
+    assert got.shape == (6, 1)
+    # The batch is chosen so that Double DQN and DQN really differ here.
+    assert not np.allclose(expected, vanilla)
+    agent.double_q = False
+    np.testing.assert_allclose(agent.compute_target(batch, gamma).numpy().ravel(), vanilla, rtol=1e-6)
+
+
+class FeatureSquare(Intervention):
+    """Adds ``coef * mean(features ** 2)``: a term whose gradient we can compute independently."""
+
+    name = "square"
+
+    def __init__(self, coef: float) -> None:
+        self.coef = coef
+
+    def loss_terms(self, agent, batch, features):
+        return {"penalty": self.coef * features.pow(2).mean()}
+
+
+@pytest.mark.parametrize("algo", [PlasticDQN, PlasticPPO])
+def test_extra_loss_changes_gradient_by_exactly_its_own_gradient(algo):
+    # Plain SGD (lr=1) and no clipping: the parameter change is minus the gradient.
+    kw = dict(DQN_KW if algo is PlasticDQN else PPO_KW)
+    kw["policy_kwargs"] = dict(net_arch=[32], optimizer_class=th.optim.SGD)
+    kw.update(learning_rate=1.0, max_grad_norm=1e9)
+    if algo is PlasticDQN:
+        agent = algo("MlpPolicy", "CartPole-v1", learning_starts=10_000, **{k: v for k, v in kw.items() if k != "learning_starts"})
+        agent.learn(100)  # fills the replay buffer, no training yet
+    else:
+        kw.update(n_epochs=1, batch_size=64)  # one minibatch = the whole rollout, in buffer order
+        agent = algo("MlpPolicy", "CartPole-v1", **kw)
+        agent.learn(64)  # the last rollout stays in the buffer, and train() used it once
+
+    start = copy.deepcopy(agent.policy.state_dict())
+
+    def one_step() -> dict[str, th.Tensor]:
+        agent.policy.load_state_dict(start)
+        np.random.seed(0)  # the replay buffer samples with numpy's global RNG
+        th.manual_seed(0)
+        agent.train(1, 16) if algo is PlasticDQN else agent.train()
+        return {k: v.clone() for k, v in agent.policy.state_dict().items()}
+
+    plain = one_step()
+    term = FeatureSquare(coef=0.7)
+    agent.interventions = [term]
+    with_term = one_step()
+
+    # The term's gradient at the start point, computed on its own.
+    agent.policy.load_state_dict(start)
+    np.random.seed(0)
+    batch = agent.replay_buffer.sample(16) if algo is PlasticDQN else next(agent.rollout_buffer.get(64))
+    agent.policy.zero_grad()
+    term.loss_terms(agent, batch, agent.value_features(batch.observations))["penalty"].backward()
+    grads = {name: p.grad for name, p in agent.policy.named_parameters()}
+
+    checked = 0
+    for name, g in grads.items():
+        delta = plain[name] - with_term[name]  # = lr * grad_term, since lr = 1
+        expected = th.zeros_like(delta) if g is None else g
+        assert th.allclose(delta, expected, atol=1e-6), name
+        checked += int(g is not None and g.abs().sum() > 0)
+    assert checked >= 2  # the term really reached the layers below the head

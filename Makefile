@@ -1,0 +1,20 @@
+# The README's two commands: `make demo` (set up, then the quickstart run) and `make test` (set up, then
+# the test suite). Every install goes through constraints.txt, which pins torch to the CPU wheel.
+PYTHON ?= python3.11
+VENV := .venv
+STAMP := $(VENV)/.installed-stamp
+
+.PHONY: setup demo test
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q -c constraints.txt -e ".[dev]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/rlp train configs/quickstart.yaml
+
+test: $(STAMP)
+	$(VENV)/bin/python -m pytest -q

@@ -1,0 +1,36 @@
+"""What ``rlp list`` shows: every registered agent, task sequence, intervention and config preset."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from agents import AGENTS
+from envs import SEQUENCES
+from rl_plasticity.config import CONFIGS_DIR
+from rl_plasticity.interventions import INTERVENTIONS
+
+
+def _first_doc_line(obj: object) -> str:
+    return (obj.__doc__ or "").strip().splitlines()[0]
+
+
+def _config_summary(path: Path) -> str:
+    """The first comment line of a preset (its header says what it studies)."""
+    for line in path.read_text().splitlines():
+        if line.startswith("#"):
+            return line.lstrip("# ").strip()
+    return ""
+
+
+def catalog() -> dict[str, list[tuple[str, str]]]:
+    """Section -> (name, one-line description) rows."""
+    sequences = []
+    for name, spec in SEQUENCES.items():
+        options = ", ".join(f"{k}={v!r}" for k, v in spec.defaults.items())
+        sequences.append((name, f"{spec.description} [{spec.gym_id}; options: {options}]"))
+    return {
+        "agents": [(name, _first_doc_line(cls)) for name, cls in AGENTS.items()],
+        "sequences": sequences,
+        "interventions": [(name, spec.description) for name, spec in INTERVENTIONS.items()],
+        "configs": [(f"configs/{p.name}", _config_summary(p)) for p in sorted(CONFIGS_DIR.glob("*.yaml"))],
+    }

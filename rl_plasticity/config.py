@@ -1,0 +1,258 @@
+"""The typed run configuration: YAML presets plus ``key.sub=value`` overrides, validated by pydantic.
+
+OmegaConf loads the YAML and applies the overrides (its grammar parses ``[a,b]`` lists, numbers and
+booleans); pydantic checks every key and type against the schema below. Any problem becomes a
+:class:`ConfigError` whose message is one line naming the key and the valid choices.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+#: Presets shipped with the project (the repository's ``configs/`` folder).
+CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"
+
+PositiveInt = Annotated[int, Field(gt=0)]
+NonNegInt = Annotated[int, Field(ge=0)]
+Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
+
+
+class ConfigError(ValueError):
+    """A bad config: the message is one line naming the key and what would be valid."""
+
+
+class _Section(BaseModel):
+    # Unknown keys are errors (with a "did you mean"), and values are not coerced across kinds silently.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DQNConfig(_Section):
+    """SB3 DQN hyperparameters (SB3's defaults), plus the Double-DQN switch."""
+
+    algo: Literal["dqn"] = Field("dqn", description="Agent: 'dqn' (PlasticDQN) or 'ppo' (PlasticPPO).")
+    double_q: bool = Field(False, description="Double-DQN target: the online net picks a', the target net evaluates it.")
+    learning_rate: Annotated[float, Field(gt=0)] = Field(1e-4, description="Adam learning rate.")
+    buffer_size: PositiveInt = Field(1_000_000, description="Replay buffer capacity (transitions).")
+    learning_starts: NonNegInt = Field(100, description="Env steps collected before the first update.")
+    batch_size: PositiveInt = Field(32, description="Minibatch size per gradient step.")
+    tau: Annotated[float, Field(gt=0, le=1)] = Field(1.0, description="Target update coefficient (1 = hard copy).")
+    gamma: Fraction = Field(0.99, description="Discount factor.")
+    train_freq: PositiveInt = Field(4, description="Env steps (per env) between updates.")
+    gradient_steps: PositiveInt = Field(1, description="Gradient steps per update.")
+    target_update_interval: PositiveInt = Field(10_000, description="Env steps between target network updates.")
+    exploration_fraction: Fraction = Field(0.1, description="Fraction of total_steps over which epsilon decays.")
+    exploration_initial_eps: Fraction = Field(1.0, description="Initial epsilon.")
+    exploration_final_eps: Fraction = Field(0.05, description="Final epsilon.")
+    max_grad_norm: Annotated[float, Field(gt=0)] = Field(10.0, description="Gradient clipping norm.")
+
+
+class PPOConfig(_Section):
+    """SB3 PPO hyperparameters (SB3's defaults)."""
+
+    algo: Literal["ppo"] = Field("ppo", description="Agent: 'dqn' (PlasticDQN) or 'ppo' (PlasticPPO).")
+    learning_rate: Annotated[float, Field(gt=0)] = Field(3e-4, description="Adam learning rate.")
+    n_steps: PositiveInt = Field(2048, description="Env steps per env per rollout.")
+    batch_size: PositiveInt = Field(64, description="Minibatch size.")
+    n_epochs: PositiveInt = Field(10, description="Epochs over each rollout.")
+    gamma: Fraction = Field(0.99, description="Discount factor.")
+    gae_lambda: Fraction = Field(0.95, description="GAE lambda.")
+    clip_range: Annotated[float, Field(gt=0)] = Field(0.2, description="Policy clip range.")
+    clip_range_vf: Annotated[float, Field(gt=0)] | None = Field(None, description="Value clip range (null: none).")
+    normalize_advantage: bool = Field(True, description="Normalize advantages per minibatch.")
+    ent_coef: Annotated[float, Field(ge=0)] = Field(0.0, description="Entropy bonus coefficient.")
+    vf_coef: Annotated[float, Field(ge=0)] = Field(0.5, description="Value loss coefficient.")
+    max_grad_norm: Annotated[float, Field(gt=0)] = Field(0.5, description="Gradient clipping norm.")
+    target_kl: Annotated[float, Field(gt=0)] | None = Field(None, description="Early-stop epochs above this KL (null: off).")
+
+
+AgentConfig = Annotated[DQNConfig | PPOConfig, Field(discriminator="algo")]
+
+
+class NetConfig(_Section):
+    """The network. ``auto`` uses the MinAtar network for (C, H, W) observations and SB3's MLP otherwise."""
+
+    kind: Literal["auto", "minatar", "mlp"] = Field("auto", description="Torso: auto, minatar (conv) or mlp.")
+    width: PositiveInt = Field(128, description="Units per hidden layer (128 in the MinAtar network).")
+    depth: NonNegInt = Field(1, description="Hidden layers before the head (1 in the MinAtar network).")
+    channels: PositiveInt = Field(16, description="Conv channels of the MinAtar torso.")
+
+
+class EnvConfig(_Section):
+    """The task sequence and its schedule (see ``rlp list sequences``)."""
+
+    sequence: str = Field("continual_minatar", description="Registered task sequence (rlp list sequences).")
+    switch_every: PositiveInt = Field(100_000, description="Env steps per task, counted over all parallel envs.")
+    order: Literal["cyclic", "random", "explicit"] = Field("cyclic", description="Task order.")
+    task_order: list[NonNegInt] | None = Field(None, description="Task indices for order=explicit (repeated).")
+    n_envs: PositiveInt = Field(1, description="Parallel environments (DummyVecEnv).")
+    sequence_seed: int | None = Field(None, description="Seed of the task family and random order (null: run seed).")
+    options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Sequence options, e.g. games, game, num_tasks, sticky_action_prob (rlp list sequences).",
+    )
+
+    @field_validator("sequence")
+    @classmethod
+    def _sequence(cls, value: str) -> str:
+        from envs import SEQUENCES
+
+        if value not in SEQUENCES:
+            close = difflib.get_close_matches(value, list(SEQUENCES), n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise ValueError(f"'{value}' is not a task sequence{hint}; valid: {', '.join(SEQUENCES)}")
+        return value
+
+
+class LoggingConfig(_Section):
+    """Where and how the run logs."""
+
+    root_dir: str = Field("runs", description="Runs go to <root_dir>/<name>/<date-time>_seed<k>/.")
+    progress_bar: bool = Field(True, description="Show a progress bar.")
+    log_interval: PositiveInt | None = Field(None, description="SB3 log interval (null: SB3's: 4 episodes DQN, 1 rollout PPO).")
+    save_model: bool = Field(True, description="Save the final model (SB3 zip) as model.zip.")
+
+
+class RunConfig(_Section):
+    """One training run."""
+
+    name: str = Field("run", min_length=1, description="Run name (the folder under logging.root_dir).")
+    seed: NonNegInt = Field(0, description="Seed of the agent, the env and (by default) the task family.")
+    total_steps: PositiveInt | None = Field(
+        None, description="Env steps over all parallel envs (null: one pass, env.switch_every x tasks in the order)."
+    )
+    device: str = Field("auto", description="Torch device: auto, cpu, cuda or cuda:N.")
+    threads: PositiveInt | None = Field(None, description="torch.set_num_threads (null: torch's default).")
+    agent: AgentConfig = Field(default_factory=DQNConfig, description="The agent and its SB3 hyperparameters.")
+    net: NetConfig = Field(default_factory=NetConfig, description="The network.")
+    env: EnvConfig = Field(default_factory=EnvConfig, description="The task sequence.")
+    logging: LoggingConfig = Field(default_factory=LoggingConfig, description="Logging.")
+    interventions: list[str] = Field(default_factory=list, description="Interventions (rlp list interventions).")
+
+    @field_validator("interventions")
+    @classmethod
+    def _interventions(cls, value: list[str]) -> list[str]:
+        from rl_plasticity.interventions import INTERVENTIONS, valid_intervention_names
+
+        for name in value:
+            if name not in INTERVENTIONS:
+                raise ValueError(f"'{name}' is not an intervention; valid: {valid_intervention_names()}")
+        return value
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        base, _, index = value.partition(":")
+        if base not in ("auto", "cpu", "cuda", "mps") or (index and (base != "cuda" or not index.isdigit())):
+            raise ValueError(f"'{value}' is not a device; valid: auto, cpu, cuda, cuda:N, mps")
+        return value
+
+
+# -- loading ---------------------------------------------------------------------------------------
+
+def _models_at(loc: tuple[Any, ...], data: dict[str, Any]) -> list[type[BaseModel]]:
+    """The schema section(s) that a pydantic error location points into."""
+    model: type[BaseModel] = RunConfig
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        if field is None:
+            break
+        if part == "agent":
+            algo = data.get("agent", {}).get("algo", "dqn") if isinstance(data.get("agent"), dict) else "dqn"
+            model = PPOConfig if algo == "ppo" else DQNConfig
+            continue
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            model = annotation
+    return [model]
+
+
+def _format_error(err: dict[str, Any], data: dict[str, Any]) -> str:
+    # Pydantic puts the union member's tag in the location ("agent.dqn.lr"); drop it.
+    loc = tuple(p for p in err["loc"] if p not in ("dqn", "ppo") or err["loc"][0] != "agent")
+    key = ".".join(str(p) for p in loc)
+    if err["type"] == "extra_forbidden":
+        model = _models_at(loc, data)[0]
+        valid = list(model.model_fields)
+        prefix = ".".join(str(p) for p in loc[:-1])
+        close = difflib.get_close_matches(str(loc[-1]), valid, n=1)
+        hint = f" (did you mean '{prefix + '.' if prefix else ''}{close[0]}'?)" if close else ""
+        where = f" in {prefix}" if prefix else ""
+        if loc[0] == "agent":
+            where += f" for algo={'ppo' if model is PPOConfig else 'dqn'}"
+        return f"unknown config key '{key}'{hint}; valid keys{where}: {', '.join(valid)}"
+    if err["type"] == "missing":
+        return f"config key '{key}' is required"
+    if err["type"] == "union_tag_invalid":
+        return f"{key}.algo: '{err['input'].get('algo') if isinstance(err['input'], dict) else err['input']}' is not an agent; valid: dqn, ppo"
+    value = err.get("input")
+    msg = err["msg"].removeprefix("Value error, ")
+    return f"{key}: {msg} (got {value!r})"
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Load a YAML preset, apply ``key.sub=value`` overrides and validate.
+
+    :raises ConfigError: with a one-line message for any missing file, bad YAML, bad override,
+        unknown key or bad value.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        base = OmegaConf.load(path)
+    except (yaml.YAMLError, OmegaConfBaseException) as exc:
+        raise ConfigError(f"{path}: not valid YAML ({' '.join(str(exc).split())})") from None
+    if not OmegaConf.is_dict(base):
+        raise ConfigError(f"{path}: the top level must be a mapping of config keys")
+    for item in overrides:
+        if "=" not in item or not item.split("=", 1)[0].strip():
+            raise ConfigError(f"override '{item}' is not of the form key.sub=value")
+    try:
+        merged = OmegaConf.merge(base, OmegaConf.from_dotlist(list(overrides)))
+        data = OmegaConf.to_container(merged, resolve=True)
+    except (yaml.YAMLError, OmegaConfBaseException) as exc:
+        raise ConfigError(f"bad override in {list(overrides)}: {' '.join(str(exc).splitlines()[0].split())}") from None
+    return validate_config(data)  # type: ignore[arg-type]
+
+
+def validate_config(data: dict[str, Any]) -> RunConfig:
+    """Validate a plain dict against :class:`RunConfig`, raising :class:`ConfigError` on the first problem."""
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_error(exc.errors()[0], data)) from None
+
+
+def config_help() -> str:
+    """Every config key with its type, default and description, for ``rlp train --help``."""
+    lines: list[str] = []
+
+    def walk(model: type[BaseModel], prefix: str) -> None:
+        for name, field in model.model_fields.items():
+            key = f"{prefix}{name}"
+            if name in ("agent", "net", "env", "logging") and not prefix:
+                continue
+            default = "required" if field.is_required() else repr(field.get_default(call_default_factory=True))
+            kind = getattr(field.annotation, "__name__", None) or str(field.annotation).replace("typing.", "")
+            lines.append(f"{key} ({kind}; default {default}): {field.description}")
+
+    walk(RunConfig, "")
+    walk(DQNConfig, "agent.")
+    lines.append("agent.* with agent.algo=ppo:")
+    walk(PPOConfig, "agent.")
+    for section in (NetConfig, EnvConfig, LoggingConfig):
+        name = section.__name__.removesuffix("Config").lower()
+        walk(section, f"{name}.")
+    return "\n".join(lines)
+
+
+def to_yaml(cfg: RunConfig) -> str:
+    """The resolved config as YAML (what the run directory stores)."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,57 @@
+"""The SB3 callback that logs the task sequence: task ids, per-task returns and switch markers."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from stable_baselines3.common.callbacks import BaseCallback
+from stable_baselines3.common.logger import HParam
+
+# Rich values go to TensorBoard only; the text formats cannot show them.
+_TB_ONLY = ("stdout", "log", "json", "csv")
+
+
+class TaskLogCallback(BaseCallback):
+    """Logs, through the model's SB3 logger (so all of it lands in the run's one events file):
+
+    - ``task/id``: the current task id, recorded every step and written at every dump;
+    - ``task/<name>/episode_return`` and ``task/<name>/episode_length``: the mean over the episodes of
+      that task finished since the last dump (an episode cut by a switch counts for the task it ran in);
+    - ``task/switch``: a text marker ``"<from> -> <to>"`` at the exact step of each switch, where the
+      logger is also dumped so that ``task/id`` steps there;
+    - ``hparams``: the run's hyperparameters, once at the start.
+
+    :param hparams: flat mapping of hyperparameter name -> scalar or string, for TensorBoard's HPARAMS tab.
+    :param task_names: names of the sequence's tasks, indexed by task id.
+    """
+
+    def __init__(self, hparams: Mapping[str, bool | str | float | int | None], task_names: list[str]) -> None:
+        super().__init__()
+        self.hparams = dict(hparams)
+        self.task_names = list(task_names)
+        self.num_switches = 0
+
+    def _on_training_start(self) -> None:
+        metrics = {"rollout/ep_rew_mean": 0.0, "train/loss": 0.0}
+        self.logger.record("hparams", HParam(self.hparams, metrics), exclude=_TB_ONLY)
+
+    def _on_step(self) -> bool:
+        infos = self.locals["infos"]
+        switch = None
+        for info in infos:
+            episode = info.get("episode")
+            if episode is not None:
+                name = info["task_name"]
+                self.logger.record_mean(f"task/{name}/episode_return", float(episode["r"]))
+                self.logger.record_mean(f"task/{name}/episode_length", float(episode["l"]))
+            if switch is None and info.get("task_switch"):
+                switch = info
+        if switch is None:
+            self.logger.record("task/id", infos[0]["task_id"])
+        else:
+            self.num_switches += 1
+            to_task = int(switch["next_task_id"])
+            self.logger.record("task/id", to_task)
+            self.logger.record("task/switch", f"{switch['task_name']} -> {self.task_names[to_task]}", exclude=_TB_ONLY)
+            self.logger.dump(step=self.num_timesteps)
+        return True

@@ -93,26 +93,24 @@ def build_minatar_games(
     ]
 
 
-def build_continual_minatar(
-    *, sticky_action_prob: float = 0.1, difficulty_ramping: bool = True
-) -> list[Task]:
-    """Continual MinAtar of C-CHAIN: space_invaders -> asterix -> seaquest."""
-    return build_minatar_games(
-        games=("space_invaders", "asterix", "seaquest"),
-        sticky_action_prob=sticky_action_prob,
-        difficulty_ramping=difficulty_ramping,
-    )
+def _fixed_games(games: tuple[str, ...], doc: str) -> Callable[..., list[Task]]:
+    """A builder for a fixed list of games; its options are the per-game ones only."""
+
+    def build(*, sticky_action_prob: float = 0.1, difficulty_ramping: bool = True) -> list[Task]:
+        return build_minatar_games(
+            games=games, sticky_action_prob=sticky_action_prob, difficulty_ramping=difficulty_ramping
+        )
+
+    build.__doc__ = doc
+    return build
 
 
-def build_continual_minatar_freeway(
-    *, sticky_action_prob: float = 0.1, difficulty_ramping: bool = True
-) -> list[Task]:
-    """Second continual MinAtar variant: space_invaders -> asterix -> freeway."""
-    return build_minatar_games(
-        games=("space_invaders", "asterix", "freeway"),
-        sticky_action_prob=sticky_action_prob,
-        difficulty_ramping=difficulty_ramping,
-    )
+build_continual_minatar = _fixed_games(
+    ("space_invaders", "asterix", "seaquest"), "Continual MinAtar of C-CHAIN: space_invaders -> asterix -> seaquest."
+)
+build_continual_minatar_freeway = _fixed_games(
+    ("space_invaders", "asterix", "freeway"), "Second continual MinAtar variant: space_invaders -> asterix -> freeway."
+)
 
 
 def build_permuted_minatar(

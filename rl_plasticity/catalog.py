@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+import re
 
 from agents import AGENTS
 from envs import SEQUENCES
@@ -11,7 +11,9 @@ from rl_plasticity.interventions import INTERVENTIONS
 
 
 def _first_doc_line(obj: object) -> str:
-    return (obj.__doc__ or "").strip().splitlines()[0]
+    """The first docstring line, with Sphinx roles such as :class:`~a.B` reduced to their text."""
+    line = (obj.__doc__ or "").strip().splitlines()[0]
+    return re.sub(r":\w+:`~?([^`]+)`", r"\1", line)
 
 
 def _config_summary(path: Path) -> str:

@@ -8,8 +8,9 @@ booleans); pydantic checks every key and type against the schema below. Any prob
 from __future__ import annotations
 
 import difflib
+import types
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
 from omegaconf import OmegaConf
@@ -230,23 +231,38 @@ def validate_config(data: dict[str, Any]) -> RunConfig:
         raise ConfigError(_format_error(exc.errors()[0], data)) from None
 
 
+def _type_name(annotation: Any) -> str:
+    """A readable type for ``--help``: ``cyclic|random|explicit``, ``int or null``, ``list of int``."""
+    origin, args = get_origin(annotation), get_args(annotation)
+    if origin is Literal:
+        return "|".join(str(a) for a in args)
+    if origin is Annotated:
+        return _type_name(args[0])
+    if origin in (Union, types.UnionType):
+        names = [_type_name(a) for a in args if a is not type(None)]
+        return " or ".join(names) + (" or null" if type(None) in args else "")
+    if origin is list:
+        return f"list of {_type_name(args[0])}"
+    if origin is dict:
+        return "mapping"
+    return getattr(annotation, "__name__", str(annotation))
+
+
 def config_help() -> str:
     """Every config key with its type, default and description, for ``rlp train --help``."""
     lines: list[str] = []
 
-    def walk(model: type[BaseModel], prefix: str) -> None:
+    def walk(model: type[BaseModel], prefix: str, skip: tuple[str, ...] = ()) -> None:
         for name, field in model.model_fields.items():
-            key = f"{prefix}{name}"
-            if name in ("agent", "net", "env", "logging") and not prefix:
+            if name in skip:
                 continue
             default = "required" if field.is_required() else repr(field.get_default(call_default_factory=True))
-            kind = getattr(field.annotation, "__name__", None) or str(field.annotation).replace("typing.", "")
-            lines.append(f"{key} ({kind}; default {default}): {field.description}")
+            lines.append(f"{prefix}{name} ({_type_name(field.annotation)}; default {default}): {field.description}")
 
-    walk(RunConfig, "")
+    walk(RunConfig, "", skip=("agent", "net", "env", "logging"))
     walk(DQNConfig, "agent.")
-    lines.append("agent.* with agent.algo=ppo:")
-    walk(PPOConfig, "agent.")
+    lines.append("with agent.algo=ppo, the agent keys are instead:")
+    walk(PPOConfig, "agent.", skip=("algo",))
     for section in (NetConfig, EnvConfig, LoggingConfig):
         name = section.__name__.removesuffix("Config").lower()
         walk(section, f"{name}.")

@@ -9,8 +9,11 @@ import pytest
 import torch as th
 from stable_baselines3 import DQN, PPO
 from stable_baselines3.common.buffers import ReplayBufferSamples
+from stable_baselines3.common.env_util import make_vec_env
+from stable_baselines3.common.vec_env import DummyVecEnv
 
-from agents import Intervention, PlasticDQN, PlasticPPO
+from agents import Intervention, MinAtarCNN, PlasticDQN, PlasticPPO, TaskSwitch, minatar_policy_kwargs
+from envs import make_sequence
 
 DQN_KW = dict(learning_starts=64, batch_size=16, train_freq=1, target_update_interval=50,
               buffer_size=1_000, policy_kwargs=dict(net_arch=[32]), seed=3, device="cpu")
@@ -182,3 +185,58 @@ def test_extra_loss_changes_gradient_by_exactly_its_own_gradient(algo):
         assert th.allclose(delta, expected, atol=1e-6), name
         checked += int(g is not None and g.abs().sum() > 0)
     assert checked >= 2  # the term really reached the layers below the head
+
+
+# -- on the task sequences -------------------------------------------------------------------------
+
+
+
+def sequence_env(name: str, n_envs: int, switch_every: int, **options):
+    return make_vec_env(make_sequence, n_envs=n_envs, vec_env_cls=DummyVecEnv,
+                        env_kwargs=dict(name=name, switch_every=switch_every, num_envs=n_envs, **options))
+
+
+def test_dqn_equals_stock_on_minatar_sequence_with_switches():
+    kw = dict(learning_starts=100, batch_size=16, train_freq=1, target_update_interval=100, buffer_size=2_000,
+              policy_kwargs=minatar_policy_kwargs("dqn", width=32), seed=5, device="cpu")
+    ours = PlasticDQN("MlpPolicy", sequence_env("continual_minatar", 1, 150), **kw).learn(450)
+    stock = DQN("MlpPolicy", sequence_env("continual_minatar", 1, 150), **kw).learn(450)
+    assert isinstance(ours.policy.q_net.features_extractor, MinAtarCNN)
+    assert_same_parameters(ours.policy, stock.policy)
+
+
+def test_minatar_network_shape_matches_the_paper():
+    agent = PlasticDQN("MlpPolicy", sequence_env("continual_minatar", 1, 100),
+                       policy_kwargs=minatar_policy_kwargs("dqn"), device="cpu")
+    conv = agent.q_net.features_extractor.cnn[0]
+    assert (conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride) == (10, 16, (3, 3), (1, 1))
+    hidden, head = agent.q_net.q_net[0], agent.value_head
+    assert (hidden.in_features, hidden.out_features) == (1024, 128)
+    assert (head.in_features, head.out_features) == (128, 6)
+    deeper = PlasticPPO("MlpPolicy", sequence_env("continual_minatar", 1, 100),
+                        policy_kwargs=minatar_policy_kwargs("ppo", width=64, depth=2, channels=8), device="cpu")
+    assert deeper.value_head.in_features == 64 and deeper.policy.features_extractor.features_dim == 8 * 8 * 8
+    assert len([m for m in deeper.policy.mlp_extractor.value_net if isinstance(m, th.nn.Linear)]) == 2
+
+
+class SwitchRecorder(Intervention):
+    name = "switches"
+
+    def __init__(self) -> None:
+        self.switches: list[TaskSwitch] = []
+        self.updates_at_switch: list[int] = []
+
+    def on_task_switch(self, agent, switch):
+        self.switches.append(switch)
+        self.updates_at_switch.append(agent.num_gradient_steps)
+
+
+@pytest.mark.parametrize("algo,n_envs", [(PlasticDQN, 1), (PlasticDQN, 2), (PlasticPPO, 2)])
+def test_on_task_switch_once_per_switch_at_the_boundary(algo, n_envs):
+    rec = SwitchRecorder()
+    env = sequence_env("cartpole_shift", n_envs, 100)
+    kw = DQN_KW if algo is PlasticDQN else dict(PPO_KW, n_steps=32)
+    algo("MlpPolicy", env, interventions=[rec], **kw).learn(400)
+    assert [s.num_timesteps for s in rec.switches] == [100, 200, 300, 400]
+    assert [(s.from_task, s.to_task) for s in rec.switches] == [(0, 1), (1, 2), (2, 0), (0, 1)]
+    assert rec.switches[0].from_name == "cartpole/length=0.5"

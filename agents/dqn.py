@@ -69,6 +69,19 @@ class PlasticDQN(PlasticMixin, DQN):
                 next_q_values = next_q_values.reshape(-1, 1)
             return batch.rewards + (1 - batch.dones) * discounts * next_q_values
 
+    def training_loss(self, batch: ReplayBufferSamples) -> tuple[th.Tensor, th.Tensor]:
+        """The TD loss (Huber, as SB3) on ``batch``, and the Q head's input features, both with their graph.
+
+        ``train()`` uses exactly this; the curvature probes use it too, so they see the agent's own loss.
+        """
+        # For n-step replay, the discount is gamma**n_steps (when no early termination)
+        discounts = batch.discounts if batch.discounts is not None else self.gamma
+        target_q_values = self.compute_target(batch, discounts)
+        # Split the forward pass at the head so the interventions see its input, with its graph.
+        features = self.value_features(batch.observations)
+        current_q_values = th.gather(self.value_head(features), dim=1, index=batch.actions.long())
+        return F.smooth_l1_loss(current_q_values, target_q_values), features
+
     def train(self, gradient_steps: int, batch_size: int = 100) -> None:
         """SB3's ``DQN.train`` with the feature, loss-term and update hooks (see :mod:`agents.hooks`)."""
         self.policy.set_training_mode(True)
@@ -77,16 +90,7 @@ class PlasticDQN(PlasticMixin, DQN):
         losses = []
         for _ in range(gradient_steps):
             replay_data = self.replay_buffer.sample(batch_size, env=self._vec_normalize_env)  # type: ignore[union-attr]
-            # For n-step replay, the discount is gamma**n_steps (when no early termination)
-            discounts = replay_data.discounts if replay_data.discounts is not None else self.gamma
-            target_q_values = self.compute_target(replay_data, discounts)
-
-            # Split the forward pass at the head so the interventions see its input, with its graph.
-            features = self.value_features(replay_data.observations)
-            current_q_values = self.value_head(features)
-            current_q_values = th.gather(current_q_values, dim=1, index=replay_data.actions.long())
-
-            loss = F.smooth_l1_loss(current_q_values, target_q_values)
+            loss, features = self.training_loss(replay_data)
             losses.append(loss.item())
             extra = self._intervention_loss(replay_data, features)
             if extra is not None:
@@ -94,7 +98,7 @@ class PlasticDQN(PlasticMixin, DQN):
 
             self.policy.optimizer.zero_grad()
             loss.backward()
-            th.nn.utils.clip_grad_norm_(self.policy.parameters(), self.max_grad_norm)
+            self.last_grad_norm = th.nn.utils.clip_grad_norm_(self.policy.parameters(), self.max_grad_norm)
             self.policy.optimizer.step()
             self._after_gradient_step()
 

@@ -24,6 +24,8 @@ class PlasticMixin:
     interventions: list[Intervention]
     #: Optimizer steps taken so far. Unlike SB3's ``_n_updates`` (epochs for PPO), this counts every step.
     num_gradient_steps: int
+    #: Total gradient norm of the last step before clipping (what ``clip_grad_norm_`` returns).
+    last_grad_norm: th.Tensor | None
 
     def _init_plastic(self, interventions: Sequence[Intervention] | None) -> None:
         interventions = list(interventions or [])
@@ -32,6 +34,7 @@ class PlasticMixin:
                 raise TypeError(f"interventions must be Intervention instances, got {type(iv).__name__}")
         self.interventions = interventions
         self.num_gradient_steps = 0
+        self.last_grad_norm = None
         self._term_logs: dict[str, list[float]] = defaultdict(list)
 
     def _setup_model(self) -> None:

@@ -3,18 +3,31 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch as th
 from gymnasium import spaces
 from stable_baselines3 import PPO
+from stable_baselines3.common.buffers import RolloutBufferSamples
 from stable_baselines3.common.utils import explained_variance
 from torch import nn
 from torch.nn import functional as F
 
 from agents.hooks import Intervention
 from agents.plastic import PlasticMixin
+
+
+class PPOLoss(NamedTuple):
+    """The PPO loss and its parts on one minibatch, as :meth:`PlasticPPO.loss_parts` returns them."""
+
+    loss: th.Tensor
+    policy_loss: th.Tensor
+    value_loss: th.Tensor
+    entropy_loss: th.Tensor
+    ratio: th.Tensor
+    log_prob: th.Tensor
+    features: th.Tensor
 
 
 class PlasticPPO(PlasticMixin, PPO):
@@ -59,11 +72,56 @@ class PlasticPPO(PlasticMixin, PPO):
         entropy = distribution.entropy()
         return values, log_prob, entropy, latent_vf
 
+    def loss_parts(self, batch: RolloutBufferSamples, clip_range: float, clip_range_vf: float | None) -> PPOLoss:
+        """SB3's PPO loss on a rollout minibatch, split into the parts ``train()`` logs."""
+        actions = batch.actions
+        if isinstance(self.action_space, spaces.Discrete):
+            actions = batch.actions.long().flatten()
+
+        values, log_prob, entropy, features = self._evaluate_actions(batch.observations, actions)
+        values = values.flatten()
+        advantages = batch.advantages
+        # Normalization does not make sense if mini batchsize == 1 (SB3 GH issue #325)
+        if self.normalize_advantage and len(advantages) > 1:
+            advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
+
+        ratio = th.exp(log_prob - batch.old_log_prob)
+        policy_loss_1 = advantages * ratio
+        policy_loss_2 = advantages * th.clamp(ratio, 1 - clip_range, 1 + clip_range)
+        policy_loss = -th.min(policy_loss_1, policy_loss_2).mean()
+
+        if clip_range_vf is None:
+            values_pred = values
+        else:
+            values_pred = batch.old_values + th.clamp(values - batch.old_values, -clip_range_vf, clip_range_vf)
+        value_loss = F.mse_loss(batch.returns, values_pred)
+
+        if entropy is None:
+            entropy_loss = -th.mean(-log_prob)
+        else:
+            entropy_loss = -th.mean(entropy)
+
+        loss = policy_loss + self.ent_coef * entropy_loss + self.vf_coef * value_loss
+        return PPOLoss(loss, policy_loss, value_loss, entropy_loss, ratio, log_prob, features)
+
+    def training_loss(self, batch: RolloutBufferSamples) -> tuple[th.Tensor, th.Tensor]:
+        """The PPO loss on ``batch`` at the current clip ranges, and the value head's input features.
+
+        ``train()`` computes exactly this; the curvature probes use it too, so they see the agent's own loss.
+        """
+        clip_range = self.clip_range(self._current_progress_remaining)  # type: ignore[operator]
+        clip_range_vf = None
+        if self.clip_range_vf is not None:
+            clip_range_vf = self.clip_range_vf(self._current_progress_remaining)  # type: ignore[operator]
+        parts = self.loss_parts(batch, clip_range, clip_range_vf)
+        return parts.loss, parts.features
+
     def train(self) -> None:
         """SB3's ``PPO.train`` with the feature, loss-term and update hooks (see :mod:`agents.hooks`)."""
         self.policy.set_training_mode(True)
         self._update_learning_rate(self.policy.optimizer)
         clip_range = self.clip_range(self._current_progress_remaining)  # type: ignore[operator]
+        clip_range_vf = None
         if self.clip_range_vf is not None:
             clip_range_vf = self.clip_range_vf(self._current_progress_remaining)  # type: ignore[operator]
 
@@ -75,49 +133,21 @@ class PlasticPPO(PlasticMixin, PPO):
         for epoch in range(self.n_epochs):
             approx_kl_divs = []
             for rollout_data in self.rollout_buffer.get(self.batch_size):
-                actions = rollout_data.actions
-                if isinstance(self.action_space, spaces.Discrete):
-                    actions = rollout_data.actions.long().flatten()
-
-                values, log_prob, entropy, features = self._evaluate_actions(rollout_data.observations, actions)
-                values = values.flatten()
-                advantages = rollout_data.advantages
-                # Normalization does not make sense if mini batchsize == 1 (SB3 GH issue #325)
-                if self.normalize_advantage and len(advantages) > 1:
-                    advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
-
-                ratio = th.exp(log_prob - rollout_data.old_log_prob)
-                policy_loss_1 = advantages * ratio
-                policy_loss_2 = advantages * th.clamp(ratio, 1 - clip_range, 1 + clip_range)
-                policy_loss = -th.min(policy_loss_1, policy_loss_2).mean()
-
-                pg_losses.append(policy_loss.item())
-                clip_fraction = th.mean((th.abs(ratio - 1) > clip_range).float()).item()
+                parts = self.loss_parts(rollout_data, clip_range, clip_range_vf)
+                pg_losses.append(parts.policy_loss.item())
+                clip_fraction = th.mean((th.abs(parts.ratio - 1) > clip_range).float()).item()
                 clip_fractions.append(clip_fraction)
+                value_losses.append(parts.value_loss.item())
+                entropy_losses.append(parts.entropy_loss.item())
 
-                if self.clip_range_vf is None:
-                    values_pred = values
-                else:
-                    values_pred = rollout_data.old_values + th.clamp(
-                        values - rollout_data.old_values, -clip_range_vf, clip_range_vf
-                    )
-                value_loss = F.mse_loss(rollout_data.returns, values_pred)
-                value_losses.append(value_loss.item())
-
-                if entropy is None:
-                    entropy_loss = -th.mean(-log_prob)
-                else:
-                    entropy_loss = -th.mean(entropy)
-                entropy_losses.append(entropy_loss.item())
-
-                loss = policy_loss + self.ent_coef * entropy_loss + self.vf_coef * value_loss
-                extra = self._intervention_loss(rollout_data, features)
+                loss = parts.loss
+                extra = self._intervention_loss(rollout_data, parts.features)
                 if extra is not None:
                     loss = loss + extra
 
                 # Approximate reverse KL for early stopping (SB3 GH issue #417)
                 with th.no_grad():
-                    log_ratio = log_prob - rollout_data.old_log_prob
+                    log_ratio = parts.log_prob - rollout_data.old_log_prob
                     approx_kl_div = th.mean((th.exp(log_ratio) - 1) - log_ratio).cpu().numpy()
                     approx_kl_divs.append(approx_kl_div)
 
@@ -129,7 +159,7 @@ class PlasticPPO(PlasticMixin, PPO):
 
                 self.policy.optimizer.zero_grad()
                 loss.backward()
-                th.nn.utils.clip_grad_norm_(self.policy.parameters(), self.max_grad_norm)
+                self.last_grad_norm = th.nn.utils.clip_grad_norm_(self.policy.parameters(), self.max_grad_norm)
                 self.policy.optimizer.step()
                 self._after_gradient_step()
 

@@ -53,11 +53,14 @@ class PlasticDQN(PlasticMixin, DQN):
             features = layer(features)
         return features
 
-    def compute_target(self, batch: ReplayBufferSamples, discounts: th.Tensor | float) -> th.Tensor:
+    def compute_target(self, batch: ReplayBufferSamples, discounts: th.Tensor | float | None = None) -> th.Tensor:
         """TD target ``r + (1 - done) * discount * Q_target(s', a')``, shape ``(batch_size, 1)``.
 
         ``a'`` is ``argmax Q_target(s')`` (stock DQN) or, with ``double_q``, ``argmax Q_online(s')``.
+        ``discounts`` defaults to the batch's own (n-step replay) or ``gamma``.
         """
+        if discounts is None:
+            discounts = batch.discounts if batch.discounts is not None else self.gamma
         with th.no_grad():
             next_q_target = self.q_net_target(batch.next_observations)
             if self.double_q:
@@ -74,9 +77,7 @@ class PlasticDQN(PlasticMixin, DQN):
 
         ``train()`` uses exactly this; the curvature probes use it too, so they see the agent's own loss.
         """
-        # For n-step replay, the discount is gamma**n_steps (when no early termination)
-        discounts = batch.discounts if batch.discounts is not None else self.gamma
-        target_q_values = self.compute_target(batch, discounts)
+        target_q_values = self.compute_target(batch)
         # Split the forward pass at the head so the interventions see its input, with its graph.
         features = self.value_features(batch.observations)
         current_q_values = th.gather(self.value_head(features), dim=1, index=batch.actions.long())

@@ -35,10 +35,16 @@ class MinAtarCNN(BaseFeaturesExtractor):
 
 
 def minatar_policy_kwargs(algo: str, width: int = 128, depth: int = 1, channels: int = 16) -> dict[str, Any]:
-    """SB3 ``policy_kwargs`` for the MinAtar network with ``depth`` hidden layers of ``width`` units.
+    """SB3 ``policy_kwargs`` for the MinAtar network with ``depth`` hidden ReLU layers of ``width`` units.
 
     :param algo: ``"dqn"`` (one Q head) or ``"ppo"`` (separate actor and critic MLPs on a shared torso).
     """
     hidden = [width] * depth
     net_arch: Any = hidden if algo == "dqn" else dict(pi=hidden, vf=list(hidden))
-    return dict(features_extractor_class=MinAtarCNN, features_extractor_kwargs=dict(channels=channels), net_arch=net_arch)
+    # ReLU as in the paper; SB3's PPO would otherwise use tanh in the MLPs.
+    return dict(
+        features_extractor_class=MinAtarCNN,
+        features_extractor_kwargs=dict(channels=channels),
+        net_arch=net_arch,
+        activation_fn=nn.ReLU,
+    )

@@ -83,6 +83,7 @@ class NetConfig(_Section):
     width: PositiveInt = Field(128, description="Units per hidden layer (128 in the MinAtar network).")
     depth: NonNegInt = Field(1, description="Hidden layers before the head (1 in the MinAtar network).")
     channels: PositiveInt = Field(16, description="Conv channels of the MinAtar torso.")
+    activation: Literal["relu", "tanh"] = Field("relu", description="Hidden activation (SB3's PPO default is tanh).")
 
 
 class EnvConfig(_Section):
@@ -120,6 +121,33 @@ class LoggingConfig(_Section):
     save_model: bool = Field(True, description="Save the final model (SB3 zip) as model.zip.")
 
 
+LightProbe = Literal["rank", "dormant", "collapse", "weights", "kfac"]
+HeavyProbe = Literal["hessian", "gram", "trainability"]
+
+
+class MonitorConfig(_Section):
+    """The plasticity monitor: which probes run, how often and on how much data (see metrics.md)."""
+
+    enabled: bool = Field(True, description="Run the plasticity probes during training.")
+    probe_every: PositiveInt = Field(1_000, description="Gradient steps between probe rounds (also at every switch).")
+    probes: list[LightProbe] = Field(
+        default_factory=lambda: ["rank", "dormant", "collapse", "weights", "kfac"],
+        description="Probes of every round: rank, dormant, collapse, weights, kfac.",
+    )
+    switch_probes: list[HeavyProbe] = Field(
+        default_factory=lambda: ["hessian", "gram", "trainability"],
+        description="Heavier probes, run at task switches only: hessian, gram, trainability.",
+    )
+    on_batch: bool = Field(True, description="Also probe the current training batch (besides the fixed probe set).")
+    probe_set_size: Annotated[int, Field(ge=2)] = Field(256, description="Samples in each task's fixed probe set.")
+    dormant_tau: Annotated[float, Field(ge=0)] = Field(0.025, description="Dormancy threshold tau (Sokar et al. 2023).")
+    hessian_order: PositiveInt = Field(100, description="Lanczos order of the Hessian spectrum (metrics.md).")
+    gram_size: Annotated[int, Field(ge=2)] = Field(256, description="Probe samples in the Gram matrix.")
+    trainability_steps: PositiveInt = Field(200, description="Adam steps of the trainability probe.")
+    trainability_lr: Annotated[float, Field(gt=0)] = Field(1e-3, description="Adam learning rate of the trainability probe.")
+    histograms: bool = Field(True, description="Log histograms of feature singular values and K-FAC eigenvalues.")
+
+
 class RunConfig(_Section):
     """One training run."""
 
@@ -134,6 +162,7 @@ class RunConfig(_Section):
     net: NetConfig = Field(default_factory=NetConfig, description="The network.")
     env: EnvConfig = Field(default_factory=EnvConfig, description="The task sequence.")
     logging: LoggingConfig = Field(default_factory=LoggingConfig, description="Logging.")
+    monitor: MonitorConfig = Field(default_factory=MonitorConfig, description="The plasticity monitor.")
     interventions: list[str] = Field(default_factory=list, description="Interventions (rlp list interventions).")
 
     @field_validator("interventions")
@@ -259,11 +288,11 @@ def config_help() -> str:
             default = "required" if field.is_required() else repr(field.get_default(call_default_factory=True))
             lines.append(f"{prefix}{name} ({_type_name(field.annotation)}; default {default}): {field.description}")
 
-    walk(RunConfig, "", skip=("agent", "net", "env", "logging"))
+    walk(RunConfig, "", skip=("agent", "net", "env", "logging", "monitor"))
     walk(DQNConfig, "agent.")
     lines.append("with agent.algo=ppo, the agent keys are instead:")
     walk(PPOConfig, "agent.", skip=("algo",))
-    for section in (NetConfig, EnvConfig, LoggingConfig):
+    for section in (NetConfig, EnvConfig, LoggingConfig, MonitorConfig):
         name = section.__name__.removesuffix("Config").lower()
         walk(section, f"{name}.")
     return "\n".join(lines)

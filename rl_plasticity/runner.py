@@ -7,11 +7,14 @@ before the run directory is created, so a bad config leaves nothing behind.
 from __future__ import annotations
 
 import datetime as dt
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch as th
+from torch import nn
 from stable_baselines3.common.base_class import BaseAlgorithm
+from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.env_util import make_vec_env
 from stable_baselines3.common.logger import configure
 from stable_baselines3.common.vec_env import DummyVecEnv, VecEnv
@@ -20,6 +23,7 @@ from agents import AGENTS, minatar_policy_kwargs
 from envs import make_sequence
 from rl_plasticity.config import ConfigError, RunConfig, to_yaml
 from rl_plasticity.interventions import build_interventions
+from rl_plasticity.monitor import MonitorCallback
 from rl_plasticity.task_logging import TaskLogCallback
 
 
@@ -49,12 +53,15 @@ def policy_kwargs(cfg: RunConfig, env: VecEnv) -> dict[str, Any]:
     net = cfg.net
     image_like = len(env.observation_space.shape or ()) == 3
     kind = ("minatar" if image_like else "mlp") if net.kind == "auto" else net.kind
+    activation = {"relu": nn.ReLU, "tanh": nn.Tanh}[net.activation]
     if kind == "minatar":
         if not image_like:
             raise ConfigError(f"net.kind: 'minatar' needs (C, H, W) observations, got {env.observation_space.shape}")
-        return minatar_policy_kwargs(cfg.agent.algo, width=net.width, depth=net.depth, channels=net.channels)
+        kwargs = minatar_policy_kwargs(cfg.agent.algo, width=net.width, depth=net.depth, channels=net.channels)
+        return {**kwargs, "activation_fn": activation}
     hidden = [net.width] * net.depth
-    return dict(net_arch=hidden if cfg.agent.algo == "dqn" else dict(pi=hidden, vf=list(hidden)))
+    net_arch = hidden if cfg.agent.algo == "dqn" else dict(pi=hidden, vf=list(hidden))
+    return dict(net_arch=net_arch, activation_fn=activation)
 
 
 def resolve_device(device: str) -> str:
@@ -109,8 +116,9 @@ def make_run_dir(cfg: RunConfig) -> Path:
 def train(cfg: RunConfig, progress_bar: bool | None = None) -> Path:
     """Train one run as configured and return its directory.
 
-    The directory holds ``config.yaml`` (the resolved config), the TensorBoard events file and, unless
-    ``logging.save_model`` is off, ``model.zip`` (SB3 ``save``).
+    The directory holds ``config.yaml`` (the resolved config), the TensorBoard events file, with the
+    monitor on ``task_summary.csv`` and ``probe_sets.pt``, and, unless ``logging.save_model`` is off,
+    ``model.zip`` (SB3 ``save``).
 
     :param progress_bar: overrides ``logging.progress_bar`` when given.
     :raises ConfigError: before anything is written, if the config cannot be built.
@@ -130,14 +138,19 @@ def train(cfg: RunConfig, progress_bar: bool | None = None) -> Path:
     show_progress = cfg.logging.progress_bar if progress_bar is None else progress_bar
     formats = ["tensorboard"] if show_progress else ["stdout", "tensorboard"]
     agent.set_logger(configure(str(run_dir), formats))
+    # Probe rounds dump TensorBoard-only keys; SB3's stdout table then warns that it has nothing to show.
+    warnings.filterwarnings("ignore", message="Tried to write empty key-value dict")
 
     learn_kwargs: dict[str, Any] = {}
     if cfg.logging.log_interval is not None:
         learn_kwargs["log_interval"] = cfg.logging.log_interval
+    callbacks: list[BaseCallback] = [TaskLogCallback(flat_hparams(cfg), task_names)]
+    if cfg.monitor.enabled:
+        callbacks.append(MonitorCallback(cfg.monitor, run_dir, task_names))
     try:
         agent.learn(
             total_timesteps=cfg.total_steps,  # type: ignore[arg-type]
-            callback=TaskLogCallback(flat_hparams(cfg), task_names),
+            callback=callbacks,
             progress_bar=show_progress,
             **learn_kwargs,
         )

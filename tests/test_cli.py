@@ -92,13 +92,14 @@ def test_list_shows_every_registry():
 
 
 def test_train_help_documents_every_field():
-    from rl_plasticity.config import DQNConfig, EnvConfig, LoggingConfig, NetConfig, PPOConfig, RunConfig
+    from rl_plasticity.config import (DQNConfig, EnvConfig, LoggingConfig, MonitorConfig, NetConfig, PPOConfig,
+                                      RunConfig)
 
     text = run("train", "--help").output
     for prefix, model in [("", RunConfig), ("agent.", DQNConfig), ("agent.", PPOConfig), ("net.", NetConfig),
-                          ("env.", EnvConfig), ("logging.", LoggingConfig)]:
+                          ("env.", EnvConfig), ("logging.", LoggingConfig), ("monitor.", MonitorConfig)]:
         for field in model.model_fields:
-            if not prefix and field in ("agent", "net", "env", "logging"):
+            if not prefix and field in ("agent", "net", "env", "logging", "monitor"):
                 continue
             assert f"{prefix}{field} (" in text, f"{prefix}{field} missing from --help"
 

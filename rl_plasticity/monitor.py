@@ -1,0 +1,288 @@
+"""The plasticity monitor: an SB3 callback that probes the network as the tasks change.
+
+Every ``probe_every`` gradient steps, and at every task switch, it runs the configured probes on the
+current task's fixed probe set and on the latest training batch, and logs them through SB3's logger as
+``plasticity/<probe>/<layer>@probe_set`` and ``...@batch``. At a switch it also runs the heavier probes
+(Hessian spectrum, Gram, trainability) on the finished task's probe set and appends one row per task visit
+to ``task_summary.csv``. It draws no random numbers from the training RNG and adds no loss, so training
+with the monitor on is bit-for-bit training with it off.
+"""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch as th
+from stable_baselines3.common.callbacks import BaseCallback
+from stable_baselines3.common.logger import TensorBoardOutputFormat
+
+from agents import Intervention, PlasticDQN
+from rl_plasticity.config import MonitorConfig
+from rl_plasticity.probes import grad_stats, snapshot, update_stats, weight_stats
+from rl_plasticity.probe_sets import DQN_FIELDS, PPO_FIELDS, ProbeSets
+from rl_plasticity.probing import probe_batch, probed_module
+
+# Rich values and the many plasticity scalars go to TensorBoard only, not to the stdout table.
+TB_ONLY = ("stdout", "log", "json", "csv")
+PROBE_SETS_FILE = "probe_sets.pt"
+SUMMARY_FILE = "task_summary.csv"
+
+
+class _TrainingObserver(Intervention):
+    """Sees each gradient step from inside ``train()``: keeps the latest batch, and the update and
+    gradient statistics of the steps right before a probe round. It returns no loss terms."""
+
+    name = "monitor"
+
+    def __init__(self, monitor: MonitorCallback) -> None:
+        self.monitor = monitor
+        self.last_batch: NamedTuple | None = None
+        self._before: dict[str, th.Tensor] | None = None
+        self.update: dict[str, float] = {}
+        self.grads: dict[str, float] = {}
+
+    def _due(self, agent: Any) -> bool:
+        return "weights" in self.monitor.cfg.probes and agent.num_gradient_steps + 1 >= self.monitor.next_probe
+
+    def loss_terms(self, agent: Any, batch: NamedTuple, features: th.Tensor) -> dict[str, th.Tensor]:
+        self.last_batch = batch
+        if self._due(agent):
+            self._before = snapshot(probed_module(agent))
+        return {}
+
+    def on_update(self, agent: Any, num_gradient_steps: int) -> None:
+        if self._before is None:
+            return
+        module = probed_module(agent)
+        self.update = update_stats(self._before, snapshot(module))
+        self._before = None
+        # The gradients left after the step are clipped; clipping scaled them all by one factor.
+        total = float(agent.last_grad_norm)
+        clip_coef = min(1.0, agent.max_grad_norm / (total + 1e-6))
+        self.grads = grad_stats(module, clip_coef=clip_coef)
+
+
+@dataclass
+class _Visit:
+    """One visit of a task: where it started and the returns of its episodes."""
+
+    task_id: int
+    visit: int
+    start_step: int
+    returns: list[float] = field(default_factory=list)
+
+
+class MonitorCallback(BaseCallback):
+    """Probes the agent's network during training (see the module docstring).
+
+    :param cfg: the ``monitor:`` config section.
+    :param run_dir: where ``task_summary.csv`` and the frozen probe sets (``probe_sets.pt``) go.
+    :param task_names: names of the sequence's tasks, indexed by task id.
+    :param final_episodes: episodes averaged for a visit's "final return".
+    """
+
+    def __init__(self, cfg: MonitorConfig, run_dir: Path, task_names: list[str], final_episodes: int = 10) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.task_names = list(task_names)
+        self.final_episodes = final_episodes
+        self.next_probe = cfg.probe_every
+        self.nc_undefined = 0
+        self.visits: dict[int, int] = {}
+        self._observer = _TrainingObserver(self)
+        self._rollout_tasks: list[int] = []
+        self._summary_fields: list[str] | None = None
+
+    # -- setup ------------------------------------------------------------------------------------
+    def _init_callback(self) -> None:
+        agent = self.model
+        self.is_dqn = isinstance(agent, PlasticDQN)
+        self.probe_sets = ProbeSets(self.cfg.probe_set_size, DQN_FIELDS if self.is_dqn else PPO_FIELDS)
+        self.init_params = snapshot(probed_module(agent))
+        agent.interventions.append(self._observer)
+        first_task = int(self.training_env.get_attr("current_task_id")[0])
+        self.visit = self._start_visit(first_task, agent.num_timesteps)
+        self._add_layout()
+
+    def _on_training_end(self) -> None:
+        # A visit cut short by the end of training gets its row too, marked incomplete.
+        if self.num_timesteps > self.visit.start_step:
+            self._write_summary(self._probe_round(heavy=True), complete=False)
+        self.model.interventions.remove(self._observer)
+
+    def _start_visit(self, task_id: int, step: int) -> _Visit:
+        self.visits[task_id] = self.visits.get(task_id, 0) + 1
+        return _Visit(task_id, self.visits[task_id], step)
+
+    # -- every env step -----------------------------------------------------------------------------
+    def _on_step(self) -> bool:
+        infos = self.locals["infos"]
+        switch = None
+        for info in infos:
+            episode = info.get("episode")
+            if episode is not None:
+                self.visit.returns.append(float(episode["r"]))
+            if switch is None and info.get("task_switch"):
+                switch = info
+        if self.is_dqn:
+            self._collect_transitions(infos)
+        else:
+            self._rollout_tasks.append(int(infos[0]["task_id"]))
+
+        if switch is not None:
+            self._write_summary(self._probe_round(heavy=True), complete=True)
+            self.visit = self._start_visit(int(switch["next_task_id"]), self.num_timesteps)
+        elif self.model.num_gradient_steps >= self.next_probe:
+            self._probe_round(heavy=False)
+        return True
+
+    def _collect_transitions(self, infos: list[dict[str, Any]]) -> None:
+        """DQN: the step's transitions go into the probe set of their task until it is full."""
+        task = int(infos[0]["task_id"])
+        if self.probe_sets.full(task):
+            return
+        new_obs = np.array(self.locals["new_obs"], copy=True)
+        dones = np.asarray(self.locals["dones"], dtype=np.float32)
+        for i, info in enumerate(infos):
+            if dones[i]:
+                new_obs[i] = info["terminal_observation"]
+                # A truncated episode (time limit or task switch) still bootstraps.
+                dones[i] = 0.0 if info.get("TimeLimit.truncated", False) else 1.0
+        samples = {
+            "observations": self.model._last_obs,
+            "actions": np.asarray(self.locals["buffer_actions"]).reshape(len(infos), -1).astype(np.int64),
+            "next_observations": new_obs,
+            "dones": dones.reshape(-1, 1),
+            "rewards": np.asarray(self.locals["rewards"], dtype=np.float32).reshape(-1, 1),
+        }
+        if self.probe_sets.add(task, samples):
+            self.probe_sets.save(self.run_dir / PROBE_SETS_FILE)
+
+    def _on_rollout_end(self) -> None:
+        """PPO: samples of this rollout go into the probe set of their task, with advantages and returns."""
+        if self.is_dqn:
+            return
+        buf = self.model.rollout_buffer
+        for t, task in enumerate(self._rollout_tasks):
+            if self.probe_sets.full(task):
+                continue
+            samples = {
+                "observations": buf.observations[t],
+                "actions": buf.actions[t],
+                "old_values": buf.values[t],
+                "old_log_prob": buf.log_probs[t],
+                "advantages": buf.advantages[t],
+                "returns": buf.returns[t],
+            }
+            if self.probe_sets.add(task, samples):
+                self.probe_sets.save(self.run_dir / PROBE_SETS_FILE)
+        self._rollout_tasks = []
+
+    # -- probing ----------------------------------------------------------------------------------------
+    def _probe_round(self, heavy: bool) -> dict[str, float]:
+        """Probe the current task's fixed set (and the training batch), log, and return the fixed-set values."""
+        agent = self.model
+        logger = self.logger
+        fixed_values: dict[str, float] = {}
+        sources: dict[str, NamedTuple] = {}
+        fixed = self.probe_sets.batch(self.visit.task_id, agent.device)
+        if fixed is not None and len(fixed.observations) >= 2:
+            sources["probe_set"] = fixed
+        if self.cfg.on_batch and self._observer.last_batch is not None:
+            sources["batch"] = self._observer.last_batch
+
+        for source, batch in sources.items():
+            result = probe_batch(agent, batch, self.cfg, heavy=heavy and source == "probe_set")
+            for key, value in result.scalars.items():
+                logger.record(f"plasticity/{key}@{source}", value, exclude=TB_ONLY)
+            if self.cfg.histograms:
+                for key, values in result.histograms.items():
+                    logger.record(f"plasticity/{key}@{source}", values, exclude=TB_ONLY)
+            if source == "probe_set":
+                fixed_values = dict(result.scalars)
+                if np.isnan(result.scalars.get("nc1/value_head", 0.0)):
+                    self.nc_undefined += 1
+        if "weights" in self.cfg.probes:
+            for key, value in self._weight_scalars().items():
+                logger.record(f"plasticity/{key}", value, exclude=TB_ONLY)
+        logger.record("plasticity/nc_undefined_count", self.nc_undefined, exclude=TB_ONLY)
+        logger.dump(step=self.num_timesteps)
+        self.next_probe = (agent.num_gradient_steps // self.cfg.probe_every + 1) * self.cfg.probe_every
+        return fixed_values
+
+    def _weight_scalars(self) -> dict[str, float]:
+        module = probed_module(self.model)
+        out: dict[str, float] = {}
+        for name, stats in weight_stats(module, self.init_params).items():
+            for key, value in stats.items():
+                out[f"weight_{key}/{name}"] = value
+        for name, value in self._observer.update.items():
+            out[f"update_norm/{name}"] = value
+        for name, value in self._observer.grads.items():
+            out[f"grad_norm/{name}"] = value
+        return out
+
+    # -- outputs --------------------------------------------------------------------------------------------
+    def _write_summary(self, probes: dict[str, float], complete: bool) -> None:
+        """Append one row for the visit that just ended (written as it happens, so a crash loses no row).
+
+        :param complete: the visit ended at a task switch (not cut short by the end of training).
+        """
+        visit, returns = self.visit, self.visit.returns
+        row: dict[str, Any] = {
+            "task_id": visit.task_id,
+            "task": self.task_names[visit.task_id],
+            "visit": visit.visit,
+            "start_step": visit.start_step,
+            "end_step": self.num_timesteps,
+            "episodes": len(returns),
+            "mean_return": float(np.mean(returns)) if returns else float("nan"),
+            "final_return": float(np.mean(returns[-self.final_episodes :])) if returns else float("nan"),
+            "complete": complete,
+        }
+        row.update(sorted(probes.items()))
+        path = self.run_dir / SUMMARY_FILE
+        if self._summary_fields is None:
+            self._summary_fields = list(row)
+            with path.open("w", newline="") as f:
+                csv.DictWriter(f, self._summary_fields).writeheader()
+        with path.open("a", newline="") as f:
+            # Probes missing on this visit (say, a probe set too small) stay empty, and new ones are left out.
+            csv.DictWriter(f, self._summary_fields, extrasaction="ignore").writerow(row)
+
+    def _add_layout(self) -> None:
+        """Group the charts in TensorBoard's Custom Scalars tab."""
+        for fmt in self.logger.output_formats:
+            if isinstance(fmt, TensorBoardOutputFormat):
+                fmt.writer.add_custom_scalars(tensorboard_layout())
+
+
+def tensorboard_layout() -> dict[str, dict[str, list[Any]]]:
+    """Custom Scalars layout: returns per task, ranks, dormancy, collapse, curvature, weights."""
+
+    def charts(*pairs: tuple[str, str]) -> dict[str, list[Any]]:
+        return {title: ["Multiline", [regex]] for title, regex in pairs}
+
+    return {
+        "returns": charts(("episode return per task", r"task/.*/episode_return"), ("task id", r"task/id")),
+        "ranks": charts(*[(name, rf"plasticity/{name}/.*") for name in
+                          ("erank", "srank", "approx_rank", "eps_rank", "lyle_rank")]),
+        "dormancy": charts(("dormant fraction", r"plasticity/dormant/.*"),
+                           ("active fraction", r"plasticity/(mean_)?active_fraction/.*")),
+        "collapse": charts(*[(name, rf"plasticity/{name}/.*") for name in ("nc1", "nc2", "nc3", "nc4")]),
+        "curvature": charts(("K-FAC epsilon-rank", r"plasticity/kfac_eps_rank/.*"),
+                            ("K-FAC top eigenvalues", r"plasticity/kfac_top_eig_.*"),
+                            ("K-FAC eranks", r"plasticity/kfac_erank_.*"),
+                            ("Hessian", r"plasticity/hessian_.*"),
+                            ("Gram", r"plasticity/gram_.*"),
+                            ("trainability", r"plasticity/trainability/.*")),
+        "weights": charts(("weight norms", r"plasticity/weight_l2_norm/.*"),
+                          ("distance from init", r"plasticity/weight_dist_from_init/.*"),
+                          ("update norms", r"plasticity/update_norm/.*"),
+                          ("gradient norms", r"plasticity/grad_norm/.*")),
+    }

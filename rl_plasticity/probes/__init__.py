@@ -1,0 +1,58 @@
+"""Plasticity probes: pure functions from tensors (or a network and a batch) to numbers.
+
+Every definition follows ``shared/reference/metrics.md`` and cites its source; every threshold is a
+parameter with the published default. No probe imports SB3, keeps state, or draws from the global RNG.
+
+- ranks (:mod:`.rank`): effective_rank, srank, approx_rank, epsilon_rank, lyle_feature_rank
+- dormant and active units (:mod:`.dormant`): dormant_fraction, active_fraction, mean_active_fraction
+- neural collapse of the value-head features (:mod:`.collapse`): neural_collapse
+- curvature: K-FAC factors and spectra (:mod:`.kfac`), NTK / loss-weighted Gram (:mod:`.gram`),
+  Hessian spectrum by stochastic Lanczos quadrature (:mod:`.hessian`)
+- trainability (:mod:`.trainability`), and weight, update and gradient statistics (:mod:`.weights`)
+"""
+
+from rl_plasticity.probes.collapse import nc1_differentiable, neural_collapse
+from rl_plasticity.probes.dormant import active_fraction, dormant_fraction, mean_active_fraction, unit_scores
+from rl_plasticity.probes.gram import gram_spectrum, huber_curvature
+from rl_plasticity.probes.hessian import hessian_spectrum, hessian_vector_product
+from rl_plasticity.probes.kfac import kfac_factors, kfac_spectrum
+from rl_plasticity.probes.rank import (
+    approx_rank,
+    effective_rank,
+    effective_rank_differentiable,
+    effective_rank_from_spectrum,
+    epsilon_rank,
+    lyle_feature_rank,
+    singular_values,
+    srank,
+)
+from rl_plasticity.probes.trainability import trainability
+from rl_plasticity.probes.weights import grad_stats, snapshot, update_stats, weight_stats
+
+__all__ = [
+    "active_fraction",
+    "approx_rank",
+    "dormant_fraction",
+    "effective_rank",
+    "effective_rank_differentiable",
+    "effective_rank_from_spectrum",
+    "epsilon_rank",
+    "grad_stats",
+    "gram_spectrum",
+    "hessian_spectrum",
+    "hessian_vector_product",
+    "huber_curvature",
+    "kfac_factors",
+    "kfac_spectrum",
+    "lyle_feature_rank",
+    "mean_active_fraction",
+    "nc1_differentiable",
+    "neural_collapse",
+    "singular_values",
+    "snapshot",
+    "srank",
+    "trainability",
+    "unit_scores",
+    "update_stats",
+    "weight_stats",
+]

@@ -46,6 +46,26 @@ class PlasticDQN(PlasticMixin, DQN):
             raise TypeError(f"the Q-network must end in nn.Linear, got {type(head).__name__}")
         return head
 
+    def online_network(self) -> nn.Module:
+        """The online Q-network (``q_net``); ``q_net_target`` mirrors it module for module."""
+        return self.q_net
+
+    def head_layers(self) -> list[nn.Module]:
+        """The Q head."""
+        return [self.value_head]
+
+    def init_layer(self, layer: nn.Module) -> None:
+        """PyTorch's default initialiser, which SB3's DQN networks are built with."""
+        layer.reset_parameters()
+
+    def sync_target(self, layers: Sequence[nn.Module]) -> None:
+        """Copy ``layers`` of ``q_net`` into the same modules of ``q_net_target``."""
+        names = {id(m): name for name, m in self.q_net.named_modules()}
+        target = dict(self.q_net_target.named_modules())
+        with th.no_grad():
+            for layer in layers:
+                target[names[id(layer)]].load_state_dict(layer.state_dict())
+
     def value_features(self, obs: th.Tensor) -> th.Tensor:
         """Input of the Q head for ``obs`` (a batch as the replay buffer stores it), with its graph."""
         features = self.q_net.extract_features(obs, self.q_net.features_extractor)
@@ -93,7 +113,7 @@ class PlasticDQN(PlasticMixin, DQN):
             replay_data = self.replay_buffer.sample(batch_size, env=self._vec_normalize_env)  # type: ignore[union-attr]
             loss, features = self.training_loss(replay_data)
             losses.append(loss.item())
-            extra = self._intervention_loss(replay_data, features)
+            extra = self._intervention_loss(replay_data, features, loss)
             if extra is not None:
                 loss = loss + extra
 

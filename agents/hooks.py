@@ -8,14 +8,16 @@ named accessors (``value_head``, ``value_features``, ``policy.optimizer`` and, f
 
 Order of calls, per gradient step::
 
+    loss     = <the algorithm's own loss on the batch>
     features = <input of the value head on the batch, with its graph>
-    terms    = {k: v for iv in interventions for k, v in iv.loss_terms(agent, batch, features)}
-    loss     = <the algorithm's own loss> + sum(terms)
+    terms    = {k: v for iv in interventions for k, v in iv.loss_terms(agent, batch, features, loss)}
+    loss     = loss + sum(terms)
     backward, clip, optimizer.step()
     iv.on_update(agent, agent.num_gradient_steps)      # for every intervention
 
 and, once per task switch (in the step that crosses the boundary, before the transition is stored
-or trained on), ``iv.on_task_switch(agent, switch)``.
+or trained on), ``iv.on_task_switch(agent, switch)``. PPO also calls ``iv.on_epoch_start(agent, epoch)``
+before each epoch over its rollout (``agent.rollout_buffer``).
 """
 
 from __future__ import annotations
@@ -58,16 +60,24 @@ class Intervention:
     def attach(self, agent: BaseAlgorithm) -> None:
         """Called once when the agent has built its networks (and again if it rebuilds them)."""
 
-    def loss_terms(self, agent: BaseAlgorithm, batch: NamedTuple, features: th.Tensor) -> dict[str, th.Tensor]:
+    def loss_terms(
+        self, agent: BaseAlgorithm, batch: NamedTuple, features: th.Tensor, loss: th.Tensor
+    ) -> dict[str, th.Tensor]:
         """Extra scalar loss terms for this gradient step; they are added to the algorithm's loss.
 
         :param agent: the agent being trained.
         :param batch: SB3's replay (DQN) or rollout (PPO) minibatch.
         :param features: the input of the value head on ``batch.observations``, shape
             ``(batch_size, width)``, still attached to the graph of the loss.
+        :param loss: the algorithm's own loss on ``batch`` (TD or PPO loss), with its graph. Use
+            ``torch.autograd.grad(..., retain_graph=True)`` if a term needs its gradients; never call
+            ``backward()`` on it.
         :return: term name -> scalar tensor. Each is logged as ``train/<name>/<term>``.
         """
         return {}
+
+    def on_epoch_start(self, agent: BaseAlgorithm, epoch: int) -> None:
+        """PPO only: called before each epoch over the rollout buffer (``agent.rollout_buffer``)."""
 
     def on_update(self, agent: BaseAlgorithm, num_gradient_steps: int) -> None:
         """Called right after each optimizer step. ``num_gradient_steps`` counts steps so far (from 1)."""

@@ -57,17 +57,45 @@ class PlasticMixin:
     def value_features(self, obs: th.Tensor) -> th.Tensor:
         """The input of :attr:`value_head` for a batch of observations (as the buffers store them)."""
 
+    @abstractmethod
+    def online_network(self) -> nn.Module:
+        """The network trained by the optimizer (DQN: the online Q-network; PPO: the actor-critic policy)."""
+
+    @abstractmethod
+    def head_layers(self) -> list[nn.Module]:
+        """The output layers (DQN: the Q head; PPO: the action and value heads)."""
+
+    @abstractmethod
+    def init_layer(self, layer: nn.Module) -> None:
+        """Re-initialise ``layer`` in place with the initialiser the algorithm built it with."""
+
+    @property
+    def optimizer(self) -> th.optim.Optimizer:
+        """The optimizer of the online network (SB3's ``policy.optimizer``)."""
+        return self.policy.optimizer  # type: ignore[attr-defined]
+
+    def parametrized_layers(self) -> list[tuple[str, nn.Module]]:
+        """Every ``nn.Linear`` and ``nn.Conv2d`` of :meth:`online_network`, by module path, input to output."""
+        return [(name, m) for name, m in self.online_network().named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+
+    def sync_target(self, layers: Sequence[nn.Module]) -> None:
+        """Copy ``layers`` of the online network into the target network, where there is one (DQN)."""
+
     # -- hook calls -------------------------------------------------------------------------------
-    def _intervention_loss(self, batch: NamedTuple, features: th.Tensor) -> th.Tensor | None:
+    def _intervention_loss(self, batch: NamedTuple, features: th.Tensor, loss: th.Tensor) -> th.Tensor | None:
         """Sum of every intervention's loss terms for this batch, or ``None`` if there are none."""
         total: th.Tensor | None = None
         for iv in self.interventions:
-            for key, term in iv.loss_terms(self, batch, features).items():  # type: ignore[arg-type]
+            for key, term in iv.loss_terms(self, batch, features, loss).items():  # type: ignore[arg-type]
                 if term.dim() != 0:
                     raise ValueError(f"loss term {iv.name}/{key} must be a scalar, got shape {tuple(term.shape)}")
-                self._term_logs[f"train/{iv.name}/{key}"].append(term.item())
+                self._term_logs[f"{iv.name}/{key}"].append(term.item())
                 total = term if total is None else total + term
         return total
+
+    def _before_epoch(self, epoch: int) -> None:
+        for iv in self.interventions:
+            iv.on_epoch_start(self, epoch)  # type: ignore[arg-type]
 
     def _after_gradient_step(self) -> None:
         self.num_gradient_steps += 1
@@ -75,8 +103,11 @@ class PlasticMixin:
             iv.on_update(self, self.num_gradient_steps)  # type: ignore[arg-type]
 
     def _record_terms(self) -> None:
+        # Each term shows with the losses (train/) and with what its intervention did (interventions/).
         for key, values in self._term_logs.items():
-            self.logger.record(key, float(np.mean(values)))  # type: ignore[attr-defined]
+            mean = float(np.mean(values))
+            self.logger.record(f"train/{key}", mean)  # type: ignore[attr-defined]
+            self.logger.record(f"interventions/{key}", mean)  # type: ignore[attr-defined]
         self._term_logs.clear()
 
     def _update_info_buffer(self, infos: list[dict[str, Any]], dones: np.ndarray | None = None) -> None:

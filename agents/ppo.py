@@ -49,6 +49,24 @@ class PlasticPPO(PlasticMixin, PPO):
         """The policy's value head (``policy.value_net``)."""
         return self.policy.value_net
 
+    def online_network(self) -> nn.Module:
+        """The actor-critic policy."""
+        return self.policy
+
+    def head_layers(self) -> list[nn.Module]:
+        """The action head and the value head."""
+        return [self.policy.action_net, self.policy.value_net]
+
+    def init_layer(self, layer: nn.Module) -> None:
+        """SB3's initialiser: orthogonal with the gain of the layer's part of the policy, zero bias."""
+        policy = self.policy
+        if not policy.ortho_init:
+            layer.reset_parameters()
+            return
+        gains = [(policy.action_net, 0.01), (policy.value_net, 1.0)]
+        gain = next((g for part, g in gains if any(m is layer for m in part.modules())), np.sqrt(2))
+        policy.init_weights(layer, gain=gain)
+
     def value_features(self, obs: th.Tensor) -> th.Tensor:
         """Input of the value head (the critic's latent) for ``obs``, with its graph."""
         features = self.policy.extract_features(obs)
@@ -131,6 +149,7 @@ class PlasticPPO(PlasticMixin, PPO):
 
         continue_training = True
         for epoch in range(self.n_epochs):
+            self._before_epoch(epoch)
             approx_kl_divs = []
             for rollout_data in self.rollout_buffer.get(self.batch_size):
                 parts = self.loss_parts(rollout_data, clip_range, clip_range_vf)
@@ -141,7 +160,7 @@ class PlasticPPO(PlasticMixin, PPO):
                 entropy_losses.append(parts.entropy_loss.item())
 
                 loss = parts.loss
-                extra = self._intervention_loss(rollout_data, parts.features)
+                extra = self._intervention_loss(rollout_data, parts.features, parts.loss)
                 if extra is not None:
                     loss = loss + extra
 

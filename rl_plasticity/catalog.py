@@ -7,7 +7,7 @@ import re
 from agents import AGENTS
 from envs import SEQUENCES
 from rl_plasticity.config import CONFIGS_DIR
-from rl_plasticity.interventions import INTERVENTIONS
+from rl_plasticity.interventions import INTERVENTIONS, InterventionSpec
 
 
 def _first_doc_line(obj: object) -> str:
@@ -24,6 +24,12 @@ def _config_summary(path: Path) -> str:
     return ""
 
 
+def _intervention_summary(spec: InterventionSpec) -> str:
+    params = ", ".join(f"{k}={v!r}" for k, v in spec.defaults().items())
+    agents = "dqn, ppo" if len(spec.algos) == 2 else f"{', '.join(spec.algos)} only: {spec.why_not}"
+    return f"{spec.description} [{agents}; params: {params or 'none'}]"
+
+
 def catalog() -> dict[str, list[tuple[str, str]]]:
     """Section -> (name, one-line description) rows."""
     sequences = []
@@ -33,6 +39,6 @@ def catalog() -> dict[str, list[tuple[str, str]]]:
     return {
         "agents": [(name, _first_doc_line(cls)) for name, cls in AGENTS.items()],
         "sequences": sequences,
-        "interventions": [(name, spec.description) for name, spec in INTERVENTIONS.items()],
+        "interventions": [(name, _intervention_summary(spec)) for name, spec in sorted(INTERVENTIONS.items())],
         "configs": [(f"configs/{p.name}", _config_summary(p)) for p in sorted(CONFIGS_DIR.glob("*.yaml"))],
     }

@@ -15,7 +15,7 @@ from typing import Annotated, Any, Literal, Union, get_args, get_origin
 import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 #: Presets shipped with the project (the repository's ``configs/`` folder).
 CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"
@@ -163,17 +163,45 @@ class RunConfig(_Section):
     env: EnvConfig = Field(default_factory=EnvConfig, description="The task sequence.")
     logging: LoggingConfig = Field(default_factory=LoggingConfig, description="Logging.")
     monitor: MonitorConfig = Field(default_factory=MonitorConfig, description="The plasticity monitor.")
-    interventions: list[str] = Field(default_factory=list, description="Interventions (rlp list interventions).")
+    interventions: list[str] = Field(
+        default_factory=list, description="Interventions, combined in this order (rlp list interventions)."
+    )
+    intervention_params: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        description="Parameters per intervention, e.g. intervention_params.reset.layers=all (rlp list interventions).",
+    )
 
-    @field_validator("interventions")
-    @classmethod
-    def _interventions(cls, value: list[str]) -> list[str]:
+    @model_validator(mode="after")
+    def _check_interventions(self) -> RunConfig:
         from rl_plasticity.interventions import INTERVENTIONS, valid_intervention_names
 
-        for name in value:
-            if name not in INTERVENTIONS:
-                raise ValueError(f"'{name}' is not an intervention; valid: {valid_intervention_names()}")
-        return value
+        for i, name in enumerate(self.interventions):
+            spec = INTERVENTIONS.get(name)
+            if spec is None:
+                close = difflib.get_close_matches(name, list(INTERVENTIONS), n=1)
+                hint = f" (did you mean '{close[0]}'?)" if close else ""
+                raise ValueError(f"interventions[{i}]: '{name}' is not an intervention{hint}; valid: {valid_intervention_names()}")
+            if self.agent.algo not in spec.algos:
+                raise ValueError(f"interventions[{i}]: '{name}' does not support agent '{self.agent.algo}': {spec.why_not}")
+        if len(set(self.interventions)) != len(self.interventions):
+            raise ValueError(f"interventions: each may appear once, got {self.interventions}")
+        for name, values in self.intervention_params.items():
+            spec = INTERVENTIONS.get(name)
+            if spec is None:
+                raise ValueError(f"intervention_params.{name}: not an intervention; valid: {valid_intervention_names()}")
+            try:
+                spec.params.model_validate(values)
+            except ValidationError as exc:
+                err = exc.errors()[0]
+                key = ".".join(str(p) for p in err["loc"])
+                if err["type"] == "extra_forbidden":
+                    valid = list(spec.params.model_fields)
+                    close = difflib.get_close_matches(key, valid, n=1)
+                    hint = f" (did you mean '{close[0]}'?)" if close else ""
+                    raise ValueError(f"unknown config key 'intervention_params.{name}.{key}'{hint}; "
+                                     f"valid keys for {name}: {', '.join(valid) or '(none)'}") from None
+                raise ValueError(f"intervention_params.{name}.{key}: {err['msg']} (got {err.get('input')!r})") from None
+        return self
 
     @field_validator("device")
     @classmethod
@@ -221,26 +249,41 @@ def _format_error(err: dict[str, Any], data: dict[str, Any]) -> str:
         return f"config key '{key}' is required"
     if err["type"] == "union_tag_invalid":
         return f"{key}.algo: '{err['input'].get('algo') if isinstance(err['input'], dict) else err['input']}' is not an agent; valid: dqn, ppo"
-    value = err.get("input")
     msg = err["msg"].removeprefix("Value error, ")
-    return f"{key}: {msg} (got {value!r})"
+    if not key:  # a whole-config check, whose message names its own keys
+        return msg
+    return f"{key}: {msg} (got {err.get('input')!r})"
+
+
+def _load_yaml(path: Path, seen: tuple[Path, ...]) -> Any:
+    """One YAML preset, merged over the preset its ``base:`` key names (a path relative to the file)."""
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    if path.resolve() in seen:
+        raise ConfigError(f"{path}: 'base:' loops back to {path.name}")
+    try:
+        conf = OmegaConf.load(path)
+    except (yaml.YAMLError, OmegaConfBaseException) as exc:
+        raise ConfigError(f"{path}: not valid YAML ({' '.join(str(exc).split())})") from None
+    if not OmegaConf.is_dict(conf):
+        raise ConfigError(f"{path}: the top level must be a mapping of config keys")
+    base = conf.pop("base", None)
+    if base is None:
+        return conf
+    if not isinstance(base, str):
+        raise ConfigError(f"{path}: base: must be the path of another preset, got {base!r}")
+    return OmegaConf.merge(_load_yaml(path.parent / base, (*seen, path.resolve())), conf)
 
 
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
     """Load a YAML preset, apply ``key.sub=value`` overrides and validate.
 
+    A preset may start from another one with ``base: <path relative to it>``; its keys override the base's.
+
     :raises ConfigError: with a one-line message for any missing file, bad YAML, bad override,
         unknown key or bad value.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
-    try:
-        base = OmegaConf.load(path)
-    except (yaml.YAMLError, OmegaConfBaseException) as exc:
-        raise ConfigError(f"{path}: not valid YAML ({' '.join(str(exc).split())})") from None
-    if not OmegaConf.is_dict(base):
-        raise ConfigError(f"{path}: the top level must be a mapping of config keys")
+    base = _load_yaml(Path(path), seen=())
     for item in overrides:
         if "=" not in item or not item.split("=", 1)[0].strip():
             raise ConfigError(f"override '{item}' is not of the form key.sub=value")

@@ -48,7 +48,7 @@ class _TrainingObserver(Intervention):
     def _due(self, agent: Any) -> bool:
         return "weights" in self.monitor.cfg.probes and agent.num_gradient_steps + 1 >= self.monitor.next_probe
 
-    def loss_terms(self, agent: Any, batch: NamedTuple, features: th.Tensor) -> dict[str, th.Tensor]:
+    def loss_terms(self, agent: Any, batch: NamedTuple, features: th.Tensor, loss: th.Tensor) -> dict[str, th.Tensor]:
         self.last_batch = batch
         if self._due(agent):
             self._before = snapshot(probed_module(agent))

@@ -80,7 +80,7 @@ def build_agent(cfg: RunConfig, env: VecEnv) -> BaseAlgorithm:
         seed=cfg.seed,
         device=resolve_device(cfg.device),
         policy_kwargs=policy_kwargs(cfg, env),
-        interventions=build_interventions(cfg.interventions),
+        interventions=build_interventions(cfg.interventions, cfg.intervention_params),
         **hyper,
     )
 

@@ -36,7 +36,7 @@ class Recorder(Intervention):
         self.updates: list[int] = []
         self.feature_shapes: list[tuple[int, ...]] = []
 
-    def loss_terms(self, agent, batch, features):
+    def loss_terms(self, agent, batch, features, loss):
         self.feature_shapes.append(tuple(features.shape))
         return {}
 
@@ -138,7 +138,7 @@ class FeatureSquare(Intervention):
     def __init__(self, coef: float) -> None:
         self.coef = coef
 
-    def loss_terms(self, agent, batch, features):
+    def loss_terms(self, agent, batch, features, loss):
         return {"penalty": self.coef * features.pow(2).mean()}
 
 
@@ -175,7 +175,7 @@ def test_extra_loss_changes_gradient_by_exactly_its_own_gradient(algo):
     np.random.seed(0)
     batch = agent.replay_buffer.sample(16) if algo is PlasticDQN else next(agent.rollout_buffer.get(64))
     agent.policy.zero_grad()
-    term.loss_terms(agent, batch, agent.value_features(batch.observations))["penalty"].backward()
+    term.loss_terms(agent, batch, agent.value_features(batch.observations), None)["penalty"].backward()
     grads = {name: p.grad for name, p in agent.policy.named_parameters()}
 
     checked = 0

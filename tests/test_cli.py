@@ -119,7 +119,8 @@ BAD = [
     (["env.switch_every=0"], ["env.switch_every", "greater than 0"]),
     (["env.order=shuffle"], ["env.order", "cyclic", "random", "explicit"]),
     (["env.order=explicit", "env.task_order=[0,7]"], ["task_order", "7"]),
-    (["interventions=[reset]"], ["interventions", "'reset'"]),
+    (["interventions=[nosuch]"], ["interventions[0]", "'nosuch'"]),
+    (["intervention_params.nosuch.coef=1"], ["intervention_params.nosuch"]),
     (["device=gpu"], ["device", "cpu", "cuda"]),
     (["net.kind=resnet"], ["net.kind", "minatar", "mlp"]),
     (["seed"], ["seed", "key.sub=value"]),
@@ -137,6 +138,18 @@ def test_bad_input_one_line_exit_2_nothing_written(tiny: Path, overrides: list[s
         assert word in lines[0], (word, lines[0])
     assert "Traceback" not in result.output
     assert not (tiny.parent / "runs").exists()
+
+
+def test_preset_can_extend_a_base_preset(tiny: Path):
+    child = tiny.parent / "child.yaml"
+    child.write_text("base: tiny.yaml\nname: child\nseed: 7\n")
+    from rl_plasticity.config import load_config
+
+    cfg = load_config(child, ["agent.gamma=0.9"])
+    assert (cfg.name, cfg.seed, cfg.total_steps, cfg.agent.gamma, cfg.env.switch_every) == ("child", 7, 600, 0.9, 200)
+    (tiny.parent / "loop.yaml").write_text("base: loop.yaml\n")
+    result = run("train", str(tiny.parent / "loop.yaml"))
+    assert result.exit_code == 2 and "loops back" in result.stderr
 
 
 def test_missing_config_file(tiny: Path):

@@ -1,0 +1,39 @@
+"""Helpers that re-initialise parts of a network and the matching optimizer state.
+
+Shared by the resets, shrink-and-perturb, ReDo and continual backprop, so that "re-initialise with the
+layer's own initialiser" and "forget Adam's moments of what was touched" mean one thing everywhere.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch as th
+from torch import nn
+
+
+def fresh_parameters(agent: Any, layer: nn.Module) -> dict[str, th.Tensor]:
+    """A new initialisation of ``layer`` by the agent's own initialiser, leaving ``layer`` untouched."""
+    twin = copy.deepcopy(layer)
+    agent.init_layer(twin)
+    return {name: p.detach() for name, p in twin.named_parameters()}
+
+
+def forget_optimizer_state(optimizer: th.optim.Optimizer, params: list[nn.Parameter]) -> None:
+    """Drop the optimizer state of ``params``: Adam's moments and step count start afresh for them."""
+    for p in params:
+        optimizer.state.pop(p, None)
+
+
+def zero_optimizer_entries(optimizer: th.optim.Optimizer, param: nn.Parameter, mask: th.Tensor) -> None:
+    """Zero the per-entry optimizer state (e.g. Adam's ``exp_avg`` and ``exp_avg_sq``) where ``mask`` is true.
+
+    The step count is shared by the whole tensor, so it is left alone.
+    """
+    state = optimizer.state.get(param)
+    if not state:
+        return
+    for value in state.values():
+        if isinstance(value, th.Tensor) and value.shape == param.shape:
+            value[mask] = 0.0

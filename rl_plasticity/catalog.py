@@ -40,5 +40,5 @@ def catalog() -> dict[str, list[tuple[str, str]]]:
         "agents": [(name, _first_doc_line(cls)) for name, cls in AGENTS.items()],
         "sequences": sequences,
         "interventions": [(name, _intervention_summary(spec)) for name, spec in sorted(INTERVENTIONS.items())],
-        "configs": [(f"configs/{p.name}", _config_summary(p)) for p in sorted(CONFIGS_DIR.glob("*.yaml"))],
+        "configs": [(f"configs/{p.relative_to(CONFIGS_DIR)}", _config_summary(p)) for p in sorted(CONFIGS_DIR.rglob("*.yaml"))],
     }

@@ -77,13 +77,40 @@ AgentConfig = Annotated[DQNConfig | PPOConfig, Field(discriminator="algo")]
 
 
 class NetConfig(_Section):
-    """The network. ``auto`` uses the MinAtar network for (C, H, W) observations and SB3's MLP otherwise."""
+    """The network. ``auto`` uses the MinAtar network for (C, H, W) observations and SB3's MLP otherwise.
+
+    ``layer_norm`` and ``activation: crelu`` are the architecture options of the study (see
+    :mod:`agents.networks`); both are off by default, which builds SB3's own networks.
+    """
 
     kind: Literal["auto", "minatar", "mlp"] = Field("auto", description="Torso: auto, minatar (conv) or mlp.")
     width: PositiveInt = Field(128, description="Units per hidden layer (128 in the MinAtar network).")
     depth: NonNegInt = Field(1, description="Hidden layers before the head (1 in the MinAtar network).")
     channels: PositiveInt = Field(16, description="Conv channels of the MinAtar torso.")
-    activation: Literal["relu", "tanh"] = Field("relu", description="Hidden activation (SB3's PPO default is tanh).")
+    activation: Literal["relu", "tanh", "crelu"] = Field(
+        "relu",
+        description="Hidden activation: relu, tanh (SB3's PPO default) or crelu = cat(relu(x), relu(-x)) "
+        "(Abbas et al. 2023), also in the MinAtar conv; crelu keeps width and channels by halving the units "
+        "before it, so both must be even.",
+    )
+    layer_norm: bool = Field(
+        False,
+        description="LayerNorm after each hidden linear layer, before its activation (Lyle et al. 2024); "
+        "not after the heads nor in the MinAtar conv.",
+    )
+
+    @field_validator("activation")
+    @classmethod
+    def _crelu_width(cls, value: str, info: Any) -> str:
+        # info is pydantic's ValidationInfo; data holds the fields above, already validated.
+        if value == "crelu":
+            keys = ("width",) if info.data.get("kind") == "mlp" else ("width", "channels")
+            for key in keys:
+                size = info.data.get(key)
+                if size is not None and size % 2:
+                    raise ValueError(f"crelu keeps the width by halving the units before it, so net.{key} "
+                                     f"must be even (it is {size})")
+        return value
 
 
 class EnvConfig(_Section):

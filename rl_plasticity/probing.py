@@ -16,7 +16,7 @@ from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.preprocessing import preprocess_obs
 from torch import nn
 
-from agents import PlasticDQN
+from agents import CReLU, PlasticDQN
 from rl_plasticity.config import MonitorConfig
 from rl_plasticity.probes import (
     active_fraction,
@@ -69,7 +69,8 @@ class _ValueOutput(nn.Module):
 
 
 #: Activation modules whose outputs the dormancy probes read (the post-activation values H of metrics.md).
-ACTIVATIONS = (nn.ReLU, nn.Tanh)
+#: A CReLU output has two entries per linear unit (its positive and negative parts); each counts as a unit.
+ACTIVATIONS = (nn.ReLU, nn.Tanh, CReLU)
 
 
 @contextmanager

@@ -12,14 +12,14 @@ from pathlib import Path
 from typing import Any
 
 import torch as th
-from torch import nn
 from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.env_util import make_vec_env
 from stable_baselines3.common.logger import configure
 from stable_baselines3.common.vec_env import DummyVecEnv, VecEnv
+from torch import nn
 
-from agents import AGENTS, minatar_policy_kwargs
+from agents import AGENTS, POLICIES, CReLU, minatar_policy_kwargs, mlp_policy_kwargs
 from envs import make_sequence
 from rl_plasticity.config import ConfigError, RunConfig, to_yaml
 from rl_plasticity.interventions import build_interventions
@@ -49,19 +49,18 @@ def build_env(cfg: RunConfig) -> VecEnv:
 
 
 def policy_kwargs(cfg: RunConfig, env: VecEnv) -> dict[str, Any]:
-    """SB3 ``policy_kwargs`` for the configured network on this env."""
+    """SB3 ``policy_kwargs`` for the configured network on this env (for the policy ``POLICIES[algo]``)."""
     net = cfg.net
     image_like = len(env.observation_space.shape or ()) == 3
     kind = ("minatar" if image_like else "mlp") if net.kind == "auto" else net.kind
-    activation = {"relu": nn.ReLU, "tanh": nn.Tanh}[net.activation]
+    activation = {"relu": nn.ReLU, "tanh": nn.Tanh, "crelu": CReLU}[net.activation]
     if kind == "minatar":
         if not image_like:
             raise ConfigError(f"net.kind: 'minatar' needs (C, H, W) observations, got {env.observation_space.shape}")
-        kwargs = minatar_policy_kwargs(cfg.agent.algo, width=net.width, depth=net.depth, channels=net.channels)
-        return {**kwargs, "activation_fn": activation}
-    hidden = [net.width] * net.depth
-    net_arch = hidden if cfg.agent.algo == "dqn" else dict(pi=hidden, vf=list(hidden))
-    return dict(net_arch=net_arch, activation_fn=activation)
+        return minatar_policy_kwargs(cfg.agent.algo, width=net.width, depth=net.depth, channels=net.channels,
+                                     activation_fn=activation, layer_norm=net.layer_norm)
+    return mlp_policy_kwargs(cfg.agent.algo, width=net.width, depth=net.depth, activation_fn=activation,
+                             layer_norm=net.layer_norm)
 
 
 def resolve_device(device: str) -> str:
@@ -75,7 +74,7 @@ def build_agent(cfg: RunConfig, env: VecEnv) -> BaseAlgorithm:
     """The configured PlasticDQN or PlasticPPO on ``env``, seeded with the run seed."""
     hyper = cfg.agent.model_dump(exclude={"algo"})
     return AGENTS[cfg.agent.algo](
-        "MlpPolicy",
+        POLICIES[cfg.agent.algo],
         env,
         seed=cfg.seed,
         device=resolve_device(cfg.device),

@@ -134,3 +134,22 @@ def test_probe_sets_fill_then_freeze():
     restored = ProbeSets(1, ("x",))
     restored.load_state_dict(sets.state_dict())
     assert restored.full(0) and restored.arrays(0)["actions"].tolist() == [0, 1, 2, 3, 4]
+
+
+def test_monitor_leaves_ppo_minatar_training_unchanged(tmp_path: Path):
+    # The shared conv torso is aliased three times in SB3's PPO policy: a probe that broke the aliases
+    # would stop the conv from training, which only a conv network shows.
+    cfg = validate_config(dict(
+        tiny_config(tmp_path, "ppo", probe_every=4, hessian_order=3, gram_size=8, probe_set_size=16),
+        net=dict(kind="minatar", width=8, channels=4), env=dict(sequence="continual_minatar", switch_every=128),
+    ))
+    params = []
+    for with_monitor in (True, False):
+        env = build_env(cfg)
+        agent = build_agent(cfg, env)
+        callback = MonitorCallback(cfg.monitor, tmp_path, env.get_attr("task_names")[0]) if with_monitor else None
+        agent.learn(256, callback=callback)  # the switch at 128 probes task 0's set, filled at 64
+        assert all(isinstance(p, th.nn.Parameter) for m in agent.policy.modules() for p in m._parameters.values())
+        params.append({k: v.clone() for k, v in agent.policy.state_dict().items()})
+    for key in params[0]:
+        assert th.equal(params[0][key], params[1][key]), key

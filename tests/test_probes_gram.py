@@ -147,3 +147,23 @@ def test_bad_inputs_raise_value_error():
         huber_curvature(th.tensor([float("nan")]))
     with pytest.raises(ValueError):
         huber_curvature(th.tensor([1.0]), delta=0.0)
+
+
+def test_aliased_submodule_keeps_its_live_parameters():
+    # SB3's PPO registers its shared features extractor under three names; the probe must leave the very
+    # same Parameter objects in place (a plain tensor there silently stops that layer from training).
+    class Aliased(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.torso = nn.Linear(3, 4)
+            self.alias = self.torso
+            self.head = nn.Linear(4, 1)
+
+        def forward(self, x):
+            return self.head(th.relu(self.alias(x)))
+
+    model = Aliased()
+    before = [(m, k, p) for m in model.modules() for k, p in m._parameters.items()]
+    gram_spectrum(model, th.randn(5, 3), lambda m, x: m(x).squeeze(-1))
+    for module, key, p in before:
+        assert module._parameters[key] is p and isinstance(module._parameters[key], nn.Parameter)

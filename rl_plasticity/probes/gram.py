@@ -146,6 +146,15 @@ def gram_spectrum(
     theta = {k: named[k].detach() for k in names}
 
     wrapper = _OutputModule(model, output_fn)
+    # torch 2.13's functional_call does not restore a module registered under several paths (SB3's PPO
+    # aliases its shared features extractor as pi_/vf_features_extractor): plain tensors were left in place
+    # of the live Parameters, so the layer silently stopped training. Keep the originals to put them back.
+    originals = [
+        (module, key, p)
+        for module in model.modules()
+        for key, p in module._parameters.items()
+        if p is not None
+    ]
 
     def f_single(theta_: dict[str, th.Tensor], *sample_leaves: th.Tensor) -> th.Tensor:
         # Rebuild ``inputs`` with each tensor replaced by its (1, ...) slice; non-tensor fields are kept.
@@ -160,8 +169,12 @@ def gram_spectrum(
     # Per-sample gradients: one row of J per sample, without a Python loop.
     # Outer no_grad: torch.func.grad still differentiates w.r.t. ``theta``, but no graph is recorded back to
     # the parameters left out of ``params`` (they stay live nn.Parameters inside the call).
-    with th.no_grad():
-        per_sample = vmap(grad(f_single), in_dims=(None,) + (0,) * len(leaves))(theta, *leaves)
+    try:
+        with th.no_grad():
+            per_sample = vmap(grad(f_single), in_dims=(None,) + (0,) * len(leaves))(theta, *leaves)
+    finally:
+        for module, key, p in originals:
+            module._parameters[key] = p
 
     # K = sum over parameter blocks of J_k J_k^T, accumulated in float64 (avoids a float64 copy of all of J).
     K = None

@@ -8,6 +8,7 @@ are the sequence's options. :func:`make_sequence` adds the schedule and returns 
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -68,9 +69,41 @@ def _scaled_game(
     return scale_reward(make_minatar_game(game, sticky_action_prob, difficulty_ramping), scale)
 
 
+#: Largest family a builder makes: each task keeps its own env alive, so this bounds memory and build time.
+MAX_TASKS = 1000
+
+
 def _check_num_tasks(num_tasks: int) -> None:
-    if num_tasks < 1:
-        raise ValueError(f"num_tasks must be at least 1, got {num_tasks}.")
+    if not 1 <= num_tasks <= MAX_TASKS:
+        raise ValueError(f"num_tasks must be between 1 and {MAX_TASKS}, got {num_tasks}.")
+
+
+def _kind_of(default: Any) -> tuple[str, Callable[[Any], bool]]:
+    """What an option must be, judged from its default: bool, int, number, str or a list of those."""
+    if isinstance(default, bool):
+        return "true or false", lambda v: isinstance(v, bool)
+    if isinstance(default, int):
+        return "an integer", lambda v: isinstance(v, int) and not isinstance(v, bool)
+    if isinstance(default, float):
+        return "a number", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    if isinstance(default, str):
+        return "a string", lambda v: isinstance(v, str)
+    item_kind, item_ok = _kind_of(default[0])
+    return f"a list of {item_kind.removeprefix('an ').removeprefix('a ')}s", (
+        lambda v: isinstance(v, (list, tuple)) and all(item_ok(x) for x in v)
+    )
+
+
+def _check_options(name: str, build: Callable[..., list[Task]], options: dict[str, Any]) -> None:
+    """Every option has the kind of its default (so a bad value fails here, not deep inside an env)."""
+    parameters = inspect.signature(build).parameters
+    for option, value in options.items():
+        kind, ok = _kind_of(parameters[option].default)
+        if not ok(value):
+            raise ValueError(f"Option {option!r} of sequence {name!r} must be {kind}, got {value!r}.")
+    prob = options.get("sticky_action_prob")
+    if prob is not None and not 0.0 <= prob <= 1.0:
+        raise ValueError(f"Option 'sticky_action_prob' of sequence {name!r} must be in [0, 1], got {prob!r}.")
 
 
 # --- Builders ----------------------------------------------------------------------------------
@@ -294,6 +327,7 @@ def make_sequence(
                 f"Unknown option {option!r} for sequence {name!r}; valid options are "
                 f"{', '.join(valid)}."
             )
+    _check_options(name, spec.build, options)
     if "seed" in inspect.signature(spec.build).parameters:
         options["seed"] = seed
     tasks = spec.build(**options)

@@ -100,11 +100,14 @@ def greedy_labels(agent: BaseAlgorithm, obs: th.Tensor, features: th.Tensor) -> 
 def _gram_inputs(agent: BaseAlgorithm, batch: NamedTuple) -> tuple[Any, Any, th.Tensor | None]:
     """For the Gram probe: inputs, the scalar output per sample, and the loss curvature D (metrics.md).
 
-    DQN: f_i = Q(s_i, a_i) for the stored action and D from the Huber loss at the TD residual. PPO:
-    f_i = V(s_i) and D = 1 (the value loss is MSE).
+    DQN: f_i = Q(s_i, a_i) with a_i the greedy action (metrics.md: on the fixed probe set), and D from the
+    Huber loss at the residual f_i - y_i, y_i the TD target of the stored transition. PPO: f_i = V(s_i) and
+    D = 1 (the value loss is MSE).
     """
     if isinstance(agent, PlasticDQN):
-        inputs = (batch.observations, batch.actions.long().reshape(-1, 1))
+        with th.no_grad():
+            greedy = agent.q_net(batch.observations).argmax(dim=1, keepdim=True)
+        inputs = (batch.observations, greedy)
 
         def q_taken(model: nn.Module, x: tuple[th.Tensor, th.Tensor]) -> th.Tensor:
             return th.gather(model(x[0]), 1, x[1]).squeeze(1)

@@ -149,7 +149,7 @@ class UnfoldedConv(nn.Module):
         (dict(kernel_size=2, padding="same", bias=False), (0, 1, 0, 1)),  # asymmetric 'same' padding
     ],
 )
-def test_conv2d_matches_unfolded_linear_and_kfc_formula(conv_kw, pad):
+def test_conv2d_matches_unfolded_linear_and_the_spec_formula(conv_kw, pad):
     th.manual_seed(0)
     conv = nn.Conv2d(2, 3, **conv_kw).to(DT)
     n = 5
@@ -167,7 +167,8 @@ def test_conv2d_matches_unfolded_linear_and_kfc_formula(conv_kw, pad):
     th.testing.assert_close(got[0], ref[0], rtol=1e-10, atol=1e-12)
     th.testing.assert_close(got[1], ref[1], rtol=1e-10, atol=1e-12)
 
-    # KFC (Grosse & Martens 2016): A = (1/n) sum_i sum_t a a^T, G = (1/(n T)) sum_i sum_t g g^T, g = n dL/ds.
+    # metrics.md: patches and output gradients averaged over samples and positions, g = n dL/ds
+    # (KFC, Grosse & Martens 2016, sums A over positions instead: T times this A).
     a = F.unfold(F.pad(x, pad), conv.kernel_size, stride=conv.stride).transpose(1, 2)
     if conv.bias is not None:
         a = th.cat([a, th.ones(*a.shape[:2], 1, dtype=DT)], dim=-1)
@@ -175,7 +176,7 @@ def test_conv2d_matches_unfolded_linear_and_kfc_formula(conv_kw, pad):
     loss = F.mse_loss(head(th.tanh(s).flatten(1)), y)
     g = th.autograd.grad(loss, s)[0].reshape(n, 3, -1).transpose(1, 2) * n
     T = a.shape[1]
-    A = th.einsum("nti,ntj->ij", a, a) / n
+    A = th.einsum("nti,ntj->ij", a, a) / (n * T)
     G = th.einsum("nti,ntj->ij", g, g) / (n * T)
     th.testing.assert_close(got[0], A, rtol=1e-10, atol=1e-12)
     th.testing.assert_close(got[1], G, rtol=1e-10, atol=1e-12)

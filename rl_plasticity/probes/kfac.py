@@ -14,18 +14,18 @@ Conventions (read these before comparing numbers with another library):
 * **Vectorisation.** With ``W~ = [W, b]`` of shape ``(d_out, d_in + 1)`` (bias as an extra column), the
   gradient of one sample is ``g a^T`` and ``A (x) G`` acts on the *column-stacked* ``vec(W~)``. (With a
   row-major ``W~.flatten()`` the block is ``G (x) A``; the spectrum is the same.)
-* **Weight sharing (Conv2d, and Linear applied to inputs with extra middle dimensions).** Following KFC
-  (Grosse & Martens 2016, Sec. 3.1 / eq. 23, "spatially uncorrelated derivatives"), with ``T`` positions
-  (output pixels) per sample::
+* **Weight sharing (Conv2d, and Linear applied to inputs with extra middle dimensions).** As metrics.md
+  says, the unfolded patches are *averaged* over the ``T`` spatial positions (output pixels), and so are the
+  per-position output gradients::
 
-      A = Omega = (1/n) sum_i sum_t a_it a_it^T       (sum over positions, mean over samples)
-      G = Gamma = (1/(n T)) sum_i sum_t g_it g_it^T   (mean over samples and positions)
+      A = (1/(n T)) sum_i sum_t a_it a_it^T   (mean over samples and positions)
+      G = (1/(n T)) sum_i sum_t g_it g_it^T   (mean over samples and positions)
 
-  i.e. ``A (x) G = T * E_{i,t}[a a^T] (x) E_{i,t}[g g^T]``, which is the block of KFC eq. 23. ``a_it`` is the
-  ``F.unfold`` patch (channels x kernel, the order of ``weight.view(d_out, -1)``), with a 1 appended when the
-  layer has a bias. The split of the factor ``T`` between A and G only changes ``top_eig_A`` and
-  ``top_eig_G`` individually; their product, the eranks and the K-FAC epsilon-rank do not depend on it.
-  For a plain ``(n, d)`` Linear input ``T = 1`` and both are ordinary batch means.
+  KFC (Grosse & Martens 2016, eq. 23, "spatially uncorrelated derivatives") sums A over positions instead,
+  so its block is ``T`` times ``A (x) G`` here: ``top_eig_A`` and ``top_eig_product`` of a conv layer are
+  ``1/T`` of KFC's, while ``top_eig_G``, the eranks and the K-FAC epsilon-rank are the same. ``a_it`` is the
+  ``F.unfold`` patch (channels x kernel, the order of ``weight.view(d_out, -1)``), with a 1 appended when
+  the layer has a bias. For a plain ``(n, d)`` Linear input ``T = 1`` and both are ordinary batch means.
 """
 
 from __future__ import annotations
@@ -126,8 +126,8 @@ def kfac_factors(
 
     with ``a`` the layer input (plus a 1 for the bias) and ``g = dl_i/ds`` the per-sample gradient of the
     loss w.r.t. the layer's pre-activation output ``s``. See the module docstring for the two conventions:
-    ``g = n * dL/ds`` because ``L`` is a batch mean, and the KFC spatial scaling (A sums over positions, G
-    averages over them).
+    ``g = n * dL/ds`` because ``L`` is a batch mean, and the spatial scaling (A and G both averaged over
+    positions, as metrics.md says).
 
     Forward hooks capture each layer's input and output during one call ``loss_fn(model, inputs)``; the
     output gradients come from ``torch.autograd.grad(loss, outputs)``, so no ``.grad`` field of the model
@@ -204,7 +204,7 @@ def kfac_factors(
         if g.shape[1] != positions:
             raise ValueError(f"layer {name!r}: {positions} input patches but {g.shape[1]} output positions")
         a_flat, g_flat = a.reshape(-1, a.shape[-1]), g.reshape(-1, g.shape[-1])
-        A = a_flat.T @ a_flat / n  # KFC Omega: sum over positions, mean over samples
+        A = a_flat.T @ a_flat / (n * positions)  # metrics.md: mean over samples and positions
         G = g_flat.T @ g_flat / (n * positions)  # KFC Gamma: mean over samples and positions
         factors[name] = (A, G)
     return factors

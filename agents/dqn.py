@@ -40,10 +40,14 @@ class PlasticDQN(PlasticMixin, DQN):
 
     @property
     def value_head(self) -> nn.Linear:
-        """The last linear layer of the online Q-network."""
+        """The last linear layer of the online Q-network.
+
+        An ``nn.Linear``, or a module that acts as one and gives its ``weight`` and ``bias`` (the head after
+        plasticity injection, ``rl_plasticity.interventions.plasticity_injection.InjectedLinear``).
+        """
         head = self.q_net.q_net[-1]
-        if not isinstance(head, nn.Linear):
-            raise TypeError(f"the Q-network must end in nn.Linear, got {type(head).__name__}")
+        if not (isinstance(head, nn.Linear) or (hasattr(head, "weight") and hasattr(head, "bias"))):
+            raise TypeError(f"the Q-network must end in a linear layer, got {type(head).__name__}")
         return head
 
     def online_network(self) -> nn.Module:

@@ -6,7 +6,6 @@ layer's own initialiser" and "forget Adam's moments of what was touched" mean on
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 import torch as th
@@ -14,10 +13,18 @@ from torch import nn
 
 
 def fresh_parameters(agent: Any, layer: nn.Module) -> dict[str, th.Tensor]:
-    """A new initialisation of ``layer`` by the agent's own initialiser, leaving ``layer`` untouched."""
-    twin = copy.deepcopy(layer)
-    agent.init_layer(twin)
-    return {name: p.detach() for name, p in twin.named_parameters()}
+    """A new initialisation of ``layer`` by the agent's own initialiser, leaving ``layer`` as it was.
+
+    The layer itself is re-initialised and then restored (not a copy of it): PPO's initialiser picks the
+    gain by which part of the policy the layer belongs to, which a copy is not.
+    """
+    saved = {name: p.detach().clone() for name, p in layer.named_parameters()}
+    agent.init_layer(layer)
+    fresh = {name: p.detach().clone() for name, p in layer.named_parameters()}
+    with th.no_grad():
+        for name, p in layer.named_parameters():
+            p.copy_(saved[name])
+    return fresh
 
 
 def forget_optimizer_state(optimizer: th.optim.Optimizer, params: list[nn.Parameter]) -> None:

@@ -1,0 +1,136 @@
+"""Weight-norm regularizers: L2 (``l2``) and L2 towards the initial weights (``l2_init``).
+
+Both add a loss term through the agent's loss hook, so the penalty is *coupled* into the gradient: it goes
+through gradient-norm clipping and Adam's moments like the TD/PPO loss (unlike AdamW's decoupled decay).
+
+The helpers :func:`regularized_weights` and :func:`l2_penalty` are shared by every intervention here that
+adds an L2 term (``l2_er``, ``kfac_rank``), so "the weights" means one thing everywhere.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any, NamedTuple
+
+import torch as th
+from pydantic import Field
+from torch import nn
+
+from rl_plasticity.interventions.base import Params, PlasticityIntervention
+from rl_plasticity.interventions.registry import register
+
+
+def regularized_weights(agent: Any, include_biases: bool = False) -> list[tuple[str, nn.Parameter]]:
+    """The trainable weights (and optionally biases) of every Linear/Conv2d layer of the online network.
+
+    Only :meth:`agent.online_network` counts (DQN: ``q_net``, never ``q_net_target``). The list is built on
+    each call, so layers that another intervention adds or replaces are included.
+
+    :param agent: a PlasticDQN or PlasticPPO.
+    :param include_biases: also return the layers' biases.
+    :return: ``(parameter path in the online network, parameter)`` pairs, input to output.
+    """
+    kinds = ("weight", "bias") if include_biases else ("weight",)
+    weights = []
+    for layer_name, layer in agent.parametrized_layers():
+        for kind in kinds:
+            param = getattr(layer, kind, None)
+            if isinstance(param, nn.Parameter) and param.requires_grad:
+                weights.append((f"{layer_name}.{kind}", param))
+    return weights
+
+
+def l2_penalty(tensors: Iterable[th.Tensor]) -> th.Tensor:
+    """``sum_k ||t_k||^2 / 2`` over ``tensors``, with the graph kept (its gradient is ``t_k`` itself).
+
+    :raises ValueError: if ``tensors`` is empty (there would be nothing to regularize).
+    """
+    squares = [t.pow(2).sum() for t in tensors]
+    if not squares:
+        raise ValueError("no tensors to regularize")
+    return th.stack(squares).sum() / 2
+
+
+class L2Params(Params):
+    """Parameters of :class:`L2`."""
+
+    coef: float = Field(1e-4, ge=0, description="Weight of the penalty coef * sum ||theta||^2 / 2.")
+    include_biases: bool = Field(False, description="Also penalise the biases of the Linear/Conv2d layers.")
+
+
+@register("l2")
+class L2(PlasticityIntervention):
+    """L2 regularization coef * sum ||theta||^2 / 2 of the weights, as a loss term (coupled, not AdamW).
+
+    The term's gradient is ``coef * theta`` for each weight (biases only with ``include_biases``). Default
+    ``coef = 1e-4`` (``shared/reference/interventions.md``).
+    """
+
+    Params = L2Params
+    params: L2Params
+
+    def loss_terms(
+        self, agent: Any, batch: NamedTuple, features: th.Tensor, loss: th.Tensor
+    ) -> dict[str, th.Tensor]:
+        weights = [p for _, p in regularized_weights(agent, self.params.include_biases)]
+        return {"l2": self.params.coef * l2_penalty(weights)}
+
+
+class L2InitParams(Params):
+    """Parameters of :class:`L2Init`."""
+
+    coef: float = Field(1e-2, ge=0, description="Weight of the penalty coef * sum ||theta - theta_0||^2.")
+    include_biases: bool = Field(False, description="Also pull the biases of the Linear/Conv2d layers to theirs.")
+
+
+@register("l2_init")
+class L2Init(PlasticityIntervention):
+    """Regenerative L2 towards the initial weights, coef * sum ||theta - theta_0||^2 (Kumar et al. 2023).
+
+    Kumar, Marklund & Van Roy 2023, "Maintaining Plasticity in Continual Learning via Regenerative
+    Regularization" (L2 Init). ``theta_0`` is a copy of the weights taken at :meth:`attach`, on the agent's
+    device; the term's gradient is ``2 * coef * (theta - theta_0)``. Default ``coef = 1e-2``.
+
+    ``theta_0`` is part of :meth:`state_dict`, keyed by parameter path, so a resumed run keeps pulling
+    towards the *original* initialisation, not towards the weights it resumed from. A weight that appears
+    after :meth:`attach` (a layer added by another intervention) gets its value when first seen as its
+    ``theta_0``.
+    """
+
+    Params = L2InitParams
+    params: L2InitParams
+
+    def __init__(self, params: L2InitParams | None = None) -> None:
+        super().__init__(params)
+        self.theta_0: dict[str, th.Tensor] = {}
+        # theta_0 from a load_state_dict() that came before attach(): attach() must not overwrite it.
+        self._loaded = False
+
+    def attach(self, agent: Any) -> None:
+        for name, param in regularized_weights(agent, self.params.include_biases):
+            if name in self.theta_0 and self._loaded:
+                self.theta_0[name] = self.theta_0[name].to(param.device)
+            else:
+                self.theta_0[name] = param.detach().clone()
+
+    def loss_terms(
+        self, agent: Any, batch: NamedTuple, features: th.Tensor, loss: th.Tensor
+    ) -> dict[str, th.Tensor]:
+        diffs = []
+        for name, param in regularized_weights(agent, self.params.include_biases):
+            if name not in self.theta_0:
+                self.theta_0[name] = param.detach().clone()
+            diffs.append(param - self.theta_0[name])
+        # l2_penalty halves the squared norm; the published term does not.
+        return {"l2_init": 2 * self.params.coef * l2_penalty(diffs)}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "theta_0": {k: v.detach().clone() for k, v in self.theta_0.items()}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        for name, value in state["theta_0"].items():
+            # Keep the device of the weights when attached already; attach() moves them otherwise.
+            device = self.theta_0[name].device if name in self.theta_0 else value.device
+            self.theta_0[name] = value.detach().clone().to(device)
+        self._loaded = True

@@ -117,6 +117,7 @@ class PlasticDQN(PlasticMixin, DQN):
             replay_data = self.replay_buffer.sample(batch_size, env=self._vec_normalize_env)  # type: ignore[union-attr]
             loss, features = self.training_loss(replay_data)
             losses.append(loss.item())
+            self._check_finite("train/loss", losses[-1])
             extra = self._intervention_loss(replay_data, features, loss)
             if extra is not None:
                 loss = loss + extra
@@ -126,6 +127,7 @@ class PlasticDQN(PlasticMixin, DQN):
             self.last_grad_norm = th.nn.utils.clip_grad_norm_(self.policy.parameters(), self.max_grad_norm)
             self.policy.optimizer.step()
             self._after_gradient_step()
+        self._check_grad_norms()
 
         self._n_updates += gradient_steps
 

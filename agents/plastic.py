@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from abc import abstractmethod
 from collections import defaultdict
 from collections.abc import Sequence
@@ -12,6 +13,22 @@ import torch as th
 from torch import nn
 
 from agents.hooks import Intervention, TaskSwitch
+
+
+class NonFiniteError(RuntimeError):
+    """A non-finite loss, loss term, gradient, parameter or probe value: training cannot go on.
+
+    :param term: what was non-finite, as logged: ``train/loss``, ``interventions/<name>/<term>``,
+        ``train/grad_norm``, ``parameters/<name>`` or ``plasticity/<probe>@<source>``.
+    :param value: the value (``nan``, ``inf`` or ``-inf``).
+    :param env_step: the agent's ``num_timesteps`` when it was found.
+    :param gradient_step: the gradient step it belongs to (counted from 1), if any.
+    """
+
+    def __init__(self, term: str, value: float, env_step: int, gradient_step: int | None = None) -> None:
+        self.term, self.value, self.env_step, self.gradient_step = term, value, env_step, gradient_step
+        where = f"env step {env_step}" + (f" (gradient step {gradient_step})" if gradient_step is not None else "")
+        super().__init__(f"non-finite {term} = {value} at {where}")
 
 
 class PlasticMixin:
@@ -36,6 +53,8 @@ class PlasticMixin:
         self.num_gradient_steps = 0
         self.last_grad_norm = None
         self._term_logs: dict[str, list[float]] = defaultdict(list)
+        # (gradient step, its pre-clipping gradient norm) of the current train() call, checked at its end.
+        self._grad_norms: list[tuple[int, th.Tensor]] = []
 
     def _setup_model(self) -> None:
         super()._setup_model()  # type: ignore[misc]
@@ -44,7 +63,7 @@ class PlasticMixin:
 
     def _excluded_save_params(self) -> list[str]:
         # Interventions carry their own state_dict(); the SB3 zip holds the algorithm only.
-        return super()._excluded_save_params() + ["interventions", "_term_logs"]  # type: ignore[misc]
+        return super()._excluded_save_params() + ["interventions", "_term_logs", "_grad_norms"]  # type: ignore[misc]
 
     # -- accessors the interventions and the monitor use ------------------------------------------
     # SB3's BaseAlgorithm is an ABC, so these stay abstract until each algorithm defines them.
@@ -89,7 +108,9 @@ class PlasticMixin:
             for key, term in iv.loss_terms(self, batch, features, loss).items():  # type: ignore[arg-type]
                 if term.dim() != 0:
                     raise ValueError(f"loss term {iv.name}/{key} must be a scalar, got shape {tuple(term.shape)}")
-                self._term_logs[f"{iv.name}/{key}"].append(term.item())
+                value = term.item()
+                self._check_finite(f"interventions/{iv.name}/{key}", value)
+                self._term_logs[f"{iv.name}/{key}"].append(value)
                 total = term if total is None else total + term
         return total
 
@@ -99,8 +120,37 @@ class PlasticMixin:
 
     def _after_gradient_step(self) -> None:
         self.num_gradient_steps += 1
+        if self.last_grad_norm is not None:
+            self._grad_norms.append((self.num_gradient_steps, self.last_grad_norm))
         for iv in self.interventions:
             iv.on_update(self, self.num_gradient_steps)  # type: ignore[arg-type]
+
+    # -- NaN guard --------------------------------------------------------------------------------
+    # Losses and loss terms are checked on the Python floats train() reads with .item() anyway; the gradient
+    # norms (non-finite iff a gradient is) stay tensors until the end of each train() call, so the guard adds
+    # no device sync per gradient step (one per train() call, and none on CPU where it is free).
+    def _check_finite(self, term: str, value: float) -> None:
+        """Raise :class:`NonFiniteError` if ``value`` (a loss or a loss term of the step in progress) is not finite."""
+        if not math.isfinite(value):
+            # A non-finite gradient earlier in this train() call poisons the parameters, and so every loss
+            # after it: name the first cause.
+            self._check_grad_norms()
+            step = int(self.num_timesteps)  # type: ignore[attr-defined]
+            raise NonFiniteError(term, value, step, self.num_gradient_steps + 1)
+
+    def _check_grad_norms(self) -> None:
+        """Raise :class:`NonFiniteError` for the first non-finite gradient norm of this train() call."""
+        norms, self._grad_norms = self._grad_norms, []
+        if not norms:
+            return
+        # One transfer of all of them (a single .item() for DQN's one step per call).
+        values = [norms[0][1].item()] if len(norms) == 1 else th.stack([n.detach().float() for _, n in norms]).tolist()
+        if all(math.isfinite(v) for v in values):
+            return
+        for (step, _), value in zip(norms, values):
+            if not math.isfinite(value):
+                env_step = int(self.num_timesteps)  # type: ignore[attr-defined]
+                raise NonFiniteError("train/grad_norm", value, env_step, step)
 
     def _record_terms(self) -> None:
         # Each term shows with the losses (train/) and with what its intervention did (interventions/).

@@ -158,6 +158,9 @@ class PlasticPPO(PlasticMixin, PPO):
                 clip_fractions.append(clip_fraction)
                 value_losses.append(parts.value_loss.item())
                 entropy_losses.append(parts.entropy_loss.item())
+                self._check_finite("train/policy_gradient_loss", pg_losses[-1])
+                self._check_finite("train/value_loss", value_losses[-1])
+                self._check_finite("train/entropy_loss", entropy_losses[-1])
 
                 loss = parts.loss
                 extra = self._intervention_loss(rollout_data, parts.features, parts.loss)
@@ -185,6 +188,7 @@ class PlasticPPO(PlasticMixin, PPO):
             self._n_updates += 1
             if not continue_training:
                 break
+        self._check_grad_norms()
 
         explained_var = explained_variance(self.rollout_buffer.values.flatten(), self.rollout_buffer.returns.flatten())
 

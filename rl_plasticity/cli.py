@@ -1,4 +1,5 @@
-"""The ``rlp`` command line: ``rlp train CONFIG [key=value ...]`` and ``rlp list [WHAT]``."""
+"""The ``rlp`` command line: ``rlp train CONFIG [key=value ...]``, ``rlp train --resume RUN_DIR`` and
+``rlp list [WHAT]``."""
 
 from __future__ import annotations
 
@@ -43,23 +44,66 @@ def cli() -> None:
     "train",
     epilog="Config keys (override any of them as key.sub=value; lists as key=[a,b]):\n\n\b\n" + config_help(),
 )
-@click.argument("config")
+@click.argument("config", required=False)
 @click.argument("overrides", nargs=-1)
+@click.option("--resume", "resume_dir", metavar="RUN_DIR", default=None,
+              help="Continue the run in RUN_DIR from its latest checkpoint (CONFIG is then optional).")
+@click.option("--force", is_flag=True, help="With --resume: accept a config that differs from RUN_DIR/config.yaml.")
 @click.option("--progress/--no-progress", default=None, help="Show the progress bar (default: logging.progress_bar).")
-def train_cmd(config: str, overrides: tuple[str, ...], progress: bool | None) -> None:
+def train_cmd(config: str | None, overrides: tuple[str, ...], resume_dir: str | None, force: bool,
+              progress: bool | None) -> None:
     """Train on CONFIG (a YAML file or a preset name from configs/), with key=value OVERRIDES.
 
     The run goes to <logging.root_dir>/<name>/<date-time>_seed<k>/: config.yaml, the TensorBoard
-    events and model.zip. A bad key or value prints one line and exits with status 2, writing nothing.
+    events, task_summary.csv, checkpoints/ and model.zip.
+
+    \b
+    Checkpoints and resume:
+      every checkpoint.every env steps, at the end and on SIGINT/SIGTERM, a checkpoint is written
+      atomically to RUN_DIR/checkpoints/ (model, optimizer, replay buffer, env states, RNGs,
+      interventions, monitor). A signal finishes the current rollout, writes a checkpoint and exits
+      with status 130 (SIGINT) or 143 (SIGTERM); a second signal stops at once.
+      rlp train --resume RUN_DIR                  continue RUN_DIR exactly where it stopped
+      rlp train --resume RUN_DIR key=value ...    the same, with overrides of RUN_DIR/config.yaml
+      rlp train --resume RUN_DIR CONFIG [k=v ...] the same, checked against CONFIG
+    A config that differs from RUN_DIR/config.yaml is refused with the differing keys listed, unless
+    --force (then total_steps=... extends a finished run); seed, agent.algo, agent.buffer_size, net.*,
+    env.* and interventions can never change.
+
+    \b
+    Exit status:
+      0  done
+      2  bad input: config, missing or corrupt checkpoint, changed config (one line, nothing written)
+      3  a non-finite loss, loss term, gradient, parameter or probe (NaN guard): one line naming the
+         step, the term and the last good checkpoint, which is kept
+      130, 143  stopped by SIGINT, SIGTERM (after writing a checkpoint)
     """
     # Imported here so that `rlp list` and `--help` stay fast.
-    from rl_plasticity.runner import train
+    from agents.plastic import NonFiniteError
+    from rl_plasticity.checkpoint import CheckpointError, TrainingInterrupted
+    from rl_plasticity.runner import resume, train
 
     try:
-        cfg = load_config(resolve_config(config), overrides)
-        run_dir = train(cfg, progress_bar=progress)
-    except ConfigError as exc:
+        if resume_dir is None:
+            if config is None:
+                fail("missing CONFIG (a YAML file or a preset name; or --resume RUN_DIR)")
+            run_dir = train(load_config(resolve_config(config), overrides), progress_bar=progress)
+        else:
+            if config is not None and "=" in config and not Path(config).is_file():
+                overrides, config = (config, *overrides), None  # only overrides after --resume RUN_DIR
+            base = resolve_config(config) if config is not None else Path(resume_dir) / "config.yaml"
+            cfg = load_config(base, overrides) if config is not None or overrides else None
+            run_dir = resume(resume_dir, cfg, force=force, progress_bar=progress)
+    except (ConfigError, CheckpointError) as exc:
         fail(str(exc))
+    except TrainingInterrupted as exc:
+        click.echo(f"rlp: {exc.message()}", err=True)
+        sys.exit(exc.exit_status)
+    except NonFiniteError as exc:
+        last = getattr(exc, "checkpoint", None)
+        kept = f"last good checkpoint: {last}" if last is not None else "no checkpoint was written before it"
+        click.echo(f"rlp: error: {exc}; training stopped, logs flushed; {kept}", err=True)
+        sys.exit(3)
     click.echo(f"run directory: {run_dir}")
     click.echo(f"to watch it:   tensorboard --logdir {run_dir.parent}")
 

@@ -175,6 +175,25 @@ class MonitorConfig(_Section):
     histograms: bool = Field(True, description="Log histograms of feature singular values and K-FAC eigenvalues.")
 
 
+class CheckpointConfig(_Section):
+    """Checkpoints for ``rlp train --resume`` (see rl_plasticity/checkpoint.py for what they hold)."""
+
+    every: PositiveInt | None = Field(
+        100_000,
+        description="Env steps between checkpoints, written at the next rollout boundary (DQN: every train_freq "
+        "steps; PPO: every n_steps x n_envs); also at the end and on SIGINT/SIGTERM (null: only those).",
+    )
+    replay_buffer: bool = Field(
+        True,
+        description="DQN: put the replay buffer in the checkpoint (its size is printed and in meta.json); "
+        "without it a resumed run refills it for agent.learning_starts steps and is no longer exact.",
+    )
+    keep: PositiveInt = Field(
+        1, description="Checkpoints kept in <run dir>/checkpoints/, newest first; a new one replaces the "
+        "previous one only once it is complete.",
+    )
+
+
 class RunConfig(_Section):
     """One training run."""
 
@@ -190,6 +209,9 @@ class RunConfig(_Section):
     env: EnvConfig = Field(default_factory=EnvConfig, description="The task sequence.")
     logging: LoggingConfig = Field(default_factory=LoggingConfig, description="Logging.")
     monitor: MonitorConfig = Field(default_factory=MonitorConfig, description="The plasticity monitor.")
+    checkpoint: CheckpointConfig = Field(
+        default_factory=CheckpointConfig, description="Checkpoints (rlp train --resume)."
+    )
     interventions: list[str] = Field(
         default_factory=list, description="Interventions, combined in this order (rlp list interventions)."
     )
@@ -358,11 +380,11 @@ def config_help() -> str:
             default = "required" if field.is_required() else repr(field.get_default(call_default_factory=True))
             lines.append(f"{prefix}{name} ({_type_name(field.annotation)}; default {default}): {field.description}")
 
-    walk(RunConfig, "", skip=("agent", "net", "env", "logging", "monitor"))
+    walk(RunConfig, "", skip=("agent", "net", "env", "logging", "monitor", "checkpoint"))
     walk(DQNConfig, "agent.")
     lines.append("with agent.algo=ppo, the agent keys are instead:")
     walk(PPOConfig, "agent.", skip=("algo",))
-    for section in (NetConfig, EnvConfig, LoggingConfig, MonitorConfig):
+    for section in (NetConfig, EnvConfig, LoggingConfig, MonitorConfig, CheckpointConfig):
         name = section.__name__.removesuffix("Config").lower()
         walk(section, f"{name}.")
     return "\n".join(lines)

@@ -6,12 +6,19 @@ current task's fixed probe set and on the latest training batch, and logs them t
 (Hessian spectrum, Gram, trainability) on the finished task's probe set and appends one row per task visit
 to ``task_summary.csv``. It draws no random numbers from the training RNG and adds no loss, so training
 with the monitor on is bit-for-bit training with it off.
+
+A non-finite probe value (other than neural collapse's, NaN by definition when undefined) stops the run
+with :class:`~agents.plastic.NonFiniteError`. :meth:`MonitorCallback.state_dict` is what a checkpoint keeps
+of it, so that a resumed run probes and summarises exactly as the uninterrupted one.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
-from dataclasses import dataclass, field
+import math
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -21,6 +28,7 @@ from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.logger import TensorBoardOutputFormat
 
 from agents import Intervention, PlasticDQN
+from agents.plastic import NonFiniteError
 from rl_plasticity.config import MonitorConfig
 from rl_plasticity.probes import grad_stats, snapshot, update_stats, weight_stats
 from rl_plasticity.probe_sets import DQN_FIELDS, PPO_FIELDS, ProbeSets
@@ -30,6 +38,30 @@ from rl_plasticity.probing import probe_batch, probed_module
 TB_ONLY = ("stdout", "log", "json", "csv")
 PROBE_SETS_FILE = "probe_sets.pt"
 SUMMARY_FILE = "task_summary.csv"
+#: Probe values that may be NaN by definition (neural collapse with fewer than two classes, or no
+#: between-class scatter); any other non-finite probe value stops the run (:class:`NonFiniteError`).
+MAY_BE_NAN = ("nc1/", "nc2/", "nc3/", "nc4/")
+
+
+def check_probe_values(scalars: dict[str, float], source: str | None, env_step: int) -> None:
+    """Raise :class:`NonFiniteError` for the first non-finite probe value that should be finite.
+
+    :param source: the data source of the tag (``probe_set``, ``batch``), or ``None`` for untagged values.
+    """
+    for key, value in scalars.items():
+        if not math.isfinite(value) and not key.startswith(MAY_BE_NAN):
+            raise NonFiniteError(f"plasticity/{key}" + (f"@{source}" if source else ""), value, env_step)
+
+
+@contextlib.contextmanager
+def _non_finite_inputs(term: str, env_step: int) -> Iterator[None]:
+    """The probes refuse NaN/inf inputs with a ValueError; here that means the network diverged."""
+    try:
+        yield
+    except ValueError as exc:
+        if "NaN" not in str(exc):
+            raise
+        raise NonFiniteError(f"{term} ({exc})", float("nan"), env_step) from None
 
 
 class _TrainingObserver(Intervention):
@@ -62,6 +94,8 @@ class _TrainingObserver(Intervention):
         self._before = None
         # The gradients left after the step are clipped; clipping scaled them all by one factor.
         total = float(agent.last_grad_norm)
+        if not math.isfinite(total):
+            raise NonFiniteError("train/grad_norm", total, int(agent.num_timesteps), num_gradient_steps)
         clip_coef = min(1.0, agent.max_grad_norm / (total + 1e-6))
         self.grads = grad_stats(module, clip_coef=clip_coef)
 
@@ -97,6 +131,61 @@ class MonitorCallback(BaseCallback):
         self._observer = _TrainingObserver(self)
         self._rollout_tasks: list[int] = []
         self._summary_fields: list[str] | None = None
+        self._resume: dict[str, Any] | None = None
+
+    # -- checkpoints ------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Everything a resumed run needs to probe and summarise exactly as an uninterrupted one: the probe
+        sets (frozen and partly filled), the initial weights, the probe schedule, the visit in progress with
+        its returns, the CSV header and length, and the latest training batch with its update statistics."""
+        sets = self.probe_sets
+        observer = self._observer
+        batch = observer.last_batch
+        summary = self.run_dir / SUMMARY_FILE
+        return {
+            "probe_sets": {**sets.state_dict(), "parts": sets._parts, "counts": sets._counts},
+            "init_params": {name: value.detach().cpu() for name, value in self.init_params.items()},
+            "next_probe": self.next_probe,
+            "nc_undefined": self.nc_undefined,
+            "visits": dict(self.visits),
+            "visit": asdict(self.visit),
+            "rollout_tasks": list(self._rollout_tasks),
+            "summary_fields": self._summary_fields,
+            "summary_bytes": summary.stat().st_size if self._summary_fields is not None and summary.exists() else 0,
+            "last_batch": None if batch is None else _to_device(batch, "cpu"),
+            "update": dict(observer.update),
+            "grads": dict(observer.grads),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from :meth:`state_dict`; applied when training starts (the callback needs its model)."""
+        self._resume = state
+
+    def _apply_resume(self, state: dict[str, Any]) -> None:
+        sets = state["probe_sets"]
+        self.probe_sets.load_state_dict(sets)
+        self.probe_sets._parts, self.probe_sets._counts = dict(sets["parts"]), dict(sets["counts"])
+        device = self.model.device
+        self.init_params = {name: value.to(device) for name, value in state["init_params"].items()}
+        self.next_probe = int(state["next_probe"])
+        self.nc_undefined = int(state["nc_undefined"])
+        self.visits = {int(k): int(v) for k, v in state["visits"].items()}
+        self.visit = _Visit(**state["visit"])
+        self._rollout_tasks = list(state["rollout_tasks"])
+        self._summary_fields = state["summary_fields"]
+        observer = self._observer
+        batch = state["last_batch"]
+        observer.last_batch = None if batch is None else _to_device(batch, device)
+        observer.update, observer.grads = dict(state["update"]), dict(state["grads"])
+        # Rows written after the checkpoint (by a run killed without one) are written again from here.
+        summary = self.run_dir / SUMMARY_FILE
+        if self._summary_fields is None:
+            summary.unlink(missing_ok=True)
+        elif summary.exists() and summary.stat().st_size > state["summary_bytes"]:
+            with summary.open("r+b") as f:
+                f.truncate(state["summary_bytes"])
+        if self.probe_sets._frozen:
+            self.probe_sets.save(self.run_dir / PROBE_SETS_FILE)
 
     # -- setup ------------------------------------------------------------------------------------
     def _init_callback(self) -> None:
@@ -105,6 +194,11 @@ class MonitorCallback(BaseCallback):
         self.probe_sets = ProbeSets(self.cfg.probe_set_size, DQN_FIELDS if self.is_dqn else PPO_FIELDS)
         self.init_params = snapshot(probed_module(agent))
         agent.interventions.append(self._observer)
+        if self._resume is not None:
+            # The layout is in the run's first events file already.
+            self._apply_resume(self._resume)
+            self._resume = None
+            return
         first_task = int(self.training_env.get_attr("current_task_id")[0])
         self.visit = self._start_visit(first_task, agent.num_timesteps)
         self._add_layout()
@@ -197,7 +291,9 @@ class MonitorCallback(BaseCallback):
             sources["batch"] = self._observer.last_batch
 
         for source, batch in sources.items():
-            result = probe_batch(agent, batch, self.cfg, heavy=heavy and source == "probe_set")
+            with _non_finite_inputs(f"plasticity/*@{source}", self.num_timesteps):
+                result = probe_batch(agent, batch, self.cfg, heavy=heavy and source == "probe_set")
+            check_probe_values(result.scalars, source, self.num_timesteps)
             for key, value in result.scalars.items():
                 logger.record(f"plasticity/{key}@{source}", value, exclude=TB_ONLY)
             if self.cfg.histograms:
@@ -208,7 +304,10 @@ class MonitorCallback(BaseCallback):
                 if np.isnan(result.scalars.get("nc1/value_head", 0.0)):
                     self.nc_undefined += 1
         if "weights" in self.cfg.probes:
-            for key, value in self._weight_scalars().items():
+            with _non_finite_inputs("plasticity/weight_*", self.num_timesteps):
+                weight_scalars = self._weight_scalars()
+            check_probe_values(weight_scalars, None, self.num_timesteps)
+            for key, value in weight_scalars.items():
                 logger.record(f"plasticity/{key}", value, exclude=TB_ONLY)
         logger.record("plasticity/nc_undefined_count", self.nc_undefined, exclude=TB_ONLY)
         logger.dump(step=self.num_timesteps)
@@ -260,6 +359,11 @@ class MonitorCallback(BaseCallback):
         for fmt in self.logger.output_formats:
             if isinstance(fmt, TensorBoardOutputFormat):
                 fmt.writer.add_custom_scalars(tensorboard_layout())
+
+
+def _to_device(batch: NamedTuple, device: th.device | str) -> NamedTuple:
+    """An SB3 sample tuple with its tensors on ``device`` (``None`` fields stay ``None``)."""
+    return type(batch)(*[None if t is None else t.to(device) for t in batch])
 
 
 def tensorboard_layout() -> dict[str, dict[str, list[Any]]]:

@@ -1,27 +1,42 @@
 """Put a run together: config -> task sequence -> agent -> callbacks -> ``learn()`` -> run directory.
 
 Everything that can fail on bad input (the sequence and its options, the device) is built and checked
-before the run directory is created, so a bad config leaves nothing behind.
+before the run directory is created, so a bad config leaves nothing behind. :func:`resume` continues a run
+from its latest checkpoint (:mod:`rl_plasticity.checkpoint`), and refuses a changed config unless forced.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import sys
 import warnings
 from pathlib import Path
 from typing import Any
 
 import torch as th
 from stable_baselines3.common.base_class import BaseAlgorithm
-from stable_baselines3.common.callbacks import BaseCallback
+from stable_baselines3.common.callbacks import BaseCallback, ProgressBarCallback
 from stable_baselines3.common.env_util import make_vec_env
-from stable_baselines3.common.logger import configure
+from stable_baselines3.common.logger import HumanOutputFormat, KVWriter, Logger, TensorBoardOutputFormat
 from stable_baselines3.common.vec_env import DummyVecEnv, VecEnv
 from torch import nn
+from torch.utils.tensorboard import SummaryWriter
 
 from agents import AGENTS, POLICIES, CReLU, minatar_policy_kwargs, mlp_policy_kwargs
+from agents.plastic import NonFiniteError
 from envs import make_sequence
-from rl_plasticity.config import ConfigError, RunConfig, to_yaml
+from rl_plasticity.checkpoint import (
+    Checkpoint,
+    CheckpointCallback,
+    CheckpointError,
+    CheckpointStore,
+    SignalGuard,
+    Trainee,
+    TrainingInterrupted,
+    restore,
+    write_checkpoint,
+)
+from rl_plasticity.config import ConfigError, RunConfig, load_config, to_yaml
 from rl_plasticity.interventions import build_interventions
 from rl_plasticity.monitor import MonitorCallback
 from rl_plasticity.task_logging import TaskLogCallback
@@ -84,21 +99,26 @@ def build_agent(cfg: RunConfig, env: VecEnv) -> BaseAlgorithm:
     )
 
 
-def flat_hparams(cfg: RunConfig) -> dict[str, bool | str | float | int | None]:
-    """The config flattened to ``section.key`` -> scalar, for TensorBoard's HPARAMS tab."""
+def flat_config(cfg: RunConfig) -> dict[str, Any]:
+    """The config flattened to ``section.key`` -> value (lists and None kept as they are)."""
     flat: dict[str, Any] = {}
 
     def walk(value: Any, prefix: str) -> None:
         if isinstance(value, dict):
             for key, sub in value.items():
                 walk(sub, f"{prefix}.{key}" if prefix else key)
-        elif isinstance(value, (bool, int, float, str)):
+        else:
             flat[prefix] = value
-        else:  # lists and None: TensorBoard takes scalars and strings only
-            flat[prefix] = str(value)
 
     walk(cfg.model_dump(mode="json"), "")
     return flat
+
+
+def flat_hparams(cfg: RunConfig) -> dict[str, bool | str | float | int | None]:
+    """The config flattened to ``section.key`` -> scalar, for TensorBoard's HPARAMS tab."""
+    # Lists and None as strings: TensorBoard takes scalars and strings only.
+    return {key: value if isinstance(value, (bool, int, float, str)) else str(value)
+            for key, value in flat_config(cfg).items()}
 
 
 def make_run_dir(cfg: RunConfig) -> Path:
@@ -112,50 +132,211 @@ def make_run_dir(cfg: RunConfig) -> Path:
     return run_dir
 
 
+def resolve_total_steps(cfg: RunConfig, task_names: list[str]) -> RunConfig:
+    """``total_steps: null`` -> one pass over the sequence, so a reduced-scale run is one ``env.switch_every``."""
+    if cfg.total_steps is not None:
+        return cfg
+    visits = len(cfg.env.task_order) if cfg.env.order == "explicit" and cfg.env.task_order else len(task_names)
+    return cfg.model_copy(update={"total_steps": cfg.env.switch_every * visits})
+
+
+def make_logger(run_dir: Path, stdout: bool, purge_step: int | None = None) -> Logger:
+    """SB3's logger on ``run_dir`` (TensorBoard, plus the stdout table if asked).
+
+    :param purge_step: on resume, the checkpoint step + 1: TensorBoard then drops what earlier processes
+        logged at or after that step, so the curves continue with no step logged twice.
+    """
+    formats: list[KVWriter] = [HumanOutputFormat(sys.stdout)] if stdout else []
+    formats.append(_TensorBoard(str(run_dir), purge_step))
+    logger = _Logger(str(run_dir), formats)
+    if stdout:
+        logger.log(f"Logging to {run_dir}")  # as SB3's configure() does
+    return logger
+
+
+class _Logger(Logger):
+    """SB3's logger, except that a key is written at most once per step.
+
+    A task switch (and a probe round) dumps the logger at its step, and SB3 may dump again at the same
+    step when an episode ends there; a key recorded in between (``rollout/exploration_rate``) would then
+    get two points at one step. Such a key stays pending until the next dump instead.
+    """
+
+    def __init__(self, folder: str | None, output_formats: list[KVWriter]) -> None:
+        super().__init__(folder, output_formats)
+        self._dumped_step: int | None = None
+        self._dumped_keys: set[str] = set()
+
+    def dump(self, step: int = 0) -> None:
+        if step != self._dumped_step:
+            self._dumped_step, self._dumped_keys = step, set()
+        held = {key: (self.name_to_value.pop(key), self.name_to_count.pop(key, None),
+                      self.name_to_excluded.pop(key, None))
+                for key in list(self.name_to_value) if key in self._dumped_keys}
+        self._dumped_keys.update(self.name_to_value)
+        super().dump(step)
+        for key, (value, count, excluded) in held.items():
+            self.name_to_value[key] = value
+            if count is not None:
+                self.name_to_count[key] = count
+            if excluded is not None:
+                self.name_to_excluded[key] = excluded
+
+
+class _TensorBoard(TensorBoardOutputFormat):
+    """SB3's TensorBoard output, with ``purge_step`` passed to the ``SummaryWriter``."""
+
+    def __init__(self, folder: str, purge_step: int | None = None) -> None:
+        self.writer = SummaryWriter(log_dir=folder, purge_step=purge_step)
+        self._is_closed = False
+
+
 def train(cfg: RunConfig, progress_bar: bool | None = None) -> Path:
     """Train one run as configured and return its directory.
 
     The directory holds ``config.yaml`` (the resolved config), the TensorBoard events file, with the
-    monitor on ``task_summary.csv`` and ``probe_sets.pt``, and, unless ``logging.save_model`` is off,
-    ``model.zip`` (SB3 ``save``).
+    monitor on ``task_summary.csv`` and ``probe_sets.pt``, ``checkpoints/`` (see
+    :mod:`rl_plasticity.checkpoint`) and, unless ``logging.save_model`` is off, ``model.zip`` (SB3 ``save``).
 
     :param progress_bar: overrides ``logging.progress_bar`` when given.
     :raises ConfigError: before anything is written, if the config cannot be built.
+    :raises TrainingInterrupted: stopped by SIGINT/SIGTERM (after writing a checkpoint).
+    :raises NonFiniteError: a loss, loss term, gradient, parameter or probe became non-finite; its
+        ``checkpoint`` attribute names the last good checkpoint (or ``None``).
     """
     if cfg.threads is not None:
         th.set_num_threads(cfg.threads)
     env = build_env(cfg)
-    task_names = env.get_attr("task_names")[0]
-    if cfg.total_steps is None:
-        # One pass over the sequence, so a reduced-scale run is a single env.switch_every override.
-        visits = len(cfg.env.task_order) if cfg.env.order == "explicit" and cfg.env.task_order else len(task_names)
-        cfg = cfg.model_copy(update={"total_steps": cfg.env.switch_every * visits})
+    cfg = resolve_total_steps(cfg, env.get_attr("task_names")[0])
     agent = build_agent(cfg, env)
 
     run_dir = make_run_dir(cfg)
     (run_dir / "config.yaml").write_text(to_yaml(cfg))
+    return _learn(cfg, env, agent, run_dir, progress_bar)
+
+
+#: Keys a checkpoint fixes: a resume cannot change them, even with ``--force``.
+FIXED_KEYS = ("seed", "agent.algo", "agent.buffer_size", "interventions", "net.", "env.")
+
+
+def config_diff(old: RunConfig, new: RunConfig) -> dict[str, tuple[Any, Any]]:
+    """``key -> (old, new)`` for every flattened config key whose value differs."""
+    a, b = flat_config(old), flat_config(new)
+    missing = "(unset)"
+    return {key: (a.get(key, missing), b.get(key, missing))
+            for key in sorted(set(a) | set(b)) if a.get(key, missing) != b.get(key, missing)}
+
+
+def resume(run_dir: str | Path, cfg: RunConfig | None = None, force: bool = False,
+           progress_bar: bool | None = None) -> Path:
+    """Continue the run in ``run_dir`` from its latest checkpoint, to its ``total_steps``.
+
+    :param cfg: the config to resume with (default: the run's ``config.yaml``). If it differs from the
+        saved one, the resume is refused with the differing keys listed, unless ``force``; keys the
+        checkpoint fixes (:data:`FIXED_KEYS`) are refused even then. With ``force`` the new values apply to
+        what is built from the config (e.g. ``total_steps``, learning rate, probes, checkpoints) and
+        ``config.yaml`` is rewritten; the checkpoint's state is restored as saved.
+    :raises CheckpointError: no run directory, no checkpoint, or a corrupt one (one line naming the file).
+    :raises ConfigError: a changed config (see ``cfg``).
+    """
+    run_dir = Path(run_dir)
+    saved_file = run_dir / "config.yaml"
+    if not saved_file.is_file():
+        raise CheckpointError(f"{saved_file} not found: {run_dir} is not a run directory")
+    saved = load_config(saved_file)
+    store = CheckpointStore(run_dir)
+    ckpt = store.read()
+
+    new = saved if cfg is None else cfg
+    if new.threads is not None:
+        th.set_num_threads(new.threads)
+    env = build_env(new)
+    new = resolve_total_steps(new, env.get_attr("task_names")[0])
+    diff = config_diff(saved, new)
+    if diff:
+        listed = ", ".join(f"{k} ({old!r} -> {val!r})" for k, (old, val) in diff.items())
+        fixed = [k for k in diff if k in FIXED_KEYS or k.startswith(tuple(p for p in FIXED_KEYS if p.endswith(".")))]
+        if fixed:
+            env.close()
+            raise ConfigError(f"cannot resume {run_dir} with a different {', '.join(fixed)}: the checkpoint fixes "
+                              f"{'it' if len(fixed) == 1 else 'them'}, even with --force (changed: {listed})")
+        if not force:
+            env.close()
+            raise ConfigError(f"the config differs from {saved_file} at: {listed}; "
+                              "pass --force to resume with the new values")
+        print(f"rlp: resuming with changed config keys (--force): {listed}", file=sys.stderr, flush=True)
+    if ckpt.step >= new.total_steps:  # type: ignore[operator]
+        env.close()
+        print(f"rlp: {run_dir} is complete ({ckpt.step} of total_steps={new.total_steps} env steps); nothing to do",
+              file=sys.stderr, flush=True)
+        return run_dir
+    agent = build_agent(new, env)
+    return _learn(new, env, agent, run_dir, progress_bar, resume_from=ckpt, rewrite_config=bool(diff))
+
+
+def _learn(cfg: RunConfig, env: VecEnv, agent: BaseAlgorithm, run_dir: Path, progress_bar: bool | None,
+           resume_from: Checkpoint | None = None, rewrite_config: bool = False) -> Path:
+    """Callbacks, checkpoints, signal handling and ``learn()`` for a new or a resumed run.
+
+    :param rewrite_config: a forced resume: write the new ``config.yaml`` once the checkpoint has loaded.
+    """
+    task_names = env.get_attr("task_names")[0]
+    task_log = TaskLogCallback(flat_hparams(cfg), task_names)
+    monitor = MonitorCallback(cfg.monitor, run_dir, task_names) if cfg.monitor.enabled else None
+    trainee = Trainee(agent, env, list(agent.interventions), task_log, monitor)  # type: ignore[arg-type]
+    store = CheckpointStore(run_dir)
+    if resume_from is not None:
+        # Before anything is written: a checkpoint that does not load leaves the run directory as it was.
+        try:
+            restore(trainee, resume_from, learning_starts=getattr(cfg.agent, "learning_starts", 0))
+        except BaseException:
+            env.close()
+            raise
+    store.clean(keep_up_to=None if resume_from is None else resume_from.path)
+    if rewrite_config:
+        (run_dir / "config.yaml").write_text(to_yaml(cfg))
+
     show_progress = cfg.logging.progress_bar if progress_bar is None else progress_bar
-    formats = ["tensorboard"] if show_progress else ["stdout", "tensorboard"]
-    agent.set_logger(configure(str(run_dir), formats))
+    purge = None if resume_from is None else resume_from.step + 1
+    agent.set_logger(make_logger(run_dir, stdout=not show_progress, purge_step=purge))
     # Probe rounds dump TensorBoard-only keys; SB3's stdout table then warns that it has nothing to show.
     warnings.filterwarnings("ignore", message="Tried to write empty key-value dict")
-
     learn_kwargs: dict[str, Any] = {}
     if cfg.logging.log_interval is not None:
         learn_kwargs["log_interval"] = cfg.logging.log_interval
-    callbacks: list[BaseCallback] = [TaskLogCallback(flat_hparams(cfg), task_names)]
-    if cfg.monitor.enabled:
-        callbacks.append(MonitorCallback(cfg.monitor, run_dir, task_names))
+    guard = SignalGuard()
+    pbar = ProgressBarCallback() if show_progress else None
     try:
-        agent.learn(
-            total_timesteps=cfg.total_steps,  # type: ignore[arg-type]
-            callback=callbacks,
-            progress_bar=show_progress,
-            **learn_kwargs,
-        )
+        callbacks: list[BaseCallback] = [task_log] + ([monitor] if monitor is not None else [])
+        callbacks.append(CheckpointCallback(store, trainee, cfg.checkpoint, guard, resume_from))
+        if pbar is not None:
+            callbacks.append(pbar)
+        with guard:
+            agent.learn(
+                total_timesteps=cfg.total_steps - agent.num_timesteps,  # type: ignore[operator]
+                callback=callbacks,
+                reset_num_timesteps=resume_from is None,
+                **learn_kwargs,
+            )
+            write_checkpoint(store, trainee, cfg.checkpoint)
+    except TrainingInterrupted as exc:
+        _close_progress(pbar)
+        exc.run_dir = run_dir
+        exc.checkpoint = exc.checkpoint or store.latest()
+        raise
+    except NonFiniteError as exc:
+        _close_progress(pbar)
+        agent.logger.dump(step=agent.num_timesteps)  # what was recorded up to the failure
+        exc.checkpoint = store.latest()  # type: ignore[attr-defined]
+        raise
     finally:
         agent.logger.close()
         env.close()
     if cfg.logging.save_model:
         agent.save(run_dir / "model.zip")
     return run_dir
+
+
+def _close_progress(pbar: ProgressBarCallback | None) -> None:
+    if pbar is not None and hasattr(pbar, "pbar"):
+        pbar.pbar.close()

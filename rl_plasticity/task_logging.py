@@ -30,8 +30,20 @@ class TaskLogCallback(BaseCallback):
         self.hparams = dict(hparams)
         self.task_names = list(task_names)
         self.num_switches = 0
+        self._resumed = False
+
+    def state_dict(self) -> dict[str, int]:
+        """For checkpoints: the switches seen so far."""
+        return {"num_switches": self.num_switches}
+
+    def load_state_dict(self, state: Mapping[str, int]) -> None:
+        """Continue a checkpointed run: the hyperparameters are logged already, so they are not logged again."""
+        self.num_switches = int(state["num_switches"])
+        self._resumed = True
 
     def _on_training_start(self) -> None:
+        if self._resumed:
+            return
         metrics = {"rollout/ep_rew_mean": 0.0, "train/loss": 0.0}
         self.logger.record("hparams", HParam(self.hparams, metrics), exclude=_TB_ONLY)
 

@@ -92,14 +92,15 @@ def test_list_shows_every_registry():
 
 
 def test_train_help_documents_every_field():
-    from rl_plasticity.config import (DQNConfig, EnvConfig, LoggingConfig, MonitorConfig, NetConfig, PPOConfig,
-                                      RunConfig)
+    from rl_plasticity.config import (CheckpointConfig, DQNConfig, EnvConfig, LoggingConfig, MonitorConfig,
+                                      NetConfig, PPOConfig, RunConfig)
 
     text = run("train", "--help").output
     for prefix, model in [("", RunConfig), ("agent.", DQNConfig), ("agent.", PPOConfig), ("net.", NetConfig),
-                          ("env.", EnvConfig), ("logging.", LoggingConfig), ("monitor.", MonitorConfig)]:
+                          ("env.", EnvConfig), ("logging.", LoggingConfig), ("monitor.", MonitorConfig),
+                          ("checkpoint.", CheckpointConfig)]:
         for field in model.model_fields:
-            if not prefix and field in ("agent", "net", "env", "logging", "monitor"):
+            if not prefix and field in ("agent", "net", "env", "logging", "monitor", "checkpoint"):
                 continue
             assert f"{prefix}{field} (" in text, f"{prefix}{field} missing from --help"
 

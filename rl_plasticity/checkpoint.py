@@ -1,0 +1,589 @@
+"""Checkpoints and resume: a killed, pre-empted or stopped run comes back exactly where it was.
+
+Where and when
+--------------
+Checkpoints go to ``<run dir>/checkpoints/step_<env step>/``; ``checkpoints/latest`` names the newest
+complete one. One is written every ``checkpoint.every`` env steps, at the end of training and on SIGINT or
+SIGTERM, always at a *rollout boundary*: at the start of SB3's ``collect_rollouts``, when the previous
+rollout has been collected and trained on (DQN: every ``train_freq`` vec steps; PPO: every ``n_steps`` vec
+steps). Only there can everything be restored exactly: SB3 trains after a fixed number of collected steps
+counted from the start of ``learn()``, and PPO's rollout buffer is empty there. So "every N steps" means at
+the first boundary at or after each multiple of N, and a signal is acted on at the next boundary (after
+finishing the current rollout and its update). A second signal stops at once, without a new checkpoint.
+
+A checkpoint is written into ``checkpoints/.tmp-<name>-<pid>/``, every file is fsync'ed, the directory is
+renamed into place and only then is ``latest`` replaced (a temporary file, fsync, ``os.replace``). A kill
+at any point leaves ``latest`` naming a complete checkpoint; leftovers are removed by the next run. Older
+checkpoints beyond ``checkpoint.keep`` are deleted after ``latest`` moves on. A checkpoint is never written
+from a state with a non-finite parameter (:class:`~agents.plastic.NonFiniteError` instead), so after a
+divergence ``latest`` still names the last good one.
+
+What a checkpoint holds, and how each piece is restored
+-------------------------------------------------------
+- ``model.zip`` (SB3 ``save``): the networks (online and target) and the optimizer state. Restored with
+  ``set_parameters`` into an agent built from the config, after the interventions' states are loaded (an
+  intervention such as plasticity injection rebuilds the network's structure from its state first).
+- ``replay_buffer/*.npy`` (DQN, unless ``checkpoint.replay_buffer`` is off): the filled part of each array of
+  SB3's replay buffer, copied back into the freshly allocated buffer, with its position. ``meta.json`` gives
+  its size in bytes. Without it, the resumed agent refills the buffer for ``agent.learning_starts`` env
+  steps (uniform random actions, no updates), then trains on.
+- ``state.pt`` (``torch.save``):
+
+  - SB3's counters and loop state: ``num_timesteps``, ``_episode_num``, ``_n_updates``,
+    ``_current_progress_remaining``, ``_last_obs``, ``_last_episode_starts``, ``_last_original_obs``,
+    ``ep_info_buffer``, ``ep_success_buffer``, and for DQN ``_n_calls`` (target-update phase) and
+    ``exploration_rate``; the agent's ``num_gradient_steps`` and ``last_grad_norm``. ``learn()`` is then
+    called with the *remaining* steps and ``reset_num_timesteps=False``, so SB3 sets ``_total_timesteps``
+    back to ``total_steps``: the exploration schedule, the learning-rate schedule and the progress are the
+    uninterrupted run's, and with ``_last_obs`` set SB3 does not reset the env.
+  - every env copy of the ``DummyVecEnv``, pickled whole (cloudpickle): the ``Monitor`` wrapper's episode
+    accumulators, the :class:`~envs.sequence.TaskSequenceEnv` schedule position, every task env created so
+    far with its full game state (MinAtar's board, its ``RandomState`` and sticky ``last_action``; CartPole's
+    state, ``np_random`` and time-limit counter). Each copy's ``get_state()`` is stored too and checked with
+    ``set_state()`` against the config's schedule before the copy replaces the fresh one. The episode in
+    flight continues; nothing is reset.
+  - every intervention's ``state_dict()``, by name and in order;
+  - the monitor's state (:meth:`~rl_plasticity.monitor.MonitorCallback.state_dict`: the probe sets, frozen and
+    partial, the initial weights, the probe schedule, visit counters and the visit in progress with its
+    returns, ``task_summary.csv``'s header and length, the latest training batch); the task logger's switch
+    count;
+  - the values recorded in SB3's logger since its last dump (so the next dump writes what the uninterrupted
+    run wrote);
+  - the RNG states: Python ``random``, NumPy's global RNG (replay sampling, epsilon draws, PPO minibatch
+    order), torch CPU (and CUDA if present), and the agent's ``action_space`` RNG (epsilon-greedy's random
+    actions). They are set last, right before the first rollout.
+
+- ``meta.json``: step, gradient steps, agent, replay buffer size, and each file's size (checked on resume,
+  so a truncated file is named before anything is loaded).
+
+On resume, TensorBoard's events continue in a new events file in the run directory, opened with
+``purge_step`` = checkpoint step + 1: TensorBoard drops whatever an earlier process logged after the
+checkpoint (a run killed without a checkpoint), so no step is logged twice. ``task_summary.csv`` is cut back
+to its length at the checkpoint and appended to.
+
+What is exact: on CPU, with the same config, a resumed run's parameters, optimizer state, TensorBoard scalars
+(except wall-clock ones) and ``task_summary.csv`` equal the uninterrupted run's (tested). Not exact: a run
+resumed without its replay buffer; wall-clock values (``time/fps``, episode times); with PPO and
+``logging.log_interval`` > 1, the rollout-log phase restarts at the resume (SB3 counts iterations from each
+``learn()`` call); a resume with ``--force`` and changed values.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import sys
+import threading
+import time
+from collections import defaultdict, deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import cloudpickle
+import numpy as np
+import torch as th
+from stable_baselines3.common.base_class import BaseAlgorithm
+from stable_baselines3.common.callbacks import BaseCallback
+from stable_baselines3.common.vec_env import DummyVecEnv
+
+from agents import Intervention
+from agents.plastic import NonFiniteError
+from rl_plasticity.config import CheckpointConfig
+
+CHECKPOINTS_DIR = "checkpoints"
+LATEST = "latest"
+FORMAT = 1
+_NAME = re.compile(r"^step_(\d+)(?:\.(\d+))?$")
+
+#: SB3 and agent attributes a checkpoint restores (those an agent does not have are skipped).
+AGENT_ATTRS = (
+    "num_timesteps", "_episode_num", "_n_updates", "_current_progress_remaining", "_last_obs",
+    "_last_episode_starts", "_last_original_obs", "ep_info_buffer", "ep_success_buffer", "num_gradient_steps",
+    "last_grad_norm", "_term_logs", "_n_calls", "exploration_rate",
+)
+#: Arrays of SB3's ``ReplayBuffer`` (``next_observations`` is ``None`` with ``optimize_memory_usage``).
+REPLAY_ARRAYS = ("observations", "next_observations", "actions", "rewards", "dones", "timeouts")
+
+
+class CheckpointError(Exception):
+    """A missing, corrupt or unusable checkpoint: the message is one line naming the file."""
+
+
+class TrainingInterrupted(Exception):
+    """Training stopped on SIGINT/SIGTERM.
+
+    :param signum: the signal.
+    :param env_step: the agent's step when it stopped.
+    :param checkpoint: the checkpoint written on the way out, or the last one if it stopped at once.
+    :param immediate: a second signal stopped it without writing a checkpoint.
+    """
+
+    def __init__(self, signum: int, env_step: int | None = None, checkpoint: Path | None = None,
+                 immediate: bool = False) -> None:
+        self.signum, self.env_step, self.checkpoint, self.immediate = signum, env_step, checkpoint, immediate
+        self.run_dir: Path | None = None
+        super().__init__(signal.Signals(signum).name)
+
+    @property
+    def exit_status(self) -> int:
+        """The shell's convention for a process ended by a signal: 128 + signal (130 SIGINT, 143 SIGTERM)."""
+        return 128 + self.signum
+
+    def message(self) -> str:
+        name = signal.Signals(self.signum).name
+        resume = f"; resume with: rlp train --resume {self.run_dir}" if self.run_dir else ""
+        if not self.immediate:
+            return f"stopped by {name} at env step {self.env_step}; checkpoint written to {self.checkpoint}{resume}"
+        last = f"the last checkpoint is {self.checkpoint}" if self.checkpoint else "no checkpoint was written"
+        return f"stopped at once by a second {name}; {last}{resume if self.checkpoint else ''}"
+
+
+@dataclass
+class Trainee:
+    """Everything of a run that a checkpoint covers."""
+
+    agent: BaseAlgorithm
+    env: DummyVecEnv
+    interventions: list[Intervention]  # the configured ones (not the monitor's observer)
+    task_log: Any  # TaskLogCallback
+    monitor: Any | None = None  # MonitorCallback
+
+
+@dataclass
+class Checkpoint:
+    """A checkpoint read back from disk (the replay buffer stays on disk until restored)."""
+
+    path: Path
+    state: dict[str, Any]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def step(self) -> int:
+        return int(self.state["agent"]["num_timesteps"])
+
+
+# -- capture and restore ---------------------------------------------------------------------------------
+
+def rng_state(agent: BaseAlgorithm) -> dict[str, Any]:
+    """Every RNG training draws from (see the module docstring)."""
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": th.get_rng_state(),
+        "action_space": agent.action_space.np_random.bit_generator.state,
+    }
+    if th.cuda.is_available():
+        state["cuda"] = th.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(agent: BaseAlgorithm, state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    th.set_rng_state(state["torch"])
+    agent.action_space.np_random.bit_generator.state = state["action_space"]
+    if "cuda" in state and th.cuda.is_available():
+        th.cuda.set_rng_state_all(state["cuda"])
+
+
+def capture(run: Trainee) -> dict[str, Any]:
+    """The state of ``state.pt`` (everything but the networks, the optimizer and the replay buffer)."""
+    agent = run.agent
+    attrs: dict[str, Any] = {}
+    for name in AGENT_ATTRS:
+        if not hasattr(agent, name):
+            continue
+        value = getattr(agent, name)
+        if isinstance(value, deque):
+            value = list(value)
+        elif isinstance(value, defaultdict):
+            value = {k: list(v) for k, v in value.items()}
+        elif isinstance(value, th.Tensor):
+            value = value.detach().cpu()
+        attrs[name] = value
+    logger = agent.logger
+    return {
+        "format": FORMAT,
+        "algo": type(agent).__name__,
+        "agent": attrs,
+        "env": {
+            "copies": [cloudpickle.dumps(copy) for copy in run.env.envs],
+            "schedule": [copy.unwrapped.get_state() for copy in run.env.envs],
+        },
+        "interventions": [(iv.name, iv.state_dict()) for iv in run.interventions],
+        "task_log": run.task_log.state_dict(),
+        "monitor": run.monitor.state_dict() if run.monitor is not None else None,
+        "logger": {
+            "values": dict(logger.name_to_value),
+            "counts": dict(logger.name_to_count),
+            "excluded": dict(logger.name_to_excluded),
+        },
+        "rng": rng_state(agent),
+    }
+
+
+def _replay_buffer(agent: BaseAlgorithm) -> Any | None:
+    return getattr(agent, "replay_buffer", None)
+
+
+def save_replay_buffer(buffer: Any, folder: Path) -> dict[str, Any]:
+    """Write the filled part of each replay-buffer array as ``<name>.npy``; return its description."""
+    folder.mkdir()
+    filled = buffer.buffer_size if buffer.full else buffer.pos
+    arrays, nbytes = [], 0
+    for name in REPLAY_ARRAYS:
+        array = getattr(buffer, name, None)
+        if array is None:
+            continue
+        with (folder / f"{name}.npy").open("wb") as f:
+            np.save(f, array[:filled])
+            f.flush()
+            os.fsync(f.fileno())
+        arrays.append(name)
+        nbytes += array[:filled].nbytes
+    return {"pos": int(buffer.pos), "full": bool(buffer.full), "filled": int(filled),
+            "transitions": int(filled * buffer.n_envs), "bytes": int(nbytes), "arrays": arrays}
+
+
+def load_replay_buffer(buffer: Any, folder: Path, info: dict[str, Any]) -> None:
+    """Copy what :func:`save_replay_buffer` wrote back into ``buffer`` (allocated by the agent)."""
+    filled = int(info["filled"])
+    for name in info["arrays"]:
+        path = folder / f"{name}.npy"
+        target = getattr(buffer, name, None)
+        try:
+            array = np.load(path, mmap_mode="r", allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise CheckpointError(f"{path}: unreadable ({' '.join(str(exc).split())})") from None
+        if target is None or array.shape != (filled, *target.shape[1:]) or array.dtype != target.dtype:
+            expected = None if target is None else ((filled, *target.shape[1:]), target.dtype)
+            raise CheckpointError(f"{path}: holds {array.shape} {array.dtype}, this agent's buffer needs {expected}")
+        target[:filled] = array
+    buffer.pos, buffer.full = int(info["pos"]), bool(info["full"])
+
+
+def restore(run: Trainee, ckpt: Checkpoint, learning_starts: int) -> None:
+    """Put the checkpoint's state into a freshly built run, before ``learn()``.
+
+    The logger's pending values and the RNG states are set later, by :class:`CheckpointCallback` when
+    training starts, after everything that might draw a random number.
+
+    :param learning_starts: the config's ``agent.learning_starts``, for refilling a replay buffer that the
+        checkpoint does not hold.
+    """
+    agent, state, path = run.agent, ckpt.state, ckpt.path
+    state_file = path / "state.pt"
+    if state["algo"] != type(agent).__name__:
+        raise CheckpointError(f"{state_file}: a checkpoint of {state['algo']}, "
+                              f"but the config builds {type(agent).__name__}")
+
+    names = [name for name, _ in state["interventions"]]
+    if names != [iv.name for iv in run.interventions]:
+        configured = [iv.name for iv in run.interventions]
+        raise CheckpointError(f"{state_file}: holds interventions {names}, the config has {configured}")
+    for iv, (_, iv_state) in zip(run.interventions, state["interventions"]):
+        iv.load_state_dict(iv_state)
+
+    try:
+        agent.set_parameters(str(path / "model.zip"), exact_match=True, device=agent.device)
+    except Exception as exc:  # noqa: BLE001 - anything that stops the load means the file does not fit
+        raise CheckpointError(f"{path / 'model.zip'}: cannot be loaded into this config's agent "
+                              f"({type(exc).__name__}: {' '.join(str(exc).split())[:300]})") from None
+
+    buffer = _replay_buffer(agent)
+    info = state.get("replay_buffer")
+    if buffer is not None:
+        if info is not None:
+            load_replay_buffer(buffer, path / "replay_buffer", info)
+        else:
+            agent.learning_starts = int(state["agent"]["num_timesteps"]) + learning_starts
+            print(f"rlp: the checkpoint holds no replay buffer: refilling it for {learning_starts} env steps "
+                  f"(agent.learning_starts) before training goes on", file=sys.stderr, flush=True)
+
+    for name, value in state["agent"].items():
+        current = getattr(agent, name)
+        if name in ("ep_info_buffer", "ep_success_buffer"):  # None until learn() starts
+            value = deque(value, maxlen=agent._stats_window_size)
+        elif isinstance(current, defaultdict):
+            restored = defaultdict(current.default_factory)
+            restored.update(value)
+            value = restored
+        elif isinstance(value, th.Tensor):
+            value = value.to(agent.device)
+        setattr(agent, name, value)
+
+    copies, schedules = state["env"]["copies"], state["env"]["schedule"]
+    if len(copies) != run.env.num_envs:
+        raise CheckpointError(f"{state_file}: holds {len(copies)} env copies, "
+                              f"the config has env.n_envs={run.env.num_envs}")
+    for i, (blob, schedule) in enumerate(zip(copies, schedules)):
+        fresh = run.env.envs[i]
+        try:
+            fresh.unwrapped.set_state(schedule)  # checks the position against this config's schedule
+        except ValueError as exc:
+            raise CheckpointError(f"{state_file}: env copy {i} does not fit this config's schedule ({exc})") from None
+        loaded = cloudpickle.loads(blob)
+        if loaded.unwrapped.get_state() != schedule:
+            raise CheckpointError(f"{state_file}: env copy {i} is not at the schedule position saved with it")
+        fresh.close()
+        run.env.envs[i] = loaded
+
+    run.task_log.load_state_dict(state["task_log"])
+    if run.monitor is not None and state["monitor"] is not None:
+        run.monitor.load_state_dict(state["monitor"])
+
+
+def check_parameters(agent: BaseAlgorithm) -> None:
+    """Raise :class:`NonFiniteError` naming the first non-finite parameter or buffer of the policy."""
+    tensors = [(n, t) for n, t in agent.policy.state_dict().items() if th.is_floating_point(t)]
+    if all(bool(th.isfinite(t).all()) for _, t in tensors):
+        return
+    name, tensor = next((n, t) for n, t in tensors if not bool(th.isfinite(t).all()))
+    bad = tensor[~th.isfinite(tensor)].flatten()[0].item()
+    raise NonFiniteError(f"parameters/{name}", bad, int(agent.num_timesteps),
+                         getattr(agent, "num_gradient_steps", None))
+
+
+# -- on disk -------------------------------------------------------------------------------------------------
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _sort_key(path: Path) -> tuple[int, int]:
+    match = _NAME.match(path.name)
+    assert match is not None
+    return int(match.group(1)), int(match.group(2) or 0)
+
+
+class CheckpointStore:
+    """The checkpoints of one run directory (see the module docstring for the layout)."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir = Path(run_dir)
+        self.root = self.run_dir / CHECKPOINTS_DIR
+
+    def checkpoints(self) -> list[Path]:
+        """Complete checkpoint directories, oldest first."""
+        if not self.root.is_dir():
+            return []
+        return sorted((p for p in self.root.iterdir() if p.is_dir() and _NAME.match(p.name)), key=_sort_key)
+
+    def latest(self) -> Path | None:
+        """The checkpoint ``latest`` names, or ``None`` if there is none yet."""
+        pointer = self.root / LATEST
+        if not pointer.is_file():
+            return None
+        name = pointer.read_text().strip()
+        return self.root / name if _NAME.match(name) else None
+
+    def clean(self, keep_up_to: Path | None = None) -> None:
+        """Remove unfinished writes; with ``keep_up_to``, also checkpoints newer than it (a lost future)."""
+        if not self.root.is_dir():
+            return
+        for path in self.root.iterdir():
+            if path.name.startswith(".tmp"):
+                shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+        if keep_up_to is not None:
+            for path in self.checkpoints():
+                if _sort_key(path) > _sort_key(keep_up_to):
+                    shutil.rmtree(path, ignore_errors=True)
+
+    def write(self, run: Trainee, cfg: CheckpointConfig) -> Path:
+        """Write a checkpoint of ``run`` atomically, point ``latest`` at it and drop the oldest beyond ``keep``."""
+        agent = run.agent
+        check_parameters(agent)
+        step = int(agent.num_timesteps)
+        self.root.mkdir(exist_ok=True)
+        name, n = f"step_{step:012d}", 1
+        while (self.root / name).exists():
+            name, n = f"step_{step:012d}.{n}", n + 1
+        tmp = self.root / f".tmp-{name}-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+
+        agent.save(tmp / "model.zip")
+        _fsync(tmp / "model.zip")
+        buffer = _replay_buffer(agent)
+        rb_info = None
+        if buffer is not None and cfg.replay_buffer:
+            rb_info = save_replay_buffer(buffer, tmp / "replay_buffer")
+        state = capture(run)
+        state["replay_buffer"] = rb_info
+        with (tmp / "state.pt").open("wb") as f:
+            th.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
+        meta = {
+            "format": FORMAT,
+            "step": step,
+            "num_gradient_steps": int(getattr(agent, "num_gradient_steps", 0)),
+            "agent": type(agent).__name__,
+            "written": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "replay_buffer": (
+                None if buffer is None else
+                {"saved": False, "note": "checkpoint.replay_buffer=false: refilled on resume"} if rb_info is None else
+                {"saved": True, "transitions": rb_info["transitions"], "bytes": rb_info["bytes"]}
+            ),
+            "files": files,
+        }
+        with (tmp / "meta.json").open("w") as f:
+            json.dump(meta, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        if rb_info is not None:
+            _fsync(tmp / "replay_buffer")
+        _fsync(tmp)
+        final = self.root / name
+        os.replace(tmp, final)
+        _fsync(self.root)
+
+        pointer_tmp = self.root / f".tmp-{LATEST}-{os.getpid()}"
+        with pointer_tmp.open("w") as f:
+            f.write(name + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(pointer_tmp, self.root / LATEST)
+        _fsync(self.root)
+
+        for old in self.checkpoints()[: -cfg.keep]:
+            if old != final:
+                shutil.rmtree(old, ignore_errors=True)
+        return final
+
+    def read(self) -> Checkpoint:
+        """The checkpoint ``latest`` names, checked against its ``meta.json``.
+
+        :raises CheckpointError: one line naming the missing or corrupt file.
+        """
+        pointer = self.root / LATEST
+        if not pointer.is_file():
+            raise CheckpointError(f"no checkpoint to resume from: {pointer} not found")
+        path = self.latest()
+        if path is None:
+            raise CheckpointError(f"{pointer}: does not name a checkpoint ({pointer.read_text()[:60]!r})")
+        if not path.is_dir():
+            raise CheckpointError(f"{path}: not found (named by {pointer})")
+        meta_file = path / "meta.json"
+        try:
+            meta = json.loads(meta_file.read_text())
+            files = dict(meta["files"])
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise CheckpointError(f"{meta_file}: missing or corrupt ({type(exc).__name__})") from None
+        if meta.get("format") != FORMAT:
+            raise CheckpointError(f"{meta_file}: checkpoint format {meta.get('format')}, this version reads {FORMAT}")
+        for rel, size in files.items():
+            file = path / rel
+            if not file.is_file():
+                raise CheckpointError(f"{file}: missing from the checkpoint")
+            if file.stat().st_size != size:
+                raise CheckpointError(f"{file}: truncated or changed ({file.stat().st_size} bytes, {size} written)")
+        state_file = path / "state.pt"
+        try:
+            state = th.load(state_file, map_location="cpu", weights_only=False)
+            if not isinstance(state, dict) or state.get("format") != FORMAT:
+                raise ValueError("not a checkpoint state")
+            for key in ("algo", "agent", "env", "interventions", "task_log", "monitor", "logger", "rng"):
+                state[key]  # noqa: B018 - presence check
+        except Exception as exc:  # noqa: BLE001 - any failure to read it means the file is corrupt
+            raise CheckpointError(f"{state_file}: corrupt checkpoint ({type(exc).__name__}: "
+                                  f"{' '.join(str(exc).split())[:200]})") from None
+        return Checkpoint(path, state, meta)
+
+
+# -- during training ----------------------------------------------------------------------------------------
+
+class SignalGuard:
+    """SIGINT/SIGTERM handlers while training: the first signal asks for a checkpoint and a clean stop at the
+    next rollout boundary; a second one stops at once (:class:`TrainingInterrupted` with ``immediate``)."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> SignalGuard:
+        # Handlers can only be installed from the main thread; elsewhere signals keep their defaults.
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+    def _handle(self, signum: int, frame: object) -> None:
+        if self.received is None:
+            self.received = signum
+            print(f"rlp: {signal.Signals(signum).name} received: finishing the current rollout, then writing a "
+                  "checkpoint (send it again to stop at once)", file=sys.stderr, flush=True)
+            return
+        self.__exit__()
+        raise TrainingInterrupted(signum, immediate=True)
+
+
+def write_checkpoint(store: CheckpointStore, run: Trainee, cfg: CheckpointConfig) -> Path:
+    """:meth:`CheckpointStore.write`, and one line on stderr with the path and the replay buffer's size."""
+    path = store.write(run, cfg)
+    rb = json.loads((path / "meta.json").read_text())["replay_buffer"]
+    size = "" if rb is None else (f" (replay buffer: {rb['transitions']} transitions, {rb['bytes']:,} bytes)"
+                                  if rb["saved"] else " (without the replay buffer)")
+    print(f"rlp: checkpoint at env step {run.agent.num_timesteps}: {path}{size}", file=sys.stderr, flush=True)
+    return path
+
+
+class CheckpointCallback(BaseCallback):
+    """Writes checkpoints at rollout boundaries (every ``checkpoint.every`` steps and on a signal), and on
+    resume restores the logger's pending values and the RNG states right before the first rollout.
+
+    Put it after the other callbacks, so that its rollout-start runs last.
+    """
+
+    def __init__(self, store: CheckpointStore, run: Trainee, cfg: CheckpointConfig, guard: SignalGuard,
+                 resume: Checkpoint | None = None) -> None:
+        super().__init__()
+        self.store, self.run, self.cfg, self.guard = store, run, cfg, guard
+        self._resume = resume
+        self.next_due: int | None = None
+
+    def write(self) -> Path:
+        return write_checkpoint(self.store, self.run, self.cfg)
+
+    def _on_training_start(self) -> None:
+        if self._resume is not None:
+            state = self._resume.state
+            logger = self.logger
+            for store, saved in ((logger.name_to_value, state["logger"]["values"]),
+                                 (logger.name_to_count, state["logger"]["counts"]),
+                                 (logger.name_to_excluded, state["logger"]["excluded"])):
+                store.clear()
+                store.update(saved)
+            set_rng_state(self.model, state["rng"])
+            self._resume = None
+        if self.cfg.every is not None:
+            self.next_due = (self.model.num_timesteps // self.cfg.every + 1) * self.cfg.every
+
+    def _on_rollout_start(self) -> None:
+        step = int(self.model.num_timesteps)
+        path = None
+        if self.next_due is not None and step >= self.next_due:
+            path = self.write()
+            self.next_due = (step // self.cfg.every + 1) * self.cfg.every  # type: ignore[operator]
+        if self.guard.received is not None:  # a signal, possibly during the write just made
+            raise TrainingInterrupted(self.guard.received, step, path or self.write())
+
+    def _on_step(self) -> bool:
+        return True

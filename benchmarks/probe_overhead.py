@@ -1,12 +1,13 @@
-"""Cost of the plasticity monitor: DQN wall time with the default monitor on and off, and each probe's cost.
+"""Cost of the plasticity monitor: DQN time with the default monitor on and off, and each probe's cost.
 
-Part 1, overhead. What it measures: wall time of ``agent.learn(steps)`` only (building the env, the agent
-and the logger is outside the timed region) for DQN on continual MinAtar, built as ``rlp train`` builds it:
-``configs/dqn_minatar_cycle.yaml`` (Double DQN, one update of batch 32 per env step, the MinAtar network of
-width 128, sticky actions) through ``validate_config``, ``runner.build_env`` and ``runner.build_agent``, on
-the CPU, with a 50k buffer, ``learning_starts`` 500, and ``env.switch_every = steps`` so that every timed
-window ends on exactly one task switch. Every arm gets the same SB3 TensorBoard logger and the
-``TaskLogCallback`` of ``rlp train``; the arms differ only in the monitor:
+Part 1, overhead. What it measures: wall time, and CPU time of this process, of ``agent.learn(steps)`` only
+(building the env, the agent and the logger is outside the timed region) for DQN on continual MinAtar, built
+as ``rlp train`` builds it: ``configs/dqn_minatar_cycle.yaml`` (Double DQN, one update of batch 32 per env
+step, the MinAtar network of width 128, sticky actions) through ``validate_config``, ``runner.build_env`` and
+``runner.build_agent``, on the CPU, with a 50k buffer, ``learning_starts`` 500, and ``env.switch_every = steps``
+so that every timed window ends on exactly one task switch (and the end-of-training round, which runs only for
+a visit cut short, does not run). Every arm gets the same SB3 TensorBoard logger and the ``TaskLogCallback`` of
+``rlp train``; the arms differ only in the monitor:
 
 - ``off``: no monitor;
 - ``on``: the default ``monitor:`` section (a probe round every 1000 gradient steps on the task's fixed probe
@@ -22,15 +23,20 @@ so the heavy probes are amortised over far more steps than in this window.
 Part 2, per-probe cost. For each feature width (128, 512, 2048) and batch size (32, 256; 1024 for the light
 probes) it builds a PlasticDQN with that width, fills an SB3 ``ReplayBufferSamples`` with random MinAtar-shaped
 data, and times each probe called exactly as ``rl_plasticity.probing.probe_batch`` calls it, plus
-``probe_batch`` itself for a light and a heavy round (median of a few calls; a call over 1 s is timed once).
+``probe_batch`` itself for a light and a heavy round, in CPU time (median of a few calls after a warm-up; a
+call over 1 s is timed once, cold). With the default single torch thread CPU time is what the wall time
+would be on an idle machine, and it barely moves when other processes share the cores.
 
-How to read it: in part 1 the per-round lines show the noise; the verdict is the ratio of the medians.
-``on-noswitch / off`` is the steady-state cost of the probe rounds; ``on / off`` adds one heavy switch round
-per window; the estimate at ``env.switch_every=100000`` spreads the measured switch cost over a default-length
-task. The target is < 1.05. In part 2 a probe round in training costs about the probe-set column (256) plus
-the batch column (32) of the light round, plus the heavy probes at 256 at a switch.
+How to read it: in part 1 the per-round lines show the noise; the verdict is the ratio of the medians,
+target < 1.05. ``on-noswitch / off`` is the steady-state cost of the probe rounds; ``on / off`` adds one heavy
+switch round per window (a switch every ``steps`` steps, far more often than the default ``env.switch_every``);
+the estimate at ``env.switch_every=100000`` spreads the measured switch cost over a default-length task. Wall
+and CPU ratios agree on an idle machine; when they do not (the script warns if the load average exceeds the
+cores), other processes were competing for the cores and the CPU ratios are the fair comparison. In part 2 a
+probe round in training costs about the probe-set column (256) plus the batch column (32) of the light round,
+plus the heavy probes at 256 at a switch.
 
-    .venv/bin/python benchmarks/probe_overhead.py            # defaults: 5 rounds x 5000 steps, then the table
+    .venv/bin/python benchmarks/probe_overhead.py            # defaults: 5 rounds x 3000 steps, then the table
     .venv/bin/python benchmarks/probe_overhead.py --quick    # smoke run, under a minute
 """
 
@@ -38,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import os
 import statistics
 import tempfile
 import time
@@ -99,8 +106,8 @@ def run_config(arm: str, switch_every: int, learning_starts: int, threads: int, 
     return validate_config(data)
 
 
-def timed_run(arm: str, steps: int, learning_starts: int, threads: int) -> float:
-    """Seconds of ``learn(steps)`` on a fresh env and agent; checks the window ended on a task switch."""
+def timed_run(arm: str, steps: int, learning_starts: int, threads: int) -> tuple[float, float]:
+    """(wall, CPU) seconds of ``learn(steps)`` on a fresh env and agent; checks the window ended on a switch."""
     cfg = run_config(arm, switch_every=steps, learning_starts=learning_starts, threads=threads)
     env = build_env(cfg)
     task_names = env.get_attr("task_names")[0]
@@ -111,15 +118,24 @@ def timed_run(arm: str, steps: int, learning_starts: int, threads: int) -> float
         if cfg.monitor.enabled:
             callbacks.append(MonitorCallback(cfg.monitor, Path(tmp), task_names))
         gc.collect()
-        start = time.perf_counter()
+        wall, cpu = time.perf_counter(), time.process_time()
         agent.learn(total_timesteps=steps, callback=callbacks, progress_bar=False)
-        elapsed = time.perf_counter() - start
+        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
         agent.logger.close()
     task = env.get_attr("current_task_id")[0]
     env.close()
     if task == 0:
         raise RuntimeError("no task switch happened inside the timed window")
-    return elapsed
+    return wall, cpu
+
+
+def load_note(loads: list[float]) -> str:
+    """The 1-minute load averages seen, and a warning when other processes competed for the cores."""
+    cores = os.cpu_count() or 1
+    note = f"load average (1 min) during the rounds: {min(loads):.1f}-{max(loads):.1f} on {cores} cores"
+    if max(loads) > cores - 0.5:  # our own run accounts for ~1
+        note += "; WARNING: other processes shared the cores: wall times are inflated and noisy, trust the cpu ratios"
+    return note
 
 
 def overhead(steps: int, rounds: int, learning_starts: int, threads: int, warm_up: bool) -> None:
@@ -128,34 +144,52 @@ def overhead(steps: int, rounds: int, learning_starts: int, threads: int, warm_u
         f"{rounds} rounds x {steps} steps per arm, learning_starts={learning_starts}, env.switch_every={steps} "
         f"(one switch, at the last step of each window), torch threads={th.get_num_threads()}, device=cpu"
     )
+    every = run_config("on", steps, learning_starts, threads).monitor.probe_every
+    print(f"monitor on: {(steps - learning_starts) // every} probe rounds (every {every} gradient steps) + 1 round at "
+          "the switch (with the heavy probes in arm 'on', without them in 'on-noswitch'); times are seconds of "
+          "learn(): wall, and cpu = CPU time of this process (the fair measure when the machine is shared)")
     if warm_up:  # first-use costs (imports, allocator, MinAtar init, probe code paths) land outside the rounds
         for arm in ARMS:
             timed_run(arm, learning_starts + 300, learning_starts, threads)
-    times: dict[str, list[float]] = {arm: [] for arm in ARMS}
+    wall: dict[str, list[float]] = {arm: [] for arm in ARMS}
+    cpu: dict[str, list[float]] = {arm: [] for arm in ARMS}
+    loads = [os.getloadavg()[0]]
     for r in range(rounds):
         order = ARMS if r % 2 == 0 else ARMS[::-1]
         for arm in order:
-            times[arm].append(timed_run(arm, steps, learning_starts, threads))
-        print(f"round {r + 1}: " + "  ".join(f"{arm} {times[arm][-1]:6.2f}" for arm in order) + "  s")
-
-    med = {arm: statistics.median(values) for arm, values in times.items()}
-    print("median s: " + "  ".join(f"{arm} {value:.2f}" for arm, value in med.items())
-          + f"  (off: {steps / med['off']:.0f} steps/s)")
-    light = med["on-noswitch"] / med["off"]
-    switch_s = med["on"] - med["on-noswitch"]
-    # A default-length task: the light overhead per step carries over, the switch cost is paid once per task.
-    off_task_s = med["off"] / steps * DEFAULT_SWITCH_EVERY
-    estimate = light + switch_s / off_task_s
+            w, c = timed_run(arm, steps, learning_starts, threads)
+            wall[arm].append(w)
+            cpu[arm].append(c)
+        loads.append(os.getloadavg()[0])
+        print(f"round {r + 1}: " + "  ".join(f"{arm} {wall[arm][-1]:6.2f} (cpu {cpu[arm][-1]:6.2f})" for arm in order))
+    print(load_note(loads))
 
     def verdict(ratio: float) -> str:
-        return f"(target < {TARGET_RATIO}) -> {'OK' if ratio < TARGET_RATIO else 'ABOVE'}"
+        return "OK" if ratio < TARGET_RATIO else "ABOVE"
 
-    print(f"ratio on-noswitch/off (probe rounds only, monitor.switch_probes=[]): {light:.3f} {verdict(light)}")
-    print(f"ratio on/off (window incl. 1 switch per {steps} steps, heavy probes once): {med['on'] / med['off']:.3f} "
-          f"(information: a switch every {steps} steps is {DEFAULT_SWITCH_EVERY // steps}x the default rate)")
-    print(f"switch probes: {switch_s:.2f} s per switch (median on - median on-noswitch)")
-    print(f"estimated ratio on/off at env.switch_every={DEFAULT_SWITCH_EVERY} (switch cost over "
-          f"{off_task_s:.0f} s of training): {estimate:.3f} {verdict(estimate)}")
+    results = {}
+    for kind, times in (("wall", wall), ("cpu", cpu)):
+        med = {arm: statistics.median(values) for arm, values in times.items()}
+        # Paired within each round (the two runs are adjacent in time): less noisy than a difference of medians.
+        switch_s = statistics.median(on - no for on, no in zip(times["on"], times["on-noswitch"]))
+        light = med["on-noswitch"] / med["off"]
+        # A default-length task: the per-step cost of the rounds carries over, the switch is paid once per task.
+        task_s = med["off"] / steps * DEFAULT_SWITCH_EVERY
+        results[kind] = dict(light=light, window=med["on"] / med["off"], switch=switch_s, task=task_s,
+                             estimate=light + switch_s / task_s)
+        print(f"median {kind} s: " + "  ".join(f"{arm} {value:.2f}" for arm, value in med.items())
+              + f"  (off: {steps / med['off']:.0f} steps/s)")
+    w, c = results["wall"], results["cpu"]
+    print(f"target: ratio < {TARGET_RATIO}")
+    print(f"ratio on-noswitch/off (probe rounds only, monitor.switch_probes=[]): wall {w['light']:.3f} "
+          f"{verdict(w['light'])}, cpu {c['light']:.3f} {verdict(c['light'])}")
+    print(f"ratio on/off (this window: 1 switch per {steps} steps, {DEFAULT_SWITCH_EVERY // steps}x the default rate; "
+          f"information): wall {w['window']:.3f}, cpu {c['window']:.3f}")
+    print(f"switch probes: wall {w['switch']:.2f} s, cpu {c['switch']:.2f} s per switch "
+          "(median over rounds of on - on-noswitch)")
+    print(f"estimated ratio on/off at env.switch_every={DEFAULT_SWITCH_EVERY} (the default; one switch per "
+          f"{w['task']:.0f} s wall, {c['task']:.0f} s cpu of training): wall {w['estimate']:.3f} "
+          f"{verdict(w['estimate'])}, cpu {c['estimate']:.3f} {verdict(c['estimate'])}")
 
 
 # -- part 2: per-probe cost ---------------------------------------------------------------------------------
@@ -186,6 +220,7 @@ def probe_calls(agent: Any, batch: ReplayBufferSamples, cfg: RunConfig, init: di
 
     features, acts, labels, classifier = forward()
     loss = lambda _m, b: agent.training_loss(b)[0]  # noqa: E731
+    no_kfac = mon.model_copy(update={"probes": [p for p in mon.probes if p != "kfac"]})
 
     def rank() -> None:
         for fn in (effective_rank, srank, approx_rank, epsilon_rank, lyle_feature_rank, singular_values):
@@ -193,7 +228,9 @@ def probe_calls(agent: Any, batch: ReplayBufferSamples, cfg: RunConfig, init: di
 
     def dormant() -> None:
         for h in acts.values():
-            dormant_fraction(h, tau=mon.dormant_tau), active_fraction(h), mean_active_fraction(h)
+            dormant_fraction(h, tau=mon.dormant_tau)
+            active_fraction(h)
+            mean_active_fraction(h)
 
     def kfac() -> None:
         for a, g in kfac_factors(module, batch, loss).values():
@@ -219,6 +256,7 @@ def probe_calls(agent: Any, batch: ReplayBufferSamples, cfg: RunConfig, init: di
         "weight_stats": lambda: weight_stats(module, init),
         "update+grad stats": updates,
         "probe_batch light": lambda: probe_batch(agent, batch, mon, heavy=False),
+        "  light w/o kfac": lambda: probe_batch(agent, batch, no_kfac, heavy=False),
         "hessian (order 100)": lambda: hessian_spectrum(module, lambda: agent.training_loss(batch)[0],
                                                         order=mon.hessian_order),
         "gram (n<=256)": gram,
@@ -232,24 +270,25 @@ HEAVY = ("hessian (order 100)", "gram (n<=256)", "trainability (200)", "probe_ba
 
 
 def time_ms(fn: Callable[[], Any], repeats: int) -> tuple[float, bool]:
-    """Median ms over ``repeats`` calls after a warm-up call; a first call over ``SLOW_S`` is the only one."""
-    start = time.perf_counter()
+    """Median CPU ms over ``repeats`` calls after a warm-up call; a first call over ``SLOW_S`` is the only one."""
+    start = time.process_time()
     fn()
-    first = time.perf_counter() - start
+    first = time.process_time() - start
     if first > SLOW_S or repeats <= 0:
         return first * 1e3, True
     times = []
     for _ in range(repeats):
-        start = time.perf_counter()
+        start = time.process_time()
         fn()
-        times.append(time.perf_counter() - start)
+        times.append(time.process_time() - start)
     return statistics.median(times) * 1e3, False
 
 
 def probe_costs(widths: tuple[int, ...], batches: tuple[int, ...], light_batches: tuple[int, ...],
                 repeats: int, threads: int) -> None:
-    print(f"\n== part 2: cost of each probe in ms (median of {repeats} calls after a warm-up; * = one cold call, "
-          f"over {SLOW_S:.0f} s), PlasticDQN MinAtar net, random batches, torch threads={th.get_num_threads()}")
+    print(f"\n== part 2: cost of each probe in ms of process CPU time (median of {repeats} calls after a warm-up; "
+          f"* = one cold call, over {SLOW_S:.0f} s), PlasticDQN MinAtar net, random batches, torch threads="
+          f"{th.get_num_threads()} (with one thread, CPU time = wall time on an idle machine)")
     columns = [(w, b) for w in widths for b in sorted(set(batches) | set(light_batches))]
     table: dict[str, dict[tuple[int, int], str]] = {}
     params: dict[int, int] = {}
@@ -268,15 +307,18 @@ def probe_costs(widths: tuple[int, ...], batches: tuple[int, ...], light_batches
             for name, fn in probe_calls(agent, batch, cfg, init).items():
                 if (b not in batches and name in HEAVY) or (b not in light_batches and name not in HEAVY):
                     continue
+                # The monitor runs the heavy round on the 256-sample probe set only: time it there (the largest batch).
+                if name == "probe_batch heavy" and b != max(batches):
+                    continue
                 ms, cold = time_ms(fn, repeats)
                 table.setdefault(name, {})[(w, b)] = f"{ms:.1f}{'*' if cold else ' '}"
         env.close()
 
-    head = f"{'probe':<21}" + "".join(f"{f'w{w}/b{b}':>11}" for w, b in columns)
+    head = f"{'probe':<21}" + "".join(f"{f'w{w}/b{b}':>12}" for w, b in columns)
     print(head)
     print("-" * len(head))
     for name, row in table.items():
-        print(f"{name:<21}" + "".join(f"{row.get(c, '-'):>11}" for c in columns))
+        print(f"{name:<21}" + "".join(f"{row.get(c, '-'):>12}" for c in columns))
     print("parameters of the Q-network: " + ", ".join(f"w{w}: {n:,}" for w, n in params.items()))
     print("weight_stats and update+grad stats do not depend on the batch; gram uses at most monitor.gram_size=256 "
           "samples; a training probe round = probe_batch light at b256 (probe set) + at b32 (training batch), "
@@ -285,21 +327,22 @@ def probe_costs(widths: tuple[int, ...], batches: tuple[int, ...], light_batches
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=5_000, help="env steps per timed run (default 5000)")
+    parser.add_argument("--steps", type=int, default=3_000, help="env steps per timed run (default 3000)")
     parser.add_argument("--rounds", type=int, default=5, help="rounds of one run per arm (default 5)")
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1)")
     parser.add_argument("--learning-starts", type=int, default=500, help="default 500")
     parser.add_argument("--repeats", type=int, default=3, help="timed calls per probe in part 2 (default 3)")
+    parser.add_argument("--widths", type=int, nargs="+", default=[128, 512, 2048], help="part 2 feature widths")
     parser.add_argument("--skip-overhead", action="store_true", help="only the per-probe table")
     parser.add_argument("--skip-table", action="store_true", help="only the on/off overhead")
     parser.add_argument("--quick", action="store_true",
-                        help="smoke run: 2 rounds of 1500 steps, no warm-up; table at widths 128, 512, batch 32, 256")
+                        help="smoke run: 2 rounds of 1100 steps, no warm-up; table at width 128, batch 32, 1 call each")
     args = parser.parse_args()
     steps, rounds, learning_starts, repeats = args.steps, args.rounds, args.learning_starts, args.repeats
-    widths, batches, light_batches = (128, 512, 2048), (32, 256), (32, 256, 1024)
+    widths, batches, light_batches = tuple(args.widths), (32, 256), (32, 256, 1024)
     if args.quick:
-        steps, rounds, learning_starts, repeats = 1_500, 2, 200, 1
-        widths, light_batches = (128, 512), (32, 256)
+        steps, rounds, learning_starts, repeats = 1_100, 2, 50, 1
+        widths, batches, light_batches = (128,), (32,), (32,)
     if steps <= learning_starts:
         parser.error(f"--steps ({steps}) must exceed --learning-starts ({learning_starts})")
 

@@ -166,6 +166,10 @@ class MonitorConfig(_Section):
         description="Heavier probes, run at task switches only: hessian, gram, trainability.",
     )
     on_batch: bool = Field(True, description="Also probe the current training batch (besides the fixed probe set).")
+    batch_probes: list[LightProbe] = Field(
+        default_factory=lambda: ["rank", "dormant", "collapse"],
+        description="Probes run on the training batch (K-FAC is left to the probe set: it is most of the cost).",
+    )
     probe_set_size: Annotated[int, Field(ge=2)] = Field(256, description="Samples in each task's fixed probe set.")
     dormant_tau: Annotated[float, Field(ge=0)] = Field(0.025, description="Dormancy threshold tau (Sokar et al. 2023).")
     hessian_order: PositiveInt = Field(100, description="Lanczos order of the Hessian spectrum (metrics.md).")

@@ -90,7 +90,9 @@ class _TrainingObserver(Intervention):
         if self._before is None:
             return
         module = probed_module(agent)
-        self.update = update_stats(self._before, snapshot(module))
+        after = snapshot(module)
+        # An intervention that rebuilt a layer (plasticity injection) leaves no update to measure.
+        self.update = update_stats(self._before, after) if after.keys() == self._before.keys() else {}
         self._before = None
         # The gradients left after the step are clipped; clipping scaled them all by one factor.
         total = float(agent.last_grad_norm)
@@ -292,7 +294,8 @@ class MonitorCallback(BaseCallback):
 
         for source, batch in sources.items():
             with _non_finite_inputs(f"plasticity/*@{source}", self.num_timesteps):
-                result = probe_batch(agent, batch, self.cfg, heavy=heavy and source == "probe_set")
+                probes = self.cfg.probes if source == "probe_set" else self.cfg.batch_probes
+                result = probe_batch(agent, batch, self.cfg, heavy=heavy and source == "probe_set", probes=probes)
             check_probe_values(result.scalars, source, self.num_timesteps)
             for key, value in result.scalars.items():
                 logger.record(f"plasticity/{key}@{source}", value, exclude=TB_ONLY)
@@ -316,6 +319,9 @@ class MonitorCallback(BaseCallback):
 
     def _weight_scalars(self) -> dict[str, float]:
         module = probed_module(self.model)
+        # A parameter added during training (plasticity injection's new head) starts from its first value.
+        for name, p in module.named_parameters():
+            self.init_params.setdefault(name, p.detach().clone())
         out: dict[str, float] = {}
         for name, stats in weight_stats(module, self.init_params).items():
             for key, value in stats.items():
@@ -324,6 +330,8 @@ class MonitorCallback(BaseCallback):
             out[f"update_norm/{name}"] = value
         for name, value in self._observer.grads.items():
             out[f"grad_norm/{name}"] = value
+        # Logged once: a later round (say, at a switch) has not measured a new update.
+        self._observer.update, self._observer.grads = {}, {}
         return out
 
     # -- outputs --------------------------------------------------------------------------------------------

@@ -122,14 +122,18 @@ def _gram_inputs(agent: BaseAlgorithm, batch: NamedTuple) -> tuple[Any, Any, th.
     return batch.observations, value, None
 
 
-def probe_batch(agent: BaseAlgorithm, batch: NamedTuple, cfg: MonitorConfig, heavy: bool) -> ProbeResult:
+def probe_batch(
+    agent: BaseAlgorithm, batch: NamedTuple, cfg: MonitorConfig, heavy: bool, probes: list[str] | None = None
+) -> ProbeResult:
     """Every configured probe on one batch.
 
     :param agent: a PlasticDQN or PlasticPPO.
     :param batch: SB3 replay or rollout samples (what the agent's ``training_loss`` takes).
-    :param cfg: which probes, and their sizes.
+    :param cfg: the probes' sizes and thresholds.
     :param heavy: also run ``cfg.switch_probes`` (Hessian spectrum, Gram, trainability).
+    :param probes: the light probes to run (default ``cfg.probes``).
     """
+    probes = cfg.probes if probes is None else probes
     module = probed_module(agent)
     obs = batch.observations
     scalars: dict[str, float] = {}
@@ -139,23 +143,23 @@ def probe_batch(agent: BaseAlgorithm, batch: NamedTuple, cfg: MonitorConfig, hea
         features = agent.value_features(obs)
         labels, classifier = greedy_labels(agent, obs, features)
 
-    if "rank" in cfg.probes:
+    if "rank" in probes:
         scalars["erank/value_head"] = effective_rank(features)
         scalars["srank/value_head"] = srank(features)
         scalars["approx_rank/value_head"] = approx_rank(features)
         scalars["eps_rank/value_head"] = epsilon_rank(features)
         scalars["lyle_rank/value_head"] = lyle_feature_rank(features)
         hists["singular_values/value_head"] = singular_values(features).float().cpu()
-    if "dormant" in cfg.probes:
+    if "dormant" in probes:
         for name, h in acts.items():
             scalars[f"dormant/{name}"] = dormant_fraction(h, tau=cfg.dormant_tau)
             scalars[f"active_fraction/{name}"] = active_fraction(h)
             scalars[f"mean_active_fraction/{name}"] = mean_active_fraction(h)
-    if "collapse" in cfg.probes:
+    if "collapse" in probes:
         nc = neural_collapse(features, labels, classifier)
         for key, value in nc.items():
             scalars[f"{key}/value_head"] = float(value)
-    if "kfac" in cfg.probes:
+    if "kfac" in probes:
         factors = kfac_factors(module, batch, lambda _model, b: agent.training_loss(b)[0])
         for layer, (a, g) in factors.items():
             spec = kfac_spectrum(a, g)

@@ -46,7 +46,9 @@ def test_monitor_logs_probes_summary_and_probe_sets(tmp_path: Path, algo: str):
         for probe in ("erank", "srank", "approx_rank", "eps_rank", "lyle_rank", "nc1", "nc2", "nc4"):
             assert f"plasticity/{probe}/value_head@{source}" in scalars, (probe, source)
         assert any(t.startswith("plasticity/dormant/") and t.endswith(f"@{source}") for t in scalars)
-        assert any(t.startswith("plasticity/kfac_eps_rank/") and t.endswith(f"@{source}") for t in scalars)
+    # K-FAC runs on the fixed probe set only (monitor.batch_probes leaves it out by default).
+    assert any(t.startswith("plasticity/kfac_eps_rank/") and t.endswith("@probe_set") for t in scalars)
+    assert not any(t.startswith("plasticity/kfac_") and t.endswith("@batch") for t in scalars)
     if algo == "dqn":
         assert "plasticity/nc3/value_head@probe_set" in scalars
     # PPO collects whole rollouts of 64 steps, so it stops at 640, mid-visit.

@@ -201,7 +201,10 @@ class CheckpointConfig(_Section):
 class RunConfig(_Section):
     """One training run."""
 
-    name: str = Field("run", min_length=1, description="Run name (the folder under logging.root_dir).")
+    name: str = Field(
+        "run", pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$",
+        description="Run name: the folder under logging.root_dir (letters, digits, _ . -).",
+    )
     seed: NonNegInt = Field(0, description="Seed of the agent, the env and (by default) the task family.")
     total_steps: PositiveInt | None = Field(
         None, description="Env steps over all parallel envs (null: one pass, env.switch_every x tasks in the order)."
@@ -316,6 +319,8 @@ def _load_yaml(path: Path, seen: tuple[Path, ...]) -> Any:
         raise ConfigError(f"{path}: 'base:' loops back to {path.name}")
     try:
         conf = OmegaConf.load(path)
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a text (UTF-8) file") from None
     except (yaml.YAMLError, OmegaConfBaseException) as exc:
         raise ConfigError(f"{path}: not valid YAML ({' '.join(str(exc).split())})") from None
     if not OmegaConf.is_dict(conf):

@@ -82,6 +82,8 @@ def resolve_device(device: str) -> str:
     """Check that a requested CUDA device exists; ``auto`` is left to SB3."""
     if device.startswith("cuda") and not th.cuda.is_available():
         raise ConfigError(f"device: '{device}' requested but torch sees no CUDA device here; valid here: auto, cpu")
+    if device == "mps" and not th.backends.mps.is_available():
+        raise ConfigError("device: 'mps' requested but this torch has no MPS device here; valid here: auto, cpu")
     return device
 
 
@@ -128,7 +130,10 @@ def make_run_dir(cfg: RunConfig) -> Path:
     run_dir, n = base, 1
     while run_dir.exists():
         run_dir, n = base.with_name(f"{base.name}-{n}"), n + 1
-    run_dir.mkdir(parents=True)
+    try:
+        run_dir.mkdir(parents=True)
+    except OSError as exc:
+        raise ConfigError(f"logging.root_dir: cannot create {run_dir} ({exc.strerror})") from None
     return run_dir
 
 

@@ -125,6 +125,13 @@ BAD = [
     (["device=gpu"], ["device", "cpu", "cuda"]),
     (["net.kind=resnet"], ["net.kind", "minatar", "mlp"]),
     (["seed"], ["seed", "key.sub=value"]),
+    (["env.sequence=permuted_minatar", "env.options={num_tasks: abc}"], ["num_tasks", "integer"]),
+    (["env.options.values=5"], ["values", "list of numbers"]),
+    (["env.sequence=continual_minatar", "env.options={sticky_action_prob: 2.0}"], ["sticky_action_prob", "[0, 1]"]),
+    (["name=a/../../x"], ["name"]),
+    (["monitor.probes=[foo]"], ["monitor.probes", "rank"]),
+    (["intervention_params.reset.layers=some"], ["intervention_params.reset.layers", "head"]),
+    (["interventions=[rest]"], ["did you mean 'reset'"]),
     (["seed=[1"], ["override"]),
 ]
 

@@ -74,11 +74,16 @@ ACTIVATIONS = (nn.ReLU, nn.Tanh, CReLU)
 
 
 @contextmanager
-def activation_outputs(module: nn.Module) -> Iterator[dict[str, th.Tensor]]:
-    """Collect the output of every activation module of ``module`` during the block, keyed by module path."""
+def activation_outputs(module: nn.Module, detach: bool = True) -> Iterator[dict[str, th.Tensor]]:
+    """Collect the output of every activation module of ``module`` during the block, keyed by module path.
+
+    :param detach: drop the graph (the probes); keep it for a loss that differentiates through them (l2_er).
+    """
     outputs: dict[str, th.Tensor] = {}
     handles = [
-        child.register_forward_hook(lambda _m, _i, out, name=name: outputs.__setitem__(name, out.detach()))
+        child.register_forward_hook(
+            lambda _m, _i, out, name=name: outputs.__setitem__(name, out.detach() if detach else out)
+        )
         for name, child in module.named_modules()
         if isinstance(child, ACTIVATIONS)
     ]

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any, NamedTuple
 
 import torch as th
@@ -15,30 +13,15 @@ from rl_plasticity.interventions.base import Params, PlasticityIntervention
 from rl_plasticity.interventions.l2 import l2_penalty, regularized_weights
 from rl_plasticity.interventions.registry import register
 from rl_plasticity.probes import effective_rank_differentiable
-from rl_plasticity.probing import ACTIVATIONS
+from rl_plasticity.probing import activation_outputs
 
 #: The published ER step sizes (Prakash et al. 2025), used when ``er_lr`` is left at ``None``.
 PUBLISHED_ER_LR = {"dqn": 1e-4, "ppo": 1e-6}
 
 
-@contextmanager
-def hidden_activations(module: nn.Module) -> Iterator[dict[str, th.Tensor]]:
-    """Collect the output of every activation module of ``module`` during the block, **with its graph**.
-
-    Same modules and keys (module paths) as :func:`rl_plasticity.probing.activation_outputs`, which
-    detaches them for the probes; the ER loss needs to differentiate through them.
-    """
-    outputs: dict[str, th.Tensor] = {}
-    handles = [
-        child.register_forward_hook(lambda _m, _i, out, name=name: outputs.__setitem__(name, out))
-        for name, child in module.named_modules()
-        if isinstance(child, ACTIVATIONS)
-    ]
-    try:
-        yield outputs
-    finally:
-        for handle in handles:
-            handle.remove()
+def hidden_activations(module: nn.Module) -> Any:
+    """The post-activation values of ``module``'s activation layers during the block, with their graph."""
+    return activation_outputs(module, detach=False)
 
 
 def hidden_forward(agent: Any, obs: th.Tensor) -> None:

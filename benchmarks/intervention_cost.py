@@ -61,6 +61,7 @@ def main() -> None:
     if args.quick:
         steps, rounds, learning_starts = 800, 1, 200
     th.set_num_threads(1)
+    th.set_flush_denormal(True)  # as rlp train does: weight decay otherwise slows down on denormal floats
     names = args.only if args.only is not None else sorted(INTERVENTIONS)
     unknown = [n for n in names if n not in INTERVENTIONS]
     if unknown:

@@ -10,7 +10,7 @@ a visit cut short, does not run). Every arm gets the same SB3 TensorBoard logger
 ``rlp train``; the arms differ only in the monitor:
 
 - ``off``: no monitor;
-- ``on``: the default ``monitor:`` section (a probe round every 1000 gradient steps on the task's fixed probe
+- ``on``: the default ``monitor:`` section (a probe round every ``monitor.probe_every`` gradient steps on the fixed probe
   set and on the training batch; at the switch the heavy probes, Hessian order 100, Gram of 256 and
   trainability of 200 steps, on the finished task's 256-sample probe set);
 - ``on-noswitch``: the default monitor with ``monitor.switch_probes=[]``.

@@ -156,7 +156,7 @@ class MonitorConfig(_Section):
     """The plasticity monitor: which probes run, how often and on how much data (see metrics.md)."""
 
     enabled: bool = Field(True, description="Run the plasticity probes during training.")
-    probe_every: PositiveInt = Field(1_000, description="Gradient steps between probe rounds (also at every switch).")
+    probe_every: PositiveInt = Field(2_000, description="Gradient steps between probe rounds (also at every switch).")
     probes: list[LightProbe] = Field(
         default_factory=lambda: ["rank", "dormant", "collapse", "weights", "kfac"],
         description="Probes of every round: rank, dormant, collapse, weights, kfac.",

@@ -211,6 +211,8 @@ def train(cfg: RunConfig, progress_bar: bool | None = None) -> Path:
     """
     if cfg.threads is not None:
         th.set_num_threads(cfg.threads)
+    # Weight decay drives weights and Adam moments towards denormal floats, which are up to 3x slower on CPU.
+    th.set_flush_denormal(True)
     env = build_env(cfg)
     cfg = resolve_total_steps(cfg, env.get_attr("task_names")[0])
     agent = build_agent(cfg, env)

@@ -211,8 +211,6 @@ def train(cfg: RunConfig, progress_bar: bool | None = None) -> Path:
     """
     if cfg.threads is not None:
         th.set_num_threads(cfg.threads)
-    # Weight decay drives weights and Adam moments towards denormal floats, which are up to 3x slower on CPU.
-    th.set_flush_denormal(True)
     env = build_env(cfg)
     cfg = resolve_total_steps(cfg, env.get_attr("task_names")[0])
     agent = build_agent(cfg, env)
@@ -318,6 +316,9 @@ def _learn(cfg: RunConfig, env: VecEnv, agent: BaseAlgorithm, run_dir: Path, pro
         callbacks.append(CheckpointCallback(store, trainee, cfg.checkpoint, guard, resume_from))
         if pbar is not None:
             callbacks.append(pbar)
+        # Weight decay drives weights and Adam moments towards denormal floats, up to 3x slower on CPU. The
+        # setting is process-wide (it would break other code, e.g. hypothesis), so it is undone afterwards.
+        th.set_flush_denormal(True)
         with guard:
             agent.learn(
                 total_timesteps=cfg.total_steps - agent.num_timesteps,  # type: ignore[operator]
@@ -337,6 +338,7 @@ def _learn(cfg: RunConfig, env: VecEnv, agent: BaseAlgorithm, run_dir: Path, pro
         exc.checkpoint = store.latest()  # type: ignore[attr-defined]
         raise
     finally:
+        th.set_flush_denormal(False)
         agent.logger.close()
         env.close()
     if cfg.logging.save_model:

@@ -33,6 +33,7 @@ from rl_plasticity.config import MonitorConfig
 from rl_plasticity.probes import grad_stats, snapshot, update_stats, weight_stats
 from rl_plasticity.probe_sets import DQN_FIELDS, PPO_FIELDS, ProbeSets
 from rl_plasticity.probing import probe_batch, probed_module
+from rl_plasticity.task_logging import step_events
 
 # Rich values and the many plasticity scalars go to TensorBoard only, not to the stdout table.
 TB_ONLY = ("stdout", "log", "json", "csv")
@@ -218,13 +219,8 @@ class MonitorCallback(BaseCallback):
     # -- every env step -----------------------------------------------------------------------------
     def _on_step(self) -> bool:
         infos = self.locals["infos"]
-        switch = None
-        for info in infos:
-            episode = info.get("episode")
-            if episode is not None:
-                self.visit.returns.append(float(episode["r"]))
-            if switch is None and info.get("task_switch"):
-                switch = info
+        episodes, switch = step_events(infos)
+        self.visit.returns.extend(float(info["episode"]["r"]) for info in episodes)
         if self.is_dqn:
             self._collect_transitions(infos)
         else:

@@ -3,12 +3,23 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.logger import HParam
 
 # Rich values go to TensorBoard only; the text formats cannot show them.
 _TB_ONLY = ("stdout", "log", "json", "csv")
+
+
+def step_events(infos: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+    """What one vec-env step reports: the infos of the episodes it finished, and the first task switch info.
+
+    All parallel copies switch on the same step, so the first switch info stands for all of them.
+    """
+    episodes = [info for info in infos if "episode" in info]
+    switch = next((info for info in infos if info.get("task_switch")), None)
+    return episodes, switch
 
 
 class TaskLogCallback(BaseCallback):
@@ -49,15 +60,11 @@ class TaskLogCallback(BaseCallback):
 
     def _on_step(self) -> bool:
         infos = self.locals["infos"]
-        switch = None
-        for info in infos:
-            episode = info.get("episode")
-            if episode is not None:
-                name = info["task_name"]
-                self.logger.record_mean(f"task/{name}/episode_return", float(episode["r"]))
-                self.logger.record_mean(f"task/{name}/episode_length", float(episode["l"]))
-            if switch is None and info.get("task_switch"):
-                switch = info
+        episodes, switch = step_events(infos)
+        for info in episodes:
+            name, episode = info["task_name"], info["episode"]
+            self.logger.record_mean(f"task/{name}/episode_return", float(episode["r"]))
+            self.logger.record_mean(f"task/{name}/episode_length", float(episode["l"]))
         if switch is None:
             self.logger.record("task/id", infos[0]["task_id"])
         else:

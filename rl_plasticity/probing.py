@@ -27,8 +27,8 @@ from rl_plasticity.probes import (
     gram_spectrum,
     hessian_spectrum,
     huber_curvature,
-    kfac_factors,
-    kfac_spectrum,
+    kfac_factor_rows,
+    kfac_spectrum_from_rows,
     lyle_feature_rank,
     mean_active_fraction,
     neural_collapse,
@@ -165,9 +165,10 @@ def probe_batch(
         for key, value in nc.items():
             scalars[f"{key}/value_head"] = float(value)
     if "kfac" in probes:
-        factors = kfac_factors(module, batch, lambda _model, b: agent.training_loss(b)[0])
-        for layer, (a, g) in factors.items():
-            spec = kfac_spectrum(a, g)
+        # From the factors' rows: the wide first Linear layer's A (side 1025) has rank <= the batch size.
+        rows = kfac_factor_rows(module, batch, lambda _model, b: agent.training_loss(b)[0])
+        for layer, (a_rows, g_rows) in rows.items():
+            spec = kfac_spectrum_from_rows(a_rows, g_rows)
             for key in ("top_eig_A", "top_eig_G", "top_eig_product", "erank_A", "erank_G", "kfac_eps_rank"):
                 scalars[f"kfac_{key.removeprefix('kfac_').lower()}/{layer}"] = spec[key]
             hists[f"kfac_eigs_A/{layer}"] = spec["eigs_A"].float().cpu()

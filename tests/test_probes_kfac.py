@@ -9,7 +9,7 @@ import torch as th
 import torch.nn.functional as F
 from torch import nn
 
-from rl_plasticity.probes.kfac import kfac_factors, kfac_spectrum
+from rl_plasticity.probes.kfac import kfac_factor_rows, kfac_factors, kfac_spectrum, kfac_spectrum_from_rows
 from rl_plasticity.probes.rank import effective_rank_from_spectrum
 
 DT = th.float64
@@ -286,3 +286,37 @@ def test_bad_inputs_raise_value_error():
         kfac_spectrum(th.eye(2), th.full((2, 2), float("nan")))
     with pytest.raises(ValueError):
         kfac_spectrum(th.eye(2), th.eye(2), eps=-0.1)
+
+
+@pytest.mark.parametrize("n", [5, 40])  # fewer and more rows than the 17-wide A (d_in 16 + bias)
+def test_spectrum_from_rows_equals_spectrum_of_the_factors(n):
+    # The monitor's path: eigenvalues from the smaller Gram of the rows, zero-padded to the factor's side.
+    gen = th.Generator().manual_seed(3)
+    model = nn.Sequential(nn.Linear(16, 9), nn.ReLU(), nn.Linear(9, 3))
+    x, y = th.randn(n, 16, generator=gen), th.randn(n, 3, generator=gen)
+
+    def loss_fn(m, xy):
+        return F.mse_loss(m(xy[0]), xy[1])
+
+    factors = kfac_factors(model, (x, y), loss_fn)
+    rows = kfac_factor_rows(model, (x, y), loss_fn)
+    assert factors.keys() == rows.keys()
+    for name, (A, G) in factors.items():
+        a_rows, g_rows = rows[name]
+        th.testing.assert_close(a_rows.T @ a_rows / n, A)
+        expected, got = kfac_spectrum(A, G), kfac_spectrum_from_rows(a_rows, g_rows)
+        assert got["eigs_A"].shape == expected["eigs_A"].shape and got["eigs_G"].shape == expected["eigs_G"].shape
+        th.testing.assert_close(got["eigs_A"], expected["eigs_A"], atol=1e-10, rtol=1e-8)
+        th.testing.assert_close(got["eigs_G"], expected["eigs_G"], atol=1e-10, rtol=1e-8)
+        for key in ("top_eig_A", "top_eig_G", "top_eig_product", "erank_A", "erank_G", "kfac_eps_rank"):
+            assert got[key] == pytest.approx(expected[key], rel=1e-8, abs=1e-12), key
+    # With 5 samples the 17-wide A has rank <= 5: at least 12 eigenvalues are exactly zero.
+    if n == 5:
+        assert int((kfac_spectrum_from_rows(*rows["0"])["eigs_A"] == 0).sum()) >= 12
+
+
+def test_spectrum_from_rows_rejects_mismatched_rows():
+    with pytest.raises(ValueError, match="same m"):
+        kfac_spectrum_from_rows(th.ones(4, 3), th.ones(5, 2))
+    with pytest.raises(ValueError, match="NaN|finite"):
+        kfac_spectrum_from_rows(th.full((4, 3), float("nan")), th.ones(4, 2))

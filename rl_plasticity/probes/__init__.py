@@ -15,7 +15,7 @@ from rl_plasticity.probes.collapse import nc1_differentiable, neural_collapse
 from rl_plasticity.probes.dormant import active_fraction, dormant_fraction, mean_active_fraction, unit_scores
 from rl_plasticity.probes.gram import gram_spectrum, huber_curvature
 from rl_plasticity.probes.hessian import hessian_spectrum, hessian_vector_product
-from rl_plasticity.probes.kfac import kfac_factors, kfac_spectrum
+from rl_plasticity.probes.kfac import kfac_factor_rows, kfac_factors, kfac_spectrum, kfac_spectrum_from_rows
 from rl_plasticity.probes.rank import (
     approx_rank,
     effective_rank,
@@ -42,8 +42,10 @@ __all__ = [
     "hessian_spectrum",
     "hessian_vector_product",
     "huber_curvature",
+    "kfac_factor_rows",
     "kfac_factors",
     "kfac_spectrum",
+    "kfac_spectrum_from_rows",
     "lyle_feature_rank",
     "mean_active_fraction",
     "nc1_differentiable",

@@ -124,6 +124,7 @@ class PlasticDQN(PlasticMixin, DQN):
 
             self.policy.optimizer.zero_grad()
             loss.backward()
+            self._gradient_terms()
             self.last_grad_norm = th.nn.utils.clip_grad_norm_(self.policy.parameters(), self.max_grad_norm)
             self.policy.optimizer.step()
             self._after_gradient_step()

@@ -12,7 +12,9 @@ Order of calls, per gradient step::
     features = <input of the value head on the batch, with its graph>
     terms    = {k: v for iv in interventions for k, v in iv.loss_terms(agent, batch, features, loss)}
     loss     = loss + sum(terms)
-    backward, clip, optimizer.step()
+    backward
+    values   = {k: v for iv in interventions for k, v in iv.gradient_terms(agent)}   # may add to .grad
+    clip, optimizer.step()
     iv.on_update(agent, agent.num_gradient_steps)      # for every intervention
 
 and, once per task switch (in the step that crosses the boundary, before the transition is stored
@@ -73,6 +75,19 @@ class Intervention:
             ``torch.autograd.grad(..., retain_graph=True)`` if a term needs its gradients; never call
             ``backward()`` on it.
         :return: term name -> scalar tensor. Each is logged as ``train/<name>/<term>``.
+        """
+        return {}
+
+    def gradient_terms(self, agent: BaseAlgorithm) -> dict[str, th.Tensor]:
+        """Penalties whose gradient is known in closed form, added straight to the parameters' ``.grad``.
+
+        Called after ``backward()`` and before gradient clipping, so the result is the same as adding the
+        penalty to the loss (it is clipped and goes through the optimizer alike), without building and
+        back-propagating a graph for it: an intervention adds ``dP/dtheta`` to each ``theta.grad`` (setting
+        it where it is ``None``) and returns the penalties' values.
+
+        :return: term name -> detached scalar tensor (the value of the penalty whose gradient was added),
+            logged as ``train/<name>/<term>`` like a loss term.
         """
         return {}
 

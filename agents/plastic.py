@@ -106,13 +106,24 @@ class PlasticMixin:
         total: th.Tensor | None = None
         for iv in self.interventions:
             for key, term in iv.loss_terms(self, batch, features, loss).items():  # type: ignore[arg-type]
-                if term.dim() != 0:
-                    raise ValueError(f"loss term {iv.name}/{key} must be a scalar, got shape {tuple(term.shape)}")
-                value = term.item()
-                self._check_finite(f"interventions/{iv.name}/{key}", value)
-                self._term_logs[f"{iv.name}/{key}"].append(value)
+                self._log_term(iv.name, key, term)
                 total = term if total is None else total + term
         return total
+
+    def _gradient_terms(self) -> None:
+        """Let every intervention add its closed-form penalty gradients to ``.grad`` (after backward, before
+        clipping), and log the penalties' values."""
+        for iv in self.interventions:
+            for key, term in iv.gradient_terms(self).items():  # type: ignore[arg-type]
+                self._log_term(iv.name, key, term)
+
+    def _log_term(self, name: str, key: str, term: th.Tensor) -> None:
+        """Check that ``term`` is a finite scalar and keep its value for the logs."""
+        if term.dim() != 0:
+            raise ValueError(f"loss term {name}/{key} must be a scalar, got shape {tuple(term.shape)}")
+        value = term.item()
+        self._check_finite(f"interventions/{name}/{key}", value)
+        self._term_logs[f"{name}/{key}"].append(value)
 
     def _before_epoch(self, epoch: int) -> None:
         for iv in self.interventions:

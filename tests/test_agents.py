@@ -187,6 +187,65 @@ def test_extra_loss_changes_gradient_by_exactly_its_own_gradient(algo):
     assert checked >= 2  # the term really reached the layers below the head
 
 
+
+class GradientSquare(Intervention):
+    """Adds the gradient ``coef * theta`` of ``coef * ||theta||^2 / 2`` straight to every ``.grad``."""
+
+    name = "gsquare"
+
+    def __init__(self, coef: float) -> None:
+        self.coef = coef
+
+    def gradient_terms(self, agent):
+        params = list(agent.online_network().parameters())
+        for p in params:
+            p.grad.add_(p.detach(), alpha=self.coef)
+        return {"penalty": self.coef * sum(p.detach().pow(2).sum() for p in params) / 2}
+
+
+@pytest.mark.parametrize("algo", [PlasticDQN, PlasticPPO])
+@pytest.mark.parametrize("clip", [False, True])
+def test_gradient_term_is_added_before_clipping_and_logged(algo, clip):
+    # Plain SGD (lr=1): the parameter change is minus the clipped gradient.
+    kw = dict(DQN_KW if algo is PlasticDQN else PPO_KW)
+    kw["policy_kwargs"] = dict(net_arch=[32], optimizer_class=th.optim.SGD)
+    kw.update(learning_rate=1.0, max_grad_norm=0.01 if clip else 1e9)
+    if algo is PlasticDQN:
+        agent = algo("MlpPolicy", "CartPole-v1", learning_starts=10_000, **{k: v for k, v in kw.items() if k != "learning_starts"})
+        agent.learn(100)
+    else:
+        kw.update(n_epochs=1, batch_size=64)
+        agent = algo("MlpPolicy", "CartPole-v1", **kw)
+        agent.learn(64)
+    start = copy.deepcopy(agent.policy.state_dict())
+    coef = 0.3
+
+    # The expected step, by hand: own loss gradient plus coef * theta, then clipped as SB3 clips.
+    np.random.seed(0)
+    batch = agent.replay_buffer.sample(16) if algo is PlasticDQN else next(agent.rollout_buffer.get(64))
+    agent.policy.zero_grad()
+    loss = agent.training_loss(batch)[0] if algo is PlasticDQN else agent.loss_parts(batch, 0.2, None).loss
+    loss.backward()
+    online = {id(p) for p in agent.online_network().parameters()}  # DQN: not the target network
+    grads = {n: (p.grad if p.grad is not None else th.zeros_like(p)) + coef * p.detach()
+             for n, p in agent.policy.named_parameters() if id(p) in online}
+    names = list(grads)
+    norm = th.linalg.vector_norm(th.stack([th.linalg.vector_norm(g) for g in grads.values()])).item()
+    scale = min(1.0, kw["max_grad_norm"] / (norm + 1e-6))
+    assert (scale < 1.0) == clip
+
+    agent.policy.load_state_dict(start)
+    agent.interventions = [GradientSquare(coef)]
+    np.random.seed(0)
+    th.manual_seed(0)
+    agent.train(1, 16) if algo is PlasticDQN else agent.train()
+    after = dict(agent.policy.named_parameters())
+    for n in names:
+        assert th.allclose(start[n] - after[n].detach(), scale * grads[n], atol=1e-6), n
+    expected_value = coef * sum(v.pow(2).sum().item() for k, v in start.items() if k in names) / 2
+    assert agent.logger.name_to_value["train/gsquare/penalty"] == pytest.approx(expected_value, rel=1e-6)
+
+
 # -- on the task sequences -------------------------------------------------------------------------
 
 

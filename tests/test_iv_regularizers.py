@@ -69,11 +69,16 @@ def param_grads(agent, loss: th.Tensor) -> dict[str, th.Tensor]:
 
 
 def base_and_term_grads(agent, iv, term_name: str):
-    """Gradients of the agent's own loss with and without the term, on the same batch and parameters."""
+    """Gradients of the agent's own loss before and after the intervention's gradient hook adds its penalty
+    (on the same batch and parameters), and the penalty value it reports."""
     batch = training_batch(agent)
-    loss, features = agent.training_loss(batch)
-    term = iv.loss_terms(agent, batch, features, loss)[term_name]
-    return param_grads(agent, loss), param_grads(agent, loss + term)
+    loss, _ = agent.training_loss(batch)
+    base = param_grads(agent, loss)
+    for name, p in agent.online_network().named_parameters():
+        p.grad = base[name].clone()
+    term = iv.gradient_terms(agent)[term_name]
+    with_term = {name: p.grad.clone() for name, p in agent.online_network().named_parameters()}
+    return base, with_term, term.item()
 
 
 def layer_params(agent) -> dict[str, tuple[str, th.Tensor]]:
@@ -99,12 +104,14 @@ def test_l2_gradient_is_coef_theta(algo, include_biases):
     coef = 0.1
     iv = L2(L2Params(coef=coef, include_biases=include_biases))
     agent = cartpole_dqn([iv]) if algo == "dqn" else cartpole_ppo([iv]).learn(64)
-    base, with_term = base_and_term_grads(agent, iv, "l2")
+    base, with_term, value = base_and_term_grads(agent, iv, "l2")
     regularized = {name for name, (kind, _) in layer_params(agent).items() if kind == "weight" or include_biases}
     for name, p in agent.online_network().named_parameters():
         added = with_term[name] - base[name]
         expected = coef * p.detach() if name in regularized else th.zeros_like(p)
         assert th.allclose(added, expected, atol=1e-6), name
+    params = dict(agent.online_network().named_parameters())
+    assert value == pytest.approx(coef / 2 * sum(params[n].detach().pow(2).sum().item() for n in regularized), rel=1e-6)
     if algo == "dqn":  # the target network is never regularized
         target = {id(p) for p in agent.q_net_target.parameters()}
         assert not target & {id(p) for _, p in regularized_weights(agent, include_biases=True)}
@@ -119,10 +126,13 @@ def test_l2_init_gradient_pulls_towards_initial_weights():
     with th.no_grad():  # move away from the initialisation, as training would
         for p in agent.q_net.parameters():
             p.add_(th.randn_like(p))
-    base, with_term = base_and_term_grads(agent, iv, "l2_init")
+    base, with_term, value = base_and_term_grads(agent, iv, "l2_init")
+    expected_value = 0.0
     for name, (kind, p) in layer_params(agent).items():
         expected = 2 * coef * (p.detach() - theta_0[name]) if kind == "weight" else th.zeros_like(p)
         assert th.allclose(with_term[name] - base[name], expected, atol=1e-6), name
+        expected_value += coef * (p.detach() - theta_0[name]).pow(2).sum().item() if kind == "weight" else 0.0
+    assert value == pytest.approx(expected_value, rel=1e-6)
 
 
 def test_l2_init_state_dict_round_trip_keeps_the_original_theta_0():
@@ -292,7 +302,7 @@ def probe_kfac_products(agent, batch) -> dict[str, float]:
 def kfac_term_and_grads(agent, batch, iv) -> tuple[float, dict[str, th.Tensor | None]]:
     loss, features = agent.training_loss(batch)
     terms = iv.loss_terms(agent, batch, features, loss)
-    assert set(terms) == {"kfac_rank", "l2"}
+    assert set(terms) == {"kfac_rank"}  # its l2 part goes straight to the gradient (gradient_terms)
     names = [n for n, _ in agent.online_network().named_parameters()]
     grads = th.autograd.grad(terms["kfac_rank"], list(agent.online_network().parameters()), allow_unused=True)
     return terms["kfac_rank"].item(), dict(zip(names, grads))

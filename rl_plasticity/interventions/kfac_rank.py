@@ -10,7 +10,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from rl_plasticity.interventions.base import Params, PlasticityIntervention
-from rl_plasticity.interventions.l2 import l2_penalty, regularized_weights
+from rl_plasticity.interventions.l2 import add_l2_gradient, regularized_weights
 from rl_plasticity.interventions.registry import register
 from rl_plasticity.probes import effective_rank_differentiable, effective_rank_from_spectrum
 from rl_plasticity.probes.kfac import _layer_patches, _output_grads
@@ -172,5 +172,8 @@ class KFACRank(PlasticityIntervention):
         # Mean over all layers, the skipped ones counting 0.
         total = th.stack(products).sum() if products else loss.new_zeros(())
         term = -self.params.coef * total / len(self._layers)
+        return {"kfac_rank": term.to(loss.dtype)}
+
+    def gradient_terms(self, agent: Any) -> dict[str, th.Tensor]:
         weights = [p for _, p in regularized_weights(agent, self.params.include_biases)]
-        return {"kfac_rank": term.to(loss.dtype), "l2": self.params.wd * l2_penalty(weights)}
+        return {"l2": add_l2_gradient(weights, self.params.wd)}

@@ -1,16 +1,19 @@
 """Weight-norm regularizers: L2 (``l2``) and L2 towards the initial weights (``l2_init``).
 
-Both add a loss term through the agent's loss hook, so the penalty is *coupled* into the gradient: it goes
-through gradient-norm clipping and Adam's moments like the TD/PPO loss (unlike AdamW's decoupled decay).
+Both add the penalty's gradient to the weights' ``.grad`` through the agent's gradient hook
+(:meth:`agents.hooks.Intervention.gradient_terms`), after backward and before clipping: exactly what a loss
+term would add, so the penalty is *coupled* into the gradient and goes through gradient-norm clipping and
+Adam's moments like the TD/PPO loss (unlike AdamW's decoupled decay), but without a graph to build and
+back-propagate at every step.
 
-The helpers :func:`regularized_weights` and :func:`l2_penalty` are shared by every intervention here that
-adds an L2 term (``l2_er``, ``kfac_rank``), so "the weights" means one thing everywhere.
+The helpers :func:`regularized_weights` and :func:`add_l2_gradient` are shared by every intervention here
+that adds an L2 term (``l2_er``, ``kfac_rank``), so "the weights" means one thing everywhere.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch as th
 from pydantic import Field
@@ -40,15 +43,28 @@ def regularized_weights(agent: Any, include_biases: bool = False) -> list[tuple[
     return weights
 
 
-def l2_penalty(tensors: Iterable[th.Tensor]) -> th.Tensor:
-    """``sum_k ||t_k||^2 / 2`` over ``tensors``, with the graph kept (its gradient is ``t_k`` itself).
+@th.no_grad()
+def add_l2_gradient(params: Iterable[th.Tensor], coef: float, anchors: Iterable[th.Tensor] | None = None) -> th.Tensor:
+    """Add the gradient of ``P = coef * sum_k ||p_k - anchor_k||^2 / 2`` to each ``p_k.grad`` and return ``P``.
 
-    :raises ValueError: if ``tensors`` is empty (there would be nothing to regularize).
+    The gradient is ``coef * (p_k - anchor_k)`` (``coef * p_k`` without anchors); a ``None`` ``.grad`` is set
+    to it. ``P`` is a detached scalar, for the logs.
+
+    :param params: the regularized parameters.
+    :param coef: the penalty's weight.
+    :param anchors: the points each parameter is pulled to (default: zero), same shapes as ``params``.
+    :raises ValueError: if ``params`` is empty (there would be nothing to regularize).
     """
-    squares = [t.pow(2).sum() for t in tensors]
-    if not squares:
+    params = list(params)
+    if not params:
         raise ValueError("no tensors to regularize")
-    return th.stack(squares).sum() / 2
+    diffs = params if anchors is None else [p - a for p, a in zip(params, anchors, strict=True)]
+    for p, d in zip(params, diffs):
+        if p.grad is None:
+            p.grad = coef * d
+        else:
+            p.grad.add_(d, alpha=coef)
+    return coef * th.stack([d.pow(2).sum() for d in diffs]).sum() / 2
 
 
 class L2Params(Params):
@@ -62,18 +78,17 @@ class L2Params(Params):
 class L2(PlasticityIntervention):
     """L2 regularization coef * sum ||theta||^2 / 2 of the weights, as a loss term (coupled, not AdamW).
 
-    The term's gradient is ``coef * theta`` for each weight (biases only with ``include_biases``). Default
-    ``coef = 1e-4`` (``shared/reference/interventions.md``).
+    The term's gradient ``coef * theta`` is added to each weight's gradient (biases only with
+    ``include_biases``) before clipping; the term's value is logged as ``l2``. Default ``coef = 1e-4``
+    (``shared/reference/interventions.md``).
     """
 
     Params = L2Params
     params: L2Params
 
-    def loss_terms(
-        self, agent: Any, batch: NamedTuple, features: th.Tensor, loss: th.Tensor
-    ) -> dict[str, th.Tensor]:
+    def gradient_terms(self, agent: Any) -> dict[str, th.Tensor]:
         weights = [p for _, p in regularized_weights(agent, self.params.include_biases)]
-        return {"l2": self.params.coef * l2_penalty(weights)}
+        return {"l2": add_l2_gradient(weights, self.params.coef)}
 
 
 class L2InitParams(Params):
@@ -89,7 +104,8 @@ class L2Init(PlasticityIntervention):
 
     Kumar, Marklund & Van Roy 2023, "Maintaining Plasticity in Continual Learning via Regenerative
     Regularization" (L2 Init). ``theta_0`` is a copy of the weights taken at :meth:`attach`, on the agent's
-    device; the term's gradient is ``2 * coef * (theta - theta_0)``. Default ``coef = 1e-2``.
+    device; the term's gradient ``2 * coef * (theta - theta_0)`` is added to the weights' gradients before
+    clipping. Default ``coef = 1e-2``.
 
     ``theta_0`` is part of :meth:`state_dict`, keyed by parameter path, so a resumed run keeps pulling
     towards the *original* initialisation, not towards the weights it resumed from. A weight that appears
@@ -113,16 +129,15 @@ class L2Init(PlasticityIntervention):
             else:
                 self.theta_0[name] = param.detach().clone()
 
-    def loss_terms(
-        self, agent: Any, batch: NamedTuple, features: th.Tensor, loss: th.Tensor
-    ) -> dict[str, th.Tensor]:
-        diffs = []
+    def gradient_terms(self, agent: Any) -> dict[str, th.Tensor]:
+        params, anchors = [], []
         for name, param in regularized_weights(agent, self.params.include_biases):
             if name not in self.theta_0:
                 self.theta_0[name] = param.detach().clone()
-            diffs.append(param - self.theta_0[name])
-        # l2_penalty halves the squared norm; the published term does not.
-        return {"l2_init": 2 * self.params.coef * l2_penalty(diffs)}
+            params.append(param)
+            anchors.append(self.theta_0[name])
+        # add_l2_gradient halves the squared norm; the published term does not.
+        return {"l2_init": add_l2_gradient(params, 2 * self.params.coef, anchors)}
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "theta_0": {k: v.detach().clone() for k, v in self.theta_0.items()}}

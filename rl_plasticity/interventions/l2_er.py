@@ -10,7 +10,7 @@ from torch import nn
 
 from agents import PlasticPPO
 from rl_plasticity.interventions.base import Params, PlasticityIntervention
-from rl_plasticity.interventions.l2 import l2_penalty, regularized_weights
+from rl_plasticity.interventions.l2 import add_l2_gradient, regularized_weights
 from rl_plasticity.interventions.registry import register
 from rl_plasticity.probes import effective_rank_differentiable
 from rl_plasticity.probing import activation_outputs
@@ -126,8 +126,11 @@ class L2ER(PlasticityIntervention):
     ) -> dict[str, th.Tensor]:
         if not self.per_epoch:
             self._obs = batch.observations
+        return {}
+
+    def gradient_terms(self, agent: Any) -> dict[str, th.Tensor]:
         weights = [p for _, p in regularized_weights(agent, self.params.include_biases)]
-        return {"l2": self.params.wd * l2_penalty(weights)}
+        return {"l2": add_l2_gradient(weights, self.params.wd)}
 
     def on_update(self, agent: Any, num_gradient_steps: int) -> None:
         obs, self._obs = self._obs, None

@@ -1,16 +1,17 @@
 # The README's two commands: `make demo` (set up, then the quickstart run) and `make test` (set up, then
-# the test suite). Every install goes through constraints.txt, which pins torch to the CPU wheel.
+# the whole test suite, Ray tests included: CI runs it). `make test-quick` skips the Ray tests.
+# Every install goes through constraints.txt, which pins torch to the CPU wheel.
 PYTHON ?= python3.11
 VENV := .venv
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: setup demo test
+.PHONY: setup demo test test-quick
 
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/pip install -q -c constraints.txt -e ".[dev]"
+	$(VENV)/bin/pip install -q -c constraints.txt -e ".[dev,distributed]"
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -18,3 +19,6 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q
+
+test-quick: $(STAMP)
+	$(VENV)/bin/python -m pytest -q -m "not ray"

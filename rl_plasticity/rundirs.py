@@ -1,0 +1,104 @@
+"""Run directories on disk: finding them and telling how far each got.
+
+Shared by ``rlp sweep`` (skip finished trials, resume interrupted ones) and ``rlp report`` (mark incomplete
+runs). It reads files only (``config.yaml`` and ``checkpoints/``) and imports neither torch nor SB3, so it
+is cheap to call on a whole sweep.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+CONFIG_FILE = "config.yaml"
+CHECKPOINTS_DIR = "checkpoints"
+LATEST = "latest"
+
+
+@dataclass(frozen=True)
+class RunProgress:
+    """How far a run directory got.
+
+    :param checkpoint_step: env step of the checkpoint ``checkpoints/latest`` names (``None``: none yet).
+    :param total_steps: the run's resolved ``total_steps`` from ``config.yaml`` (``None`` if unreadable).
+    """
+
+    run_dir: Path
+    checkpoint_step: int | None
+    total_steps: int | None
+
+    @property
+    def complete(self) -> bool:
+        """The run reached its ``total_steps``: a run always writes a checkpoint when training ends, so a
+        final checkpoint at ``total_steps`` is what marks a finished run (``model.zip`` comes after it)."""
+        return (self.checkpoint_step is not None and self.total_steps is not None
+                and self.checkpoint_step >= self.total_steps)
+
+    @property
+    def resumable(self) -> bool:
+        """Not complete, but has a checkpoint that ``rlp train --resume`` can continue from."""
+        return self.checkpoint_step is not None and not self.complete
+
+    def describe(self) -> str:
+        """``"complete"``, ``"at step 400 of 600"`` or ``"no checkpoint yet (of 600 steps)"``."""
+        if self.complete:
+            return "complete"
+        total = "?" if self.total_steps is None else str(self.total_steps)
+        if self.checkpoint_step is None:
+            return f"no checkpoint yet (of {total} steps)"
+        return f"at step {self.checkpoint_step} of {total}"
+
+
+def is_run_dir(path: Path) -> bool:
+    """A directory that ``rlp train`` made: it has a ``config.yaml``."""
+    return (path / CONFIG_FILE).is_file()
+
+
+def read_config(run_dir: Path) -> dict:
+    """The run's ``config.yaml`` as a plain dict (empty if missing or unreadable)."""
+    try:
+        data = yaml.safe_load((Path(run_dir) / CONFIG_FILE).read_text())
+    except (OSError, yaml.YAMLError, UnicodeDecodeError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def latest_checkpoint_step(run_dir: Path) -> int | None:
+    """Env step of the checkpoint ``checkpoints/latest`` names, from its ``meta.json`` (``None``: none)."""
+    root = Path(run_dir) / CHECKPOINTS_DIR
+    try:
+        name = (root / LATEST).read_text().strip()
+        meta = json.loads((root / name / "meta.json").read_text())
+        return int(meta["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def run_progress(run_dir: Path) -> RunProgress:
+    """How far the run in ``run_dir`` got (see :class:`RunProgress`)."""
+    total = read_config(run_dir).get("total_steps")
+    return RunProgress(Path(run_dir), latest_checkpoint_step(run_dir), total if isinstance(total, int) else None)
+
+
+def find_run_dirs(root: Path) -> list[Path]:
+    """Every run directory at or below ``root``, sorted; hidden folders and ``checkpoints/`` are not entered."""
+    root = Path(root)
+    found: list[Path] = []
+
+    def walk(path: Path) -> None:
+        if is_run_dir(path):
+            found.append(path)
+            return  # a run directory holds no other runs
+        try:
+            children = sorted(p for p in path.iterdir() if p.is_dir())
+        except OSError:
+            return
+        for child in children:
+            if not child.name.startswith(".") and child.name != CHECKPOINTS_DIR:
+                walk(child)
+
+    walk(root)
+    return found

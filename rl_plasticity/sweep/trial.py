@@ -1,0 +1,201 @@
+"""Run one trial of a sweep: an ordinary ``rlp train`` in a subprocess, resumed if it had started before.
+
+A subprocess keeps each trial's torch threads, signal handling and exit status its own, exactly as when
+the run is started by hand. :func:`execute_trial` is what a Ray task (or the sequential fallback) calls.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import datetime as dt
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from rl_plasticity.rundirs import RunProgress, is_run_dir, run_progress
+
+#: Seconds a trial gets to write its checkpoint after SIGTERM before it is killed.
+STOP_GRACE = 300.0
+#: Exit statuses of ``rlp train`` that mean "stopped by a signal, after writing a checkpoint".
+SIGNAL_EXITS = {130: "SIGINT", 143: "SIGTERM"}
+
+
+@dataclass(frozen=True)
+class TrialJob:
+    """What a worker needs to run one trial (plain data, so it pickles to any Ray node).
+
+    :param overrides: the full overrides of ``rlp train CONFIG ...`` (:meth:`Trial.run_overrides`).
+    """
+
+    trial_id: str
+    label: str
+    seed: int
+    config: str
+    overrides: tuple[str, ...]
+    sweep_dir: str
+    cpus: int
+
+
+@dataclass(frozen=True)
+class TrialOutcome:
+    """How a trial ended.
+
+    :param status: ``finished`` (reached total_steps), ``failed`` or ``interrupted`` (stopped by a signal
+        after writing a checkpoint: the next run of the sweep resumes it).
+    :param mode: ``started``, ``resumed`` or ``skipped`` (it was complete already).
+    :param error: for a failed or interrupted trial, one line: the run's last error line and exit status.
+    """
+
+    trial_id: str
+    status: str
+    mode: str
+    run_dir: str | None
+    exit_code: int | None
+    error: str | None
+    seconds: float
+
+
+def _run_name(seed: int) -> re.Pattern[str]:
+    """Names :func:`rl_plasticity.runner.make_run_dir` gives: ``<YYYYmmdd-HHMMSS>_seed<k>``, maybe ``-<n>``."""
+    return re.compile(rf"\d{{8}}-\d{{6}}_seed{seed}(-\d+)?")
+
+
+def trial_runs(sweep_dir: Path, label: str, seed: int) -> list[RunProgress]:
+    """The run directories of a trial (normally at most one), furthest first."""
+    folder = Path(sweep_dir) / label
+    if not folder.is_dir():
+        return []
+    pattern = _run_name(seed)
+    runs = [run_progress(p) for p in folder.iterdir() if pattern.fullmatch(p.name) and is_run_dir(p)]
+    return sorted(runs, key=lambda r: (r.complete, r.checkpoint_step or -1, r.run_dir.name), reverse=True)
+
+
+def trial_state(sweep_dir: Path, label: str, seed: int) -> RunProgress | None:
+    """The trial's run that counts: a complete one, else the furthest resumable one, else ``None``."""
+    runs = trial_runs(sweep_dir, label, seed)
+    return runs[0] if runs and runs[0].checkpoint_step is not None else None
+
+
+def _load_prctl() -> Callable[..., int] | None:
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl  # type: ignore[no-any-return]
+    except (OSError, AttributeError):
+        return None
+
+
+# Looked up here, not in the child: between fork and exec (in a threaded Ray worker) only a plain call is safe.
+_PRCTL = _load_prctl() if sys.platform == "linux" else None
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
+    """Linux: SIGTERM the trial if its worker dies (a killed Ray worker would otherwise leave it running);
+    ``rlp train`` then writes a checkpoint and stops, so the trial resumes on the next run of the sweep."""
+    if _PRCTL is not None:
+        _PRCTL(1, int(signal.SIGTERM))  # 1 = PR_SET_PDEATHSIG
+
+
+def _last_error_line(text: str) -> str:
+    """The line that says what went wrong: ``rlp``'s own error line, else the last line (a traceback's)."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    for line in reversed(lines[-50:]):
+        if line.startswith("rlp: ") and "checkpoint at env step" not in line:
+            return line
+    return lines[-1] if lines else "(no output on stderr)"
+
+
+def execute_trial(job: TrialJob) -> TrialOutcome:
+    """Run (or resume) one trial to its end and say how it ended. Never raises for a failed run.
+
+    A complete run is skipped; a run with a checkpoint is continued with ``rlp train --resume``; a run that
+    died before its first checkpoint holds nothing to continue and is removed, and the trial starts anew.
+    Its stdout and stderr are appended to ``logs/<label>_seed<k>.out`` and ``.err`` of the sweep directory.
+    On KeyboardInterrupt (Ray's task cancellation, or Ctrl-C in the sequential fallback) the run gets
+    SIGTERM, writes its checkpoint and stops; the outcome is then ``interrupted``.
+    """
+    start = time.monotonic()
+    sweep_dir = Path(job.sweep_dir)
+    state = trial_state(sweep_dir, job.label, job.seed)
+    if state is not None and state.complete:
+        return TrialOutcome(job.trial_id, "finished", "skipped", str(state.run_dir), 0, None, 0.0)
+    for run in trial_runs(sweep_dir, job.label, job.seed):
+        if run.checkpoint_step is None:
+            shutil.rmtree(run.run_dir, ignore_errors=True)
+
+    if state is not None:
+        mode, args = "resumed", ["--resume", str(state.run_dir)]
+    else:
+        mode, args = "started", [job.config, *job.overrides]
+    cmd = [sys.executable, "-m", "rl_plasticity", "train", *args, "--no-progress"]
+    env = dict(os.environ, OMP_NUM_THREADS=str(job.cpus), MKL_NUM_THREADS=str(job.cpus))
+    logs = sweep_dir / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    out_path, err_path = logs / f"{job.label}_seed{job.seed}.out", logs / f"{job.label}_seed{job.seed}.err"
+    header = f"== {dt.datetime.now().isoformat(timespec='seconds')} {mode}: {' '.join(cmd)}\n"
+    with out_path.open("a") as out, err_path.open("a") as err:
+        out.write(header)
+        err.write(header)
+        out.flush()
+        err.flush()
+        err_offset = err.tell()
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, stdin=subprocess.DEVNULL, env=env,
+                                cwd=str(sweep_dir), preexec_fn=_die_with_parent if _PRCTL is not None else None)
+        interrupted = False
+        try:
+            code = _wait(proc)
+        except KeyboardInterrupt:
+            interrupted = True
+            code = _stop(proc)
+    with err_path.open() as err:
+        err.seek(err_offset)
+        stderr = err.read()
+
+    seconds = time.monotonic() - start
+    final = trial_state(sweep_dir, job.label, job.seed)
+    run_dir = str(final.run_dir) if final is not None else _newest_run(sweep_dir, job.label, job.seed)
+    if code == 0 and final is not None and final.complete:
+        return TrialOutcome(job.trial_id, "finished", mode, run_dir, 0, None, seconds)
+    if interrupted or code in SIGNAL_EXITS:
+        why = SIGNAL_EXITS.get(code, f"exit {code}")
+        where = final.describe() if final is not None else "no checkpoint yet"
+        return TrialOutcome(job.trial_id, "interrupted", mode, run_dir, code, f"stopped by {why} ({where})", seconds)
+    if code == 0:
+        error = f"exited 0 but the run is not complete ({final.describe() if final else 'no run directory'})"
+    elif code < 0:
+        error = f"killed by {signal.Signals(-code).name}; last line: {_last_error_line(stderr)}"
+    else:
+        error = f"{_last_error_line(stderr)} (exit {code})"
+    return TrialOutcome(job.trial_id, "failed", mode, run_dir, code, error, seconds)
+
+
+def _wait(proc: subprocess.Popen) -> int:
+    """Wait for the run in short slices: Ray cancels a task by raising KeyboardInterrupt in it, which
+    only happens while Python code runs, not inside one long blocking wait."""
+    while True:
+        try:
+            return proc.wait(timeout=0.5)
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def _stop(proc: subprocess.Popen) -> int:
+    """SIGTERM the run, give it :data:`STOP_GRACE` seconds to write its checkpoint, then kill it."""
+    proc.send_signal(signal.SIGTERM)
+    while True:
+        try:
+            return proc.wait(timeout=STOP_GRACE)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        except KeyboardInterrupt:  # a second interrupt: stop at once
+            proc.kill()
+
+
+def _newest_run(sweep_dir: Path, label: str, seed: int) -> str | None:
+    runs = trial_runs(sweep_dir, label, seed)
+    return str(max(runs, key=lambda r: r.run_dir.name).run_dir) if runs else None

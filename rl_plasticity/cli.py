@@ -1,5 +1,5 @@
-"""The ``rlp`` command line: ``rlp train CONFIG [key=value ...]``, ``rlp train --resume RUN_DIR`` and
-``rlp list [WHAT]``."""
+"""The ``rlp`` command line: ``rlp train CONFIG [key=value ...]``, ``rlp train --resume RUN_DIR``,
+``rlp sweep CONFIG --grid ... --seeds ...``, ``rlp report RUNS_DIR`` and ``rlp list [WHAT]``."""
 
 from __future__ import annotations
 
@@ -36,6 +36,8 @@ def cli() -> None:
 
     \b
       rlp train configs/quickstart.yaml seed=3 agent.learning_rate=1e-4
+      rlp sweep dqn_cartpole_shift --seeds 0-2 --grid 'interventions=[[],[reset]]'
+      rlp report runs/dqn_cartpole_shift_sweep
       rlp list              # agents, task sequences, interventions, configs
     """
 
@@ -122,6 +124,143 @@ def list_cmd(what: str | None) -> None:
             click.echo(f"  {name:<28} {text}")
         if not rows:
             click.echo("  (none yet)")
+
+
+SWEEP_EPILOG = """\b
+Grid syntax:
+  --grid KEY=[V1,V2,...]   one trial per value, KEY set as an ordinary override (lists as in
+                           rlp train: interventions=[[],[reset],[l2]] is three intervention lists).
+                           Repeat --grid for more keys: the trials are their cartesian product.
+  --arms NAME,NAME,...     named arms of --arms-file (default configs/arms.yaml), each a list of
+                           overrides; crossed with the grid. 'fresh' in the list = --fresh.
+  --fresh                  add the fresh-network arm: per seed and per task k of the sequence, the
+                           base config (CONFIG and OVERRIDES, no intervention) on task k alone for
+                           one env.switch_every (env.order=explicit env.task_order=[k]
+                           total_steps=null); rlp report compares it with the first visit of k.
+  --seeds 0-4 | 0,2,5 | 0-2,7   every trial once per seed.
+  Quote the brackets in the shell: --grid 'interventions=[[],[reset]]'.
+
+\b
+Layout and resume:
+  <out>/sweep.json                    the grid, each trial's overrides, config and status
+  <out>/<label>/<date-time>_seed<k>/  each trial's run directory (label: arm and grid value,
+                                      e.g. none, reset, learning_rate-0.001_width-64)
+  <out>/logs/<label>_seed<k>.out/.err each trial's stdout and stderr
+  Run the same command again to continue a sweep: finished trials are skipped, an interrupted
+  one continues from its last checkpoint (rlp train --resume), a failed one is retried. A trial
+  whose config differs from the one the sweep ran is refused. Ctrl-C (or SIGTERM) stops the
+  running trials, each after writing a checkpoint.
+
+\b
+Examples:
+  rlp sweep configs/interventions/base.yaml --seeds 0-4 --arms none,reset,l2,l2_er,kfac_rank,nc_reg --fresh
+  rlp sweep dqn_cartpole_shift --seeds 0-2 --grid 'interventions=[[],[reset],[l2]]' env.switch_every=5000
+  rlp sweep quickstart --seeds 0,1 --grid 'agent.learning_rate=[1e-3,1e-4]' --grid 'net.width=[64,128]'
+  rlp sweep CONFIG --address auto ...      on an existing Ray cluster (shared filesystem, project
+                                           installed on every node at the same path)
+  rlp sweep CONFIG ... --dry-run           list the trials and their state, write nothing
+
+\b
+Exit status:
+  0  every trial finished     1  some trials failed (listed, with their error and log)
+  2  bad input (one line, nothing written)   130, 143  stopped by SIGINT, SIGTERM
+"""
+
+
+@cli.command("sweep", epilog=SWEEP_EPILOG)
+@click.argument("config")
+@click.argument("overrides", nargs=-1)
+@click.option("--seeds", default=None, metavar="SEEDS", help="Seeds: 0-4, 0,2,5 or 0-2,7 (default: the config's seed).")
+@click.option("--grid", "grids", multiple=True, metavar="KEY=[V1,...]",
+              help="A grid axis: one trial per value (repeatable: cartesian product).")
+@click.option("--arms", default=None, metavar="NAMES", help="Named arms of --arms-file, comma-separated.")
+@click.option("--arms-file", type=click.Path(path_type=Path), default=None, metavar="FILE",
+              help="YAML with 'arms: {name: [override, ...]}' (default: configs/arms.yaml).")
+@click.option("--fresh", is_flag=True, help="Add the fresh-network arm (see below).")
+@click.option("--out", type=click.Path(path_type=Path), default=None, metavar="DIR",
+              help="The sweep directory (default: <logging.root_dir>/<name>_sweep of CONFIG).")
+@click.option("--address", default=None, metavar="ADDRESS",
+              help="Join this Ray cluster (auto, HOST:6379, ray://HOST:10001); default: start a local Ray.")
+@click.option("--num-cpus", type=click.IntRange(min=1), default=None,
+              help="CPUs of the local Ray (default: all of this machine's).")
+@click.option("--cpus-per-trial", type=click.IntRange(min=1), default=1, show_default=True,
+              help="CPUs Ray reserves for each trial; its torch threads are set to match (threads=N).")
+@click.option("--max-concurrent", type=click.IntRange(min=1), default=None,
+              help="At most this many trials at once (default: as many as the CPUs allow).")
+@click.option("--sequential", is_flag=True, help="Run the trials one after another without Ray.")
+@click.option("--dry-run", is_flag=True, help="List the trials (and what a run would do) and stop.")
+def sweep_cmd(config: str, overrides: tuple[str, ...], seeds: str | None, grids: tuple[str, ...], arms: str | None,
+              arms_file: Path | None, fresh: bool, out: Path | None, address: str | None, num_cpus: int | None,
+              cpus_per_trial: int, max_concurrent: int | None, sequential: bool, dry_run: bool) -> None:
+    """Run CONFIG (a YAML file or a preset name) over a grid of arms and seeds, each trial an ordinary
+    `rlp train` run with the trial's overrides on top of OVERRIDES, side by side on Ray.
+
+    Ray is an optional extra: pip install -c constraints.txt -e ".[distributed]". Without --address a
+    local Ray is started on this machine; each trial gets --cpus-per-trial CPUs (default 1), so on 2
+    cores two trials run at once. Every trial's config is checked before anything starts.
+    """
+    from rl_plasticity.sweep import SweepError, build_plan, parse_seeds, run_sweep
+    from rl_plasticity.sweep.trial import trial_state
+
+    try:
+        plan = build_plan(resolve_config(config), overrides, grids,
+                          [a.strip() for a in arms.split(",") if a.strip()] if arms else [],
+                          arms_file or CONFIGS_DIR / "arms.yaml", fresh, parse_seeds(seeds) if seeds else None,
+                          out, cpus_per_trial)
+        if dry_run:
+            click.echo(f"sweep: {len(plan.trials)} trials in {plan.sweep_dir} (dry run: nothing is written)")
+            for trial in plan.trials:
+                state = trial_state(plan.sweep_dir, trial.label, trial.seed)
+                what = "start" if state is None else "skip (finished)" if state.complete else f"resume ({state.describe()})"
+                click.echo(f"  {trial.id:<32} {what:<16} {' '.join(trial.overrides)}")
+            return
+        summary = run_sweep(plan, ["rlp", *sys.argv[1:]] if sys.argv else [], sequential=sequential,
+                            address=address, num_cpus=num_cpus, max_concurrent=max_concurrent, echo=click.echo)
+    except SweepError as exc:
+        fail(str(exc))
+    sys.exit(summary.exit_status)
+
+
+@cli.command("report")
+@click.argument("runs_dir", type=click.Path(path_type=Path))
+@click.option("--out", type=click.Path(path_type=Path), default=None, metavar="DIR",
+              help="Where the report goes (default: RUNS_DIR/report).")
+@click.option("--points", type=click.IntRange(min=2), default=200, show_default=True,
+              help="Steps of the common grid the curves are interpolated onto.")
+@click.option("--resamples", type=click.IntRange(min=100), default=10_000, show_default=True,
+              help="Bootstrap resamples per table cell (curves: at most 2000 per point).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the bootstrap.")
+def report_cmd(runs_dir: Path, out: Path | None, points: int, resamples: int, seed: int) -> None:
+    """Tables, plots and CSV files over the runs under RUNS_DIR (a sweep directory, or any folder of runs).
+
+    \b
+    It reads each run's TensorBoard events (EventAccumulator) and task_summary.csv, and writes to --out:
+      report.md          per task visit, a table of the arms: mean return over the visit, final
+                         return (with their IQM) and the main probes at the end of the visit
+                         (effective rank, dormant fraction, NC1, K-FAC epsilon-rank), each as
+                         mean [95% percentile-bootstrap CI] over seeds; which runs are incomplete
+      return.png, erank.png, dormant.png, nc1.png, kfac_eps_rank.png
+                         mean curve per arm with a shaded 95% band, task switches as vertical lines
+      runs.csv, visits_by_run.csv, visits.csv, curves.csv    the same data
+    Arms come from the sweep's sweep.json, else from each run's interventions ("none" without any;
+    "fresh" for a run on one task alone). A partly finished sweep is fine: incomplete runs are listed
+    and what they have is used (complete visits; curves up to their last log).
+
+    \b
+    Example:
+      rlp report runs/minatar_reduced_sweep            # -> runs/minatar_reduced_sweep/report/report.md
+    """
+    from rl_plasticity.report import ReportError, make_report
+
+    try:
+        report = make_report(runs_dir, out, points=points, n_resamples=resamples, seed=seed)
+    except ReportError as exc:
+        fail(str(exc))
+    incomplete = report.incomplete
+    click.echo(f"report: {len(report.runs)} runs, {len(incomplete)} incomplete"
+               + (": " + ", ".join(str(r.path) for r in incomplete) if incomplete else ""))
+    for path in report.files:
+        click.echo(f"  {path}")
 
 
 def main() -> None:

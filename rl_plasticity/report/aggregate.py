@@ -1,0 +1,170 @@
+"""From runs to the report's numbers: per task visit and arm, statistics over seeds; per arm, curves on a
+common step grid with a bootstrap band; the fresh-network arm aligned to the continual arms by task.
+
+The fresh arm (one run per task and seed, each on that task alone) is matched to a continual visit by task
+name: its numbers stand beside every visit of that task, and its curves are shifted to start where the
+continual runs first meet the task.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from rl_plasticity.report.runs import MAIN_PROBES, RETURN, RunData
+from rl_plasticity.report.stats import band, interpolate, summarize
+
+RETURN_METRICS = ("mean_return", "final_return")
+
+
+@dataclass(frozen=True)
+class VisitKey:
+    """A task visit as the continual runs have it (``start``/``end``: median over runs)."""
+
+    index: int
+    task: str
+    visit: int
+    start: int
+    end: int
+
+
+def arm_order(runs: list[RunData], preferred: list[str]) -> list[str]:
+    """Arms in the sweep's order when known, else sorted with ``none`` first; ``fresh`` always last."""
+    arms = {run.arm for run in runs}
+    order = [a for a in preferred if a in arms]
+    rest = sorted(arms - set(order), key=lambda a: (a != "none", a))
+    order += rest
+    return [a for a in order if a != "fresh"] + (["fresh"] if "fresh" in arms else [])
+
+
+def visit_keys(runs: list[RunData]) -> list[VisitKey]:
+    """The task visits of the continual runs in step order (or the fresh runs' tasks if there are none)."""
+    rows = [run.visits.assign(_run=i) for i, run in enumerate(runs) if run.kind == "continual" and len(run.visits)]
+    if rows:
+        frame = pd.concat(rows, ignore_index=True)
+        grouped = frame.groupby(["task", "visit"], sort=False).agg(start=("start_step", "median"),
+                                                                   end=("end_step", "median"))
+        grouped = grouped.sort_values("start").reset_index()
+        return [VisitKey(i + 1, str(r.task), int(r.visit), int(r.start), int(r.end))
+                for i, r in enumerate(grouped.itertuples())]
+    tasks: list[str] = []
+    for run in runs:
+        if run.task is not None and run.task not in tasks:
+            tasks.append(run.task)
+    return [VisitKey(i + 1, task, 1, 0, 0) for i, task in enumerate(tasks)]
+
+
+def _metric_columns(frame: pd.DataFrame) -> list[str]:
+    columns = [m for m in (*RETURN_METRICS, *MAIN_PROBES) if m in frame]
+    columns += sorted(c for c in frame.columns if any(c.startswith(f"{p}/") for p in MAIN_PROBES))
+    return columns
+
+
+def visit_rows(runs: list[RunData], runs_dir: object) -> pd.DataFrame:
+    """Every run's visits in one table, with its arm, seed, kind and directory."""
+    frames = []
+    for run in runs:
+        if len(run.visits):
+            frames.append(run.visits.assign(arm=run.arm, seed=run.seed, kind=run.kind, run=str(run.path),
+                                            source=run.visit_source))
+    if not frames:
+        return pd.DataFrame(columns=["arm", "seed", "kind", "run", "task", "visit", "complete"])
+    frame = pd.concat(frames, ignore_index=True)
+    first = ["arm", "seed", "kind", "task", "visit", "start_step", "end_step", "complete", "source", "run"]
+    return frame[[c for c in first if c in frame] + [c for c in frame.columns if c not in first]]
+
+
+def visit_stats(rows: pd.DataFrame, keys: list[VisitKey], arms: list[str], n_resamples: int,
+                seed: int) -> pd.DataFrame:
+    """Per visit, arm and metric: ``n, mean, ci_low, ci_high, iqm`` over the runs whose visit is complete.
+
+    The fresh arm's row for a visit is its runs on that visit's task (each trained on it alone).
+    """
+    out = []
+    if rows.empty:
+        return pd.DataFrame(columns=["index", "task", "visit", "arm", "metric", "n", "mean", "ci_low", "ci_high",
+                                     "iqm"])
+    metrics = _metric_columns(rows)
+    done = rows[rows["complete"].astype(bool)]
+    for key in keys:
+        for arm in arms:
+            if arm == "fresh":
+                sel = done[(done["arm"] == arm) & (done["task"] == key.task)]
+            else:
+                sel = done[(done["arm"] == arm) & (done["kind"] != "fresh") & (done["task"] == key.task)
+                           & (done["visit"] == key.visit)]
+            if sel.empty:
+                continue
+            for metric in metrics:
+                values = pd.to_numeric(sel[metric], errors="coerce").to_numpy(dtype=float)
+                s = summarize(values, n_resamples, seed)
+                out.append({"index": key.index, "task": key.task, "visit": key.visit, "start_step": key.start,
+                            "end_step": key.end, "arm": arm, "metric": metric, "n": s.n, "mean": s.mean,
+                            "ci_low": s.ci_low, "ci_high": s.ci_high, "iqm": s.iqm})
+    return pd.DataFrame(out)
+
+
+def fresh_offsets(runs: list[RunData], keys: list[VisitKey]) -> dict[str, int]:
+    """Step at which the continual runs first meet each task (the fresh arm's curves start there)."""
+    offsets: dict[str, int] = {}
+    for key in keys:
+        offsets.setdefault(key.task, key.start)
+    for run in runs:  # tasks the continual runs never reached: where the schedule would put them
+        if run.kind == "fresh" and run.task is not None and run.task not in offsets:
+            index = run.tasks.index(run.task) if run.task in run.tasks else 0
+            offsets[run.task] = index * (run.switch_every or 0)
+    return offsets
+
+
+def step_grid(runs: list[RunData], keys: list[VisitKey], offsets: dict[str, int], points: int) -> np.ndarray:
+    """``points`` steps from 0 to the longest run (fresh runs counted where they are placed)."""
+    ends = [max(run.progress.total_steps or 0, run.last_step) for run in runs if run.kind == "continual"]
+    ends += [offsets.get(run.task or "", 0) + max(run.progress.total_steps or 0, run.last_step)
+             for run in runs if run.kind == "fresh"]
+    return np.linspace(0, max(ends + [1]), points)
+
+
+def curve_bands(runs: list[RunData], arms: list[str], grid: np.ndarray, offsets: dict[str, int],
+                n_resamples: int, seed: int) -> pd.DataFrame:
+    """Per metric and arm, the mean curve over seeds on ``grid`` with its 95% bootstrap band.
+
+    Each run is interpolated onto the grid (NaN outside its logged range); a fresh seed's curve is its
+    per-task runs placed one after another.
+    """
+    metrics = sorted({m for run in runs for m in run.curves}, key=lambda m: (m != RETURN, m))
+    out = []
+    for metric in metrics:
+        for arm in arms:
+            matrix = _arm_matrix([r for r in runs if r.arm == arm], metric, grid, offsets)
+            if matrix is None:
+                continue
+            b = band(matrix, n_resamples, seed)
+            keep = b["n"] > 0
+            out.append(pd.DataFrame({"metric": metric, "arm": arm, "step": grid[keep], "n": b["n"][keep],
+                                     "mean": b["mean"][keep], "ci_low": b["ci_low"][keep],
+                                     "ci_high": b["ci_high"][keep]}))
+    if not out:
+        return pd.DataFrame(columns=["metric", "arm", "step", "n", "mean", "ci_low", "ci_high"])
+    return pd.concat(out, ignore_index=True)
+
+
+def _arm_matrix(runs: list[RunData], metric: str, grid: np.ndarray, offsets: dict[str, int]) -> np.ndarray | None:
+    """Seeds x grid points for one arm (``None`` if no run has the metric)."""
+    by_seed: dict[int, list[np.ndarray]] = {}
+    for run in runs:
+        if metric not in run.curves:
+            continue
+        steps, values = run.curves[metric]
+        shift = offsets.get(run.task or "", 0) if run.kind == "fresh" else 0
+        by_seed.setdefault(run.seed, []).append(interpolate(steps + shift, values, grid))
+    if not by_seed:
+        return None
+    rows = []
+    for parts in by_seed.values():
+        stack = np.vstack(parts)
+        count = np.isfinite(stack).sum(axis=0)
+        total = np.where(np.isfinite(stack), stack, 0.0).sum(axis=0)
+        rows.append(np.where(count > 0, total / np.maximum(count, 1), np.nan))
+    return np.vstack(rows)

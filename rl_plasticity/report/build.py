@@ -1,0 +1,220 @@
+"""``rlp report``: read every run under a directory and write ``report.md``, PNG plots and CSV files."""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from rl_plasticity.report.aggregate import (
+    RETURN_METRICS,
+    VisitKey,
+    arm_order,
+    curve_bands,
+    fresh_offsets,
+    step_grid,
+    visit_keys,
+    visit_rows,
+    visit_stats,
+)
+from rl_plasticity.report.runs import MAIN_PROBES, RETURN, RunData, load_run
+from rl_plasticity.rundirs import find_run_dirs
+
+TITLES = {"mean_return": "mean return", "final_return": "final return", **MAIN_PROBES}
+PLOTS = {RETURN: ("return.png", "Return of the current task", "episode return"),
+         **{p: (f"{p}.png", title, title) for p, title in MAIN_PROBES.items()}}
+
+
+class ReportError(ValueError):
+    """Bad input to ``rlp report``: one line."""
+
+
+@dataclass
+class Report:
+    """What :func:`make_report` read and wrote."""
+
+    out: Path
+    runs: list[RunData]
+    incomplete: list[RunData]
+    files: list[Path] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)
+    not_started: list[str] = field(default_factory=list)
+
+
+def make_report(runs_dir: Path, out: Path | None = None, points: int = 200, n_resamples: int = 10_000,
+                seed: int = 0) -> Report:
+    """Read the runs under ``runs_dir`` and write the report to ``out`` (default ``runs_dir/report``).
+
+    :param points: steps of the common grid the curves are interpolated onto.
+    :param n_resamples: bootstrap resamples of each table cell (the curves use at most 2000 per point).
+    :param seed: seed of the bootstrap.
+    :raises ReportError: ``runs_dir`` is missing or holds no run; nothing is written then.
+    """
+    runs_dir = Path(runs_dir)
+    if not runs_dir.is_dir():
+        raise ReportError(f"RUNS_DIR: {runs_dir} is not a directory")
+    run_dirs = find_run_dirs(runs_dir)
+    if not run_dirs:
+        raise ReportError(f"RUNS_DIR: no run directory (a folder with config.yaml) under {runs_dir}")
+    manifests: dict[Path, dict[str, Any] | None] = {}
+    runs = [load_run(path, manifests) for path in run_dirs]
+    preferred = [a for m in manifests.values() if m for a in m.get("arms_order", [])]
+    arms = arm_order(runs, preferred)
+    keys = visit_keys(runs)
+    rows = visit_rows(runs, runs_dir)
+    stats = visit_stats(rows, keys, arms, n_resamples, seed)
+    offsets = fresh_offsets(runs, keys)
+    grid = step_grid(runs, keys, offsets, points)
+    curves = curve_bands(runs, arms, grid, offsets, min(n_resamples, 2_000), seed)
+
+    report = Report(Path(out) if out is not None else runs_dir / "report", runs,
+                    [r for r in runs if not r.progress.complete])
+    seen = {str(r.path.resolve()) for r in runs}
+    for sweep_dir, manifest in manifests.items():
+        for trial_id, entry in (manifest or {}).get("trials", {}).items():
+            run_dir = entry.get("run_dir")
+            if entry.get("status") == "failed":
+                report.failed[trial_id] = str(entry.get("error"))
+            elif run_dir is None or str((sweep_dir / run_dir).resolve()) not in seen:
+                report.not_started.append(trial_id)
+
+    report.out.mkdir(parents=True, exist_ok=True)
+    report.files += _write_csvs(report.out, runs, runs_dir, rows, stats, curves)
+    report.files += _write_plots(report.out, curves, arms, keys)
+    md = report.out / "report.md"
+    md.write_text(_markdown(report, runs_dir, arms, keys, stats))
+    report.files.insert(0, md)
+    return report
+
+
+def _rel(path: Path, root: Path) -> str:
+    try:
+        return str(Path(path).resolve().relative_to(Path(root).resolve()))
+    except ValueError:
+        return str(path)
+
+
+def _write_csvs(out: Path, runs: list[RunData], runs_dir: Path, rows: pd.DataFrame, stats: pd.DataFrame,
+                curves: pd.DataFrame) -> list[Path]:
+    table = pd.DataFrame([{"arm": r.arm, "seed": r.seed, "kind": r.kind, "task": r.task,
+                           "run": _rel(r.path, runs_dir), "complete": r.progress.complete,
+                           "status": r.progress.describe(), "checkpoint_step": r.progress.checkpoint_step,
+                           "total_steps": r.progress.total_steps, "last_logged_step": r.last_step,
+                           "visits": len(r.visits), "visit_source": r.visit_source} for r in runs])
+    rows = rows.assign(run=[_rel(Path(p), runs_dir) for p in rows["run"]]) if len(rows) else rows
+    files = {"runs.csv": table, "visits_by_run.csv": rows, "visits.csv": stats, "curves.csv": curves}
+    for name, frame in files.items():
+        frame.to_csv(out / name, index=False)
+    return [out / name for name in files]
+
+
+def _write_plots(out: Path, curves: pd.DataFrame, arms: list[str], keys: list[VisitKey]) -> list[Path]:
+    from rl_plasticity.report.plots import plot_metric  # matplotlib: only when there is something to draw
+
+    written = []
+    for name, (filename, title, ylabel) in PLOTS.items():
+        metrics = sorted(m for m in curves["metric"].unique() if m == name or m.startswith(f"{name}/"))
+        if metrics:
+            plot_metric(curves, metrics, title, ylabel, arms, keys, out / filename)
+            written.append(out / filename)
+    return written
+
+
+def _fmt(x: float) -> str:
+    if x is None or not np.isfinite(x):
+        return "–"
+    if abs(x) >= 100:
+        return f"{x:.1f}"
+    if abs(x) >= 1:
+        return f"{x:.2f}"
+    return f"{x:.3f}"
+
+
+def _cell(s: pd.Series | None) -> str:
+    if s is None:
+        return "–"
+    if not np.isfinite(s["ci_low"]):
+        return _fmt(s["mean"])
+    return f"{_fmt(s['mean'])} [{_fmt(s['ci_low'])}, {_fmt(s['ci_high'])}]"
+
+
+def _seeds(seeds: list[int]) -> str:
+    return ", ".join(str(s) for s in sorted(set(seeds)))
+
+
+def _markdown(report: Report, runs_dir: Path, arms: list[str], keys: list[VisitKey], stats: pd.DataFrame) -> str:
+    runs = report.runs
+    lines = ["# Plasticity report", "",
+             f"`rlp report {runs_dir}`, {dt.datetime.now().isoformat(timespec='seconds')}: {len(runs)} runs in "
+             f"{len(arms)} arms ({', '.join(arms)}).", "", "## Runs", "",
+             "| arm | runs | seeds | complete |", "|---|---|---|---|"]
+    for arm in arms:
+        mine = [r for r in runs if r.arm == arm]
+        done = sum(r.progress.complete for r in mine)
+        lines.append(f"| {arm} | {len(mine)} | {_seeds([r.seed for r in mine])} | {done} of {len(mine)} |")
+    lines.append("")
+    if report.incomplete:
+        lines += ["**Incomplete runs** (their complete visits are used; their curves stop at their last log):", ""]
+        lines += [f"- `{_rel(r.path, runs_dir)}` ({r.arm}, seed {r.seed}): {r.progress.describe()}, "
+                  f"last log at step {r.last_step}" for r in report.incomplete]
+        lines.append("")
+    else:
+        lines += ["Every run is complete.", ""]
+    if report.failed:
+        lines += ["**Failed trials** (sweep.json):", ""]
+        lines += [f"- `{t}`: {err}" for t, err in sorted(report.failed.items())] + [""]
+    if report.not_started:
+        lines += [f"**Trials not started yet** (sweep.json): {', '.join(f'`{t}`' for t in sorted(report.not_started))}",
+                  ""]
+
+    lines += ["## Task visits", "",
+              "Each cell: mean over seeds [95% percentile-bootstrap confidence interval]; IQM: interquartile mean "
+              "(rliable's, `scipy.stats.trim_mean(x, 0.25)`); n: runs with this visit complete (a visit cut short "
+              "is left out). Returns are over the visit's episodes (final: its last 10); probes are on the task's "
+              "fixed probe set at the end of the visit, averaged over layers where a probe has several "
+              "(each layer: `visits.csv`). The `fresh` arm is a network trained on this task alone for one "
+              "visit's steps: the same row stands beside every visit of the task.", ""]
+    present = set(stats["metric"]) if len(stats) else set()
+    probes = [p for p in MAIN_PROBES if p in present and stats[stats["metric"] == p]["n"].max() > 0]
+    header = ["arm", "n", "mean return", "IQM", "final return", "IQM", *(MAIN_PROBES[p] for p in probes)]
+    for key in keys:
+        span = f"steps {key.start}–{key.end}" if key.end > key.start else "one visit"
+        lines += [f"### {key.index}. {key.task}, visit {key.visit} ({span})", "",
+                  "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        mine = stats[stats["index"] == key.index] if len(stats) else stats
+        for arm in arms:
+            cells = {m: row for _, row in mine[mine["arm"] == arm].iterrows() for m in [row["metric"]]}
+            if not cells:
+                continue
+            n = int(max(cells[m]["n"] for m in RETURN_METRICS if m in cells)) if any(
+                m in cells for m in RETURN_METRICS) else 0
+            row = [arm, str(n)]
+            for metric in RETURN_METRICS:
+                cell = cells.get(metric)
+                row += [_cell(cell), _fmt(cell["iqm"]) if cell is not None else "–"]
+            row += [_cell(cells.get(p)) for p in probes]
+            lines.append("| " + " | ".join(row) + " |")
+        lines.append("")
+    if not keys:
+        lines += ["No task visit has been logged yet.", ""]
+
+    lines += ["## Curves", "",
+              "Mean over seeds with a shaded 95% bootstrap band; dashed vertical lines are task switches. Each run "
+              "is interpolated linearly onto a common step grid (no extrapolation past its last log); the "
+              "return is the current task's (`task/<task>/episode_return`). The fresh arm's runs are drawn where "
+              "the continual runs meet their task.", ""]
+    for name, (filename, title, _) in PLOTS.items():
+        if (report.out / filename).is_file():
+            lines += [f"![{title}]({filename})", ""]
+    lines += ["## Files", "",
+              "- `runs.csv`: one row per run (arm, seed, directory, complete or how far it got);",
+              "- `visits_by_run.csv`: every run's task visits (`task_summary.csv` rows, or rebuilt from the events "
+              "for a run without the monitor; column `source`);",
+              "- `visits.csv`: the tables above, per visit, arm and metric (each layer too): n, mean, ci_low, "
+              "ci_high, iqm;",
+              "- `curves.csv`: the plotted curves: metric, arm, step, n, mean, ci_low, ci_high.", ""]
+    return "\n".join(lines)

@@ -1,0 +1,73 @@
+"""The report's PNG plots: mean curve per arm with its 95% bootstrap band, task switches as vertical lines."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: no display needed (and none on a cluster node)
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from rl_plasticity.report.aggregate import VisitKey  # noqa: E402
+
+
+def arm_colors(arms: list[str]) -> dict[str, str]:
+    """One colour per arm, stable in the arm order; ``fresh`` is black."""
+    cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    colors, i = {}, 0
+    for arm in arms:
+        if arm == "fresh":
+            colors[arm] = "black"
+        else:
+            colors[arm] = cycle[i % len(cycle)]
+            i += 1
+    return colors
+
+
+def _switches(ax: plt.Axes, keys: list[VisitKey]) -> None:
+    """Dashed vertical lines at every task switch, and each visit's task named above the plot."""
+    for key in keys:
+        if key.start > 0:
+            ax.axvline(key.start, color="grey", linestyle="--", linewidth=0.8, zorder=0)
+        if key.end > key.start:
+            ax.text((key.start + key.end) / 2, 1.01, key.task, transform=ax.get_xaxis_transform(),
+                    ha="center", va="bottom", fontsize=7, color="dimgrey", clip_on=False)
+
+
+def _draw(ax: plt.Axes, curves: pd.DataFrame, arms: list[str], colors: dict[str, str]) -> None:
+    for arm in arms:
+        c = curves[curves["arm"] == arm]
+        if c.empty:
+            continue
+        n = int(c["n"].max())
+        ax.plot(c["step"], c["mean"], color=colors[arm], linestyle="--" if arm == "fresh" else "-",
+                linewidth=1.3, label=f"{arm} (n={n})")
+        ax.fill_between(c["step"], c["ci_low"], c["ci_high"], color=colors[arm], alpha=0.2, linewidth=0)
+
+
+def plot_metric(curves: pd.DataFrame, metrics: list[str], title: str, ylabel: str, arms: list[str],
+                keys: list[VisitKey], path: Path) -> None:
+    """One panel per metric (a probe's layers), each with every arm, saved as ``path``."""
+    colors = arm_colors(arms)
+    cols = min(len(metrics), 2)
+    rows = (len(metrics) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(7.5 * cols, 3.8 * rows), squeeze=False)
+    for ax, metric in zip(axes.flat, metrics):
+        _draw(ax, curves[curves["metric"] == metric], arms, colors)
+        _switches(ax, keys)
+        ax.set_xlabel("environment steps")
+        ax.set_ylabel(ylabel)
+        ax.set_title(metric if len(metrics) > 1 else title, fontsize=9, pad=14)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(metrics):]:
+        ax.axis("off")
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    if handles:
+        fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 5), fontsize=8, frameon=False)
+    if len(metrics) > 1:
+        fig.suptitle(title)
+    fig.tight_layout(rect=(0, 0.08 if rows == 1 else 0.05, 1, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,254 @@
+"""Read run directories for the report: the arm and seed of each run, its task visits and its curves.
+
+- **Arm**: from the sweep manifest (``sweep.json`` two levels up: ``<sweep>/<label>/<run>``) when there is
+  one; otherwise from the run's config: its interventions and architecture options joined by ``+``
+  (``none`` without any), and ``fresh`` for a run on one task alone (``env.order=explicit`` with one task).
+- **Visits**: the rows of ``task_summary.csv`` (the monitor writes it; exact). A run without it (monitor
+  off) gets them from its events instead: a visit per change of ``task/id``; its mean return is the mean
+  of the ``task/<task>/episode_return`` points in the visit and its final return the last one (each point
+  is SB3's mean over the episodes since the previous log, so both approximate the CSV's per-episode
+  values); its probes are the last ``plasticity/<probe>@probe_set`` values of the visit.
+- **Curves**: the current task's return (all ``task/<task>/episode_return`` tags together, or SB3's
+  ``rollout/ep_rew_mean`` if there are none) and the main probes on the fixed probe set, read with
+  TensorBoard's ``EventAccumulator`` (all events files of the run directory, so a resumed run reads as one).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from rl_plasticity.rundirs import RunProgress, read_config, run_progress
+
+SUMMARY_FILE = "task_summary.csv"
+#: The main probes of the report: name -> (title, the probe's key in tags and in task_summary.csv).
+MAIN_PROBES: dict[str, str] = {
+    "erank": "effective rank",
+    "dormant": "dormant fraction",
+    "nc1": "NC1",
+    "kfac_eps_rank": "K-FAC epsilon-rank",
+}
+RETURN = "return"
+_RETURN_TAG = re.compile(r"^task/(.+)/episode_return$")
+_SIZE_GUIDANCE = {"scalars": 0, "histograms": 1, "compressedHistograms": 1, "tensors": 1, "images": 1, "audio": 1}
+
+
+@dataclass
+class RunData:
+    """One run, as the report sees it.
+
+    :param kind: ``continual``, or ``fresh`` for a network trained on one task alone.
+    :param task: a fresh run's task.
+    :param visits: one row per task visit: ``task, visit, start_step, end_step, complete, mean_return,
+        final_return``, the probe columns and, per main probe, its mean over layers (column ``erank`` etc.).
+    :param curves: metric (``return``, ``erank/value_head``, ``dormant/q_net.1``, ...) -> (steps, values).
+    :param visit_source: ``task_summary.csv`` or ``events``.
+    """
+
+    path: Path
+    arm: str
+    seed: int
+    kind: str
+    task: str | None
+    progress: RunProgress
+    switch_every: int | None
+    tasks: list[str]
+    visits: pd.DataFrame
+    curves: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+    last_step: int = 0
+    visit_source: str = "events"
+
+
+def manifest_entry(run_dir: Path, seed: int, manifests: dict[Path, dict[str, Any] | None]) -> dict[str, Any] | None:
+    """The sweep manifest's entry for this run, if it is a trial of a sweep (``<sweep>/<label>/<run>``)."""
+    from rl_plasticity.sweep.plan import read_manifest  # no torch: plan imports config only
+    from rl_plasticity.sweep.grid import SweepError
+
+    sweep_dir = run_dir.parent.parent
+    if sweep_dir not in manifests:
+        try:
+            manifests[sweep_dir] = read_manifest(sweep_dir)
+        except SweepError:
+            manifests[sweep_dir] = None
+    manifest = manifests[sweep_dir]
+    if manifest is None:
+        return None
+    return manifest["trials"].get(f"{run_dir.parent.name}/seed{seed}")
+
+
+def config_arm(config: dict[str, Any]) -> tuple[str, str]:
+    """``(arm, kind)`` from a run's config when no manifest names it (see the module docstring)."""
+    env = config.get("env") or {}
+    order = env.get("task_order") or []
+    if env.get("order") == "explicit" and len(set(order)) == 1:
+        return "fresh", "fresh"
+    net = config.get("net") or {}
+    parts = list(config.get("interventions") or [])
+    parts += ["layer_norm"] if net.get("layer_norm") else []
+    parts += ["crelu"] if net.get("activation") == "crelu" else []
+    return ("+".join(parts) or "none"), "continual"
+
+
+@lru_cache(maxsize=64)
+def _task_names(env_json: str) -> tuple[str, ...]:
+    import json
+
+    from envs import make_sequence
+
+    env = json.loads(env_json)
+    seq = make_sequence(env["sequence"], switch_every=env["switch_every"], order=env.get("order", "cyclic"),
+                        task_order=env.get("task_order"), seed=env["seed"], num_envs=env.get("n_envs", 1),
+                        **(env.get("options") or {}))
+    try:
+        return tuple(seq.task_names)
+    finally:
+        seq.close()
+
+
+def task_names(config: dict[str, Any]) -> list[str]:
+    """The run's task names by task id (building its sequence, as the run did); empty if that fails."""
+    import json
+
+    env = dict(config.get("env") or {})
+    seed = env.get("sequence_seed")
+    env["seed"] = config.get("seed", 0) if seed is None else seed
+    try:
+        return list(_task_names(json.dumps(env, sort_keys=True)))
+    except Exception:  # an old or foreign config: the visits then fall back to the names in the CSV/tags
+        return []
+
+
+def read_scalars(run_dir: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Every scalar tag of the run's events files: tag -> (steps, values), in step order."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir), size_guidance=_SIZE_GUIDANCE)
+    try:
+        acc.Reload()
+    except Exception:  # a file being written or cut short: use what was read
+        pass
+    out = {}
+    for tag in acc.Tags().get("scalars", []):
+        events = acc.Scalars(tag)
+        steps = np.array([e.step for e in events], dtype=np.int64)
+        values = np.array([e.value for e in events], dtype=float)
+        order = np.argsort(steps, kind="stable")
+        out[tag] = (steps[order], values[order])
+    return out
+
+
+def _merge_points(series: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+    """Several (steps, values) series as one, in step order; values at the same step are averaged."""
+    if not series:
+        return np.zeros(0, dtype=np.int64), np.zeros(0)
+    frame = pd.DataFrame({"step": np.concatenate([s for s, _ in series]),
+                          "value": np.concatenate([v for _, v in series])})
+    merged = frame.groupby("step", sort=True)["value"].mean()
+    return merged.index.to_numpy(dtype=np.int64), merged.to_numpy(dtype=float)
+
+
+def curves_from_scalars(scalars: dict[str, tuple[np.ndarray, np.ndarray]]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """The report's curves: the current task's return and each main probe per layer on the probe set."""
+    curves = {}
+    returns = [series for tag, series in scalars.items() if _RETURN_TAG.match(tag)]
+    if returns:
+        curves[RETURN] = _merge_points(returns)
+    elif "rollout/ep_rew_mean" in scalars:
+        curves[RETURN] = scalars["rollout/ep_rew_mean"]
+    for probe in MAIN_PROBES:
+        pattern = re.compile(rf"^plasticity/{probe}/(.+)@probe_set$")
+        for tag, series in scalars.items():
+            match = pattern.match(tag)
+            if match:
+                curves[f"{probe}/{match.group(1)}"] = series
+    return curves
+
+
+def visits_from_summary(path: Path) -> pd.DataFrame:
+    """The rows of a ``task_summary.csv`` (``complete`` as bool)."""
+    frame = pd.read_csv(path)
+    if "complete" in frame:
+        frame["complete"] = frame["complete"].astype(str).str.lower().isin(["true", "1"])
+    return frame
+
+
+def visits_from_events(scalars: dict[str, tuple[np.ndarray, np.ndarray]], tasks: list[str],
+                       switch_every: int | None, end_step: int) -> pd.DataFrame:
+    """Task visits rebuilt from ``task/id`` and the per-task return tags (see the module docstring)."""
+    if "task/id" not in scalars:
+        return pd.DataFrame()
+    steps, ids = scalars["task/id"]
+    segments: list[list[int]] = []  # [task id, start]
+    for step, task_id in zip(steps.tolist(), ids.astype(int).tolist()):
+        if not segments:
+            segments.append([task_id, 0])
+        elif task_id != segments[-1][0]:
+            segments.append([task_id, step])
+    rows, seen = [], {}
+    for i, (task_id, start) in enumerate(segments):
+        end = segments[i + 1][1] if i + 1 < len(segments) else end_step
+        if end <= start:
+            continue
+        name = tasks[task_id] if task_id < len(tasks) else f"task{task_id}"
+        seen[name] = seen.get(name, 0) + 1
+        row: dict[str, Any] = {"task_id": task_id, "task": name, "visit": seen[name], "start_step": start,
+                               "end_step": end,
+                               "complete": switch_every is not None and end - start == switch_every}
+        s, v = scalars.get(f"task/{name}/episode_return", (np.zeros(0), np.zeros(0)))
+        inside = (s > start) & (s <= end)
+        row["mean_return"] = float(np.mean(v[inside])) if inside.any() else math.nan
+        row["final_return"] = float(v[inside][-1]) if inside.any() else math.nan
+        for tag, (ps, pv) in scalars.items():
+            if tag.startswith("plasticity/") and tag.endswith("@probe_set"):
+                inside = (ps > start) & (ps <= end)
+                if inside.any():
+                    row[tag[len("plasticity/"):-len("@probe_set")]] = float(pv[inside][-1])
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def add_probe_means(visits: pd.DataFrame) -> pd.DataFrame:
+    """Per main probe, a column with its mean over layers (``dormant`` = mean of ``dormant/<layer>``)."""
+    visits = visits.copy()
+    for probe in MAIN_PROBES:
+        columns = [c for c in visits.columns if c.startswith(f"{probe}/")]
+        visits[probe] = visits[columns].apply(pd.to_numeric, errors="coerce").mean(axis=1) if columns else np.nan
+    return visits
+
+
+def load_run(run_dir: Path, manifests: dict[Path, dict[str, Any] | None]) -> RunData:
+    """Everything the report needs from one run directory (see the module docstring)."""
+    config = read_config(run_dir)
+    seed = int(config.get("seed", 0))
+    entry = manifest_entry(run_dir, seed, manifests)
+    if entry is not None:
+        arm, kind, task = entry["arm"], ("fresh" if entry.get("task") is not None else "continual"), entry.get("task")
+    else:
+        arm, kind = config_arm(config)
+        task = None
+    env = config.get("env") or {}
+    switch_every = env.get("switch_every")
+    tasks = task_names(config)
+    if kind == "fresh" and task is None:
+        order = env.get("task_order") or [0]
+        task = tasks[order[0]] if order[0] < len(tasks) else f"task{order[0]}"
+
+    progress = run_progress(run_dir)
+    scalars = read_scalars(run_dir)
+    last_step = max((int(s[-1]) for s, _ in scalars.values() if len(s)), default=0)
+    summary = run_dir / SUMMARY_FILE
+    if summary.is_file() and summary.stat().st_size > 0:
+        visits, source = visits_from_summary(summary), "task_summary.csv"
+    else:
+        end = progress.total_steps if progress.complete and progress.total_steps else last_step
+        visits, source = visits_from_events(scalars, tasks, switch_every, end), "events"
+    visits = add_probe_means(visits) if len(visits) else visits
+    return RunData(run_dir, arm, seed, kind, task, progress, switch_every, tasks, visits,
+                   curves_from_scalars(scalars), last_step, source)

@@ -1,0 +1,94 @@
+"""Statistics over seeds: mean with a 95% percentile-bootstrap interval, and the interquartile mean.
+
+The interval is SciPy's ``scipy.stats.bootstrap`` (percentile method, seeded); the IQM is
+``scipy.stats.trim_mean(x, 0.25)``, the definition rliable uses (Agarwal et al. 2021): the mean of the
+middle 50% of the values. NaN values (a probe undefined in a run, a curve a run has not reached yet) are
+left out, and ``n`` says how many values remained.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import stats
+
+CONFIDENCE = 0.95
+
+
+@dataclass(frozen=True)
+class Summary:
+    """Mean, 95% bootstrap interval and IQM of the finite values (NaN interval with fewer than two)."""
+
+    n: int
+    mean: float
+    ci_low: float
+    ci_high: float
+    iqm: float
+
+
+def iqm(values: np.ndarray) -> float:
+    """Interquartile mean (rliable's ``IQM``): ``trim_mean(values, 0.25)`` over the finite values."""
+    x = _finite(values)
+    return float(stats.trim_mean(x, 0.25)) if len(x) else float("nan")
+
+
+def summarize(values: np.ndarray, n_resamples: int = 10_000, seed: int = 0) -> Summary:
+    """:class:`Summary` of the finite values: the mean's interval is a seeded percentile bootstrap."""
+    x = _finite(values)
+    if len(x) == 0:
+        return Summary(0, *(float("nan"),) * 4)
+    low, high = _bootstrap(x[:, None], n_resamples, seed)
+    return Summary(len(x), float(np.mean(x)), float(low[0]), float(high[0]), iqm(x))
+
+
+def band(matrix: np.ndarray, n_resamples: int = 2_000, seed: int = 0) -> dict[str, np.ndarray]:
+    """Per column of ``matrix`` (runs x points): ``n``, ``mean``, ``ci_low``, ``ci_high`` over the finite runs.
+
+    Columns are bootstrapped in groups that share the same finite runs, so a run that stops early (an
+    incomplete one) leaves the interval of the points it has not reached to the others.
+    """
+    matrix = np.atleast_2d(np.asarray(matrix, dtype=float))
+    finite = np.isfinite(matrix)
+    n = finite.sum(axis=0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = np.where(n > 0, np.nansum(np.where(finite, matrix, 0.0), axis=0) / np.maximum(n, 1), np.nan)
+    low = np.full(matrix.shape[1], np.nan)
+    high = np.full(matrix.shape[1], np.nan)
+    patterns: dict[bytes, list[int]] = {}
+    for col in np.flatnonzero(n >= 2):
+        patterns.setdefault(finite[:, col].tobytes(), []).append(int(col))
+    for key, cols in patterns.items():
+        rows = np.frombuffer(key, dtype=bool)
+        low[cols], high[cols] = _bootstrap(matrix[np.ix_(rows, cols)], n_resamples, seed)
+    return {"n": n, "mean": mean, "ci_low": low, "ci_high": high}
+
+
+def _bootstrap(samples: np.ndarray, n_resamples: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Percentile-bootstrap interval of the mean of each column (samples x columns); NaN with < 2 samples."""
+    if samples.shape[0] < 2:
+        return np.full(samples.shape[1], np.nan), np.full(samples.shape[1], np.nan)
+    result = stats.bootstrap((samples,), np.mean, axis=0, vectorized=True, n_resamples=n_resamples,
+                             confidence_level=CONFIDENCE, method="percentile", rng=np.random.default_rng(seed))
+    return np.asarray(result.confidence_interval.low), np.asarray(result.confidence_interval.high)
+
+
+def _finite(values: np.ndarray) -> np.ndarray:
+    x = np.asarray(values, dtype=float).ravel()
+    return x[np.isfinite(x)]
+
+
+def interpolate(steps: np.ndarray, values: np.ndarray, grid: np.ndarray) -> np.ndarray:
+    """``values`` logged at ``steps``, linearly interpolated onto ``grid``; NaN outside the logged range
+    (no extrapolation: an incomplete run has no value past its last log)."""
+    steps, values = np.asarray(steps, dtype=float), np.asarray(values, dtype=float)
+    keep = np.isfinite(values)
+    steps, values = steps[keep], values[keep]
+    out = np.full(len(grid), np.nan)
+    if len(steps) == 0:
+        return out
+    order = np.argsort(steps, kind="stable")
+    steps, values = steps[order], values[order]
+    inside = (grid >= steps[0]) & (grid <= steps[-1])
+    out[inside] = np.interp(grid[inside], steps, values)
+    return out

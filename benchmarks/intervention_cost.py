@@ -5,7 +5,9 @@ same run with no intervention, in rounds that alternate the order (so drift on a
 arms alike), with the protocol's update schedule (one update of batch 32 per env step, MinAtar network,
 CPU, one torch thread). Task-switch interventions fire once, at the switch in the middle of the window.
 
-How to read it: one ratio per intervention, median time / median time of "none". Targets from the issue:
+How to read it: one ratio per intervention, median time / median time of "none", in wall time and in CPU
+time of this process (with one torch thread, CPU time is what the wall time would be on an idle machine;
+trust it when the script warns that other processes shared the cores). Targets from the issue:
 ``kfac_rank`` under 1.5, the parameter-only ones (``l2``, ``l2_init``) under 1.05.
 
     .venv/bin/python benchmarks/intervention_cost.py                    # every registered intervention
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import os
 import statistics
 import time
 
@@ -31,8 +34,8 @@ from rl_plasticity.interventions import INTERVENTIONS, build_interventions
 TARGETS = {"kfac_rank": 1.5, "l2": 1.05, "l2_init": 1.05}
 
 
-def timed_run(names: list[str], steps: int, learning_starts: int) -> float:
-    """Seconds of ``learn(steps)`` with the named interventions, on a fresh env and agent."""
+def timed_run(names: list[str], steps: int, learning_starts: int) -> tuple[float, float]:
+    """(wall, CPU) seconds of ``learn(steps)`` with the named interventions, on a fresh env and agent."""
     env = make_vec_env(make_sequence, n_envs=1, vec_env_cls=DummyVecEnv,
                        env_kwargs=dict(name="continual_minatar", switch_every=steps // 2, seed=0))
     agent = PlasticDQN(
@@ -42,11 +45,11 @@ def timed_run(names: list[str], steps: int, learning_starts: int) -> float:
         device="cpu", seed=0,
     )
     gc.collect()
-    start = time.perf_counter()
+    wall, cpu = time.perf_counter(), time.process_time()
     agent.learn(total_timesteps=steps, progress_bar=False)
-    elapsed = time.perf_counter() - start
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     env.close()
-    return elapsed
+    return wall, cpu
 
 
 def main() -> None:
@@ -70,19 +73,28 @@ def main() -> None:
     print(f"continual_minatar DDQN: {rounds} rounds x {steps} steps per arm, learning_starts={learning_starts}, "
           f"switch at step {steps // 2}, torch threads=1, device=cpu")
 
-    times: dict[str, list[float]] = {arm: [] for arm in arms}
+    wall: dict[str, list[float]] = {arm: [] for arm in arms}
+    cpu: dict[str, list[float]] = {arm: [] for arm in arms}
+    loads = [os.getloadavg()[0]]
     for r in range(rounds):
         for arm in arms if r % 2 == 0 else arms[::-1]:
-            times[arm].append(timed_run([] if arm == "none" else [arm], steps, learning_starts))
-        print(f"round {r + 1}: " + "  ".join(f"{arm} {times[arm][-1]:.1f}s" for arm in arms))
+            w, c = timed_run([] if arm == "none" else [arm], steps, learning_starts)
+            wall[arm].append(w)
+            cpu[arm].append(c)
+        loads.append(os.getloadavg()[0])
+        print(f"round {r + 1}: " + "  ".join(f"{arm} {wall[arm][-1]:.1f}s (cpu {cpu[arm][-1]:.1f})" for arm in arms))
+    cores = os.cpu_count() or 1
+    print(f"load average (1 min) during the rounds: {min(loads):.1f}-{max(loads):.1f} on {cores} cores"
+          + ("; WARNING: other processes shared the cores, trust the cpu ratios" if max(loads) > cores - 0.5 else ""))
 
-    base = statistics.median(times["none"])
-    print(f"none: {base:.2f} s ({steps / base:.0f} steps/s)")
+    base_wall, base_cpu = statistics.median(wall["none"]), statistics.median(cpu["none"])
+    print(f"none: {base_wall:.2f} s wall, {base_cpu:.2f} s cpu ({steps / base_wall:.0f} steps/s)")
     for arm in names:
-        ratio = statistics.median(times[arm]) / base
+        ratios = statistics.median(wall[arm]) / base_wall, statistics.median(cpu[arm]) / base_cpu
         target = TARGETS.get(arm)
-        verdict = "" if target is None else f" (target < {target}: {'OK' if ratio < target else 'ABOVE'})"
-        print(f"{arm:<22} ratio {ratio:.3f}{verdict}")
+        verdicts = ["" if target is None else (" OK" if r < target else " ABOVE") for r in ratios]
+        print(f"{arm:<22} ratio wall {ratios[0]:.3f}{verdicts[0]}, cpu {ratios[1]:.3f}{verdicts[1]}"
+              + ("" if target is None else f" (target < {target})"))
 
 
 if __name__ == "__main__":

@@ -32,7 +32,10 @@ target < 1.05. ``on-noswitch / off`` is the steady-state cost of the probe round
 switch round per window (a switch every ``steps`` steps, far more often than the default ``env.switch_every``);
 the estimate at ``env.switch_every=100000`` spreads the measured switch cost over a default-length task. Wall
 and CPU ratios agree on an idle machine; when they do not (the script warns if the load average exceeds the
-cores), other processes were competing for the cores and the CPU ratios are the fair comparison. In part 2 a
+cores), other processes were competing for the cores and the CPU ratios are the fair comparison. The last
+line accounts for the monitor directly: the CPU time spent inside its own code (callback hooks and the
+in-``train()`` observer) over the rest of ``learn()``. The monitor changes nothing in training, so that is its
+whole cost, and it is far less sensitive to other load than a difference of two separate runs. In part 2 a
 probe round in training costs about the probe-set column (256) plus the batch column (32) of the light round,
 plus the heavy probes at 256 at a switch.
 
@@ -106,8 +109,31 @@ def run_config(arm: str, switch_every: int, learning_starts: int, threads: int, 
     return validate_config(data)
 
 
-def timed_run(arm: str, steps: int, learning_starts: int, threads: int) -> tuple[float, float]:
-    """(wall, CPU) seconds of ``learn(steps)`` on a fresh env and agent; checks the window ended on a switch."""
+def _clock_monitor(monitor: MonitorCallback) -> list[float]:
+    """Wrap every entry point of ``monitor`` (its callback hooks and its in-``train()`` observer) so that the
+    CPU seconds spent inside them add up in the returned one-element list."""
+    spent = [0.0]
+
+    def clocked(fn: Callable[..., Any]) -> Callable[..., Any]:
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            start = time.process_time()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                spent[0] += time.process_time() - start
+
+        return wrapper
+
+    for obj, names in ((monitor, ("_init_callback", "_on_step", "_on_rollout_end", "_on_training_end")),
+                       (monitor._observer, ("loss_terms", "on_update"))):
+        for name in names:
+            setattr(obj, name, clocked(getattr(obj, name)))
+    return spent
+
+
+def timed_run(arm: str, steps: int, learning_starts: int, threads: int) -> tuple[float, float, float]:
+    """(wall, CPU, monitor CPU) seconds of ``learn(steps)`` on a fresh env and agent, the last one spent inside
+    the monitor's own code; checks the window ended on a switch."""
     cfg = run_config(arm, switch_every=steps, learning_starts=learning_starts, threads=threads)
     env = build_env(cfg)
     task_names = env.get_attr("task_names")[0]
@@ -115,8 +141,11 @@ def timed_run(arm: str, steps: int, learning_starts: int, threads: int) -> tuple
     with tempfile.TemporaryDirectory() as tmp:
         agent.set_logger(configure(tmp, ["tensorboard"]))
         callbacks: list[Any] = [TaskLogCallback(flat_hparams(cfg), task_names)]
+        spent = [0.0]
         if cfg.monitor.enabled:
-            callbacks.append(MonitorCallback(cfg.monitor, Path(tmp), task_names))
+            monitor = MonitorCallback(cfg.monitor, Path(tmp), task_names)
+            spent = _clock_monitor(monitor)
+            callbacks.append(monitor)
         gc.collect()
         wall, cpu = time.perf_counter(), time.process_time()
         agent.learn(total_timesteps=steps, callback=callbacks, progress_bar=False)
@@ -126,7 +155,7 @@ def timed_run(arm: str, steps: int, learning_starts: int, threads: int) -> tuple
     env.close()
     if task == 0:
         raise RuntimeError("no task switch happened inside the timed window")
-    return wall, cpu
+    return wall, cpu, spent[0]
 
 
 def load_note(loads: list[float]) -> str:
@@ -153,13 +182,15 @@ def overhead(steps: int, rounds: int, learning_starts: int, threads: int, warm_u
             timed_run(arm, learning_starts + 300, learning_starts, threads)
     wall: dict[str, list[float]] = {arm: [] for arm in ARMS}
     cpu: dict[str, list[float]] = {arm: [] for arm in ARMS}
+    inside: dict[str, list[float]] = {arm: [] for arm in ARMS}
     loads = [os.getloadavg()[0]]
     for r in range(rounds):
         order = ARMS if r % 2 == 0 else ARMS[::-1]
         for arm in order:
-            w, c = timed_run(arm, steps, learning_starts, threads)
+            w, c, m = timed_run(arm, steps, learning_starts, threads)
             wall[arm].append(w)
             cpu[arm].append(c)
+            inside[arm].append(m)
         loads.append(os.getloadavg()[0])
         print(f"round {r + 1}: " + "  ".join(f"{arm} {wall[arm][-1]:6.2f} (cpu {cpu[arm][-1]:6.2f})" for arm in order))
     print(load_note(loads))
@@ -190,6 +221,15 @@ def overhead(steps: int, rounds: int, learning_starts: int, threads: int, warm_u
     print(f"estimated ratio on/off at env.switch_every={DEFAULT_SWITCH_EVERY} (the default; one switch per "
           f"{w['task']:.0f} s wall, {c['task']:.0f} s cpu of training): wall {w['estimate']:.3f} "
           f"{verdict(w['estimate'])}, cpu {c['estimate']:.3f} {verdict(c['estimate'])}")
+    # The monitor changes nothing in training, so its whole cost is the time spent inside its own code: a
+    # measure that other processes on the machine barely disturb, unlike a difference of two noisy runs.
+    own = {arm: statistics.median(m / (t - m) for m, t in zip(inside[arm], cpu[arm])) for arm in ("on", "on-noswitch")}
+    switch_cpu = statistics.median(a - b for a, b in zip(inside["on"], inside["on-noswitch"]))
+    accounted = 1 + own["on-noswitch"] + switch_cpu / c["task"]
+    print(f"cpu inside the monitor's code: {statistics.median(inside['on-noswitch']):.2f} s per window without "
+          f"switch probes, {switch_cpu:.2f} s per switch; ratio (learn cpu) / (learn cpu - monitor cpu): "
+          f"on-noswitch {1 + own['on-noswitch']:.3f} {verdict(1 + own['on-noswitch'])}, "
+          f"estimate at env.switch_every={DEFAULT_SWITCH_EVERY} {accounted:.3f} {verdict(accounted)}")
 
 
 # -- part 2: per-probe cost ---------------------------------------------------------------------------------

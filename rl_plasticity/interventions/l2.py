@@ -76,7 +76,7 @@ class L2Params(Params):
 
 @register("l2")
 class L2(PlasticityIntervention):
-    """L2 regularization coef * sum ||theta||^2 / 2 of the weights, as a loss term (coupled, not AdamW).
+    """L2 regularization coef * sum ||theta||^2 / 2 of the weights, coupled into the gradient (not AdamW).
 
     The term's gradient ``coef * theta`` is added to each weight's gradient (biases only with
     ``include_biases``) before clipping; the term's value is logged as ``l2``. Default ``coef = 1e-4``

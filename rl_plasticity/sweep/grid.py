@@ -1,6 +1,7 @@
 """The sweep's small languages: seed ranges, ``--grid key=[v1,v2,...]`` and named arms.
 
-Grid values are parsed with OmegaConf's override grammar (the one ``rlp train key=value`` uses), so
+Grid values are parsed exactly as ``rlp train key=value`` parses an override (OmegaConf's ``from_dotlist``,
+whose values are YAML flow), so
 ``interventions=[[],[reset],[l2,reset]]`` is a list of three intervention lists. Each value is written back
 as an ordinary ``key=value`` override for its trial, and checked to parse back to the same value.
 """
@@ -60,7 +61,8 @@ def check_not_sweep_key(key: str, where: str) -> None:
 
 
 def render_value(value: Any) -> str:
-    """A value in OmegaConf's override grammar: ``[reset,l2]``, ``0.001``, ``null``, ``'a=b'``."""
+    """A value as ``rlp train`` reads an override's value (YAML flow, through OmegaConf's ``from_dotlist``):
+    ``[reset,l2]``, ``0.001``, ``null``, ``'a=b'``."""
     if value is None:
         return "null"
     if isinstance(value, bool):
@@ -70,7 +72,7 @@ def render_value(value: Any) -> str:
     if isinstance(value, str):
         if _PLAIN.match(value) and value.lower() not in ("true", "false", "null", "nan", "inf"):
             return value
-        return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+        return "'" + value.replace("'", "''") + "'"  # a YAML single-quoted scalar
     if isinstance(value, list):
         return "[" + ",".join(render_value(v) for v in value) + "]"
     if isinstance(value, dict):
@@ -107,7 +109,11 @@ def parse_grid(spec: str) -> tuple[str, list[str]]:
     overrides = []
     for value in values:
         override = f"{key}={render_value(value)}"
-        if _parse_value(key, render_value(value)) != value:  # the trial must see exactly this value
+        try:
+            same = _parse_value(key, render_value(value)) == value  # the trial must see exactly this value
+        except (OmegaConfBaseException, yaml.YAMLError):
+            same = False
+        if not same:
             raise SweepError(f"--grid '{spec}': value {value!r} does not survive as an override ({override})")
         overrides.append(override)
     return key, overrides

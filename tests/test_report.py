@@ -1,0 +1,283 @@
+"""`rlp report` on hand-made run directories: every number checked against an independent computation.
+
+The runs are synthetic (a config.yaml, a hand-written task_summary.csv, a small TensorBoard events file
+written with SummaryWriter, a checkpoint meta.json), so the expected tables and curves are known exactly.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from click.testing import CliRunner
+from scipy import stats as sps
+from torch.utils.tensorboard import SummaryWriter
+
+from rl_plasticity.cli import cli
+from rl_plasticity.report import band, interpolate, iqm, make_report, summarize
+
+A, B = "cartpole/length=0.5", "cartpole/length=1.5"
+SWITCH = 100
+
+
+def write_run(run_dir: Path, *, seed: int, interventions: list[str], total: int, checkpoint: int | None,
+              rows: list[dict] | None, scalars: dict[str, list[tuple[int, float]]], task_order: list[int] | None = None,
+              layer_norm: bool = False) -> Path:
+    """A run directory as `rlp train` leaves it, with only what the report reads."""
+    run_dir.mkdir(parents=True)
+    env = {"sequence": "cartpole_shift", "switch_every": SWITCH, "order": "explicit" if task_order else "cyclic",
+           "task_order": task_order, "n_envs": 1, "sequence_seed": None, "options": {"values": [0.5, 1.5]}}
+    config = {"name": "synthetic", "seed": seed, "total_steps": total, "env": env, "interventions": interventions,
+              "net": {"kind": "mlp", "layer_norm": layer_norm, "activation": "relu"}}
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(config))
+    if rows is not None:
+        pd.DataFrame(rows).to_csv(run_dir / "task_summary.csv", index=False)
+    writer = SummaryWriter(log_dir=str(run_dir))
+    for tag, points in scalars.items():
+        for step, value in points:
+            writer.add_scalar(tag, value, step)
+    writer.close()
+    if checkpoint is not None:
+        name = f"step_{checkpoint:012d}"
+        (run_dir / "checkpoints" / name).mkdir(parents=True)
+        (run_dir / "checkpoints" / name / "meta.json").write_text(json.dumps({"step": checkpoint}))
+        (run_dir / "checkpoints" / "latest").write_text(name + "\n")
+    return run_dir
+
+
+def row(task: str, visit: int, start: int, mean: float, final: float, erank: float, dormant: tuple[float, float],
+        nc1: float, complete: bool = True) -> dict:
+    return {"task_id": 0 if task == A else 1, "task": task, "visit": visit, "start_step": start,
+            "end_step": start + SWITCH, "episodes": 5, "mean_return": mean, "final_return": final,
+            "complete": complete, "dormant/q_net.1": dormant[0], "dormant/q_net.3": dormant[1],
+            "erank/value_head": erank, "nc1/value_head": nc1, "kfac_eps_rank/q_net.0": 0.5}
+
+
+# Per arm and seed: mean returns of visit 1 (task A) and visit 2 (task B), and the return curve points.
+NONE = {0: (10.0, 4.0), 1: (12.0, 6.0), 2: (20.0, 8.0)}
+RESET = {0: (11.0, 9.0), 1: (13.0, 11.0), 2: (15.0, 13.0)}
+FRESH_B = {0: 30.0, 1: 34.0, 2: 38.0}
+
+
+def curve(seed: int, base: float) -> list[tuple[int, float]]:
+    return [(50, base + seed), (100, base + 2 * seed)]
+
+
+@pytest.fixture
+def runs(tmp_path: Path) -> Path:
+    root = tmp_path / "runs"
+    for arm, table, ivs in (("none", NONE, []), ("reset", RESET, ["reset"])):
+        for seed, (ra, rb) in table.items():
+            rows = [row(A, 1, 0, ra, ra + 1, 2.0 + seed, (0.1, 0.3), float("nan") if (arm, seed) == ("none", 2) else 1.0 + seed),
+                    row(B, 1, SWITCH, rb, rb + 1, 3.0 + seed, (0.2, 0.4), 2.0)]
+            scalars = {f"task/{A}/episode_return": curve(seed, 0.0 if arm == "none" else 100.0),
+                       f"task/{B}/episode_return": [(150, 10.0 * seed), (200, 10.0 * seed + 1)],
+                       "task/id": [(10, 0), (100, 1), (150, 1), (200, 0)],
+                       "plasticity/erank/value_head@probe_set": [(100, 2.0 + seed), (200, 3.0 + seed)]}
+            write_run(root / arm / f"20260101-00000{seed}_seed{seed}", seed=seed, interventions=ivs, total=200,
+                      checkpoint=200, rows=rows, scalars=scalars)
+    # An incomplete reset run: stopped at step 100, after its first visit.
+    write_run(root / "reset" / "20260101-000003_seed3", seed=3, interventions=["reset"], total=200, checkpoint=100,
+              rows=[row(A, 1, 0, 17.0, 18.0, 5.0, (0.0, 0.2), 4.0),
+                    row(B, 1, SWITCH, 99.0, 99.0, 5.0, (0.0, 0.2), 4.0, complete=False)],  # cut short: left out
+              scalars={f"task/{A}/episode_return": curve(3, 100.0), "task/id": [(10, 0), (100, 0)]})
+    # The fresh arm: task B alone (explicit order [1]) for one switch period.
+    for seed, value in FRESH_B.items():
+        write_run(root / "fresh" / f"20260101-00000{seed}_seed{seed}", seed=seed, interventions=[], total=SWITCH,
+                  checkpoint=SWITCH, task_order=[1],
+                  rows=[row(B, 1, 0, value, value + 1, 9.0, (0.0, 0.0), 3.0)],
+                  scalars={f"task/{B}/episode_return": [(50, value), (100, value + 2)], "task/id": [(10, 1)]})
+    return root
+
+
+def stat(frame: pd.DataFrame, index: int, arm: str, metric: str) -> pd.Series:
+    (found,) = [r for _, r in frame.iterrows() if (r["index"], r["arm"], r["metric"]) == (index, arm, metric)]
+    return found
+
+
+# -- statistics -----------------------------------------------------------------------------------
+
+def test_iqm_is_the_mean_of_the_middle_half():
+    assert iqm(np.arange(1, 9)) == pytest.approx(4.5)          # mean of 3, 4, 5, 6
+    assert iqm(np.array([1.0, 2.0, 3.0, 100.0])) == pytest.approx(2.5)
+    assert iqm(np.array([5.0, np.nan, 7.0])) == pytest.approx(6.0)  # NaN left out; n=2 trims nothing
+
+
+def test_bootstrap_interval_matches_an_independent_percentile_bootstrap():
+    x = np.array([3.0, 7.0, 1.0, 9.0, 4.0, 6.0])
+    s = summarize(x, n_resamples=20_000, seed=0)
+    assert s.n == 6 and s.mean == pytest.approx(x.mean()) and s.iqm == pytest.approx(sps.trim_mean(x, 0.25))
+    assert x.min() <= s.ci_low < s.mean < s.ci_high <= x.max()
+    rng = np.random.default_rng(123)
+    means = x[rng.integers(0, len(x), (50_000, len(x)))].mean(axis=1)
+    low, high = np.percentile(means, [2.5, 97.5])
+    assert s.ci_low == pytest.approx(low, abs=0.15) and s.ci_high == pytest.approx(high, abs=0.15)
+    assert summarize(np.array([1.0, np.nan, 3.0])).n == 2
+    one = summarize(np.array([4.0]))
+    assert one.mean == 4.0 and np.isnan(one.ci_low) and np.isnan(one.ci_high)
+
+
+def test_band_per_point_uses_the_runs_that_reach_it():
+    m = np.array([[1.0, 2.0, np.nan], [3.0, 4.0, 5.0], [5.0, 9.0, np.nan]])
+    b = band(m, n_resamples=5_000)
+    assert b["n"].tolist() == [3, 3, 1]
+    np.testing.assert_allclose(b["mean"], [3.0, 5.0, 5.0])
+    assert b["ci_low"][0] <= 3.0 <= b["ci_high"][0] and np.isnan(b["ci_low"][2])
+    # The same interval as summarize() on that column alone.
+    col = summarize(m[:, 1], n_resamples=5_000)
+    assert (b["ci_low"][1], b["ci_high"][1]) == pytest.approx((col.ci_low, col.ci_high))
+
+
+def test_interpolation_is_linear_and_never_extrapolates():
+    out = interpolate(np.array([10, 20, 40]), np.array([1.0, 3.0, 7.0]), np.array([0.0, 10, 15, 30, 40, 50]))
+    np.testing.assert_allclose(out, [np.nan, 1.0, 2.0, 5.0, 7.0, np.nan])
+
+
+# -- the report -------------------------------------------------------------------------------------
+
+def test_report_tables_match_hand_computed_statistics(runs: Path, tmp_path: Path):
+    report = make_report(runs, tmp_path / "out", points=5, n_resamples=4_000)
+    stats = pd.read_csv(tmp_path / "out" / "visits.csv")
+
+    # Visit 1 (task A): none's mean return over seeds 0-2; reset's also has the incomplete run's visit 1.
+    s = stat(stats, 1, "none", "mean_return")
+    assert (s["n"], s["task"], s["visit"]) == (3, A, 1)
+    assert s["mean"] == pytest.approx(np.mean([10, 12, 20]))
+    assert s["iqm"] == pytest.approx(sps.trim_mean([10, 12, 20], 0.25))
+    assert 10 <= s["ci_low"] <= s["mean"] <= s["ci_high"] <= 20
+    r = stat(stats, 1, "reset", "final_return")
+    assert r["n"] == 4 and r["mean"] == pytest.approx(np.mean([12, 14, 16, 18]))
+    assert r["iqm"] == pytest.approx(np.mean([14, 16]))
+    assert stat(stats, 2, "reset", "mean_return")["n"] == 3  # the incomplete run never reached visit 2
+
+    # Probes at the end of the visit: a multi-layer probe is averaged over layers; NaN NC1 is left out.
+    assert stat(stats, 1, "none", "dormant")["mean"] == pytest.approx(0.2)
+    assert stat(stats, 1, "none", "dormant/q_net.3")["mean"] == pytest.approx(0.3)
+    assert stat(stats, 1, "none", "erank")["mean"] == pytest.approx(3.0)
+    nc1 = stat(stats, 1, "none", "nc1")
+    assert nc1["n"] == 2 and nc1["mean"] == pytest.approx(1.5)
+
+    # The fresh arm stands beside the visit of its task (B is visit 2), not beside task A's.
+    fresh = stat(stats, 2, "fresh", "mean_return")
+    assert fresh["n"] == 3 and fresh["mean"] == pytest.approx(np.mean(list(FRESH_B.values())))
+    assert not ((stats["index"] == 1) & (stats["arm"] == "fresh")).any()
+
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "### 1. cartpole/length=0.5, visit 1 (steps 0–100)" in md
+    assert "### 2. cartpole/length=1.5, visit 1 (steps 100–200)" in md
+    none_row = next(line for line in md.splitlines() if line.startswith("| none | 3 | 14.00 ["))
+    assert "| 14.00 |" in none_row  # the IQM of 10, 12, 20 (nothing trimmed with three) is their mean
+    section2 = md.split("### 2.")[1]
+    assert "| fresh | 3 | 34.00 [" in section2
+    # The incomplete run is named, with how far it got.
+    assert "**Incomplete runs**" in md and "reset/20260101-000003_seed3" in md and "at step 100 of 200" in md
+    assert [r.path.name for r in report.incomplete] == ["20260101-000003_seed3"]
+    runs_csv = pd.read_csv(tmp_path / "out" / "runs.csv")
+    assert runs_csv["complete"].sum() == 9 and len(runs_csv) == 10
+
+
+def test_report_curves_interpolated_averaged_and_fresh_aligned(runs: Path, tmp_path: Path):
+    make_report(runs, tmp_path / "out", points=5, n_resamples=2_000)  # grid: 0, 50, 100, 150, 200
+    curves = pd.read_csv(tmp_path / "out" / "curves.csv")
+
+    def point(metric: str, arm: str, step: float) -> pd.Series:
+        (found,) = [r for _, r in curves.iterrows() if (r["metric"], r["arm"], r["step"]) == (metric, arm, step)]
+        return found
+
+    # The current task's return: task A's points up to 100, task B's after.
+    assert point("return", "none", 50.0)["mean"] == pytest.approx(np.mean([0, 1, 2]))
+    assert point("return", "none", 100.0)["mean"] == pytest.approx(np.mean([0, 2, 4]))
+    assert point("return", "none", 150.0)["mean"] == pytest.approx(np.mean([0, 10, 20]))
+    # reset: the incomplete run (seed 3) counts until its last log (step 100), not after.
+    assert point("return", "reset", 100.0)["n"] == 4 and point("return", "reset", 150.0)["n"] == 3
+    assert point("return", "reset", 100.0)["mean"] == pytest.approx(np.mean([100, 102, 104, 106]))
+    # The fresh runs on task B are placed where the continual runs meet B (step 100): their step 50 -> 150.
+    assert point("return", "fresh", 150.0)["mean"] == pytest.approx(np.mean(list(FRESH_B.values())))
+    assert point("return", "fresh", 200.0)["mean"] == pytest.approx(np.mean(list(FRESH_B.values())) + 2)
+    assert not ((curves["arm"] == "fresh") & (curves["step"] < 100)).any()
+    band_point = point("return", "none", 150.0)
+    assert band_point["ci_low"] <= band_point["mean"] <= band_point["ci_high"]
+    # A probe curve, per layer: erank/value_head at step 150 is halfway between its logs at 100 and 200.
+    assert point("erank/value_head", "none", 150.0)["mean"] == pytest.approx(np.mean([2.5, 3.5, 4.5]))
+
+    for name in ("return.png", "erank.png"):
+        data = (tmp_path / "out" / name).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5_000
+    assert not (tmp_path / "out" / "dormant.png").exists()  # no dormant curve was logged
+
+
+def test_report_rebuilds_visits_from_events_without_task_summary(tmp_path: Path):
+    root = tmp_path / "runs"
+    write_run(root / "run" / "20260101-000000_seed0", seed=0, interventions=["l2"], total=200, checkpoint=200,
+              rows=None, scalars={
+                  "task/id": [(20, 0), (60, 0), (100, 1), (140, 1), (200, 0)],
+                  f"task/{A}/episode_return": [(20, 1.0), (60, 3.0), (100, 8.0)],
+                  f"task/{B}/episode_return": [(140, 5.0), (200, 7.0)],
+                  "plasticity/dormant/q_net.1@probe_set": [(50, 0.1), (100, 0.2), (200, 0.6)]})
+    make_report(root, tmp_path / "out", points=5, n_resamples=1_000)
+    visits = pd.read_csv(tmp_path / "out" / "visits_by_run.csv")
+    assert visits["arm"].tolist() == ["l2", "l2"] and visits["source"].tolist() == ["events", "events"]
+    assert visits["task"].tolist() == [A, B] and visits["start_step"].tolist() == [0, 100]
+    assert visits["end_step"].tolist() == [100, 200] and visits["complete"].tolist() == [True, True]
+    assert visits["mean_return"].tolist() == pytest.approx([4.0, 6.0])
+    assert visits["final_return"].tolist() == pytest.approx([8.0, 7.0])
+    assert visits["dormant/q_net.1"].tolist() == pytest.approx([0.2, 0.6])
+
+
+def test_report_takes_arms_failures_and_pending_trials_from_the_sweep_manifest(tmp_path: Path):
+    sweep = tmp_path / "sweep"
+    scalars = {"task/id": [(10, 0), (100, 1)], f"task/{A}/episode_return": [(50, 1.0)]}
+    write_run(sweep / "layer_norm" / "20260101-000000_seed0", seed=0, interventions=[], total=200, checkpoint=200,
+              rows=None, scalars=scalars, layer_norm=True)
+    write_run(sweep / "plain" / "20260101-000000_seed0", seed=0, interventions=[], total=200, checkpoint=200,
+              rows=None, scalars=scalars)
+    trials = {
+        "layer_norm/seed0": {"arm": "layer_norm", "task": None, "status": "finished",
+                             "run_dir": "layer_norm/20260101-000000_seed0"},
+        "plain/seed0": {"arm": "baseline", "task": None, "status": "finished", "run_dir": "plain/20260101-000000_seed0"},
+        "plain/seed1": {"arm": "baseline", "task": None, "status": "failed", "run_dir": None,
+                        "error": "rlp: error: something broke (exit 3)"},
+        "plain/seed2": {"arm": "baseline", "task": None, "status": "pending", "run_dir": None},
+    }
+    (sweep / "sweep.json").write_text(json.dumps({"trials": trials, "arms_order": ["baseline", "layer_norm"]}))
+    make_report(sweep, None, points=5, n_resamples=1_000)
+    md = (sweep / "report" / "report.md").read_text()
+    runs_csv = pd.read_csv(sweep / "report" / "runs.csv")
+    assert sorted(runs_csv["arm"]) == ["baseline", "layer_norm"]  # not "none" twice, as the configs alone say
+    assert md.index("| baseline |") < md.index("| layer_norm |")  # the sweep's arm order
+    assert "`plain/seed1`: rlp: error: something broke (exit 3)" in md
+    assert "**Trials not started yet** (sweep.json): `plain/seed2`" in md
+
+
+def test_config_arm_without_manifest(tmp_path: Path):
+    from rl_plasticity.report.runs import config_arm
+
+    assert config_arm({"interventions": []}) == ("none", "continual")
+    assert config_arm({"interventions": ["l2", "reset"], "net": {"layer_norm": True}}) == ("l2+reset+layer_norm",
+                                                                                          "continual")
+    assert config_arm({"env": {"order": "explicit", "task_order": [2]}}) == ("fresh", "fresh")
+    assert config_arm({"env": {"order": "explicit", "task_order": [0, 1]}})[1] == "continual"
+
+
+@pytest.mark.parametrize("make", ["missing", "empty"])
+def test_report_bad_input_one_line_exit_2_nothing_written(tmp_path: Path, make: str):
+    target = tmp_path / "runs"
+    if make == "empty":
+        (target / "nothing_here").mkdir(parents=True)
+    result = CliRunner().invoke(cli, ["report", str(target), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("rlp: error: RUNS_DIR: "), result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_report_cli_names_incomplete_runs(runs: Path, tmp_path: Path):
+    result = CliRunner().invoke(cli, ["report", str(runs), "--out", str(tmp_path / "out"), "--points", "5",
+                                      "--resamples", "1000"])
+    assert result.exit_code == 0, result.output
+    assert "report: 10 runs, 1 incomplete: " in result.output and "20260101-000003_seed3" in result.output
+    assert str(tmp_path / "out" / "report.md") in result.output

@@ -1,0 +1,300 @@
+"""`rlp sweep`: grid expansion, up-front validation, skip / resume / failure of trials, and a real Ray sweep.
+
+Trials are real `rlp train` subprocesses on a tiny CartPole config (about 5 s each, mostly start-up). Only
+the test marked `ray` starts Ray (`pytest -m "not ray"` skips it); the others use --sequential, which runs
+the very same trial code one trial after another.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from rl_plasticity.cli import cli
+from rl_plasticity.config import load_config
+from rl_plasticity.rundirs import run_progress
+from rl_plasticity.sweep import SweepError, build_plan, expand_grid, parse_grid, parse_seeds
+from rl_plasticity.sweep.driver import job_for
+from rl_plasticity.sweep.plan import MANIFEST, check_sweep_dir, new_manifest, write_manifest
+from rl_plasticity.sweep.trial import execute_trial, trial_state
+
+TINY = """\
+name: tiny
+seed: 0
+total_steps: 600
+agent: {algo: dqn, learning_starts: 50, buffer_size: 1000, batch_size: 16, train_freq: 1,
+        target_update_interval: 50}
+net: {kind: mlp, width: 16, depth: 1}
+env: {sequence: cartpole_shift, switch_every: 200}
+monitor: {enabled: false}
+logging: {progress_bar: false}
+"""
+ARMS = Path(__file__).resolve().parents[1] / "configs" / "arms.yaml"
+
+
+@pytest.fixture
+def tiny(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "tiny.yaml"
+    path.write_text(TINY)
+    return path
+
+
+def run(*args: str):
+    return CliRunner().invoke(cli, list(args), catch_exceptions=False)
+
+
+def manifest(sweep: Path) -> dict:
+    return json.loads((sweep / MANIFEST).read_text())
+
+
+def plan_for(tiny: Path, grids=(), arms=(), fresh=False, seeds="0", overrides=(), cpus=1):
+    return build_plan(tiny, list(overrides), list(grids), list(arms), ARMS, fresh, parse_seeds(seeds),
+                      tiny.parent / "sweep", cpus)
+
+
+# -- the grid language ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("text,seeds", [("0-4", [0, 1, 2, 3, 4]), ("0,2,5", [0, 2, 5]), ("3", [3]),
+                                        ("0-2,7,1", [0, 1, 2, 7]), (" 4 , 6-7", [4, 6, 7])])
+def test_parse_seeds(text: str, seeds: list[int]):
+    assert parse_seeds(text) == seeds
+
+
+@pytest.mark.parametrize("text", ["3-1", "a", "1-", "-1", "0,,2", "1.5"])
+def test_parse_seeds_refuses(text: str):
+    with pytest.raises(SweepError, match="--seeds"):
+        parse_seeds(text)
+
+
+def test_grid_expansion_labels_and_overrides():
+    key, overrides = parse_grid("interventions=[[],[reset],[l2],[l2_er],[kfac_rank],[nc_reg]]")
+    assert key == "interventions" and len(overrides) == 6
+    assert overrides[:3] == ["interventions=[]", "interventions=[reset]", "interventions=[l2]"]
+    points = expand_grid(["interventions=[[],[reset,l2]]"])
+    assert points == [("none", ("interventions=[]",)), ("reset-l2", ("interventions=[reset,l2]",))]
+    # Several keys: their cartesian product, in order, named key-value.
+    points = expand_grid(["agent.learning_rate=[1e-3,1e-4]", "net.width=[32,64,128]"])
+    assert len(points) == 6
+    assert points[0] == ("learning_rate-0.001_width-32", ("agent.learning_rate=0.001", "net.width=32"))
+    assert points[-1] == ("learning_rate-0.0001_width-128", ("agent.learning_rate=0.0001", "net.width=128"))
+    assert expand_grid([]) == [("", ())]
+
+
+def test_grid_values_reach_the_trial_config_unchanged(tiny: Path):
+    # Nested lists, strings that need quoting and nulls survive the trip through an override string.
+    _, overrides = parse_grid("env.options.values=[[0.5,1.5],[2.0,0.25,3]]")
+    assert [load_config(tiny, [o]).env.options["values"] for o in overrides] == [[0.5, 1.5], [2.0, 0.25, 3]]
+    _, overrides = parse_grid("env.options.note=['a=b', \"x y\", \"it's\"]")
+    assert overrides == ["env.options.note='a=b'", "env.options.note='x y'", "env.options.note='it''s'"]
+    _, overrides = parse_grid("checkpoint.every=[null,1000]")
+    assert [load_config(tiny, [o]).checkpoint.every for o in overrides] == [None, 1000]
+
+
+def test_plan_trials_arms_fresh_and_their_full_configs(tiny: Path):
+    plan = plan_for(tiny, grids=["agent.learning_rate=[1e-3,1e-4]"], arms=["none", "reset", "fresh"], seeds="0,2",
+                    overrides=["agent.gamma=0.9", "agent.learning_rate=5e-4"], cpus=2)
+    ids = [t.id for t in plan.trials]
+    continual = [f"{arm}_{lr}/seed{s}" for arm in ("none", "reset") for lr in ("0.001", "0.0001") for s in (0, 2)]
+    fresh = [f"fresh_task{k}/seed{s}" for k in range(3) for s in (0, 2)]
+    assert ids == continual + fresh
+    assert plan.tasks == ["cartpole/length=0.5", "cartpole/length=1.5", "cartpole/length=0.25"]
+
+    trial = plan.trial("reset_0.0001/seed2")
+    assert trial.arm == "reset_0.0001"
+    assert trial.overrides == ("agent.gamma=0.9", "agent.learning_rate=5e-4", "interventions=[reset]",
+                               "agent.learning_rate=0.0001")
+    cfg = load_config(tiny, trial.run_overrides(plan.sweep_dir, 2))
+    assert (cfg.seed, cfg.name, cfg.threads, cfg.interventions) == (2, "reset_0.0001", 2, ["reset"])
+    assert (cfg.agent.learning_rate, cfg.agent.gamma, cfg.logging.root_dir) == (1e-4, 0.9, str(plan.sweep_dir))
+    assert plan.configs[trial.id]["agent.learning_rate"] == 1e-4 and "threads" not in plan.configs[trial.id]
+
+    # Fresh network: the base config on task k alone, one switch period, no intervention.
+    f = plan.trial("fresh_task2/seed0")
+    assert (f.arm, f.task) == ("fresh", "cartpole/length=0.25")
+    cfg = load_config(tiny, f.run_overrides(plan.sweep_dir, 1))
+    assert (cfg.env.order, cfg.env.task_order, cfg.total_steps, cfg.interventions) == ("explicit", [2], None, [])
+    assert cfg.agent.gamma == 0.9 and cfg.agent.learning_rate == 5e-4  # the base's, not a grid value
+
+
+BAD = [
+    (["--grid", "interventions=[[],[resett]]"], ["trial resett/seed0", "did you mean 'reset'"]),
+    (["--grid", "interventions=reset"], ["--grid", "non-empty list"]),
+    (["--grid", "interventions=[[],[reset]"], ["--grid", "does not parse"]),
+    (["--grid", "interventions"], ["--grid", "key=[v1,v2,...]"]),
+    (["--grid", "agent.gama=[0.9,0.99]"], ["agent.gama", "did you mean 'agent.gamma'"]),
+    (["--grid", "seed=[1,2]"], ["'seed' is set by the sweep", "--seeds"]),
+    (["--grid", "net.width=[16]", "--grid", "net.width=[32]"], ["net.width", "twice"]),
+    (["logging.root_dir=elsewhere"], ["logging.root_dir", "--out"]),
+    (["agent.learnin_rate=1e-3"], ["did you mean 'agent.learning_rate'"]),
+    (["env.options.param=bogus"], ["env", "bogus", "length"]),
+    (["--seeds", "2-1"], ["--seeds", "1-2"]),
+    (["--seeds", "x"], ["--seeds"]),
+    (["--arms", "none,bogus"], ["--arms", "'bogus'", "reset", "fresh"]),
+    (["--arms", "none", "--arms-file", "missing.yaml"], ["--arms-file", "missing.yaml"]),
+    (["--fresh", "--grid", "env.switch_every=[100,200]"], ["--fresh", "env.switch_every"]),
+    (["--grid", "name=[a,b]"], ["'name' is set by the sweep"]),
+    (["--grid", "interventions=[[l2],[l2]]"], ["several trials would be named l2"]),
+]
+
+
+@pytest.mark.parametrize("args,words", BAD, ids=[" ".join(a) for a, _ in BAD])
+def test_bad_sweep_input_one_line_exit_2_nothing_written(tiny: Path, args: list[str], words: list[str]):
+    result = run("sweep", str(tiny), "--out", "sweep", *args)
+    assert result.exit_code == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("rlp: error: "), result.stderr
+    for word in words:
+        assert word in lines[0], (word, lines[0])
+    assert "Traceback" not in result.output
+    assert sorted(p.name for p in tiny.parent.iterdir()) == ["tiny.yaml"]
+
+
+def test_without_ray_one_line_naming_the_extra(tiny: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray -> ImportError
+    result = run("sweep", str(tiny), "--out", "sweep")
+    assert result.exit_code == 2
+    assert result.stderr.strip().count("\n") == 0 and 'pip install' in result.stderr and ".[distributed]" in result.stderr
+    assert not (tiny.parent / "sweep").exists()
+
+
+def test_dry_run_lists_trials_and_writes_nothing(tiny: Path):
+    result = run("sweep", str(tiny), "--out", "sweep", "--seeds", "0-1", "--grid", "interventions=[[],[l2]]",
+                 "--dry-run")
+    assert result.exit_code == 0, result.output
+    listed = [line.split()[0] for line in result.output.splitlines()[1:]]
+    assert listed == ["none/seed0", "none/seed1", "l2/seed0", "l2/seed1"]
+    assert "start" in result.output and not (tiny.parent / "sweep").exists()
+
+
+def test_a_sweep_directory_is_only_rerun_with_the_same_trial_configs(tiny: Path):
+    plan = plan_for(tiny, grids=["interventions=[[],[l2]]"])
+    plan.sweep_dir.mkdir()
+    write_manifest(plan.sweep_dir, new_manifest(plan, None, ["rlp", "sweep"]))
+    assert check_sweep_dir(plan_for(tiny, grids=["interventions=[[],[l2],[reset]]"], seeds="0-1")) is not None
+    result = run("sweep", str(tiny), "--out", "sweep", "--grid", "interventions=[[],[l2]]", "agent.gamma=0.5")
+    assert result.exit_code == 2 and "agent.gamma" in result.stderr and "another --out" in result.stderr
+    (tiny.parent / "not_a_sweep").mkdir()
+    (tiny.parent / "not_a_sweep" / "file").write_text("x")
+    result = run("sweep", str(tiny), "--out", "not_a_sweep", "--sequential")
+    assert result.exit_code == 2 and "not a sweep directory" in result.stderr
+
+
+# -- running trials ---------------------------------------------------------------------------------
+
+def test_failed_trial_is_reported_others_finish_and_finished_ones_are_skipped(tiny: Path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("device=cuda must fail at run time for this test")
+    # device=cuda passes the config check (a Ray worker may have a GPU) and fails when the run starts.
+    args = ["sweep", str(tiny), "--out", "sweep", "--grid", "device=[cuda,cpu]", "--sequential"]
+    result = run(*args)
+    assert result.exit_code == 1, result.output
+    sweep = tiny.parent / "sweep"
+    trials = manifest(sweep)["trials"]
+    assert trials["cpu/seed0"]["status"] == "finished" and trials["cuda/seed0"]["status"] == "failed"
+    error = trials["cuda/seed0"]["error"]
+    assert error.startswith("rlp: error: device: 'cuda' requested") and error.endswith("(exit 2)")
+    assert f"cuda/seed0 FAILED (started): {error}" in result.output  # reported with its error ...
+    assert "1 finished, 1 failed" in result.output  # ... and the other trial still ran
+    (run_dir,) = (sweep / "cpu").iterdir()
+    assert trials["cpu/seed0"]["run_dir"] == f"cpu/{run_dir.name}" and run_progress(run_dir).complete
+
+    # Run again: the finished trial is skipped (not even started), the failed one retried.
+    mtime = (run_dir / "config.yaml").stat().st_mtime_ns
+    result = run(*args)
+    assert result.exit_code == 1
+    assert "1 finished already (skipped), 1 to run" in result.output and "0 finished, 1 failed, 1 skipped" in result.output
+    trials = manifest(sweep)["trials"]
+    assert (trials["cpu/seed0"]["attempts"], trials["cuda/seed0"]["attempts"]) == (1, 2)
+    assert [p.name for p in (sweep / "cpu").iterdir()] == [run_dir.name]
+    assert (run_dir / "config.yaml").stat().st_mtime_ns == mtime
+    assert (sweep / "logs" / "cpu_seed0.err").read_text().count("== ") == 1
+
+
+def test_interrupted_trial_resumes_from_its_checkpoint(tiny: Path):
+    plan = plan_for(tiny, overrides=["total_steps=4000", "checkpoint.every=200"])
+    (trial,) = plan.trials
+    job = job_for(plan, trial)
+    # A stale run directory with no checkpoint (died at start-up) holds nothing to resume: it is removed.
+    stale = plan.sweep_dir / trial.label / "20200101-000000_seed0"
+    stale.mkdir(parents=True)
+    stale.joinpath("config.yaml").write_text("seed: 0\n")
+
+    # Start the trial's run as a worker would, and stop it with SIGTERM once it has checkpointed.
+    proc = subprocess.Popen([sys.executable, "-m", "rl_plasticity", "train", job.config, *job.overrides,
+                             "--no-progress"], cwd=tiny.parent, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while trial_state(plan.sweep_dir, trial.label, trial.seed) is None:
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.stderr else ""
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 143
+    state = trial_state(plan.sweep_dir, trial.label, trial.seed)
+    assert state is not None and not state.complete and state.checkpoint_step < 4000
+
+    outcome = execute_trial(job)
+    assert (outcome.status, outcome.mode, outcome.run_dir) == ("finished", "resumed", str(state.run_dir))
+    assert run_progress(state.run_dir).checkpoint_step == 4000 and not stale.exists()
+    assert "--resume" in (plan.sweep_dir / "logs" / "tiny_seed0.err").read_text()
+    # Complete now: executing it again is a skip that starts nothing.
+    again = execute_trial(job)
+    assert (again.status, again.mode, again.seconds) == ("finished", "skipped", 0.0)
+
+
+# -- a real Ray ---------------------------------------------------------------------------------------
+
+@pytest.mark.ray
+def test_ray_sweep_2x2_end_to_end(tiny: Path):
+    pytest.importorskip("ray")
+    args = ["sweep", str(tiny), "--out", "sweep", "--seeds", "0-1", "--grid", "interventions=[[],[l2]]",
+            "--num-cpus", "2", "monitor.enabled=true", "monitor.probe_every=100", "monitor.switch_probes=[]"]
+    result = run(*args)
+    assert result.exit_code == 0, result.output + result.stderr
+    sweep = tiny.parent / "sweep"
+    assert "4 trials" in result.output and "on a local Ray with 2 CPUs" in result.output
+    trials = manifest(sweep)["trials"]
+    assert sorted(trials) == ["l2/seed0", "l2/seed1", "none/seed0", "none/seed1"]
+    for trial_id, entry in trials.items():
+        label, seed = trial_id.split("/seed")
+        assert entry["status"] == "finished" and entry["attempts"] == 1
+        run_dir = sweep / entry["run_dir"]
+        cfg = load_config(run_dir / "config.yaml")
+        assert (cfg.seed, cfg.name, cfg.threads) == (int(seed), label, 1)
+        assert cfg.interventions == ([] if label == "none" else ["l2"])
+        assert run_progress(run_dir).complete and (run_dir / "model.zip").is_file()
+        assert (run_dir / "task_summary.csv").is_file()
+    # Two workers: the first two trials ran side by side (each started before the other ended).
+    starts = []
+    for stem in ("none_seed0", "none_seed1"):
+        header = (sweep / "logs" / f"{stem}.err").read_text().splitlines()[0]
+        starts.append(dt.datetime.fromisoformat(header.split()[1]))
+    shortest = min(entry["seconds"] for entry in trials.values())
+    assert abs((starts[0] - starts[1]).total_seconds()) < shortest
+
+    # The same sweep again: nothing to run.
+    result = run(*args[:-3], "monitor.enabled=true", "monitor.probe_every=100", "monitor.switch_probes=[]",
+                 "--sequential")
+    assert result.exit_code == 0 and "4 finished already (skipped), 0 to run" in result.output
+
+    # And its report: both arms, two seeds each, every visit.
+    from rl_plasticity.report import make_report
+
+    report = make_report(sweep, None, points=20, n_resamples=1_000)
+    assert not report.incomplete
+    import pandas as pd
+
+    stats = pd.read_csv(sweep / "report" / "visits.csv")
+    returns = stats[stats["metric"] == "mean_return"]
+    assert sorted(set(returns["arm"])) == ["l2", "none"] and set(returns["n"]) == {2}
+    assert sorted(set(returns["index"])) == [1, 2, 3]
+    assert (sweep / "report" / "return.png").is_file() and (sweep / "report" / "erank.png").is_file()

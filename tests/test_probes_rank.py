@@ -14,6 +14,7 @@ from rl_plasticity.probes.rank import (
     approx_rank,
     effective_rank,
     effective_rank_differentiable,
+    effective_rank_psd_differentiable,
     effective_rank_from_spectrum,
     epsilon_rank,
     lyle_feature_rank,
@@ -215,3 +216,31 @@ def test_differentiable_gradient_finite_when_rank_deficient(case):
     value.backward()
     assert value.item() == pytest.approx(effective_rank(F), rel=1e-9, abs=1e-12)
     assert F.grad is not None and th.isfinite(F.grad).all()
+
+
+def test_psd_differentiable_matches_the_svd_form_on_gram_matrices():
+    # erank of the eigenvalues of X X^T = erank of its singular values; gradients through X agree.
+    X = th.randn(7, 12, generator=th.Generator().manual_seed(2), dtype=th.float64, requires_grad=True)
+    by_eig = effective_rank_psd_differentiable(X @ X.T)
+    (grad_eig,) = th.autograd.grad(by_eig, X)
+    by_svd = effective_rank_differentiable(X @ X.T)
+    (grad_svd,) = th.autograd.grad(by_svd, X)
+    assert by_eig.item() == pytest.approx(by_svd.item(), rel=1e-10)
+    assert by_eig.item() == pytest.approx(effective_rank(X @ X.T), rel=1e-10)
+    th.testing.assert_close(grad_eig, grad_svd, rtol=1e-6, atol=1e-9)
+    assert effective_rank_psd_differentiable((X @ X.T).detach().float()).dtype == th.float32
+    with pytest.raises(ValueError, match="square"):
+        effective_rank_psd_differentiable(X)
+
+
+@pytest.mark.parametrize("case", ["rank_deficient", "repeated_nonzero", "all_zero"])
+def test_psd_differentiable_gradient_finite_when_rank_deficient(case):
+    X = {
+        "rank_deficient": with_singular_values([3.0, 1.0], n=10, d=6, seed=7),
+        "repeated_nonzero": with_singular_values([2.0, 2.0, 2.0], n=6, d=5, seed=8),
+        "all_zero": th.zeros(5, 4, dtype=th.float64),
+    }[case].clone().requires_grad_(True)
+    value = effective_rank_psd_differentiable(X @ X.T)
+    value.backward()
+    assert value.item() == pytest.approx(effective_rank(X @ X.T), rel=1e-9, abs=1e-12)
+    assert X.grad is not None and th.isfinite(X.grad).all()

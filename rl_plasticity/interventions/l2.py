@@ -59,12 +59,15 @@ def add_l2_gradient(params: Iterable[th.Tensor], coef: float, anchors: Iterable[
     if not params:
         raise ValueError("no tensors to regularize")
     diffs = params if anchors is None else [p - a for p, a in zip(params, anchors, strict=True)]
+    squares = []
     for p, d in zip(params, diffs):
         if p.grad is None:
             p.grad = coef * d
         else:
             p.grad.add_(d, alpha=coef)
-    return coef * th.stack([d.pow(2).sum() for d in diffs]).sum() / 2
+        # One fused pass per tensor: this runs at every gradient step.
+        squares.append(th.linalg.vector_norm(d).square())
+    return coef * th.stack(squares).sum() / 2
 
 
 class L2Params(Params):

@@ -191,11 +191,33 @@ def effective_rank_differentiable(F: th.Tensor) -> th.Tensor:
     :raises ValueError: if ``F`` is not a finite 2-D tensor with at least one row and column.
     """
     check_matrix("F", F)  # validation only: the returned copy is detached
-    sigma = th.linalg.svdvals(F.to(th.float64))
-    total = sigma.sum()
+    return _erank_differentiable(th.linalg.svdvals(F.to(th.float64))).to(F.dtype)
+
+
+def effective_rank_psd_differentiable(M: th.Tensor) -> th.Tensor:
+    """Effective rank of the eigenvalues of a symmetric PSD matrix ``M``, as a differentiable scalar.
+
+    For a PSD matrix (a Gram matrix ``X X^T`` or a covariance) the eigenvalues are the singular values, so
+    this is ``effective_rank_differentiable(M)`` (Roy & Vetterli 2007), computed with ``eigvalsh``, which is
+    cheaper than an SVD, forward and backward. The gradient stays finite for the same reasons: the
+    eigenvalues' gradient ``V diag(g) V^T`` has no ``1 / (lambda_i - lambda_j)`` terms, zero eigenvalues
+    (and round-off negatives, clamped to 0) drop out of the entropy, and an all-zero ``M`` gives 0.
+    Only the lower triangle of ``M`` is read; symmetry is not checked (this runs at every training step).
+
+    :param M: ``(d, d)`` symmetric PSD matrix; may require grad.
+    :return: 0-dim tensor on ``M``'s device, with ``M``'s dtype.
+    :raises ValueError: if ``M`` is not a square 2-D tensor.
+    """
+    if M.dim() != 2 or M.shape[0] != M.shape[1] or M.shape[0] == 0:
+        raise ValueError(f"M must be a non-empty square matrix, got shape {tuple(M.shape)}")
+    return _erank_differentiable(th.linalg.eigvalsh(M.to(th.float64)).clamp_min(0.0)).to(M.dtype)
+
+
+def _erank_differentiable(values: th.Tensor) -> th.Tensor:
+    """``exp(-sum p log p)`` of non-negative ``values`` with finite gradients (0 log 0 = 0, erank(0) = 0)."""
+    total = values.sum()
     positive_total = total > 0
-    p = sigma / th.where(positive_total, total, th.ones_like(total))
+    p = values / th.where(positive_total, total, th.ones_like(total))
     nonzero = p > 0
     p_log_p = th.where(nonzero, p * th.where(nonzero, p, th.ones_like(p)).log(), th.zeros_like(p))
-    erank = th.where(positive_total, th.exp(-p_log_p.sum()), th.zeros_like(total))
-    return erank.to(F.dtype)
+    return th.where(positive_total, th.exp(-p_log_p.sum()), th.zeros_like(total))

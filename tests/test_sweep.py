@@ -258,6 +258,12 @@ def test_ray_sweep_2x2_end_to_end(tiny: Path):
     pytest.importorskip("ray")
     args = ["sweep", str(tiny), "--out", "sweep", "--seeds", "0-1", "--grid", "interventions=[[],[l2]]",
             "--num-cpus", "2", "monitor.enabled=true", "monitor.probe_every=100", "monitor.switch_probes=[]"]
+    # A trial that asks for more CPUs than the cluster has: one line, exit 2, nothing written.
+    result = run(*args, "--cpus-per-trial", "3")
+    assert result.exit_code == 2 and result.stderr.strip().count("\n") == 0
+    assert "--cpus-per-trial: 3 CPUs per trial, but the Ray cluster has 2" in result.stderr
+    assert not (tiny.parent / "sweep").exists()
+
     result = run(*args)
     assert result.exit_code == 0, result.output + result.stderr
     sweep = tiny.parent / "sweep"

@@ -77,7 +77,8 @@ def run_sweep(plan: SweepPlan, command: list[str], *, sequential: bool = False, 
     :param address: join the Ray cluster at this address (``auto``, ``ray://host:10001``, ``host:6379``);
         without it a local Ray with ``num_cpus`` CPUs (default: all of this machine's) is started.
     :param max_concurrent: at most this many trials at once (default: as many as the CPUs allow).
-    :raises SweepError: the sweep directory holds another sweep, or Ray is missing.
+    :raises SweepError: the sweep directory holds another sweep, Ray is missing, or cannot start or join
+        (nothing is written then).
     """
     old = check_sweep_dir(plan)
     ray = None if sequential else require_ray()
@@ -89,7 +90,18 @@ def run_sweep(plan: SweepPlan, command: list[str], *, sequential: bool = False, 
             summary.skipped.append(trial.id)
         else:
             todo.append(trial)
+    if ray is not None and todo:
+        _ray_init(ray, address, num_cpus, plan.cpus_per_trial)  # before anything is written: it may fail
+    try:
+        return _run(plan, command, old, ray, summary, todo, sequential, address, num_cpus, max_concurrent, echo)
+    finally:
+        if ray is not None and ray.is_initialized():
+            ray.shutdown()
 
+
+def _run(plan: SweepPlan, command: list[str], old: dict[str, Any] | None, ray: Any, summary: SweepSummary,
+         todo: list[Trial], sequential: bool, address: str | None, num_cpus: int | None,
+         max_concurrent: int | None, echo: Callable[[str], None]) -> SweepSummary:
     plan.sweep_dir.mkdir(parents=True, exist_ok=True)
     manifest = new_manifest(plan, old, command)
     for trial_id in summary.skipped:
@@ -123,12 +135,17 @@ def run_sweep(plan: SweepPlan, command: list[str], *, sequential: bool = False, 
 
     jobs = [job_for(plan, trial) for trial in todo]
     previous = signal.getsignal(signal.SIGTERM)
-    signal.signal(signal.SIGTERM, _raise_stop)
+
+    def on_sigterm(signum: int, frame: object) -> None:
+        summary.signal = signum  # remembered here: Ray's wait turns any exception into KeyboardInterrupt
+        raise _Stop()
+
+    signal.signal(signal.SIGTERM, on_sigterm)
     try:
         if sequential:
             _run_sequential(jobs, record, summary)
         elif jobs:
-            _run_ray(ray, jobs, record, summary, address, num_cpus, max_concurrent, plan.cpus_per_trial, echo)
+            _run_ray(ray, jobs, record, summary, max_concurrent, plan.cpus_per_trial, echo)
     finally:
         signal.signal(signal.SIGTERM, previous)
         if summary.signal is not None:
@@ -148,10 +165,6 @@ def run_sweep(plan: SweepPlan, command: list[str], *, sequential: bool = False, 
     return summary
 
 
-def _raise_stop(signum: int, frame: object) -> None:
-    raise _Stop()
-
-
 def _rel(plan: SweepPlan, path: Any) -> str | None:
     """A run directory relative to the sweep directory (the manifest stays valid if the sweep is moved)."""
     if path is None:
@@ -168,14 +181,18 @@ def _run_sequential(jobs: list[TrialJob], record: Callable[[TrialOutcome, int], 
             outcome = execute_trial(job)  # a signal while it waits stops the run with a checkpoint
             record(outcome, done)
             if outcome.status == "interrupted":
-                summary.signal = signal.SIGTERM if outcome.exit_code == 143 else signal.SIGINT
+                if summary.signal is None:
+                    summary.signal = signal.SIGTERM if outcome.exit_code == 143 else signal.SIGINT
                 return
-    except KeyboardInterrupt as exc:  # between two trials: nothing is running
-        summary.signal = signal.SIGTERM if isinstance(exc, _Stop) else signal.SIGINT
+    except KeyboardInterrupt:  # between two trials: nothing is running
+        summary.signal = summary.signal or signal.SIGINT
 
 
-def _ray_init(ray: Any, address: str | None, num_cpus: int | None) -> None:
-    """Join the cluster at ``address``, or start a local Ray on this machine."""
+def _ray_init(ray: Any, address: str | None, num_cpus: int | None, cpus_per_trial: int) -> None:
+    """Join the cluster at ``address``, or start a local Ray on this machine; check it has the CPUs a trial asks.
+
+    :raises SweepError: Ray does not start, the cluster cannot be joined, or it has too few CPUs.
+    """
     kwargs: dict[str, Any] = dict(log_to_driver=False, logging_level=logging.WARNING)
     try:
         if address:
@@ -184,50 +201,49 @@ def _ray_init(ray: Any, address: str | None, num_cpus: int | None) -> None:
             ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False,
                      object_store_memory=LOCAL_OBJECT_STORE, **kwargs)
     except (ConnectionError, ValueError, RuntimeError) as exc:
-        raise SweepError(f"--address: cannot start or join Ray ({' '.join(str(exc).split())[:300]})") from None
+        option = "--address" if address else "--num-cpus"
+        raise SweepError(f"{option}: cannot {'join' if address else 'start'} Ray "
+                         f"({' '.join(str(exc).split())[:300]})") from None
+    total = ray.cluster_resources().get("CPU", 0)
+    if total < cpus_per_trial:
+        ray.shutdown()
+        raise SweepError(f"--cpus-per-trial: {cpus_per_trial} CPUs per trial, but the Ray cluster has {total:g}")
 
 
 def _run_ray(ray: Any, jobs: list[TrialJob], record: Callable[[TrialOutcome, int], None], summary: SweepSummary,
-             address: str | None, num_cpus: int | None, max_concurrent: int | None, cpus_per_trial: int,
-             echo: Callable[[str], None]) -> None:
-    _ray_init(ray, address, num_cpus)
+             max_concurrent: int | None, cpus_per_trial: int, echo: Callable[[str], None]) -> None:
+    """Submit the trials as Ray tasks and record each outcome as it arrives (the caller shuts Ray down)."""
+    # max_retries=0: a trial that fails is reported, not rerun (a rerun of the sweep resumes it).
+    remote = ray.remote(num_cpus=cpus_per_trial, max_retries=0)(execute_trial)
+    limit = max_concurrent or len(jobs)
+    pending = list(jobs)
+    running: dict[Any, TrialJob] = {}
+    done = 0
     try:
-        total = ray.cluster_resources().get("CPU", 0)
-        if total < cpus_per_trial:
-            raise SweepError(f"--cpus-per-trial: {cpus_per_trial} CPUs per trial, but the Ray cluster has {total:g}")
-        # max_retries=0: a trial that fails is reported, not rerun (a rerun of the sweep resumes it).
-        remote = ray.remote(num_cpus=cpus_per_trial, max_retries=0)(execute_trial)
-        limit = max_concurrent or len(jobs)
-        pending = list(jobs)
-        running: dict[Any, TrialJob] = {}
-        done = 0
-        try:
-            while pending or running:
-                while pending and len(running) < limit:
-                    job = pending.pop(0)
-                    running[remote.remote(job)] = job
-                ready, _ = ray.wait(list(running), num_returns=1)
-                for ref in ready:
-                    job = running.pop(ref)
-                    done += 1
-                    record(_result(ray, ref, job), done)
-        except (KeyboardInterrupt, _Stop) as exc:
-            summary.signal = signal.SIGTERM if isinstance(exc, _Stop) else signal.SIGINT
-            echo(f"sweep: stopping {len(running)} running trial(s); each writes a checkpoint first")
-            for ref in running:
-                ray.cancel(ref)  # KeyboardInterrupt in the task: it SIGTERMs its run and waits for it
-            try:
-                ray.wait(list(running), num_returns=len(running))
-            except KeyboardInterrupt:  # a second Ctrl-C: stop waiting (the runs still get SIGTERM on shutdown)
-                pass
-            for job in running.values():
+        while pending or running:
+            while pending and len(running) < limit:
+                job = pending.pop(0)
+                running[remote.remote(job)] = job
+            ready, _ = ray.wait(list(running), num_returns=1)
+            for ref in ready:
+                job = running.pop(ref)
                 done += 1
-                state = trial_state(job.sweep_dir, job.label, job.seed)
-                record(TrialOutcome(job.trial_id, "interrupted", "started", state and str(state.run_dir), None,
-                                    f"stopped by {signal.Signals(summary.signal).name} "
-                                    f"({state.describe() if state else 'no checkpoint yet'})", 0.0), done)
-    finally:
-        ray.shutdown()
+                record(_result(ray, ref, job), done)
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (on_sigterm has set summary.signal)
+        summary.signal = summary.signal or signal.SIGINT
+        echo(f"sweep: stopping {len(running)} running trial(s); each writes a checkpoint first")
+        for ref in running:
+            ray.cancel(ref)  # KeyboardInterrupt in the task: it SIGTERMs its run and waits for it
+        try:
+            ray.wait(list(running), num_returns=len(running))
+        except KeyboardInterrupt:  # a second Ctrl-C: stop waiting (the runs still get SIGTERM on shutdown)
+            pass
+        for job in running.values():
+            done += 1
+            state = trial_state(job.sweep_dir, job.label, job.seed)
+            record(TrialOutcome(job.trial_id, "interrupted", "started", state and str(state.run_dir), None,
+                                f"stopped by {signal.Signals(summary.signal).name} "
+                                f"({state.describe() if state else 'no checkpoint yet'})", 0.0), done)
 
 
 def _result(ray: Any, ref: Any, job: TrialJob) -> TrialOutcome:

@@ -211,7 +211,8 @@ def sweep_cmd(config: str, overrides: tuple[str, ...], seeds: str | None, grids:
             click.echo(f"sweep: {len(plan.trials)} trials in {plan.sweep_dir} (dry run: nothing is written)")
             for trial in plan.trials:
                 state = trial_state(plan.sweep_dir, trial.label, trial.seed)
-                what = "start" if state is None else "skip (finished)" if state.complete else f"resume ({state.describe()})"
+                what = ("start" if state is None else "skip (finished)" if state.complete
+                        else f"resume ({state.describe()})")
                 click.echo(f"  {trial.id:<32} {what:<16} {' '.join(trial.overrides)}")
             return
         summary = run_sweep(plan, ["rlp", *sys.argv[1:]] if sys.argv else [], sequential=sequential,

@@ -72,7 +72,8 @@ def runs(tmp_path: Path) -> Path:
     root = tmp_path / "runs"
     for arm, table, ivs in (("none", NONE, []), ("reset", RESET, ["reset"])):
         for seed, (ra, rb) in table.items():
-            rows = [row(A, 1, 0, ra, ra + 1, 2.0 + seed, (0.1, 0.3), float("nan") if (arm, seed) == ("none", 2) else 1.0 + seed),
+            nc1 = float("nan") if (arm, seed) == ("none", 2) else 1.0 + seed  # NC1 undefined in one run
+            rows = [row(A, 1, 0, ra, ra + 1, 2.0 + seed, (0.1, 0.3), nc1),
                     row(B, 1, SWITCH, rb, rb + 1, 3.0 + seed, (0.2, 0.4), 2.0)]
             scalars = {f"task/{A}/episode_return": curve(seed, 0.0 if arm == "none" else 100.0),
                        f"task/{B}/episode_return": [(150, 10.0 * seed), (200, 10.0 * seed + 1)],
@@ -238,7 +239,8 @@ def test_report_takes_arms_failures_and_pending_trials_from_the_sweep_manifest(t
     trials = {
         "layer_norm/seed0": {"arm": "layer_norm", "task": None, "status": "finished",
                              "run_dir": "layer_norm/20260101-000000_seed0"},
-        "plain/seed0": {"arm": "baseline", "task": None, "status": "finished", "run_dir": "plain/20260101-000000_seed0"},
+        "plain/seed0": {"arm": "baseline", "task": None, "status": "finished",
+                        "run_dir": "plain/20260101-000000_seed0"},
         "plain/seed1": {"arm": "baseline", "task": None, "status": "failed", "run_dir": None,
                         "error": "rlp: error: something broke (exit 3)"},
         "plain/seed2": {"arm": "baseline", "task": None, "status": "pending", "run_dir": None},

@@ -162,7 +162,8 @@ def test_without_ray_one_line_naming_the_extra(tiny: Path, monkeypatch: pytest.M
     monkeypatch.setitem(sys.modules, "ray", None)  # import ray -> ImportError
     result = run("sweep", str(tiny), "--out", "sweep")
     assert result.exit_code == 2
-    assert result.stderr.strip().count("\n") == 0 and 'pip install' in result.stderr and ".[distributed]" in result.stderr
+    assert result.stderr.strip().count("\n") == 0
+    assert "pip install" in result.stderr and ".[distributed]" in result.stderr
     assert not (tiny.parent / "sweep").exists()
 
 
@@ -213,7 +214,8 @@ def test_failed_trial_is_reported_others_finish_and_finished_ones_are_skipped(ti
     mtime = (run_dir / "config.yaml").stat().st_mtime_ns
     result = run(*args)
     assert result.exit_code == 1
-    assert "1 finished already (skipped), 1 to run" in result.output and "0 finished, 1 failed, 1 skipped" in result.output
+    assert "1 finished already (skipped), 1 to run" in result.output
+    assert "0 finished, 1 failed, 1 skipped" in result.output
     trials = manifest(sweep)["trials"]
     assert (trials["cpu/seed0"]["attempts"], trials["cuda/seed0"]["attempts"]) == (1, 2)
     assert [p.name for p in (sweep / "cpu").iterdir()] == [run_dir.name]

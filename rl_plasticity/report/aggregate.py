@@ -62,7 +62,7 @@ def _metric_columns(frame: pd.DataFrame) -> list[str]:
     return columns
 
 
-def visit_rows(runs: list[RunData], runs_dir: object) -> pd.DataFrame:
+def visit_rows(runs: list[RunData]) -> pd.DataFrame:
     """Every run's visits in one table, with its arm, seed, kind and directory."""
     frames = []
     for run in runs:
@@ -118,7 +118,7 @@ def fresh_offsets(runs: list[RunData], keys: list[VisitKey]) -> dict[str, int]:
     return offsets
 
 
-def step_grid(runs: list[RunData], keys: list[VisitKey], offsets: dict[str, int], points: int) -> np.ndarray:
+def step_grid(runs: list[RunData], offsets: dict[str, int], points: int) -> np.ndarray:
     """``points`` steps from 0 to the longest run (fresh runs counted where they are placed)."""
     ends = [max(run.progress.total_steps or 0, run.last_step) for run in runs if run.kind == "continual"]
     ends += [offsets.get(run.task or "", 0) + max(run.progress.total_steps or 0, run.last_step)

@@ -29,6 +29,28 @@ PLOTS = {RETURN: ("return.png", "Return of the current task", "episode return"),
          **{p: (f"{p}.png", title, title) for p, title in MAIN_PROBES.items()}}
 
 
+VISITS_NOTE = (
+    "Each cell: mean over seeds [95% percentile-bootstrap confidence interval]; IQM: interquartile mean "
+    "(rliable's, `scipy.stats.trim_mean(x, 0.25)`); n: runs with this visit complete (a visit cut short "
+    "is left out). Returns are over the visit's episodes (final: its last 10); probes are on the task's "
+    "fixed probe set at the end of the visit, averaged over layers where a probe has several "
+    "(each layer: `visits.csv`). The `fresh` arm is a network trained on this task alone for one "
+    "visit's steps: the same row stands beside every visit of the task."
+)
+CURVES_NOTE = (
+    "Mean over seeds with a shaded 95% bootstrap band; dashed vertical lines are task switches. Each run "
+    "is interpolated linearly onto a common step grid (no extrapolation past its last log); the "
+    "return is the current task's (`task/<task>/episode_return`). The fresh arm's runs are drawn where "
+    "the continual runs meet their task."
+)
+FILES_NOTE = """\
+- `runs.csv`: one row per run (arm, seed, directory, complete or how far it got);
+- `visits_by_run.csv`: every run's task visits (`task_summary.csv` rows, or rebuilt from the events for a run
+  without the monitor; column `source`);
+- `visits.csv`: the tables above, per visit, arm and metric (each layer too): n, mean, ci_low, ci_high, iqm;
+- `curves.csv`: the plotted curves: metric, arm, step, n, mean, ci_low, ci_high."""
+
+
 class ReportError(ValueError):
     """Bad input to ``rlp report``: one line."""
 
@@ -65,10 +87,10 @@ def make_report(runs_dir: Path, out: Path | None = None, points: int = 200, n_re
     preferred = [a for m in manifests.values() if m for a in m.get("arms_order", [])]
     arms = arm_order(runs, preferred)
     keys = visit_keys(runs)
-    rows = visit_rows(runs, runs_dir)
+    rows = visit_rows(runs)
     stats = visit_stats(rows, keys, arms, n_resamples, seed)
     offsets = fresh_offsets(runs, keys)
-    grid = step_grid(runs, keys, offsets, points)
+    grid = step_grid(runs, offsets, points)
     curves = curve_bands(runs, arms, grid, offsets, min(n_resamples, 2_000), seed)
 
     report = Report(Path(out) if out is not None else runs_dir / "report", runs,
@@ -148,10 +170,10 @@ def _seeds(seeds: list[int]) -> str:
 
 def _markdown(report: Report, runs_dir: Path, arms: list[str], keys: list[VisitKey], stats: pd.DataFrame) -> str:
     runs = report.runs
+    when = dt.datetime.now().isoformat(timespec="seconds")
     lines = ["# Plasticity report", "",
-             f"`rlp report {runs_dir}`, {dt.datetime.now().isoformat(timespec='seconds')}: {len(runs)} runs in "
-             f"{len(arms)} arms ({', '.join(arms)}).", "", "## Runs", "",
-             "| arm | runs | seeds | complete |", "|---|---|---|---|"]
+             f"`rlp report {runs_dir}`, {when}: {len(runs)} runs in {len(arms)} arms ({', '.join(arms)}).", "",
+             "## Runs", "", "| arm | runs | seeds | complete |", "|---|---|---|---|"]
     for arm in arms:
         mine = [r for r in runs if r.arm == arm]
         done = sum(r.progress.complete for r in mine)
@@ -171,13 +193,7 @@ def _markdown(report: Report, runs_dir: Path, arms: list[str], keys: list[VisitK
         lines += [f"**Trials not started yet** (sweep.json): {', '.join(f'`{t}`' for t in sorted(report.not_started))}",
                   ""]
 
-    lines += ["## Task visits", "",
-              "Each cell: mean over seeds [95% percentile-bootstrap confidence interval]; IQM: interquartile mean "
-              "(rliable's, `scipy.stats.trim_mean(x, 0.25)`); n: runs with this visit complete (a visit cut short "
-              "is left out). Returns are over the visit's episodes (final: its last 10); probes are on the task's "
-              "fixed probe set at the end of the visit, averaged over layers where a probe has several "
-              "(each layer: `visits.csv`). The `fresh` arm is a network trained on this task alone for one "
-              "visit's steps: the same row stands beside every visit of the task.", ""]
+    lines += ["## Task visits", "", VISITS_NOTE, ""]
     present = set(stats["metric"]) if len(stats) else set()
     probes = [p for p in MAIN_PROBES if p in present and stats[stats["metric"] == p]["n"].max() > 0]
     header = ["arm", "n", "mean return", "IQM", "final return", "IQM", *(MAIN_PROBES[p] for p in probes)]
@@ -202,19 +218,9 @@ def _markdown(report: Report, runs_dir: Path, arms: list[str], keys: list[VisitK
     if not keys:
         lines += ["No task visit has been logged yet.", ""]
 
-    lines += ["## Curves", "",
-              "Mean over seeds with a shaded 95% bootstrap band; dashed vertical lines are task switches. Each run "
-              "is interpolated linearly onto a common step grid (no extrapolation past its last log); the "
-              "return is the current task's (`task/<task>/episode_return`). The fresh arm's runs are drawn where "
-              "the continual runs meet their task.", ""]
-    for name, (filename, title, _) in PLOTS.items():
+    lines += ["## Curves", "", CURVES_NOTE, ""]
+    for filename, title, _ in PLOTS.values():
         if (report.out / filename).is_file():
             lines += [f"![{title}]({filename})", ""]
-    lines += ["## Files", "",
-              "- `runs.csv`: one row per run (arm, seed, directory, complete or how far it got);",
-              "- `visits_by_run.csv`: every run's task visits (`task_summary.csv` rows, or rebuilt from the events "
-              "for a run without the monitor; column `source`);",
-              "- `visits.csv`: the tables above, per visit, arm and metric (each layer too): n, mean, ci_low, "
-              "ci_high, iqm;",
-              "- `curves.csv`: the plotted curves: metric, arm, step, n, mean, ci_low, ci_high.", ""]
+    lines += ["## Files", "", FILES_NOTE, ""]
     return "\n".join(lines)

@@ -7,10 +7,10 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")  # files only: no display needed (and none on a cluster node)
-import matplotlib.pyplot as plt  # noqa: E402
-import pandas as pd  # noqa: E402
+import matplotlib.pyplot as plt
+import pandas as pd
 
-from rl_plasticity.report.aggregate import VisitKey  # noqa: E402
+from rl_plasticity.report.aggregate import VisitKey
 
 
 def arm_colors(arms: list[str]) -> dict[str, str]:

@@ -68,8 +68,8 @@ class RunData:
 
 def manifest_entry(run_dir: Path, seed: int, manifests: dict[Path, dict[str, Any] | None]) -> dict[str, Any] | None:
     """The sweep manifest's entry for this run, if it is a trial of a sweep (``<sweep>/<label>/<run>``)."""
-    from rl_plasticity.sweep.plan import read_manifest  # no torch: plan imports config only
     from rl_plasticity.sweep.grid import SweepError
+    from rl_plasticity.sweep.plan import read_manifest  # no torch: plan imports config only
 
     sweep_dir = run_dir.parent.parent
     if sweep_dir not in manifests:
@@ -121,7 +121,7 @@ def task_names(config: dict[str, Any]) -> list[str]:
     env["seed"] = config.get("seed", 0) if seed is None else seed
     try:
         return list(_task_names(json.dumps(env, sort_keys=True)))
-    except Exception:  # an old or foreign config: the visits then fall back to the names in the CSV/tags
+    except (ValueError, TypeError, KeyError):  # an old or foreign config: visits then name tasks task<k>
         return []
 
 
@@ -132,7 +132,7 @@ def read_scalars(run_dir: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     acc = EventAccumulator(str(run_dir), size_guidance=_SIZE_GUIDANCE)
     try:
         acc.Reload()
-    except Exception:  # a file being written or cut short: use what was read
+    except Exception:  # noqa: BLE001, S110 - a file still being written or cut short: use what was read
         pass
     out = {}
     for tag in acc.Tags().get("scalars", []):

@@ -20,7 +20,8 @@ from rl_plasticity.sweep.grid import SweepError
 from rl_plasticity.sweep.plan import SweepPlan, Trial, check_sweep_dir, new_manifest, write_manifest
 from rl_plasticity.sweep.trial import TrialJob, TrialOutcome, execute_trial, trial_state
 
-INSTALL_HINT = 'Ray is not installed: install it with pip install -c constraints.txt -e ".[distributed]" (or run with --sequential)'
+INSTALL_HINT = ('Ray is not installed: install it with pip install -c constraints.txt -e ".[distributed]" '
+                '(or run with --sequential)')
 #: Object store of a local Ray: the tasks pass a few hundred bytes each, so the default (30% of RAM) is waste.
 LOCAL_OBJECT_STORE = 128 * 1024**2
 
@@ -193,7 +194,7 @@ def _ray_init(ray: Any, address: str | None, num_cpus: int | None, cpus_per_tria
 
     :raises SweepError: Ray does not start, the cluster cannot be joined, or it has too few CPUs.
     """
-    kwargs: dict[str, Any] = dict(log_to_driver=False, logging_level=logging.WARNING)
+    kwargs: dict[str, Any] = {"log_to_driver": False, "logging_level": logging.WARNING}
     try:
         if address:
             ray.init(address=address, **kwargs)

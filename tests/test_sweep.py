@@ -189,6 +189,17 @@ def test_a_sweep_directory_is_only_rerun_with_the_same_trial_configs(tiny: Path)
     assert result.exit_code == 2 and "not a sweep directory" in result.stderr
 
 
+def test_a_second_driver_on_the_same_sweep_is_refused(tiny: Path):
+    import fcntl
+
+    (tiny.parent / "sweep").mkdir()
+    with (tiny.parent / "sweep" / ".lock").open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as a running `rlp sweep` holds it
+        result = run("sweep", str(tiny), "--out", "sweep", "--sequential")
+    assert result.exit_code == 2 and "another rlp sweep is running on" in result.stderr
+    assert not (tiny.parent / "sweep" / MANIFEST).exists()
+
+
 # -- running trials ---------------------------------------------------------------------------------
 
 def test_failed_trial_is_reported_others_finish_and_finished_ones_are_skipped(tiny: Path):

@@ -9,11 +9,14 @@ their last checkpoint, failed ones retried.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
 import os
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from rl_plasticity.sweep.grid import SweepError
@@ -104,6 +107,32 @@ def _run(plan: SweepPlan, command: list[str], old: dict[str, Any] | None, ray: A
          todo: list[Trial], sequential: bool, address: str | None, num_cpus: int | None,
          max_concurrent: int | None, echo: Callable[[str], None]) -> SweepSummary:
     plan.sweep_dir.mkdir(parents=True, exist_ok=True)
+    with _exclusive(plan.sweep_dir):
+        return _run_locked(plan, command, old, ray, summary, todo, sequential, address, num_cpus, max_concurrent,
+                           echo)
+
+
+@contextlib.contextmanager
+def _exclusive(sweep_dir: Path) -> Iterator[None]:
+    """Hold ``<sweep dir>/.lock`` while the sweep runs: a second driver on the same directory would restart
+    or remove the trials the first one is running.
+
+    :raises SweepError: another ``rlp sweep`` holds it.
+    """
+    with (sweep_dir / ".lock").open("a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise SweepError(f"--out: another rlp sweep is running on {sweep_dir}; wait for it or stop it") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _run_locked(plan: SweepPlan, command: list[str], old: dict[str, Any] | None, ray: Any, summary: SweepSummary,
+                todo: list[Trial], sequential: bool, address: str | None, num_cpus: int | None,
+                max_concurrent: int | None, echo: Callable[[str], None]) -> SweepSummary:
     manifest = new_manifest(plan, old, command)
     for trial_id in summary.skipped:
         state = trial_state(plan.sweep_dir, plan.trial(trial_id).label, plan.trial(trial_id).seed)

@@ -223,7 +223,7 @@ def check_sweep_dir(plan: SweepPlan) -> dict[str, Any] | None:
         raise SweepError(f"--out: {sweep_dir} exists and is not a directory")
     old = read_manifest(sweep_dir)
     if old is None:
-        if sweep_dir.is_dir() and any(sweep_dir.iterdir()):
+        if sweep_dir.is_dir() and any(not p.name.startswith(".") for p in sweep_dir.iterdir()):  # .lock is ours
             raise SweepError(f"--out: {sweep_dir} is not empty and holds no {MANIFEST}: not a sweep directory; "
                              "choose another --out")
         return None

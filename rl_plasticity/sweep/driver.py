@@ -282,5 +282,9 @@ def _result(ray: Any, ref: Any, job: TrialJob) -> TrialOutcome:
         return ray.get(ref)
     except ray.exceptions.RayError as exc:
         first = next(iter(str(exc).strip().splitlines()), type(exc).__name__)
-        return TrialOutcome(job.trial_id, "failed", "started", None, None, f"Ray: {type(exc).__name__}: {first}", 0.0)
+        # Its run got SIGTERM when the worker died (trial.py), so it has a checkpoint to resume from.
+        state = trial_state(job.sweep_dir, job.label, job.seed)
+        where = f" ({state.describe()})" if state is not None else ""
+        return TrialOutcome(job.trial_id, "failed", "started", state and str(state.run_dir), None,
+                            f"Ray: {type(exc).__name__}: {first}{where}", 0.0)
 

@@ -255,6 +255,26 @@ def test_report_takes_arms_failures_and_pending_trials_from_the_sweep_manifest(t
     assert "**Trials not started yet** (sweep.json): `plain/seed2`" in md
 
 
+def test_report_on_runs_that_completed_no_visit_yet(tmp_path: Path):
+    # A sweep stopped early: each run is inside its first visit, so no visit is complete yet.
+    root = tmp_path / "runs"
+    for seed in (0, 1):
+        write_run(root / "none" / f"20260101-00000{seed}_seed{seed}", seed=seed, interventions=[], total=200,
+                  checkpoint=60 if seed == 0 else None, rows=None,
+                  scalars={"task/id": [(20, 0), (60, 0)],
+                           f"task/{A}/episode_return": [(20, 5.0 + seed), (60, 7.0 + seed)]})
+    result = CliRunner().invoke(cli, ["report", str(root), "--points", "5", "--resamples", "200"])
+    assert result.exit_code == 0, result.output
+    assert "report: 2 runs, 2 incomplete" in result.output
+    md = (root / "report" / "report.md").read_text()
+    assert "at step 60 of 200" in md and "no checkpoint yet (of 200 steps)" in md
+    assert "No run has completed this visit yet." in md
+    # Their curves so far: at step 50 (grid 0, 50, ..., 200), 3/4 of the way from their step-20 to step-60 logs.
+    curves = pd.read_csv(root / "report" / "curves.csv")
+    assert curves["step"].tolist() == [50.0] and curves["n"].tolist() == [2]
+    assert curves["mean"].tolist() == pytest.approx([np.mean([6.5, 7.5])])
+
+
 def test_config_arm_without_manifest(tmp_path: Path):
     from rl_plasticity.report.runs import config_arm
 

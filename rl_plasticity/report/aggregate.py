@@ -82,10 +82,11 @@ def visit_stats(rows: pd.DataFrame, keys: list[VisitKey], arms: list[str], n_res
 
     The fresh arm's row for a visit is its runs on that visit's task (each trained on it alone).
     """
-    out = []
+    columns = ["index", "task", "visit", "start_step", "end_step", "arm", "metric", "n", "mean", "ci_low",
+               "ci_high", "iqm"]
+    out: list[dict[str, object]] = []
     if rows.empty:
-        return pd.DataFrame(columns=["index", "task", "visit", "arm", "metric", "n", "mean", "ci_low", "ci_high",
-                                     "iqm"])
+        return pd.DataFrame(columns=columns)
     metrics = _metric_columns(rows)
     done = rows[rows["complete"].astype(bool)]
     for key in keys:
@@ -103,7 +104,7 @@ def visit_stats(rows: pd.DataFrame, keys: list[VisitKey], arms: list[str], n_res
                 out.append({"index": key.index, "task": key.task, "visit": key.visit, "start_step": key.start,
                             "end_step": key.end, "arm": arm, "metric": metric, "n": s.n, "mean": s.mean,
                             "ci_low": s.ci_low, "ci_high": s.ci_high, "iqm": s.iqm})
-    return pd.DataFrame(out)
+    return pd.DataFrame(out, columns=columns)
 
 
 def fresh_offsets(runs: list[RunData], keys: list[VisitKey]) -> dict[str, int]:

@@ -199,9 +199,12 @@ def _markdown(report: Report, runs_dir: Path, arms: list[str], keys: list[VisitK
     header = ["arm", "n", "mean return", "IQM", "final return", "IQM", *(MAIN_PROBES[p] for p in probes)]
     for key in keys:
         span = f"steps {key.start}–{key.end}" if key.end > key.start else "one visit"
-        lines += [f"### {key.index}. {key.task}, visit {key.visit} ({span})", "",
-                  "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-        mine = stats[stats["index"] == key.index] if len(stats) else stats
+        lines += [f"### {key.index}. {key.task}, visit {key.visit} ({span})", ""]
+        mine = stats[stats["index"] == key.index]
+        if mine.empty:
+            lines += ["No run has completed this visit yet.", ""]
+            continue
+        lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         for arm in arms:
             cells = {m: row for _, row in mine[mine["arm"] == arm].iterrows() for m in [row["metric"]]}
             if not cells:

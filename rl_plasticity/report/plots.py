@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import matplotlib
@@ -68,6 +69,8 @@ def plot_metric(curves: pd.DataFrame, metrics: list[str], title: str, ylabel: st
         fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 5), fontsize=8, frameon=False)
     if len(metrics) > 1:
         fig.suptitle(title)
-    fig.tight_layout(rect=(0, 0.08 if rows == 1 else 0.05, 1, 1))
+    with warnings.catch_warnings():  # a curve of one point leaves tight_layout nothing to fit: harmless
+        warnings.simplefilter("ignore", UserWarning)
+        fig.tight_layout(rect=(0, 0.08 if rows == 1 else 0.05, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)

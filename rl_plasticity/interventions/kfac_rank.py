@@ -12,7 +12,7 @@ from torch.utils.hooks import RemovableHandle
 from rl_plasticity.interventions.base import Params, PlasticityIntervention
 from rl_plasticity.interventions.l2 import add_l2_gradient, regularized_weights
 from rl_plasticity.interventions.registry import register
-from rl_plasticity.probes import effective_rank_from_spectrum, effective_rank_psd_differentiable
+from rl_plasticity.probes import effective_rank_psd_differentiable
 from rl_plasticity.probes.kfac import _layer_patches, _output_grads
 
 
@@ -22,10 +22,9 @@ def factor_erank(rows: th.Tensor) -> th.Tensor:
     A K-FAC factor is ``c * rows^T rows`` (``rows``: one row per sample and position, ``c > 0`` a scale that
     erank ignores). Its non-zero eigenvalues are those of ``rows rows^T`` too, so the cheaper of the two
     Gram matrices (``min(r, d)`` square) is built. A Gram matrix is PSD, so its singular values are its
-    eigenvalues: when ``rows`` carries a graph,
-    :func:`~rl_plasticity.probes.rank.effective_rank_psd_differentiable` gives the erank (``eigvalsh``, with
-    the finite-gradient guarantees of the SVD form); otherwise (G, and A of a layer fed by the
-    observations) ``eigvalsh`` feeds :func:`~rl_plasticity.probes.rank.effective_rank_from_spectrum`.
+    eigenvalues, and :func:`~rl_plasticity.probes.rank.effective_rank_psd_differentiable` takes them with
+    ``eigvalsh`` (with the finite-gradient guarantees of the SVD form when ``rows`` carries a graph; G, and A
+    of a layer fed by the observations, carry none).
 
     :param rows: ``(r, d)`` tensor, may require grad.
     :return: 0-dim float64 tensor on ``rows``' device, with a graph if ``rows`` has one.
@@ -33,11 +32,7 @@ def factor_erank(rows: th.Tensor) -> th.Tensor:
     # The product is formed in the rows' own precision (float32 for the agents, half the cost of float64) and
     # its spectrum taken in float64.
     gram = (rows @ rows.T if rows.shape[0] <= rows.shape[1] else rows.T @ rows).to(th.float64)
-    if gram.requires_grad:
-        return effective_rank_psd_differentiable(gram)
-    # Round-off can leave eigenvalues of a PSD matrix slightly negative: they are 0.
-    eigs = th.linalg.eigvalsh(gram).clamp_min(0.0)
-    return th.tensor(effective_rank_from_spectrum(eigs), dtype=th.float64, device=rows.device)
+    return effective_rank_psd_differentiable(gram)
 
 
 class KFACRankParams(Params):

@@ -13,7 +13,9 @@ sharing caches and memory bandwidth take the rest). The per-trial times show the
 next to another one is slower than alone. Another process busy on the machine lowers the figure (the
 load average is printed at the start).
 
-    .venv/bin/python benchmarks/sweep_throughput.py                      # ~25 s trials: ~3 minutes
+Measured here (2 cores, quiet machine): one after another 178.7 s, Ray with 2 workers 92.4 s: 1.93x.
+
+    .venv/bin/python benchmarks/sweep_throughput.py                      # ~45 s trials: ~5 minutes
     .venv/bin/python benchmarks/sweep_throughput.py --switch-every 1000  # smoke run
 """
 
@@ -62,7 +64,7 @@ def timed(label: str, sweep_dir: Path, switch_every: int, **kwargs: object) -> t
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--switch-every", type=int, default=6_000,
-                        help="env steps per task (3 tasks per trial); 6000 gives ~25 s trials here")
+                        help="env steps per task (3 tasks per trial); 6000 gives ~45 s trials here")
     args = parser.parse_args()
 
     print(f"{os.cpu_count()} CPUs, load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}; "

@@ -103,9 +103,10 @@ def test_plan_trials_arms_fresh_and_their_full_configs(tiny: Path):
     plan = plan_for(tiny, grids=["agent.learning_rate=[1e-3,1e-4]"], arms=["none", "reset", "fresh"], seeds="0,2",
                     overrides=["agent.gamma=0.9", "agent.learning_rate=5e-4"], cpus=2)
     ids = [t.id for t in plan.trials]
-    continual = [f"{arm}_{lr}/seed{s}" for arm in ("none", "reset") for lr in ("0.001", "0.0001") for s in (0, 2)]
-    fresh = [f"fresh_task{k}/seed{s}" for k in range(3) for s in (0, 2)]
-    assert ids == continual + fresh
+    # Seed-major: every arm (then the fresh tasks) of seed 0, then of seed 2.
+    assert ids == [trial for s in (0, 2) for trial in
+                   [f"{arm}_{lr}/seed{s}" for arm in ("none", "reset") for lr in ("0.001", "0.0001")]
+                   + [f"fresh_task{k}/seed{s}" for k in range(3)]]
     assert plan.tasks == ["cartpole/length=0.5", "cartpole/length=1.5", "cartpole/length=0.25"]
 
     trial = plan.trial("reset_0.0001/seed2")
@@ -172,7 +173,7 @@ def test_dry_run_lists_trials_and_writes_nothing(tiny: Path):
                  "--dry-run")
     assert result.exit_code == 0, result.output
     listed = [line.split()[0] for line in result.output.splitlines()[1:]]
-    assert listed == ["none/seed0", "none/seed1", "l2/seed0", "l2/seed1"]
+    assert listed == ["none/seed0", "l2/seed0", "none/seed1", "l2/seed1"]
     assert "start" in result.output and not (tiny.parent / "sweep").exists()
 
 

@@ -161,16 +161,21 @@ def build_plan(config: Path, overrides: tuple[str, ...] | list[str], grids: tupl
         base_tasks = _task_names(base)
     except ConfigError as exc:
         raise SweepError(str(exc)) from None
-    trials = [Trial(label, label, seed, (*overrides, *arm_ov)) for label, arm_ov in combos for seed in seeds]
     if fresh:
         changed_env = sorted({override_key(o) for _, ov in combos for o in ov if override_key(o).startswith("env")})
         if changed_env:
             raise SweepError(f"--fresh: the arms or the grid change {', '.join(changed_env)}; the fresh-network arm "
                              "needs one task sequence (set env keys as plain overrides)")
-        for k, task in enumerate(base_tasks):
-            fresh_overrides = (*overrides, "interventions=[]", "env.order=explicit", f"env.task_order=[{k}]",
-                               "total_steps=null")
-            trials += [Trial(f"{FRESH}_task{k}", FRESH, seed, fresh_overrides, task) for seed in seeds]
+    # Seed-major order: a sweep stopped part way (say, at the end of a working session) has whole seeds of
+    # every arm done, not every seed of a few arms.
+    trials = []
+    for seed in seeds:
+        trials += [Trial(label, label, seed, (*overrides, *arm_ov)) for label, arm_ov in combos]
+        if fresh:
+            for k, task in enumerate(base_tasks):
+                fresh_overrides = (*overrides, "interventions=[]", "env.order=explicit", f"env.task_order=[{k}]",
+                                   "total_steps=null")
+                trials.append(Trial(f"{FRESH}_task{k}", FRESH, seed, fresh_overrides, task))
 
     configs: dict[str, dict[str, Any]] = {}
     checked_envs = {json.dumps(base.env.model_dump(mode="json"), sort_keys=True)}

@@ -19,6 +19,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 from rl_plasticity.cli import cli
 from rl_plasticity.report import band, interpolate, iqm, make_report, summarize
+from rl_plasticity.report.correlation import correlation_row
 
 A, B = "cartpole/length=0.5", "cartpole/length=1.5"
 SWITCH = 100
@@ -303,3 +304,43 @@ def test_report_cli_names_incomplete_runs(runs: Path, tmp_path: Path):
     assert result.exit_code == 0, result.output
     assert "report: 10 runs, 1 incomplete: " in result.output and "20260101-000003_seed3" in result.output
     assert str(tmp_path / "out" / "report.md") in result.output
+
+
+# -- NC1 and return ----------------------------------------------------------------------------------
+def test_correlation_row_against_hand_formulas():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=30)
+    y = -0.8 * x + rng.normal(scale=0.5, size=30)
+    got = correlation_row("s", "mean return", np.append(x, np.nan), np.append(y, 1.0))  # the NaN pair is dropped
+    r = np.corrcoef(x, y)[0, 1]
+    z, se = np.arctanh(r), 1 / np.sqrt(len(x) - 3)  # Fisher's z interval
+    assert got["n"] == 30 and got["pearson_r"] == pytest.approx(r)
+    assert (got["ci_low"], got["ci_high"]) == pytest.approx((np.tanh(z - 1.959964 * se), np.tanh(z + 1.959964 * se)))
+    ranks = lambda v: np.argsort(np.argsort(v))  # noqa: E731  (no ties here)
+    assert got["spearman_rho"] == pytest.approx(np.corrcoef(ranks(x), ranks(y))[0, 1])
+    assert correlation_row("s", "r", [1, 2, 3], [3, 2, 1])["pearson_r"] == pytest.approx(-1.0)
+    assert np.isnan(correlation_row("s", "r", [2, 2, 2], [1, 2, 3])["pearson_r"])  # no spread in NC1
+    assert np.isnan(correlation_row("s", "r", [1, 2], [1, 2])["pearson_r"])  # too few visits
+
+
+def test_report_nc1_return_correlation_over_complete_continual_visits(runs: Path, tmp_path: Path):
+    make_report(runs, tmp_path / "out", points=5, n_resamples=500)
+    table = pd.read_csv(tmp_path / "out" / "correlation.csv")
+    # By hand from the fixture: complete continual visits with a finite NC1 (none seed 2's visit A has none,
+    # the incomplete reset run's visit B was cut short, the fresh arm is not continual).
+    a_pairs = [(1.0 + s, NONE[s][0]) for s in (0, 1)] + [(1.0 + s, RESET[s][0]) for s in RESET] + [(4.0, 17.0)]
+    pairs = a_pairs + [(2.0, NONE[s][1]) for s in NONE] + [(2.0, RESET[s][1]) for s in RESET]
+    x, y = np.array(pairs).T
+    pooled = table[(table["scope"] == "all visits") & (table["return"] == "mean return")].iloc[0]
+    assert pooled["n"] == len(pairs) == 12
+    assert pooled["pearson_r"] == pytest.approx(np.corrcoef(x, y)[0, 1])
+    assert pooled["spearman_rho"] == pytest.approx(sps.spearmanr(x, y).statistic)
+    task_a = table[table["scope"] == f"task {A}"].iloc[0]
+    assert task_a["n"] == 6 and task_a["pearson_r"] == pytest.approx(np.corrcoef(*np.array(a_pairs).T)[0, 1])
+    assert np.isnan(table[table["scope"] == f"task {B}"].iloc[0]["pearson_r"])  # NC1 is 2.0 in every B visit
+    # Relative to the fresh arm: only task B has one, and its NC1 has no spread.
+    relative = table[table["return"] == "mean return / fresh mean return"].iloc[0]
+    assert relative["n"] == 6 and np.isnan(relative["pearson_r"])
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "## NC1 and return across task visits" in md and "| all visits | mean return | 12 |" in md
+    assert (tmp_path / "out" / "nc1_vs_return.png").stat().st_size > 0

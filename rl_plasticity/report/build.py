@@ -21,6 +21,7 @@ from rl_plasticity.report.aggregate import (
     visit_rows,
     visit_stats,
 )
+from rl_plasticity.report.correlation import nc1_return_correlations
 from rl_plasticity.report.runs import MAIN_PROBES, RETURN, RunData, load_run
 from rl_plasticity.rundirs import find_run_dirs
 
@@ -48,7 +49,16 @@ FILES_NOTE = """\
 - `visits_by_run.csv`: every run's task visits (`task_summary.csv` rows, or rebuilt from the events for a run
   without the monitor; column `source`);
 - `visits.csv`: the tables above, per visit, arm and metric (each layer too): n, mean, ci_low, ci_high, iqm;
-- `curves.csv`: the plotted curves: metric, arm, step, n, mean, ci_low, ci_high."""
+- `curves.csv`: the plotted curves: metric, arm, step, n, mean, ci_low, ci_high;
+- `correlation.csv`: the NC1-return correlations above."""
+CORRELATION_NOTE = (
+    "Each point is one complete task visit of one continual run (every arm but `fresh`): NC1 of the value-head "
+    "features on the task's fixed probe set at the end of the visit, against the mean return over the visit. "
+    "Pearson's r with its 95% interval (Fisher z) and p-value, and Spearman's rank correlation. Returns of "
+    "different games differ in scale, so the pooled value mixes tasks; the per-task rows and the pooled "
+    "return relative to the fresh network's on the same task do not. Visits of one run are not independent, "
+    "so the intervals are optimistic."
+)
 
 
 class ReportError(ValueError):
@@ -104,11 +114,20 @@ def make_report(runs_dir: Path, out: Path | None = None, points: int = 200, n_re
             elif run_dir is None or str((sweep_dir / run_dir).resolve()) not in seen:
                 report.not_started.append(trial_id)
 
+    correlations = nc1_return_correlations(rows)
+
     report.out.mkdir(parents=True, exist_ok=True)
     report.files += _write_csvs(report.out, runs, runs_dir, rows, stats, curves)
+    correlations.to_csv(report.out / "correlation.csv", index=False)
+    report.files.append(report.out / "correlation.csv")
     report.files += _write_plots(report.out, curves, arms, keys)
+    if correlations["n"].gt(0).any():
+        from rl_plasticity.report.plots import plot_nc1_vs_return
+
+        plot_nc1_vs_return(rows, arms, report.out / "nc1_vs_return.png")
+        report.files.append(report.out / "nc1_vs_return.png")
     md = report.out / "report.md"
-    md.write_text(_markdown(report, runs_dir, arms, keys, stats))
+    md.write_text(_markdown(report, runs_dir, arms, keys, stats, correlations))
     report.files.insert(0, md)
     return report
 
@@ -156,6 +175,12 @@ def _fmt(x: float) -> str:
     return f"{x:.3f}"
 
 
+def _pvalue(p: float) -> str:
+    if p is None or not np.isfinite(p):
+        return "–"
+    return f"{p:.2g}" if p >= 1e-4 else "<1e-4"
+
+
 def _cell(s: pd.Series | None) -> str:
     if s is None:
         return "–"
@@ -168,7 +193,8 @@ def _seeds(seeds: list[int]) -> str:
     return ", ".join(str(s) for s in sorted(set(seeds)))
 
 
-def _markdown(report: Report, runs_dir: Path, arms: list[str], keys: list[VisitKey], stats: pd.DataFrame) -> str:
+def _markdown(report: Report, runs_dir: Path, arms: list[str], keys: list[VisitKey], stats: pd.DataFrame,
+              correlations: pd.DataFrame) -> str:
     runs = report.runs
     when = dt.datetime.now().isoformat(timespec="seconds")
     lines = ["# Plasticity report", "",
@@ -220,6 +246,20 @@ def _markdown(report: Report, runs_dir: Path, arms: list[str], keys: list[VisitK
         lines.append("")
     if not keys:
         lines += ["No task visit has been logged yet.", ""]
+
+    lines += ["## NC1 and return across task visits", "", CORRELATION_NOTE, ""]
+    usable = correlations[correlations["n"] > 0]
+    if usable.empty:
+        lines += ["No complete visit has both NC1 and a return yet.", ""]
+    else:
+        lines += ["| visits | return | n | Pearson r [95% CI] | p | Spearman rho | p |", "|---|---|---|---|---|---|---|"]
+        for _, r in usable.iterrows():
+            lines.append(f"| {r['scope']} | {r['return']} | {r['n']} | {_fmt(r['pearson_r'])} [{_fmt(r['ci_low'])}, "
+                         f"{_fmt(r['ci_high'])}] | {_pvalue(r['p_value'])} | {_fmt(r['spearman_rho'])} | "
+                         f"{_pvalue(r['spearman_p'])} |")
+        lines.append("")
+        if (report.out / "nc1_vs_return.png").is_file():
+            lines += ["![NC1 against return per task visit](nc1_vs_return.png)", ""]
 
     lines += ["## Curves", "", CURVES_NOTE, ""]
     for filename, title, _ in PLOTS.values():

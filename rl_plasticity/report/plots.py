@@ -74,3 +74,33 @@ def plot_metric(curves: pd.DataFrame, metrics: list[str], title: str, ylabel: st
         fig.tight_layout(rect=(0, 0.08 if rows == 1 else 0.05, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def plot_nc1_vs_return(rows: pd.DataFrame, arms: list[str], path: Path) -> None:
+    """NC1 at the end of each complete continual task visit against its mean return, one panel per task
+    (returns of different games do not share a scale), coloured by arm."""
+    done = rows[rows["complete"].astype(bool) & (rows["kind"] != "fresh")]
+    tasks = list(done["task"].unique())
+    colors = arm_colors(arms)
+    cols = min(len(tasks), 3)
+    fig_rows = (len(tasks) + cols - 1) // cols
+    fig, axes = plt.subplots(fig_rows, cols, figsize=(4.2 * cols, 3.4 * fig_rows), squeeze=False)
+    for ax, task in zip(axes.flat, tasks):
+        mine = done[done["task"] == task]
+        for arm in arms:
+            sel = mine[mine["arm"] == arm]
+            if len(sel):
+                ax.scatter(pd.to_numeric(sel["nc1"], errors="coerce"), pd.to_numeric(sel["mean_return"], errors="coerce"),
+                           s=18, color=colors[arm], label=arm, alpha=0.8)
+        ax.set_title(task, fontsize=9)
+        ax.set_xlabel("NC1 at the end of the visit")
+        ax.set_ylabel("mean return over the visit")
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(tasks):]:
+        ax.axis("off")
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    if handles:
+        fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 6), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.1 if fig_rows == 1 else 0.05, 1, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

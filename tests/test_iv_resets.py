@@ -14,7 +14,7 @@ import torch as th
 from stable_baselines3.common.logger import configure
 from torch import nn
 
-from agents import Intervention, PlasticDQN, PlasticPPO, TaskSwitch
+from agents import POLICIES, Intervention, PlasticDQN, PlasticPPO, TaskSwitch
 from rl_plasticity.interventions import INTERVENTIONS, build_interventions
 from rl_plasticity.interventions.plasticity_injection import InjectedLinear, PlasticityInjection
 from rl_plasticity.interventions.reset import Reset
@@ -459,3 +459,32 @@ def test_fresh_parameters_use_the_ppo_head_gains():
         th.testing.assert_close(th.linalg.svdvals(weight), th.full((weight.shape[0],), gain), rtol=1e-5, atol=1e-6)
     for key, value in agent.policy.state_dict().items():
         assert th.equal(value, before[key]), key  # the live layers are left as they were
+
+
+@pytest.mark.parametrize("layers, k, reset_norms", [("all", 1, {"q_net.1", "q_net.4"}), ("last_k", 2, {"q_net.4"}),
+                                                    ("head", 1, set())])
+def test_reset_also_resets_the_layer_norm_of_a_reset_layer(layers, k, reset_norms):
+    # Linear -> LayerNorm -> ReLU per hidden layer: q_net.0, .1 (norm), .2 | q_net.3, .4 (norm), .5 | head q_net.6
+    agent = PlasticDQN(POLICIES["dqn"], "CartPole-v1", policy_kwargs=dict(net_arch=[32, 32], layer_norm=True),
+                       **DQN_KW).learn(64)
+    net = agent.online_network()
+    norms = {name: m for name, m in net.named_modules() if isinstance(m, nn.LayerNorm)}
+    assert set(norms) == {"q_net.1", "q_net.4"}
+    with th.no_grad():  # trained-looking affine maps, also in the target network
+        for m in [*norms.values(), *(m for m in agent.q_net_target.modules() if isinstance(m, nn.LayerNorm))]:
+            m.weight.uniform_(0.5, 1.5)
+            m.bias.uniform_(-0.5, 0.5)
+    before, adam = params_of(net), adam_state(agent)
+    Reset(Reset.Params(layers=layers, k=k)).on_task_switch(agent, SWITCH)
+    after, adam_after, target = params_of(net), adam_state(agent), dict(agent.q_net_target.named_modules())
+    for name, norm in norms.items():
+        if name in reset_norms:
+            assert th.equal(norm.weight, th.ones(32)) and th.equal(norm.bias, th.zeros(32)), name
+            assert f"{name}.weight" not in adam_after and f"{name}.weight" in adam
+            assert th.equal(target[name].weight, th.ones(32)), name
+        else:
+            assert th.equal(after[f"{name}.weight"], before[f"{name}.weight"]), name
+            assert not th.equal(target[name].weight, th.ones(32)), name
+    touched = sum(p.numel() for n, p in after.items() if layer_of(n) in reset_norms) + sum(
+        p.numel() for n, p in after.items() if not th.equal(p, before[n]) and layer_of(n) not in reset_norms)
+    assert agent.logger.name_to_value["interventions/reset/params"] == touched

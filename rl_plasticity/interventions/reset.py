@@ -46,6 +46,10 @@ class Reset(TriggeredIntervention):
       torso, ``action_net``, ``value_net``: ``k=1`` is the value head alone and ``k=2`` equals ``head``;
     - ``all``: every parametrised layer of the online network (a full reset).
 
+    A LayerNorm (``net.layer_norm``) belongs to the Linear layer before it: it is reset to its initial
+    affine map (weight 1, bias 0, with fresh optimizer state and the DQN target synced) whenever that layer
+    is, so a full reset leaves no trained parameter behind.
+
     Trigger: at each task switch (default) or every ``every`` gradient updates (``at: every``). Logged at
     each firing under ``interventions/reset/``: ``fired``, ``layers`` (how many), ``params`` (scalars
     re-initialised) and ``fraction`` (of the online network's parameters).
@@ -66,13 +70,28 @@ class Reset(TriggeredIntervention):
         layers = [layer for _, layer in agent.parametrized_layers()]
         return layers[-self.params.k :] if self.params.layers == "last_k" else layers
 
+    @staticmethod
+    def following_norms(agent: Any, layers: list[nn.Module]) -> list[nn.LayerNorm]:
+        """The LayerNorms that come right after one of ``layers`` (before the next Linear/Conv2d), in module order."""
+        chosen = {id(layer) for layer in layers}
+        norms, after_chosen = [], False
+        for module in agent.online_network().modules():
+            if isinstance(module, (nn.Linear, nn.Conv2d)):
+                after_chosen = id(module) in chosen
+            elif isinstance(module, nn.LayerNorm) and after_chosen:
+                norms.append(module)
+        return norms
+
     def apply(self, agent: Any) -> dict[str, float]:
         layers = self.chosen_layers(agent)
-        params = [p for layer in layers for p in layer.parameters()]
+        norms = self.following_norms(agent, layers)
+        params = [p for module in (*layers, *norms) for p in module.parameters()]
         for layer in layers:
             agent.init_layer(layer)
+        for norm in norms:
+            norm.reset_parameters()
         forget_optimizer_state(agent.optimizer, params)
-        agent.sync_target(layers)
+        agent.sync_target([*layers, *norms])
         touched = sum(p.numel() for p in params)
         total = sum(p.numel() for p in agent.online_network().parameters())
         return {"layers": len(layers), "params": touched, "fraction": touched / total}

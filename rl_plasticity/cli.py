@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import sys
+from typing import Any
 from pathlib import Path
 
 import click
@@ -30,7 +31,33 @@ def resolve_config(name: str) -> Path:
     raise AssertionError  # unreachable: fail() exits
 
 
-@click.group(context_settings=dict(help_option_names=["-h", "--help"]))
+class OneLineErrors(click.Group):
+    """The ``rlp`` group: click's own usage errors (an unknown option, a value out of range) end like every
+    other bad input here, with one line on stderr and exit status 2, instead of click's usage block."""
+
+    def main(self, args: Any = None, prog_name: str | None = None, complete_var: str | None = None,
+             standalone_mode: bool = True, **extra: Any) -> Any:
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        try:
+            status = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.exceptions.NoArgsIsHelpError as exc:  # bare `rlp`: the help, as asked for
+            click.echo(exc.ctx.get_help() if exc.ctx is not None else exc.format_message())
+            sys.exit(0)
+        except click.UsageError as exc:
+            command = exc.ctx.command_path if exc.ctx is not None else (prog_name or "rlp")
+            click.echo(f"{command}: error: {exc.format_message()} (see {command} --help)", err=True)
+            sys.exit(2)
+        except click.ClickException as exc:
+            click.echo(f"rlp: error: {exc.format_message()}", err=True)
+            sys.exit(exc.exit_code)
+        except click.Abort:
+            click.echo("rlp: aborted", err=True)
+            sys.exit(1)
+        sys.exit(status if isinstance(status, int) else 0)
+
+
+@click.group(cls=OneLineErrors, context_settings=dict(help_option_names=["-h", "--help"]))
 def cli() -> None:
     """rl-plasticity: train DQN/PPO on changing tasks and watch plasticity signals in TensorBoard.
 

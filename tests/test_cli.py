@@ -183,3 +183,24 @@ def test_console_script_and_module_exit_2_without_traceback(tiny: Path):
         assert proc.stderr.strip().count("\n") == 0 and "did you mean 'agent.gamma'" in proc.stderr
         assert "Traceback" not in proc.stderr + proc.stdout
     assert not (tiny.parent / "runs").exists()
+
+
+@pytest.mark.parametrize("argv,words", [
+    (["train", "--bogus"], ["rlp train: error:", "--bogus", "rlp train --help"]),
+    (["sweep", "quickstart", "--num-cpus", "0"], ["rlp sweep: error:", "--num-cpus", "x>=1"]),
+    (["report"], ["rlp report: error:", "RUNS_DIR"]),
+    (["list", "nothing"], ["rlp list: error:", "'nothing'", "interventions"]),
+    (["nosuch"], ["rlp: error:", "nosuch"]),
+])
+def test_click_usage_errors_are_one_line_exit_2(argv: list[str], words: list[str]):
+    result = CliRunner().invoke(cli, argv, prog_name="rlp")
+    assert result.exit_code == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Usage:" not in result.stderr, result.stderr
+    for word in words:
+        assert word in lines[0], (word, lines[0])
+
+
+def test_bare_rlp_prints_the_help():
+    result = CliRunner().invoke(cli, [], prog_name="rlp")
+    assert result.exit_code == 0 and "Commands:" in result.stdout and "train" in result.stdout

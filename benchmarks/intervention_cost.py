@@ -22,6 +22,7 @@ Targets from the issue: ``kfac_rank`` under 1.5, the parameter-only ones (``l2``
 from __future__ import annotations
 
 import argparse
+from typing import Any
 import gc
 import os
 import statistics
@@ -48,6 +49,22 @@ def build(names: list[str], switch_every: int, learning_starts: int) -> PlasticD
         target_update_interval=1_000, exploration_final_eps=0.1, policy_kwargs=minatar_policy_kwargs("dqn"),
         device="cpu", seed=0,
     )
+
+
+def clock_train(agent: PlasticDQN) -> list[float]:
+    """Wrap ``agent.train`` so that the CPU seconds spent in it (the updates, every intervention's work
+    included) add up in the returned one-element list."""
+    spent, train = [0.0], agent.train
+
+    def timed(*args: Any, **kwargs: Any) -> None:
+        start = time.process_time()
+        try:
+            train(*args, **kwargs)
+        finally:
+            spent[0] += time.process_time() - start
+
+    agent.train = timed  # type: ignore[method-assign]
+    return spent
 
 
 def timed_chunk(agent: PlasticDQN, steps: int) -> tuple[float, float]:
@@ -82,6 +99,8 @@ def main() -> None:
     agents = {arm: build([] if arm == "none" else [arm], switch, learning_starts) for arm in arms}
     for agent in agents.values():  # untimed: fill the buffer up to the first update
         agent.learn(total_timesteps=learning_starts, progress_bar=False)
+    in_train = {arm: clock_train(agent) for arm, agent in agents.items()}
+    episodes_before = {arm: agent._episode_num for arm, agent in agents.items()}
     gc.collect()
     wall = dict.fromkeys(arms, 0.0)
     cpu = dict.fromkeys(arms, 0.0)
@@ -103,6 +122,12 @@ def main() -> None:
           + ("; other processes shared the cores (the turns still share the slowdown)" if max(loads) > cores - 0.5 else ""))
 
     print(f"none: {wall['none']:.2f} s wall, {cpu['none']:.2f} s cpu ({turns * chunk / wall['none']:.0f} steps/s)")
+    episodes = {arm: agents[arm]._episode_num - episodes_before[arm] for arm in arms}
+    print("episodes in the timed steps (the env's share of the time depends on them): "
+          + "  ".join(f"{arm} {n}" for arm, n in episodes.items()))
+    print("cpu in train() (the updates, interventions included): "
+          + "  ".join(f"{arm} {in_train[arm][0]:.1f}s" for arm in arms)
+          + "; the rest of learn(): " + "  ".join(f"{arm} {cpu[arm] - in_train[arm][0]:.1f}s" for arm in arms))
     for arm in names:
         ratios = wall[arm] / wall["none"], cpu[arm] / cpu["none"]
         target = TARGETS.get(arm)

@@ -11,7 +11,9 @@ ratio of separate runs measures the machine as much as the intervention. The tas
 middle of the timed steps, so task-switch interventions fire once.
 
 How to read it: one ratio per intervention, its total time over that of "none", in wall time and in CPU
-time of this process (with one torch thread they agree unless other processes compete for the cores).
+time of this process (with one torch thread they agree unless other processes compete for the cores). It
+also prints each arm's episodes and CPU time inside ``train()``: arms that play differently spend different
+time in the environment, which is not the intervention's cost.
 Targets from the issue: ``kfac_rank`` under 1.5, the parameter-only ones (``l2``, ``l2_init``) under 1.05.
 
     .venv/bin/python benchmarks/intervention_cost.py                    # every registered intervention
@@ -22,10 +24,8 @@ Targets from the issue: ``kfac_rank`` under 1.5, the parameter-only ones (``l2``
 from __future__ import annotations
 
 import argparse
-from typing import Any
 import gc
 import os
-import statistics
 import time
 
 import torch as th
@@ -35,6 +35,8 @@ from stable_baselines3.common.vec_env import DummyVecEnv
 from agents import POLICIES, PlasticDQN, minatar_policy_kwargs
 from envs import make_sequence
 from rl_plasticity.interventions import INTERVENTIONS, build_interventions
+
+from _timing import clock_cpu  # benchmarks/ is on sys.path when a script here runs
 
 TARGETS = {"kfac_rank": 1.5, "l2": 1.05, "l2_init": 1.05}
 
@@ -49,22 +51,6 @@ def build(names: list[str], switch_every: int, learning_starts: int) -> PlasticD
         target_update_interval=1_000, exploration_final_eps=0.1, policy_kwargs=minatar_policy_kwargs("dqn"),
         device="cpu", seed=0,
     )
-
-
-def clock_train(agent: PlasticDQN) -> list[float]:
-    """Wrap ``agent.train`` so that the CPU seconds spent in it (the updates, every intervention's work
-    included) add up in the returned one-element list."""
-    spent, train = [0.0], agent.train
-
-    def timed(*args: Any, **kwargs: Any) -> None:
-        start = time.process_time()
-        try:
-            train(*args, **kwargs)
-        finally:
-            spent[0] += time.process_time() - start
-
-    agent.train = timed  # type: ignore[method-assign]
-    return spent
 
 
 def timed_chunk(agent: PlasticDQN, steps: int) -> tuple[float, float]:
@@ -99,7 +85,7 @@ def main() -> None:
     agents = {arm: build([] if arm == "none" else [arm], switch, learning_starts) for arm in arms}
     for agent in agents.values():  # untimed: fill the buffer up to the first update
         agent.learn(total_timesteps=learning_starts, progress_bar=False)
-    in_train = {arm: clock_train(agent) for arm, agent in agents.items()}
+    in_train = {arm: clock_cpu([(agent, ("train",))]) for arm, agent in agents.items()}
     episodes_before = {arm: agent._episode_num for arm, agent in agents.items()}
     gc.collect()
     wall = dict.fromkeys(arms, 0.0)

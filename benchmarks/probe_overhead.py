@@ -88,6 +88,8 @@ from rl_plasticity.probing import _gram_inputs, activation_outputs, greedy_label
 from rl_plasticity.runner import build_agent, build_env, flat_hparams
 from rl_plasticity.task_logging import TaskLogCallback
 
+from _timing import clock_cpu  # benchmarks/ is on sys.path when a script here runs
+
 PRESET = CONFIGS_DIR / "dqn_minatar_cycle.yaml"
 TARGET_RATIO = 1.05
 DEFAULT_SWITCH_EVERY = 100_000  # env.switch_every's default (EnvConfig)
@@ -110,25 +112,10 @@ def run_config(arm: str, switch_every: int, learning_starts: int, threads: int, 
 
 
 def _clock_monitor(monitor: MonitorCallback) -> list[float]:
-    """Wrap every entry point of ``monitor`` (its callback hooks and its in-``train()`` observer) so that the
-    CPU seconds spent inside them add up in the returned one-element list."""
-    spent = [0.0]
-
-    def clocked(fn: Callable[..., Any]) -> Callable[..., Any]:
-        def wrapper(*args: Any, **kwargs: Any) -> Any:
-            start = time.process_time()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                spent[0] += time.process_time() - start
-
-        return wrapper
-
-    for obj, names in ((monitor, ("_init_callback", "_on_step", "_on_rollout_end", "_on_training_end")),
-                       (monitor._observer, ("loss_terms", "on_update"))):
-        for name in names:
-            setattr(obj, name, clocked(getattr(obj, name)))
-    return spent
+    """CPU seconds spent inside every entry point of ``monitor`` (its callback hooks and its in-``train()``
+    observer), adding up in the returned one-element list."""
+    return clock_cpu([(monitor, ("_init_callback", "_on_step", "_on_rollout_end", "_on_training_end")),
+                      (monitor._observer, ("loss_terms", "on_update"))])
 
 
 def timed_run(arm: str, steps: int, learning_starts: int, threads: int) -> tuple[float, float, float]:

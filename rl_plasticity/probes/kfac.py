@@ -239,7 +239,11 @@ def _sym_eigvals(name: str, M: th.Tensor) -> th.Tensor:
     scale = M.abs().max().clamp_min(1e-300)
     if (M - M.T).abs().max() > _SYMMETRY_RTOL * scale:
         raise ValueError(f"{name} must be symmetric")
-    # Factors are PSD: negative eigenvalues are rounding noise, so clamp them to 0.
+    return _psd_eigvals(M)
+
+
+def _psd_eigvals(M: th.Tensor) -> th.Tensor:
+    """Eigenvalues (descending) of a symmetric PSD matrix; negative ones are rounding noise, clamped to 0."""
     return th.linalg.eigvalsh((M + M.T) / 2).clamp_min(0.0).flip(0)
 
 
@@ -272,10 +276,11 @@ def _gram_eigvals(name: str, rows: th.Tensor) -> th.Tensor:
     m, d = rows.shape
     if m < 1:
         raise ValueError(f"{name} has no rows")
+    # A Gram matrix of checked rows is symmetric PSD by construction: no second validation.
     if m >= d:
-        return _sym_eigvals(name, rows.T @ rows / m)
+        return _psd_eigvals(rows.T @ rows / m)
     # X^T X and X X^T share their non-zero eigenvalues; the other d - m are exactly 0.
-    small = _sym_eigvals(name, rows @ rows.T / m)
+    small = _psd_eigvals(rows @ rows.T / m)
     return th.cat([small, small.new_zeros(d - m)])
 
 

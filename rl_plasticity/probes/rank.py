@@ -65,13 +65,7 @@ def effective_rank_from_spectrum(values: th.Tensor) -> float:
     v = values.detach().to(th.float64)
     if (v < -_NEGATIVE_TOLERANCE * v.abs().max()).any():
         raise ValueError(f"values must be non-negative, got a minimum of {v.min().item()}")
-    v = v.clamp(min=0.0)
-    total = v.sum()
-    if total <= 0:
-        return 0.0
-    p = v / total
-    p = p[p > 0]  # 0 log 0 = 0
-    return math.exp(-(p * p.log()).sum().item())
+    return _erank_differentiable(v.clamp(min=0.0)).item()
 
 
 @th.no_grad()

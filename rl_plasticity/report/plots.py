@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -62,18 +63,9 @@ def plot_metric(curves: pd.DataFrame, metrics: list[str], title: str, ylabel: st
         ax.set_ylabel(ylabel)
         ax.set_title(metric if len(metrics) > 1 else title, fontsize=9, pad=14)
         ax.grid(alpha=0.3)
-    for ax in list(axes.flat)[len(metrics):]:
-        ax.axis("off")
-    handles, labels = axes.flat[0].get_legend_handles_labels()
-    if handles:
-        fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 5), fontsize=8, frameon=False)
     if len(metrics) > 1:
         fig.suptitle(title)
-    with warnings.catch_warnings():  # a curve of one point leaves tight_layout nothing to fit: harmless
-        warnings.simplefilter("ignore", UserWarning)
-        fig.tight_layout(rect=(0, 0.08 if rows == 1 else 0.05, 1, 1))
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _finish(fig, axes, len(metrics), rows, path, legend_columns=5, legend_space=0.08)
 
 
 def plot_nc1_vs_return(rows: pd.DataFrame, arms: list[str], path: Path) -> None:
@@ -96,11 +88,20 @@ def plot_nc1_vs_return(rows: pd.DataFrame, arms: list[str], path: Path) -> None:
         ax.set_xlabel("NC1 at the end of the visit")
         ax.set_ylabel("mean return over the visit")
         ax.grid(alpha=0.3)
-    for ax in list(axes.flat)[len(tasks):]:
+    _finish(fig, axes, len(tasks), fig_rows, path, legend_columns=6, legend_space=0.1)
+
+
+def _finish(fig: plt.Figure, axes: Any, used: int, rows: int, path: Path, legend_columns: int,
+            legend_space: float) -> None:
+    """Blank the unused panels, put the first panel's legend under the figure, lay out, save and close."""
+    for ax in list(axes.flat)[used:]:
         ax.axis("off")
     handles, labels = axes.flat[0].get_legend_handles_labels()
     if handles:
-        fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 6), fontsize=8, frameon=False)
-    fig.tight_layout(rect=(0, 0.1 if fig_rows == 1 else 0.05, 1, 1))
+        fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), legend_columns), fontsize=8,
+                   frameon=False)
+    with warnings.catch_warnings():  # a curve of one point leaves tight_layout nothing to fit: harmless
+        warnings.simplefilter("ignore", UserWarning)
+        fig.tight_layout(rect=(0, legend_space if rows == 1 else 0.05, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)

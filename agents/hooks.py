@@ -17,6 +17,9 @@ Order of calls, per gradient step::
     clip, optimizer.step()
     iv.on_update(agent, agent.num_gradient_steps)      # for every intervention
 
+and, right before the logs are written (SB3's ``dump_logs``, a probe round, a task switch),
+``iv.logged_values(agent)`` for values too costly to compute at every step.
+
 and, once per task switch (in the step that crosses the boundary, before the transition is stored
 or trained on), ``iv.on_task_switch(agent, switch)``. PPO also calls ``iv.on_epoch_start(agent, epoch)``
 before each epoch over its rollout (``agent.rollout_buffer``).
@@ -88,6 +91,19 @@ class Intervention:
 
         :return: term name -> detached scalar tensor (the value of the penalty whose gradient was added),
             logged as ``train/<name>/<term>`` like a loss term.
+        """
+        return {}
+
+    def logged_values(self, agent: BaseAlgorithm) -> dict[str, th.Tensor]:
+        """Values computed only when the logs are written, for the weights at that moment.
+
+        For quantities that would cost as much as the intervention itself if computed at every gradient
+        step, such as the value of an L2 penalty whose gradient :meth:`gradient_terms` adds. Called right
+        before each logger dump once training has started (SB3's ``dump_logs``, and the dumps of a probe
+        round or a task switch).
+
+        :return: name -> detached scalar tensor, logged as ``train/<name>/<key>`` and
+            ``interventions/<name>/<key>``, and checked to be finite like a loss term.
         """
         return {}
 

@@ -125,6 +125,31 @@ class PlasticMixin:
         self._check_finite(f"interventions/{name}/{key}", value)
         self._term_logs[f"{name}/{key}"].append(value)
 
+    def record_logged_values(self) -> None:
+        """Record every intervention's :meth:`~agents.hooks.Intervention.logged_values` in the logger.
+
+        Called right before each dump: by :meth:`dump_logs` and by the callbacks that dump the logger
+        themselves (the monitor, the task logger). Nothing is recorded before the first gradient step.
+
+        :raises NonFiniteError: if a value is not finite.
+        """
+        if self.num_gradient_steps == 0:
+            return
+        for iv in self.interventions:
+            for key, term in iv.logged_values(self).items():  # type: ignore[arg-type]
+                value = term.item()
+                tag = f"{iv.name}/{key}"
+                if not math.isfinite(value):
+                    step = int(self.num_timesteps)  # type: ignore[attr-defined]
+                    raise NonFiniteError(f"interventions/{tag}", value, step, self.num_gradient_steps)
+                self.logger.record(f"train/{tag}", value)  # type: ignore[attr-defined]
+                self.logger.record(f"interventions/{tag}", value)  # type: ignore[attr-defined]
+
+    def dump_logs(self, *args: Any, **kwargs: Any) -> None:
+        """SB3's ``dump_logs``, with the interventions' :meth:`record_logged_values` first."""
+        self.record_logged_values()
+        super().dump_logs(*args, **kwargs)  # type: ignore[misc]
+
     def _before_epoch(self, epoch: int) -> None:
         for iv in self.interventions:
             iv.on_epoch_start(self, epoch)  # type: ignore[arg-type]

@@ -309,6 +309,7 @@ class MonitorCallback(BaseCallback):
             for key, value in weight_scalars.items():
                 logger.record(f"plasticity/{key}", value, exclude=TB_ONLY)
         logger.record("plasticity/nc_undefined_count", self.nc_undefined, exclude=TB_ONLY)
+        agent.record_logged_values()
         logger.dump(step=self.num_timesteps)
         self.next_probe = (agent.num_gradient_steps // self.cfg.probe_every + 1) * self.cfg.probe_every
         return fixed_values

@@ -72,5 +72,8 @@ class TaskLogCallback(BaseCallback):
             to_task = int(switch["next_task_id"])
             self.logger.record("task/id", to_task)
             self.logger.record("task/switch", f"{switch['task_name']} -> {self.task_names[to_task]}", exclude=_TB_ONLY)
+            # A plastic agent's interventions log some values only at dumps (stock SB3 agents have none).
+            if hasattr(self.model, "record_logged_values"):
+                self.model.record_logged_values()
             self.logger.dump(step=self.num_timesteps)
         return True

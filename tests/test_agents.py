@@ -10,10 +10,13 @@ import torch as th
 from stable_baselines3 import DQN, PPO
 from stable_baselines3.common.buffers import ReplayBufferSamples
 from stable_baselines3.common.env_util import make_vec_env
+from stable_baselines3.common.logger import KVWriter, Logger
 from stable_baselines3.common.vec_env import DummyVecEnv
 
 from agents import Intervention, MinAtarCNN, PlasticDQN, PlasticPPO, TaskSwitch, minatar_policy_kwargs
+from agents.plastic import NonFiniteError
 from envs import make_sequence
+from rl_plasticity.task_logging import TaskLogCallback
 
 DQN_KW = dict(learning_starts=64, batch_size=16, train_freq=1, target_update_interval=50,
               buffer_size=1_000, policy_kwargs=dict(net_arch=[32]), seed=3, device="cpu")
@@ -244,6 +247,62 @@ def test_gradient_term_is_added_before_clipping_and_logged(algo, clip):
         assert th.allclose(start[n] - after[n].detach(), scale * grads[n], atol=1e-6), n
     expected_value = coef * sum(v.pow(2).sum().item() for k, v in start.items() if k in names) / 2
     assert agent.logger.name_to_value["train/gsquare/penalty"] == pytest.approx(expected_value, rel=1e-6)
+
+
+class WeightSquare(Intervention):
+    """Logs ``sum ||theta||^2`` of the online network when the logs are written (``logged_values``)."""
+
+    name = "wsquare"
+
+    def __init__(self, value: float | None = None) -> None:
+        self.value = value  # a fixed value to report instead, for the NaN guard
+
+    def logged_values(self, agent):
+        if self.value is not None:
+            return {"sq": th.tensor(self.value)}
+        return {"sq": sum(p.detach().pow(2).sum() for p in agent.online_network().parameters())}
+
+
+class DumpChecker(KVWriter):
+    """At every dump, the expected ``sum ||theta||^2`` of the agent's weights at that moment, and what was logged."""
+
+    def __init__(self, agent) -> None:
+        self.agent, self.dumps = agent, []
+
+    def write(self, key_values, key_excluded, step=0):
+        expected = sum(p.detach().pow(2).sum().item() for p in self.agent.online_network().parameters())
+        self.dumps.append((step, self.agent.num_gradient_steps, expected, dict(key_values)))
+
+
+@pytest.mark.parametrize("algo", [PlasticDQN, PlasticPPO])
+def test_logged_values_are_computed_at_every_dump_for_the_weights_then(algo):
+    kw = dict(DQN_KW if algo is PlasticDQN else PPO_KW)
+    agent = algo("MlpPolicy", "CartPole-v1", interventions=[WeightSquare()], **kw)
+    checker = DumpChecker(agent)
+    agent.set_logger(Logger(None, [checker]))
+    agent.learn(400 if algo is PlasticDQN else 192, log_interval=1)
+    trained = [(n, expected, kv) for _, n, expected, kv in checker.dumps if n > 0]
+    assert len(trained) >= 2
+    for _, expected, kv in trained:
+        assert kv["train/wsquare/sq"] == pytest.approx(expected, rel=1e-6)
+        assert kv["interventions/wsquare/sq"] == kv["train/wsquare/sq"]
+    # Before the first gradient step there is nothing to log.
+    assert all("train/wsquare/sq" not in kv for _, n, _, kv in checker.dumps if n == 0)
+    assert len({kv["train/wsquare/sq"] for _, _, kv in trained}) == len(trained)  # weights moved between dumps
+
+
+def test_logged_values_are_recorded_by_the_task_loggers_dump_and_nan_guarded():
+    agent = PlasticDQN("MlpPolicy", sequence_env("cartpole_shift", 1, 150), interventions=[WeightSquare()], **DQN_KW)
+    checker = DumpChecker(agent)
+    agent.set_logger(Logger(None, [checker]))
+    agent.learn(160, log_interval=None, callback=TaskLogCallback({}, ["a", "b", "c"]))  # only the switch at 150 dumps
+    ((_, n, expected, kv),) = checker.dumps
+    assert n > 0 and kv["train/wsquare/sq"] == pytest.approx(expected, rel=1e-6)
+
+    bad = PlasticDQN("MlpPolicy", "CartPole-v1", interventions=[WeightSquare(float("nan"))], **DQN_KW)
+    bad.set_logger(Logger(None, []))
+    with pytest.raises(NonFiniteError, match=r"non-finite interventions/wsquare/sq = nan at env step \d+ \(gradient step"):
+        bad.learn(400, log_interval=1)
 
 
 # -- on the task sequences -------------------------------------------------------------------------

@@ -19,7 +19,9 @@ from envs import make_sequence
 from rl_plasticity.interventions import INTERVENTIONS
 from rl_plasticity.interventions import nc_reg as nc_reg_module
 from rl_plasticity.interventions.kfac_rank import KFACRank, KFACRankParams
-from rl_plasticity.interventions.l2 import L2, L2Init, L2InitParams, L2Params, regularized_weights
+from rl_plasticity.interventions.l2 import (
+    L2, L2Init, L2InitParams, L2Params, add_l2_gradient, l2_penalty, regularized_weights,
+)
 from rl_plasticity.interventions.l2_er import L2ER, L2ERParams
 from rl_plasticity.interventions.nc_reg import NCReg, NCRegParams
 from rl_plasticity.probes import (
@@ -69,15 +71,15 @@ def param_grads(agent, loss: th.Tensor) -> dict[str, th.Tensor]:
 
 def base_and_term_grads(agent, iv, term_name: str):
     """Gradients of the agent's own loss before and after the intervention's gradient hook adds its penalty
-    (on the same batch and parameters), and the penalty value it reports."""
+    (on the same batch and parameters), and the penalty value it logs."""
     batch = training_batch(agent)
     loss, _ = agent.training_loss(batch)
     base = param_grads(agent, loss)
     for name, p in agent.online_network().named_parameters():
         p.grad = base[name].clone()
-    term = iv.gradient_terms(agent)[term_name]
+    assert iv.gradient_terms(agent) == {}  # the value is not computed at every step ...
     with_term = {name: p.grad.clone() for name, p in agent.online_network().named_parameters()}
-    return base, with_term, term.item()
+    return base, with_term, iv.logged_values(agent)[term_name].item()  # ... but when the logs are written
 
 
 def layer_params(agent) -> dict[str, tuple[str, th.Tensor]]:
@@ -114,6 +116,19 @@ def test_l2_gradient_is_coef_theta(algo, include_biases):
     if algo == "dqn":  # the target network is never regularized
         target = {id(p) for p in agent.q_net_target.parameters()}
         assert not target & {id(p) for _, p in regularized_weights(agent, include_biases=True)}
+
+
+def test_add_l2_gradient_sets_missing_gradients_and_checks_its_inputs():
+    p, q = th.nn.Parameter(th.tensor([1.0, -2.0])), th.nn.Parameter(th.tensor([[3.0]]))
+    q.grad = th.tensor([[0.5]])
+    anchors = [th.tensor([0.5, 0.0]), th.tensor([[1.0]])]
+    add_l2_gradient([p, q], 0.1, anchors)
+    assert th.allclose(p.grad, th.tensor([0.05, -0.2])) and th.allclose(q.grad, th.tensor([[0.7]]))
+    assert l2_penalty([p, q], 0.1, anchors).item() == pytest.approx(0.1 * (0.25 + 4.0 + 4.0) / 2)
+    with pytest.raises(ValueError, match="1 anchors for 2 parameters"):
+        add_l2_gradient([p, q], 0.1, anchors[:1])
+    with pytest.raises(ValueError, match="no tensors"):
+        add_l2_gradient([], 0.1)
 
 
 # -- l2_init --------------------------------------------------------------------------------------------

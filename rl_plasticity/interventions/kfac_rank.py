@@ -10,7 +10,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from rl_plasticity.interventions.base import Params, PlasticityIntervention
-from rl_plasticity.interventions.l2 import add_l2_gradient, regularized_weights
+from rl_plasticity.interventions.l2 import L2Penalty
 from rl_plasticity.interventions.registry import register
 from rl_plasticity.probes import effective_rank_psd_differentiable
 from rl_plasticity.probes.kfac import _layer_patches, _output_grads
@@ -49,7 +49,7 @@ class KFACRankParams(Params):
 
 
 @register("kfac_rank")
-class KFACRank(PlasticityIntervention):
+class KFACRank(L2Penalty, PlasticityIntervention):
     """Ascent on the effective rank of each layer's K-FAC block erank(A) * erank(G), plus L2.
 
     This project's K-FAC form of the effective-rank argument of Prakash et al. 2025 ("Spectral Collapse
@@ -101,8 +101,8 @@ class KFACRank(PlasticityIntervention):
 
     Defaults: ``coef = 1e-3`` (interventions.md); ``wd = 1e-4``, the same as ``l2_er``'s (interventions.md
     gives no value for this one). Logged under ``interventions/kfac_rank/``: the two terms and
-    ``erank_A/<layer>``, ``erank_G/<layer>`` for the layers computed (mean over the updates since the last
-    dump for the terms; last value, not in the console table, for the eranks).
+    ``erank_A/<layer>``, ``erank_G/<layer>`` for the layers computed (``kfac_rank``: mean over the updates of
+    the last train() call; ``l2``: its value at the dump; the eranks: last value, not in the console table).
     """
 
     Params = KFACRankParams
@@ -170,6 +170,3 @@ class KFACRank(PlasticityIntervention):
         term = -self.params.coef * total / len(self._layers)
         return {"kfac_rank": term.to(loss.dtype)}
 
-    def gradient_terms(self, agent: Any) -> dict[str, th.Tensor]:
-        weights = [p for _, p in regularized_weights(agent, self.params.include_biases)]
-        return {"l2": add_l2_gradient(weights, self.params.wd)}

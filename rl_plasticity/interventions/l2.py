@@ -4,15 +4,16 @@ Both add the penalty's gradient to the weights' ``.grad`` through the agent's gr
 (:meth:`agents.hooks.Intervention.gradient_terms`), after backward and before clipping: exactly what a loss
 term would add, so the penalty is *coupled* into the gradient and goes through gradient-norm clipping and
 Adam's moments like the TD/PPO loss (unlike AdamW's decoupled decay), but without a graph to build and
-back-propagate at every step.
+back-propagate at every step. The penalty's value is logged when the logs are written, for the weights
+then (:meth:`agents.hooks.Intervention.logged_values`): computing it at every step would double the cost.
 
-The helpers :func:`regularized_weights` and :func:`add_l2_gradient` are shared by every intervention here
-that adds an L2 term (``l2_er``, ``kfac_rank``), so "the weights" means one thing everywhere.
+:func:`regularized_weights` and :class:`L2Penalty` are shared by every intervention here that adds an L2
+term (``l2_er``, ``kfac_rank``), so "the weights" means one thing everywhere.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Sequence
 from typing import Any
 
 import torch as th
@@ -44,30 +45,73 @@ def regularized_weights(agent: Any, include_biases: bool = False) -> list[tuple[
 
 
 @th.no_grad()
-def add_l2_gradient(params: Iterable[th.Tensor], coef: float, anchors: Iterable[th.Tensor] | None = None) -> th.Tensor:
-    """Add the gradient of ``P = coef * sum_k ||p_k - anchor_k||^2 / 2`` to each ``p_k.grad`` and return ``P``.
+def add_l2_gradient(params: Sequence[th.Tensor], coef: float, anchors: Sequence[th.Tensor] | None = None) -> None:
+    """Add the gradient ``coef * (p_k - anchor_k)`` of :func:`l2_penalty` to each ``p_k.grad``, in place.
 
-    The gradient is ``coef * (p_k - anchor_k)`` (``coef * p_k`` without anchors); a ``None`` ``.grad`` is set
-    to it. ``P`` is a detached scalar, for the logs.
+    ``coef * p_k`` without anchors; a ``None`` ``.grad`` is set to it. ``coef * p_k - coef * anchor_k`` is
+    added as two in-place updates, with no temporary the size of the weights: this runs at every gradient
+    step, and allocating and filling ``p_k - anchor_k`` cost as much as the update itself.
 
     :param params: the regularized parameters.
     :param coef: the penalty's weight.
     :param anchors: the points each parameter is pulled to (default: zero), same shapes as ``params``.
-    :raises ValueError: if ``params`` is empty (there would be nothing to regularize).
+    :raises ValueError: if ``params`` is empty (there would be nothing to regularize), or ``anchors`` is not
+        one per parameter.
     """
-    params = list(params)
+    if not params:
+        raise ValueError("no tensors to regularize")
+    if anchors is not None and len(anchors) != len(params):
+        raise ValueError(f"{len(anchors)} anchors for {len(params)} parameters")
+    for k, p in enumerate(params):
+        anchor = None if anchors is None else anchors[k]
+        if p.grad is None:
+            p.grad = coef * (p if anchor is None else p - anchor)
+            continue
+        p.grad.add_(p, alpha=coef)
+        if anchor is not None:
+            p.grad.sub_(anchor, alpha=coef)
+
+
+@th.no_grad()
+def l2_penalty(params: Sequence[th.Tensor], coef: float, anchors: Sequence[th.Tensor] | None = None) -> th.Tensor:
+    """``coef * sum_k ||p_k - anchor_k||^2 / 2`` (anchors default to zero), as a detached scalar.
+
+    :raises ValueError: if ``params`` is empty.
+    """
     if not params:
         raise ValueError("no tensors to regularize")
     diffs = params if anchors is None else [p - a for p, a in zip(params, anchors, strict=True)]
-    squares = []
-    for p, d in zip(params, diffs):
-        if p.grad is None:
-            p.grad = coef * d
-        else:
-            p.grad.add_(d, alpha=coef)
-        # One fused pass per tensor: this runs at every gradient step.
-        squares.append(th.linalg.vector_norm(d).square())
-    return coef * th.stack(squares).sum() / 2
+    return coef * th.stack([th.linalg.vector_norm(d).square() for d in diffs]).sum() / 2
+
+
+class L2Penalty:
+    """Mixin for an intervention with an L2 penalty ``coef * sum ||w - anchor||^2 / 2`` on weights.
+
+    Its gradient is added to ``.grad`` at every step (:meth:`gradient_terms`); its value, which costs as
+    much again to compute, is logged when the logs are written, for the weights then (:meth:`logged_values`).
+    A subclass says what is penalised in :meth:`l2_terms`.
+    """
+
+    #: Name of the logged value.
+    penalty_key = "l2"
+    #: The field of the intervention's ``params`` that holds ``coef``.
+    coef_field = "wd"
+
+    def l2_terms(self, agent: Any) -> tuple[list[nn.Parameter], float, list[th.Tensor] | None]:
+        """The penalised parameters, ``coef`` and the anchors (``None``: zero).
+
+        By default the :func:`regularized_weights` (with biases if ``params.include_biases``), pulled to zero.
+        """
+        params = self.params  # type: ignore[attr-defined]
+        weights = [p for _, p in regularized_weights(agent, params.include_biases)]
+        return weights, getattr(params, self.coef_field), None
+
+    def gradient_terms(self, agent: Any) -> dict[str, th.Tensor]:
+        add_l2_gradient(*self.l2_terms(agent))
+        return {}
+
+    def logged_values(self, agent: Any) -> dict[str, th.Tensor]:
+        return {self.penalty_key: l2_penalty(*self.l2_terms(agent))}
 
 
 class L2Params(Params):
@@ -78,20 +122,17 @@ class L2Params(Params):
 
 
 @register("l2")
-class L2(PlasticityIntervention):
+class L2(L2Penalty, PlasticityIntervention):
     """L2 regularization coef * sum ||theta||^2 / 2 of the weights, coupled into the gradient (not AdamW).
 
     The term's gradient ``coef * theta`` is added to each weight's gradient (biases only with
-    ``include_biases``) before clipping; the term's value is logged as ``l2``. Default ``coef = 1e-4``
+    ``include_biases``) before clipping; the term's value is logged as ``l2`` at each dump. Default ``coef = 1e-4``
     (``shared/reference/interventions.md``).
     """
 
     Params = L2Params
     params: L2Params
-
-    def gradient_terms(self, agent: Any) -> dict[str, th.Tensor]:
-        weights = [p for _, p in regularized_weights(agent, self.params.include_biases)]
-        return {"l2": add_l2_gradient(weights, self.params.coef)}
+    coef_field = "coef"
 
 
 class L2InitParams(Params):
@@ -102,7 +143,7 @@ class L2InitParams(Params):
 
 
 @register("l2_init")
-class L2Init(PlasticityIntervention):
+class L2Init(L2Penalty, PlasticityIntervention):
     """Regenerative L2 towards the initial weights, coef * sum ||theta - theta_0||^2 (Kumar et al. 2023).
 
     Kumar, Marklund & Van Roy 2023, "Maintaining Plasticity in Continual Learning via Regenerative
@@ -132,15 +173,17 @@ class L2Init(PlasticityIntervention):
             else:
                 self.theta_0[name] = param.detach().clone()
 
-    def gradient_terms(self, agent: Any) -> dict[str, th.Tensor]:
+    penalty_key = "l2_init"
+
+    def l2_terms(self, agent: Any) -> tuple[list[nn.Parameter], float, list[th.Tensor]]:
         params, anchors = [], []
         for name, param in regularized_weights(agent, self.params.include_biases):
             if name not in self.theta_0:
                 self.theta_0[name] = param.detach().clone()
             params.append(param)
             anchors.append(self.theta_0[name])
-        # add_l2_gradient halves the squared norm; the published term does not.
-        return {"l2_init": add_l2_gradient(params, 2 * self.params.coef, anchors)}
+        # l2_penalty halves the squared norm; the published term does not.
+        return params, 2 * self.params.coef, anchors
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "theta_0": {k: v.detach().clone() for k, v in self.theta_0.items()}}

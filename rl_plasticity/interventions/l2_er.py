@@ -10,7 +10,7 @@ from torch import nn
 
 from agents import PlasticPPO
 from rl_plasticity.interventions.base import Params, PlasticityIntervention
-from rl_plasticity.interventions.l2 import add_l2_gradient, regularized_weights
+from rl_plasticity.interventions.l2 import L2Penalty
 from rl_plasticity.interventions.registry import register
 from rl_plasticity.probes import effective_rank_differentiable
 from rl_plasticity.probing import activation_outputs
@@ -71,7 +71,7 @@ class L2ERParams(Params):
 
 
 @register("l2_er")
-class L2ER(PlasticityIntervention):
+class L2ER(L2Penalty, PlasticityIntervention):
     """L2 plus effective-rank ascent on the hidden features, as separate SGD steps (Prakash et al. 2025).
 
     Prakash et al. 2025, "Spectral Collapse Drives Loss of Plasticity in Deep Continual Learning" (L2-ER).
@@ -101,7 +101,7 @@ class L2ER(PlasticityIntervention):
     step comes after that update.
 
     Defaults: ``wd = 1e-4``; ``er_lr`` 1e-4 for DQN and 1e-6 for PPO (``er_lr = None`` picks the one for the
-    agent at :meth:`attach`); ``er_every = 1``. Logged under ``interventions/l2_er/``: ``l2`` (the term),
+    agent at :meth:`attach`); ``er_every = 1``. Logged under ``interventions/l2_er/``: ``l2`` (the term, at each dump),
     ``er_loss``, ``fired`` (ER steps so far) and ``erank/<activation module>`` (not in the console table).
     """
 
@@ -128,9 +128,6 @@ class L2ER(PlasticityIntervention):
             self._obs = batch.observations
         return {}
 
-    def gradient_terms(self, agent: Any) -> dict[str, th.Tensor]:
-        weights = [p for _, p in regularized_weights(agent, self.params.include_biases)]
-        return {"l2": add_l2_gradient(weights, self.params.wd)}
 
     def on_update(self, agent: Any, num_gradient_steps: int) -> None:
         obs, self._obs = self._obs, None

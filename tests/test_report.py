@@ -237,23 +237,30 @@ def test_report_takes_arms_failures_and_pending_trials_from_the_sweep_manifest(t
               rows=None, scalars=scalars, layer_norm=True)
     write_run(sweep / "plain" / "20260101-000000_seed0", seed=0, interventions=[], total=200, checkpoint=200,
               rows=None, scalars=scalars)
+    # A running trial has its run directory but no run_dir in the manifest yet (it is set when the trial ends).
+    write_run(sweep / "plain" / "20260101-000000_seed3", seed=3, interventions=[], total=200, checkpoint=100,
+              rows=None, scalars=scalars)
     trials = {
-        "layer_norm/seed0": {"arm": "layer_norm", "task": None, "status": "finished",
-                             "run_dir": "layer_norm/20260101-000000_seed0"},
-        "plain/seed0": {"arm": "baseline", "task": None, "status": "finished",
+        "layer_norm/seed0": {"label": "layer_norm", "seed": 0, "arm": "layer_norm", "task": None,
+                             "status": "finished", "run_dir": "layer_norm/20260101-000000_seed0"},
+        "plain/seed0": {"label": "plain", "seed": 0, "arm": "baseline", "task": None, "status": "finished",
                         "run_dir": "plain/20260101-000000_seed0"},
-        "plain/seed1": {"arm": "baseline", "task": None, "status": "failed", "run_dir": None,
-                        "error": "rlp: error: something broke (exit 3)"},
-        "plain/seed2": {"arm": "baseline", "task": None, "status": "pending", "run_dir": None},
+        "plain/seed1": {"label": "plain", "seed": 1, "arm": "baseline", "task": None, "status": "failed",
+                        "run_dir": None, "error": "rlp: error: something broke (exit 3)"},
+        "plain/seed2": {"label": "plain", "seed": 2, "arm": "baseline", "task": None, "status": "pending",
+                        "run_dir": None},
+        "plain/seed3": {"label": "plain", "seed": 3, "arm": "baseline", "task": None, "status": "pending",
+                        "run_dir": None},
     }
     (sweep / "sweep.json").write_text(json.dumps({"trials": trials, "arms_order": ["baseline", "layer_norm"]}))
     make_report(sweep, None, points=5, n_resamples=1_000)
     md = (sweep / "report" / "report.md").read_text()
     runs_csv = pd.read_csv(sweep / "report" / "runs.csv")
-    assert sorted(runs_csv["arm"]) == ["baseline", "layer_norm"]  # not "none" twice, as the configs alone say
+    assert sorted(runs_csv["arm"]) == ["baseline", "baseline", "layer_norm"]  # not "none", as the configs alone say
     assert md.index("| baseline |") < md.index("| layer_norm |")  # the sweep's arm order
     assert "`plain/seed1`: rlp: error: something broke (exit 3)" in md
-    assert "**Trials not started yet** (sweep.json): `plain/seed2`" in md
+    assert "**Trials not started yet** (sweep.json): `plain/seed2`\n" in md  # not the running seed3
+    assert "`plain/20260101-000000_seed3` (baseline, seed 3): at step 100 of 200" in md
 
 
 def test_report_on_runs_that_completed_no_visit_yet(tmp_path: Path):

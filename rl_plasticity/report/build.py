@@ -105,13 +105,13 @@ def make_report(runs_dir: Path, out: Path | None = None, points: int = 200, n_re
 
     report = Report(Path(out) if out is not None else runs_dir / "report", runs,
                     [r for r in runs if not r.progress.complete])
-    seen = {str(r.path.resolve()) for r in runs}
+    # The manifest names a trial's run directory once it ends; a running one is found by its label and seed.
+    seen = {(r.path.parent.resolve(), r.seed) for r in runs}
     for sweep_dir, manifest in manifests.items():
         for trial_id, entry in (manifest or {}).get("trials", {}).items():
-            run_dir = entry.get("run_dir")
             if entry.get("status") == "failed":
                 report.failed[trial_id] = str(entry.get("error"))
-            elif run_dir is None or str((sweep_dir / run_dir).resolve()) not in seen:
+            elif ((sweep_dir / entry["label"]).resolve(), entry["seed"]) not in seen:
                 report.not_started.append(trial_id)
 
     correlations = nc1_return_correlations(rows)

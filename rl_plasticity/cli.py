@@ -263,14 +263,17 @@ def report_cmd(runs_dir: Path, out: Path | None, points: int, resamples: int, se
 
     \b
     It reads each run's TensorBoard events (EventAccumulator) and task_summary.csv, and writes to --out:
-      report.md          per task visit, a table of the arms: mean return over the visit, final
+      report.md          per arm, the mean return over the visits after the first, raw and
+                         relative to the fresh network's on the same task (mean [95% CI], IQM);
+                         per task visit, a table of the arms: mean return over the visit, final
                          return (with their IQM) and the main probes at the end of the visit
                          (effective rank, dormant fraction, NC1, K-FAC epsilon-rank), each as
                          mean [95% percentile-bootstrap CI] over seeds; which runs are incomplete;
                          the NC1-return correlation across task visits (Pearson with CI, Spearman)
       return.png, erank.png, dormant.png, nc1.png, kfac_eps_rank.png, nc1_vs_return.png
                          mean curve per arm with a shaded 95% band, task switches as vertical lines
-      runs.csv, visits_by_run.csv, visits.csv, curves.csv, correlation.csv    the same data
+      runs.csv, visits_by_run.csv, visits.csv, sequence.csv, curves.csv, correlation.csv
+                         the same data
     Arms come from the sweep's sweep.json, else from each run's interventions ("none" without any;
     "fresh" for a run on one task alone). A partly finished sweep is fine: incomplete runs are listed
     and what they have is used (complete visits; curves up to their last log).

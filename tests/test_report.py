@@ -182,6 +182,28 @@ def test_report_tables_match_hand_computed_statistics(runs: Path, tmp_path: Path
     assert runs_csv["complete"].sum() == 9 and len(runs_csv) == 10
 
 
+def test_report_across_the_sequence_raw_and_relative_to_fresh(runs: Path, tmp_path: Path):
+    make_report(runs, tmp_path / "out", points=5, n_resamples=4_000)
+    seq = pd.read_csv(tmp_path / "out" / "sequence.csv").set_index(["arm", "metric"])
+    fresh_b = np.mean(list(FRESH_B.values()))
+    # Visit 2 (task B) is the only one after the first; the incomplete reset run never completed it.
+    for arm, table in (("none", NONE), ("reset", RESET)):
+        later = np.array([rb for _, rb in table.values()])
+        raw, rel = seq.loc[(arm, "mean_return")], seq.loc[(arm, "relative_return")]
+        assert (raw["n"], raw["visits"]) == (3, 1)
+        assert raw["mean"] == pytest.approx(later.mean()) and raw["iqm"] == pytest.approx(sps.trim_mean(later, 0.25))
+        assert rel["mean"] == pytest.approx((later / fresh_b).mean())
+        lo, hi = later.min() / fresh_b - 1e-12, later.max() / fresh_b + 1e-12
+        assert lo <= rel["ci_low"] < rel["mean"] < rel["ci_high"] <= hi
+    fresh = seq.loc[("fresh", "relative_return")]
+    assert fresh["n"] == 3 and fresh["mean"] == pytest.approx(1.0)
+    assert seq.loc[("fresh", "mean_return")]["mean"] == pytest.approx(fresh_b)
+    md = (tmp_path / "out" / "report.md").read_text()
+    section = md.split("## Across the sequence")[1].split("## Task visits")[0]
+    assert "the 1 visits after the first (cartpole/length=1.5)" in section
+    assert f"| none | 3 | 6.00 [" in section and f"| {0.176:.3f} [" in section.split("| none |")[1]
+
+
 def test_report_curves_interpolated_averaged_and_fresh_aligned(runs: Path, tmp_path: Path):
     make_report(runs, tmp_path / "out", points=5, n_resamples=2_000)  # grid: 0, 50, 100, 150, 200
     curves = pd.read_csv(tmp_path / "out" / "curves.csv")

@@ -107,6 +107,59 @@ def visit_stats(rows: pd.DataFrame, keys: list[VisitKey], arms: list[str], n_res
     return pd.DataFrame(out, columns=columns)
 
 
+def sequence_stats(rows: pd.DataFrame, keys: list[VisitKey], arms: list[str], n_resamples: int,
+                   seed: int) -> pd.DataFrame:
+    """Per arm, over the visits after the first (those where a network has trained on another task before):
+    ``n, mean, ci_low, ci_high, iqm`` over runs of two per-run numbers.
+
+    - ``mean_return``: the run's mean over these visits of its mean return in the visit;
+    - ``relative_return``: the same mean of each visit's return divided by the fresh arm's mean return on
+      that task (mean over its seeds); 1 means as good as a new network. Undefined (NaN) where the fresh
+      arm has no run on a task or its mean return there is not positive.
+
+    A continual run counts only if all these visits are complete in it, so every arm averages the same
+    visits. For the fresh arm, a "run" is one seed's runs, which must cover every task of these visits.
+    """
+    columns = ["arm", "metric", "visits", "n", "mean", "ci_low", "ci_high", "iqm"]
+    later = keys[1:]
+    if not later or rows.empty:
+        return pd.DataFrame(columns=columns)
+    done = rows[rows["complete"].astype(bool)]
+    fresh = done[done["kind"] == "fresh"]
+    fresh_mean = fresh.groupby("task")["mean_return"].mean()
+
+    def baseline(task: str) -> float:
+        value = float(fresh_mean.get(task, np.nan))
+        return value if value > 0 else np.nan
+
+    per_run: dict[str, list[tuple[float, float]]] = {}
+
+    def add(arm: str, returns: dict[tuple[str, int], float]) -> None:
+        values = [returns.get((k.task, k.visit)) for k in later]
+        if any(v is None for v in values):
+            return
+        relative = [v / baseline(k.task) for v, k in zip(values, later)]
+        per_run.setdefault(arm, []).append((float(np.mean(values)), float(np.mean(relative))))
+
+    for _, sel in done[done["kind"] != "fresh"].groupby("run"):
+        add(str(sel["arm"].iloc[0]), {(t, int(v)): float(r) for t, v, r in zip(sel["task"], sel["visit"],
+                                                                              sel["mean_return"])})
+    for _, sel in fresh.groupby("seed"):  # a fresh network meets each task once: stands for every visit
+        by_task = dict(zip(sel["task"], sel["mean_return"].astype(float)))
+        add("fresh", {(k.task, k.visit): by_task[k.task] for k in later if k.task in by_task})
+
+    out = []
+    for arm in arms:
+        if arm not in per_run:
+            continue
+        values = np.array(per_run[arm])
+        for j, metric in enumerate(("mean_return", "relative_return")):
+            s = summarize(values[:, j], n_resamples, seed)
+            out.append({"arm": arm, "metric": metric, "visits": len(later), "n": s.n, "mean": s.mean,
+                        "ci_low": s.ci_low, "ci_high": s.ci_high, "iqm": s.iqm})
+    return pd.DataFrame(out, columns=columns)
+
+
 def fresh_offsets(runs: list[RunData], keys: list[VisitKey]) -> dict[str, int]:
     """Step at which the continual runs first meet each task (the fresh arm's curves start there)."""
     offsets: dict[str, int] = {}

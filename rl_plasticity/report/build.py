@@ -16,6 +16,7 @@ from rl_plasticity.report.aggregate import (
     arm_order,
     curve_bands,
     fresh_offsets,
+    sequence_stats,
     step_grid,
     visit_keys,
     visit_rows,
@@ -38,6 +39,13 @@ VISITS_NOTE = (
     "(each layer: `visits.csv`). The `fresh` arm is a network trained on this task alone for one "
     "visit's steps: the same row stands beside every visit of the task."
 )
+SEQUENCE_NOTE = (
+    "Per arm, over the {visits} visits after the first ({tasks}), where a network has trained on another task "
+    "before: each run's mean of its per-visit mean returns, and its mean of each visit's return divided by the "
+    "fresh network's mean return on that task (1: as good as a new network; below 1: lost plasticity, or "
+    "interference). Mean over runs [95% bootstrap CI] and IQM; n: runs with all these visits complete (for "
+    "`fresh`: seeds with every task)."
+)
 CURVES_NOTE = (
     "Mean over seeds with a shaded 95% bootstrap band; dashed vertical lines are task switches. Each run "
     "is interpolated linearly onto a common step grid (no extrapolation past its last log); the "
@@ -49,6 +57,8 @@ FILES_NOTE = """\
 - `visits_by_run.csv`: every run's task visits (`task_summary.csv` rows, or rebuilt from the events for a run
   without the monitor; column `source`);
 - `visits.csv`: the tables above, per visit, arm and metric (each layer too): n, mean, ci_low, ci_high, iqm;
+- `sequence.csv`: the table across the sequence: arm, metric (`mean_return`, `relative_return`), visits, n, mean,
+  ci_low, ci_high, iqm;
 - `curves.csv`: the plotted curves: metric, arm, step, n, mean, ci_low, ci_high;
 - `correlation.csv`: the NC1-return correlations above."""
 CORRELATION_NOTE = (
@@ -99,6 +109,7 @@ def make_report(runs_dir: Path, out: Path | None = None, points: int = 200, n_re
     keys = visit_keys(runs)
     rows = visit_rows(runs)
     stats = visit_stats(rows, keys, arms, n_resamples, seed)
+    sequence = sequence_stats(rows, keys, arms, n_resamples, seed)
     offsets = fresh_offsets(runs, keys)
     grid = step_grid(runs, offsets, points)
     curves = curve_bands(runs, arms, grid, offsets, min(n_resamples, 2_000), seed)
@@ -118,8 +129,9 @@ def make_report(runs_dir: Path, out: Path | None = None, points: int = 200, n_re
 
     report.out.mkdir(parents=True, exist_ok=True)
     report.files += _write_csvs(report.out, runs, runs_dir, rows, stats, curves)
-    correlations.to_csv(report.out / "correlation.csv", index=False)
-    report.files.append(report.out / "correlation.csv")
+    for name, frame in (("sequence.csv", sequence), ("correlation.csv", correlations)):
+        frame.to_csv(report.out / name, index=False)
+        report.files.append(report.out / name)
     report.files += _write_plots(report.out, curves, arms, keys)
     if correlations["n"].gt(0).any():
         from rl_plasticity.report.plots import plot_nc1_vs_return
@@ -127,7 +139,7 @@ def make_report(runs_dir: Path, out: Path | None = None, points: int = 200, n_re
         plot_nc1_vs_return(rows, arms, report.out / "nc1_vs_return.png")
         report.files.append(report.out / "nc1_vs_return.png")
     md = report.out / "report.md"
-    md.write_text(_markdown(report, runs_dir, arms, keys, stats, correlations))
+    md.write_text(_markdown(report, runs_dir, arms, keys, stats, sequence, correlations))
     report.files.insert(0, md)
     return report
 
@@ -194,7 +206,7 @@ def _seeds(seeds: list[int]) -> str:
 
 
 def _markdown(report: Report, runs_dir: Path, arms: list[str], keys: list[VisitKey], stats: pd.DataFrame,
-              correlations: pd.DataFrame) -> str:
+              sequence: pd.DataFrame, correlations: pd.DataFrame) -> str:
     runs = report.runs
     when = dt.datetime.now().isoformat(timespec="seconds")
     lines = ["# Plasticity report", "",
@@ -218,6 +230,18 @@ def _markdown(report: Report, runs_dir: Path, arms: list[str], keys: list[VisitK
     if report.not_started:
         lines += [f"**Trials not started yet** (sweep.json): {', '.join(f'`{t}`' for t in sorted(report.not_started))}",
                   ""]
+
+    if len(sequence):
+        tasks = ", ".join(dict.fromkeys(k.task for k in keys[1:]))
+        lines += ["## Across the sequence", "", SEQUENCE_NOTE.format(visits=len(keys) - 1, tasks=tasks), "",
+                  "| arm | n | mean return | IQM | relative to fresh | IQM |", "|---|---|---|---|---|---|"]
+        for arm in arms:
+            cells = {r["metric"]: r for _, r in sequence[sequence["arm"] == arm].iterrows()}
+            if cells:
+                ret, rel = cells["mean_return"], cells["relative_return"]
+                lines.append(f"| {arm} | {int(ret['n'])} | {_cell(ret)} | {_fmt(ret['iqm'])} | {_cell(rel)} | "
+                             f"{_fmt(rel['iqm'])} |")
+        lines.append("")
 
     lines += ["## Task visits", "", VISITS_NOTE, ""]
     present = set(stats["metric"]) if len(stats) else set()

@@ -87,7 +87,8 @@ class Intervention:
         Called after ``backward()`` and before gradient clipping, so the result is the same as adding the
         penalty to the loss (it is clipped and goes through the optimizer alike), without building and
         back-propagating a graph for it: an intervention adds ``dP/dtheta`` to each ``theta.grad`` (setting
-        it where it is ``None``) and returns the penalties' values.
+        it where it is ``None``) and returns the penalties' values, or ``{}`` when computing them at every
+        step would cost too much (the L2 penalties report theirs through :meth:`logged_values`).
 
         :return: term name -> detached scalar tensor (the value of the penalty whose gradient was added),
             logged as ``train/<name>/<term>`` like a loss term.

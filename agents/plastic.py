@@ -31,6 +31,13 @@ class NonFiniteError(RuntimeError):
         super().__init__(f"non-finite {term} = {value} at {where}")
 
 
+def _scalar(name: str, key: str, term: th.Tensor) -> float:
+    """The value of an intervention's scalar tensor ``name/key``; a clear error if it is not a scalar."""
+    if term.dim() != 0:
+        raise ValueError(f"term {name}/{key} must be a scalar, got shape {tuple(term.shape)}")
+    return term.item()
+
+
 class PlasticMixin:
     """Mixed in before an SB3 algorithm class. It adds, and only adds, the hook calls.
 
@@ -112,16 +119,14 @@ class PlasticMixin:
 
     def _gradient_terms(self) -> None:
         """Let every intervention add its closed-form penalty gradients to ``.grad`` (after backward, before
-        clipping), and log the penalties' values."""
+        clipping), and log the values it returns."""
         for iv in self.interventions:
             for key, term in iv.gradient_terms(self).items():  # type: ignore[arg-type]
                 self._log_term(iv.name, key, term)
 
     def _log_term(self, name: str, key: str, term: th.Tensor) -> None:
         """Check that ``term`` is a finite scalar and keep its value for the logs."""
-        if term.dim() != 0:
-            raise ValueError(f"loss term {name}/{key} must be a scalar, got shape {tuple(term.shape)}")
-        value = term.item()
+        value = _scalar(name, key, term)
         self._check_finite(f"interventions/{name}/{key}", value)
         self._term_logs[f"{name}/{key}"].append(value)
 
@@ -137,7 +142,7 @@ class PlasticMixin:
             return
         for iv in self.interventions:
             for key, term in iv.logged_values(self).items():  # type: ignore[arg-type]
-                value = term.item()
+                value = _scalar(iv.name, key, term)
                 tag = f"{iv.name}/{key}"
                 if not math.isfinite(value):
                     step = int(self.num_timesteps)  # type: ignore[attr-defined]

@@ -301,8 +301,13 @@ def test_logged_values_are_recorded_by_the_task_loggers_dump_and_nan_guarded():
 
     bad = PlasticDQN("MlpPolicy", "CartPole-v1", interventions=[WeightSquare(float("nan"))], **DQN_KW)
     bad.set_logger(Logger(None, []))
-    with pytest.raises(NonFiniteError, match=r"non-finite interventions/wsquare/sq = nan at env step \d+ \(gradient step"):
+    message = r"non-finite interventions/wsquare/sq = nan at env step \d+ \(gradient step"
+    with pytest.raises(NonFiniteError, match=message):
         bad.learn(400, log_interval=1)
+    bad.interventions = [WeightSquare()]
+    bad.interventions[0].logged_values = lambda agent: {"sq": th.ones(2)}
+    with pytest.raises(ValueError, match=r"term wsquare/sq must be a scalar, got shape \(2,\)"):
+        bad.record_logged_values()
 
 
 # -- on the task sequences -------------------------------------------------------------------------

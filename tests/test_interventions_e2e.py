@@ -35,3 +35,8 @@ def test_intervention_runs_and_logs_its_tags(tmp_path: Path, name: str):
     assert tags, f"no interventions/{name}/ tags"
     # The monitor kept working alongside (weights probe included).
     assert "plasticity/weight_l2_norm/total" in acc.Tags()["scalars"]
+    penalty = getattr(INTERVENTIONS[name].cls, "penalty_key", None)
+    if penalty is not None:
+        # An L2 penalty's value is logged at every dump, the monitor's probe rounds included.
+        probe_steps = {e.step for e in acc.Scalars("plasticity/erank/value_head@batch")}
+        assert probe_steps and probe_steps <= {e.step for e in acc.Scalars(f"interventions/{name}/{penalty}")}

@@ -169,4 +169,3 @@ class KFACRank(L2Penalty, PlasticityIntervention):
         total = th.stack(products).sum() if products else loss.new_zeros(())
         term = -self.params.coef * total / len(self._layers)
         return {"kfac_rank": term.to(loss.dtype)}
-

@@ -107,10 +107,12 @@ class L2Penalty:
         return weights, getattr(params, self.coef_field), None
 
     def gradient_terms(self, agent: Any) -> dict[str, th.Tensor]:
+        """Add the penalty's gradient to ``.grad``; return ``{}`` (the value is logged at dumps)."""
         add_l2_gradient(*self.l2_terms(agent))
         return {}
 
     def logged_values(self, agent: Any) -> dict[str, th.Tensor]:
+        """``{penalty_key: the penalty at the current weights}``."""
         return {self.penalty_key: l2_penalty(*self.l2_terms(agent))}
 
 
@@ -159,6 +161,7 @@ class L2Init(L2Penalty, PlasticityIntervention):
 
     Params = L2InitParams
     params: L2InitParams
+    penalty_key = "l2_init"
 
     def __init__(self, params: L2InitParams | None = None) -> None:
         super().__init__(params)
@@ -172,8 +175,6 @@ class L2Init(L2Penalty, PlasticityIntervention):
                 self.theta_0[name] = self.theta_0[name].to(param.device)
             else:
                 self.theta_0[name] = param.detach().clone()
-
-    penalty_key = "l2_init"
 
     def l2_terms(self, agent: Any) -> tuple[list[nn.Parameter], float, list[th.Tensor]]:
         params, anchors = [], []

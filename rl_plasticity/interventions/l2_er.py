@@ -128,7 +128,6 @@ class L2ER(L2Penalty, PlasticityIntervention):
             self._obs = batch.observations
         return {}
 
-
     def on_update(self, agent: Any, num_gradient_steps: int) -> None:
         obs, self._obs = self._obs, None
         if not self.per_epoch and obs is not None and num_gradient_steps % self.params.er_every == 0:

@@ -18,7 +18,7 @@ from scipy import stats as sps
 from torch.utils.tensorboard import SummaryWriter
 
 from rl_plasticity.cli import cli
-from rl_plasticity.report import band, interpolate, iqm, make_report, summarize
+from rl_plasticity.report import band, interpolate, iqm, make_report, relative_summary, summarize
 from rl_plasticity.report.correlation import correlation_row
 
 A, B = "cartpole/length=0.5", "cartpole/length=1.5"
@@ -193,15 +193,64 @@ def test_report_across_the_sequence_raw_and_relative_to_fresh(runs: Path, tmp_pa
         assert (raw["n"], raw["visits"]) == (3, 1)
         assert raw["mean"] == pytest.approx(later.mean()) and raw["iqm"] == pytest.approx(sps.trim_mean(later, 0.25))
         assert rel["mean"] == pytest.approx((later / fresh_b).mean())
-        lo, hi = later.min() / fresh_b - 1e-12, later.max() / fresh_b + 1e-12
-        assert lo <= rel["ci_low"] < rel["mean"] < rel["ci_high"] <= hi
+        # The interval resamples the runs and the fresh seeds independently: an independent bootstrap.
+        rng = np.random.default_rng(7)
+        fresh = np.array(list(FRESH_B.values()))
+        ratios = (later[rng.integers(0, 3, (100_000, 3))].mean(axis=1)
+                  / fresh[rng.integers(0, 3, (100_000, 3))].mean(axis=1))
+        low, high = np.percentile(ratios, [2.5, 97.5])
+        assert rel["ci_low"] == pytest.approx(low, abs=0.01) and rel["ci_high"] == pytest.approx(high, abs=0.01)
     fresh = seq.loc[("fresh", "relative_return")]
     assert fresh["n"] == 3 and fresh["mean"] == pytest.approx(1.0)
     assert seq.loc[("fresh", "mean_return")]["mean"] == pytest.approx(fresh_b)
     md = (tmp_path / "out" / "report.md").read_text()
     section = md.split("## Across the sequence")[1].split("## Task visits")[0]
-    assert "the 1 visits after the first (cartpole/length=1.5)" in section
-    assert f"| none | 3 | 6.00 [" in section and f"| {0.176:.3f} [" in section.split("| none |")[1]
+    assert "over the visits after the first (cartpole/length=1.5 in the common order" in section
+    assert "| none | 3 | 6.00 [" in section and f"| {0.176:.3f} [" in section.split("| none |")[1]
+
+
+def test_relative_summary_resamples_runs_and_fresh_seeds():
+    returns = np.array([[2.0, 6.0], [4.0, 3.0], [3.0, 9.0]])      # 3 runs x 2 visits
+    tasks = np.array([[0, 1], [1, 0], [0, 1]])                     # run 1 met the tasks the other way round
+    fresh = np.array([[4.0, 6.0], [6.0, 9.0], [2.0, 12.0]])        # 3 fresh seeds x 2 tasks
+    base = np.array([4.0, 9.0])                                    # their mean per task
+    per_run = [(2 / base[0] + 6 / base[1]) / 2, (4 / base[1] + 3 / base[0]) / 2, (3 / base[0] + 9 / base[1]) / 2]
+    s = relative_summary(returns, tasks, fresh, n_resamples=4_000, seed=1)
+    assert (s.n, s.mean, s.iqm) == (3, pytest.approx(np.mean(per_run)), pytest.approx(np.mean(per_run)))
+    rng = np.random.default_rng(11)
+    draws = []
+    for _ in range(20_000):
+        runs, seeds = rng.integers(0, 3, 3), rng.integers(0, 3, 3)
+        b = fresh[seeds].mean(axis=0)
+        draws.append(np.mean(returns[runs] / b[tasks[runs]]))
+    low, high = np.percentile(draws, [2.5, 97.5])
+    assert s.ci_low == pytest.approx(low, abs=0.03) and s.ci_high == pytest.approx(high, abs=0.03)
+    one = relative_summary(returns[:1], tasks[:1], fresh)
+    assert one.n == 1 and one.mean == pytest.approx(per_run[0]) and np.isnan(one.ci_low)
+    # One fresh seed: its values are the baseline, taken as exact; only the runs are resampled.
+    exact = relative_summary(returns, tasks, fresh[:1], n_resamples=4_000, seed=1)
+    assert exact.mean == pytest.approx(np.mean(returns / fresh[0][tasks]))
+    assert exact.ci_low < exact.mean < exact.ci_high
+
+
+def test_sequence_table_drops_each_runs_own_first_visit(tmp_path: Path):
+    # Two seeds meet the tasks in opposite orders (a random order per seed): each drops its own first visit.
+    root = tmp_path / "runs"
+    for seed, order in ((0, (A, B)), (1, (B, A))):
+        rows = [row(task, 1, i * SWITCH, 10.0 * (i + 1) + seed, 0.0, 2.0, (0.1, 0.1), 1.0)
+                for i, task in enumerate(order)]
+        write_run(root / "none" / f"20260101-00000{seed}_seed{seed}", seed=seed, interventions=[], total=200,
+                  checkpoint=200, rows=rows, scalars={"task/id": [(10, 0)]})
+    for seed in (0, 1):
+        for k, (task, value) in enumerate(((A, 10.0), (B, 40.0))):
+            write_run(root / "fresh" / f"2026010{k}-00000{seed}_seed{seed}", seed=seed, interventions=[],
+                      total=SWITCH, checkpoint=SWITCH, task_order=[k],
+                      rows=[row(task, 1, 0, value + seed, 0.0, 2.0, (0.1, 0.1), 1.0)], scalars={"task/id": [(10, k)]})
+    make_report(root, tmp_path / "out", points=5, n_resamples=1_000)
+    seq = pd.read_csv(tmp_path / "out" / "sequence.csv").set_index(["arm", "metric"])
+    # Seed 0's later visit is B with return 20; seed 1's is A with 21. Fresh means: A 10.5, B 40.5.
+    assert seq.loc[("none", "mean_return")]["mean"] == pytest.approx(20.5)
+    assert seq.loc[("none", "relative_return")]["mean"] == pytest.approx((20 / 40.5 + 21 / 10.5) / 2)
 
 
 def test_report_curves_interpolated_averaged_and_fresh_aligned(runs: Path, tmp_path: Path):

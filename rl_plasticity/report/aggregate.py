@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 from rl_plasticity.report.runs import MAIN_PROBES, RETURN, RunData
-from rl_plasticity.report.stats import band, interpolate, summarize
+from rl_plasticity.report.stats import Summary, band, interpolate, relative_summary, summarize
 
 RETURN_METRICS = ("mean_return", "final_return")
 
@@ -112,50 +112,59 @@ def sequence_stats(rows: pd.DataFrame, keys: list[VisitKey], arms: list[str], n_
     """Per arm, over the visits after the first (those where a network has trained on another task before):
     ``n, mean, ci_low, ci_high, iqm`` over runs of two per-run numbers.
 
-    - ``mean_return``: the run's mean over these visits of its mean return in the visit;
+    - ``mean_return``: the run's mean over these visits of its mean return in the visit (raw returns:
+      across different games, the one with larger returns weighs more);
     - ``relative_return``: the same mean of each visit's return divided by the fresh arm's mean return on
-      that task (mean over its seeds); 1 means as good as a new network. Undefined (NaN) where the fresh
-      arm has no run on a task or its mean return there is not positive.
+      that task (mean over its seeds); 1 means as good as a new network. Its interval resamples the runs
+      and the fresh seeds independently (:func:`~rl_plasticity.report.stats.relative_summary`).
 
-    A continual run counts only if all these visits are complete in it, so every arm averages the same
-    visits. For the fresh arm, a "run" is one seed's runs, which must cover every task of these visits.
+    A continual run counts only if it has completed all ``len(keys)`` visits; its own first visit (by
+    step) is left out, so runs whose task order differs (a random order per seed) each drop their own.
+    The fresh arm is matched as in :func:`visit_stats` (``arm == "fresh"``): one value per seed and task
+    (the mean if a seed has several runs on a task). Only the fresh seeds with a run on every task the
+    later visits meet make the baseline and the fresh row; with none, ``relative_return`` is undefined.
     """
     columns = ["arm", "metric", "visits", "n", "mean", "ci_low", "ci_high", "iqm"]
-    later = keys[1:]
-    if not later or rows.empty:
+    if len(keys) < 2 or rows.empty:
         return pd.DataFrame(columns=columns)
     done = rows[rows["complete"].astype(bool)]
-    fresh = done[done["kind"] == "fresh"]
-    fresh_mean = fresh.groupby("task")["mean_return"].mean()
+    fresh = done[done["arm"] == "fresh"].groupby(["seed", "task"])["mean_return"].mean().unstack("task")
 
-    def baseline(task: str) -> float:
-        value = float(fresh_mean.get(task, np.nan))
-        return value if value > 0 else np.nan
-
-    per_run: dict[str, list[tuple[float, float]]] = {}
-
-    def add(arm: str, returns: dict[tuple[str, int], float]) -> None:
-        values = [returns.get((k.task, k.visit)) for k in later]
-        if any(v is None for v in values):
-            return
-        relative = [v / baseline(k.task) for v, k in zip(values, later)]
-        per_run.setdefault(arm, []).append((float(np.mean(values)), float(np.mean(relative))))
-
-    for _, sel in done[done["kind"] != "fresh"].groupby("run"):
-        add(str(sel["arm"].iloc[0]), {(t, int(v)): float(r) for t, v, r in zip(sel["task"], sel["visit"],
-                                                                              sel["mean_return"])})
-    for _, sel in fresh.groupby("seed"):  # a fresh network meets each task once: stands for every visit
-        by_task = dict(zip(sel["task"], sel["mean_return"].astype(float)))
-        add("fresh", {(k.task, k.visit): by_task[k.task] for k in later if k.task in by_task})
+    per_arm: dict[str, tuple[list[list[float]], list[list[str]]]] = {}
+    continual = done[(done["arm"] != "fresh") & (done["kind"] != "fresh")]
+    for _, run in continual.groupby("run"):
+        if len(run) != len(keys):
+            continue
+        later = run.sort_values("start_step").iloc[1:]
+        returns, tasks = per_arm.setdefault(str(run["arm"].iloc[0]), ([], []))
+        returns.append(later["mean_return"].astype(float).tolist())
+        tasks.append(later["task"].astype(str).tolist())
+    # The baseline: the fresh seeds with a run on every task these visits meet (so every resample has one).
+    wanted = [k.task for k in keys[1:]]
+    needed = sorted({t for _, tasks in per_arm.values() for run in tasks for t in run} | set(wanted))
+    fresh = fresh[[t for t in needed if t in fresh.columns]].dropna()
+    if list(fresh.columns) != needed:
+        fresh = fresh.iloc[0:0]
+    fresh_matrix = fresh.to_numpy(dtype=float)  # fresh seeds x needed tasks
+    column = {task: j for j, task in enumerate(fresh.columns)}
+    for _, values in fresh.iterrows():  # a fresh network meets each task once: it stands for every visit
+        returns, tasks = per_arm.setdefault("fresh", ([], []))
+        returns.append([float(values[task]) for task in wanted])
+        tasks.append(wanted)
 
     out = []
     for arm in arms:
-        if arm not in per_run:
+        if arm not in per_arm:
             continue
-        values = np.array(per_run[arm])
-        for j, metric in enumerate(("mean_return", "relative_return")):
-            s = summarize(values[:, j], n_resamples, seed)
-            out.append({"arm": arm, "metric": metric, "visits": len(later), "n": s.n, "mean": s.mean,
+        returns = np.array(per_arm[arm][0], dtype=float)
+        raw = summarize(returns.mean(axis=1), n_resamples, seed)
+        if len(fresh_matrix):
+            index = np.array([[column[t] for t in run] for run in per_arm[arm][1]])
+            rel = relative_summary(returns, index, fresh_matrix, n_resamples, seed)
+        else:
+            rel = Summary(0, *(float("nan"),) * 4)
+        for metric, s in (("mean_return", raw), ("relative_return", rel)):
+            out.append({"arm": arm, "metric": metric, "visits": returns.shape[1], "n": s.n, "mean": s.mean,
                         "ci_low": s.ci_low, "ci_high": s.ci_high, "iqm": s.iqm})
     return pd.DataFrame(out, columns=columns)
 

@@ -40,11 +40,13 @@ VISITS_NOTE = (
     "visit's steps: the same row stands beside every visit of the task."
 )
 SEQUENCE_NOTE = (
-    "Per arm, over the {visits} visits after the first ({tasks}), where a network has trained on another task "
-    "before: each run's mean of its per-visit mean returns, and its mean of each visit's return divided by the "
-    "fresh network's mean return on that task (1: as good as a new network; below 1: lost plasticity, or "
-    "interference). Mean over runs [95% bootstrap CI] and IQM; n: runs with all these visits complete (for "
-    "`fresh`: seeds with every task)."
+    "Per arm, over the visits after the first ({tasks} in the common order; a run with its own order drops its "
+    "own first visit), where a network has trained on another task before: each run's mean of its per-visit "
+    "mean returns (raw: a game with larger returns weighs more), and its mean of each visit's return divided "
+    "by the fresh network's mean return on that task (1: as good as a new network; below 1: lost plasticity, "
+    "or interference). Mean over runs [95% bootstrap CI; for the relative return the runs and the fresh "
+    "seeds are resampled independently] and IQM; n: runs with every visit complete (for `fresh`: seeds with "
+    "every task)."
 )
 CURVES_NOTE = (
     "Mean over seeds with a shaded 95% bootstrap band; dashed vertical lines are task switches. Each run "
@@ -122,7 +124,7 @@ def make_report(runs_dir: Path, out: Path | None = None, points: int = 200, n_re
         for trial_id, entry in (manifest or {}).get("trials", {}).items():
             if entry.get("status") == "failed":
                 report.failed[trial_id] = str(entry.get("error"))
-            elif ((sweep_dir / entry["label"]).resolve(), entry["seed"]) not in seen:
+            elif ((sweep_dir / str(entry.get("label"))).resolve(), entry.get("seed")) not in seen:
                 report.not_started.append(trial_id)
 
     correlations = nc1_return_correlations(rows)
@@ -233,7 +235,7 @@ def _markdown(report: Report, runs_dir: Path, arms: list[str], keys: list[VisitK
 
     if len(sequence):
         tasks = ", ".join(dict.fromkeys(k.task for k in keys[1:]))
-        lines += ["## Across the sequence", "", SEQUENCE_NOTE.format(visits=len(keys) - 1, tasks=tasks), "",
+        lines += ["## Across the sequence", "", SEQUENCE_NOTE.format(tasks=tasks), "",
                   "| arm | n | mean return | IQM | relative to fresh | IQM |", "|---|---|---|---|---|---|"]
         for arm in arms:
             cells = {r["metric"]: r for _, r in sequence[sequence["arm"] == arm].iterrows()}

@@ -42,6 +42,44 @@ def summarize(values: np.ndarray, n_resamples: int = 10_000, seed: int = 0) -> S
     return Summary(len(x), float(np.mean(x)), float(low[0]), float(high[0]), iqm(x))
 
 
+def relative_summary(returns: np.ndarray, tasks: np.ndarray, fresh: np.ndarray, n_resamples: int = 10_000,
+                     seed: int = 0) -> Summary:
+    """:class:`Summary` of each run's mean return relative to a fresh network, over runs.
+
+    A run's value is the mean over its visits ``v`` of ``returns[run, v] / b[tasks[run, v]]``, where ``b`` is the
+    fresh networks' mean return on each task (over their seeds; NaN where it is not positive). The interval
+    resamples the runs and the fresh seeds independently (SciPy's two-sample percentile bootstrap), so the
+    uncertainty of the baseline is in it too; with one fresh seed the baseline is taken as exact.
+
+    :param returns: runs x visits.
+    :param tasks: runs x visits, the column of ``fresh`` for each visit's task.
+    :param fresh: fresh seeds x tasks, complete (a resample must have a baseline for every task).
+    """
+    returns, tasks, fresh = np.asarray(returns, dtype=float), np.asarray(tasks, dtype=int), np.asarray(fresh, float)
+
+    def relative(runs: np.ndarray, seeds: np.ndarray) -> float:
+        with np.errstate(invalid="ignore", divide="ignore"):
+            base = np.mean(fresh[np.asarray(seeds, dtype=int)], axis=0)
+            base = np.where(base > 0, base, np.nan)
+            rows = np.asarray(runs, dtype=int)
+            return float(np.mean(np.mean(returns[rows] / base[tasks[rows]], axis=1)))
+
+    everyone = np.arange(len(fresh))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        per_run = np.array([relative(np.array([i]), everyone) for i in range(len(returns))])
+    x = _finite(per_run)
+    if len(x) == 0:
+        return Summary(0, *(float("nan"),) * 4)
+    low = high = float("nan")
+    if len(x) >= 2 and len(x) == len(per_run):
+        data = (np.arange(len(returns)),) + ((everyone,) if len(fresh) >= 2 else ())
+        statistic = relative if len(fresh) >= 2 else (lambda runs: relative(runs, everyone))
+        result = stats.bootstrap(data, statistic, paired=False, vectorized=False, n_resamples=n_resamples,
+                                 confidence_level=CONFIDENCE, method="percentile", rng=np.random.default_rng(seed))
+        low, high = float(result.confidence_interval.low), float(result.confidence_interval.high)
+    return Summary(len(x), float(np.mean(x)), low, high, iqm(x))
+
+
 def band(matrix: np.ndarray, n_resamples: int = 2_000, seed: int = 0) -> dict[str, np.ndarray]:
     """Per column of ``matrix`` (runs x points): ``n``, ``mean``, ``ci_low``, ``ci_high`` over the finite runs.
 

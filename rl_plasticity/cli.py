@@ -263,8 +263,8 @@ def report_cmd(runs_dir: Path, out: Path | None, points: int, resamples: int, se
 
     \b
     It reads each run's TensorBoard events (EventAccumulator) and task_summary.csv, and writes to --out:
-      report.md          per arm, the mean return over the visits after the first, raw and
-                         relative to the fresh network's on the same task (mean [95% CI], IQM);
+      report.md          per arm, the mean and final return over the visits after the first, raw
+                         and relative to the fresh network's on the same task (mean [95% CI], IQM);
                          per task visit, a table of the arms: mean return over the visit, final
                          return (with their IQM) and the main probes at the end of the visit
                          (effective rank, dormant fraction, NC1, K-FAC epsilon-rank), each as

@@ -189,7 +189,7 @@ def test_report_across_the_sequence_raw_and_relative_to_fresh(runs: Path, tmp_pa
     # Visit 2 (task B) is the only one after the first; the incomplete reset run never completed it.
     for arm, table in (("none", NONE), ("reset", RESET)):
         later = np.array([rb for _, rb in table.values()])
-        raw, rel = seq.loc[(arm, "mean_return")], seq.loc[(arm, "relative_return")]
+        raw, rel = seq.loc[(arm, "mean_return")], seq.loc[(arm, "mean_return/fresh")]
         assert (raw["n"], raw["visits"]) == (3, 1)
         assert raw["mean"] == pytest.approx(later.mean()) and raw["iqm"] == pytest.approx(sps.trim_mean(later, 0.25))
         assert rel["mean"] == pytest.approx((later / fresh_b).mean())
@@ -200,7 +200,10 @@ def test_report_across_the_sequence_raw_and_relative_to_fresh(runs: Path, tmp_pa
                   / fresh[rng.integers(0, 3, (100_000, 3))].mean(axis=1))
         low, high = np.percentile(ratios, [2.5, 97.5])
         assert rel["ci_low"] == pytest.approx(low, abs=0.01) and rel["ci_high"] == pytest.approx(high, abs=0.01)
-    fresh = seq.loc[("fresh", "relative_return")]
+    # The final return (each visit's last episodes; the fixture's is the mean return + 1) likewise.
+    assert seq.loc[("none", "final_return")]["mean"] == pytest.approx(7.0)
+    assert seq.loc[("none", "final_return/fresh")]["mean"] == pytest.approx(np.mean(np.array([5, 7, 9]) / 35))
+    fresh = seq.loc[("fresh", "mean_return/fresh")]
     assert fresh["n"] == 3 and fresh["mean"] == pytest.approx(1.0)
     assert seq.loc[("fresh", "mean_return")]["mean"] == pytest.approx(fresh_b)
     md = (tmp_path / "out" / "report.md").read_text()
@@ -250,7 +253,7 @@ def test_sequence_table_drops_each_runs_own_first_visit(tmp_path: Path):
     seq = pd.read_csv(tmp_path / "out" / "sequence.csv").set_index(["arm", "metric"])
     # Seed 0's later visit is B with return 20; seed 1's is A with 21. Fresh means: A 10.5, B 40.5.
     assert seq.loc[("none", "mean_return")]["mean"] == pytest.approx(20.5)
-    assert seq.loc[("none", "relative_return")]["mean"] == pytest.approx((20 / 40.5 + 21 / 10.5) / 2)
+    assert seq.loc[("none", "mean_return/fresh")]["mean"] == pytest.approx((20 / 40.5 + 21 / 10.5) / 2)
 
 
 def test_report_curves_interpolated_averaged_and_fresh_aligned(runs: Path, tmp_path: Path):

@@ -110,26 +110,35 @@ def visit_stats(rows: pd.DataFrame, keys: list[VisitKey], arms: list[str], n_res
 def sequence_stats(rows: pd.DataFrame, keys: list[VisitKey], arms: list[str], n_resamples: int,
                    seed: int) -> pd.DataFrame:
     """Per arm, over the visits after the first (those where a network has trained on another task before):
-    ``n, mean, ci_low, ci_high, iqm`` over runs of two per-run numbers.
+    ``n, mean, ci_low, ci_high, iqm`` over runs of per-run numbers, for the mean and the final return.
 
-    - ``mean_return``: the run's mean over these visits of its mean return in the visit (raw returns:
-      across different games, the one with larger returns weighs more);
-    - ``relative_return``: the same mean of each visit's return divided by the fresh arm's mean return on
-      that task (mean over its seeds); 1 means as good as a new network. Its interval resamples the runs
-      and the fresh seeds independently (:func:`~rl_plasticity.report.stats.relative_summary`).
+    - ``mean_return`` (``final_return``): the run's mean over these visits of its mean (final) return in the
+      visit (raw returns: across different games, the one with larger returns weighs more);
+    - ``mean_return/fresh`` (``final_return/fresh``): the same mean of each visit's return divided by the
+      fresh arm's on that task (mean over its seeds); 1 means as good as a new network. Its interval
+      resamples the runs and the fresh seeds independently (:func:`~rl_plasticity.report.stats.relative_summary`).
 
     A continual run counts only if it has completed all ``len(keys)`` visits; its own first visit (by
     step) is left out, so runs whose task order differs (a random order per seed) each drop their own.
     The fresh arm is matched as in :func:`visit_stats` (``arm == "fresh"``): one value per seed and task
     (the mean if a seed has several runs on a task). Only the fresh seeds with a run on every task the
-    later visits meet make the baseline and the fresh row; with none, ``relative_return`` is undefined.
+    later visits meet make the baseline and the fresh row; with none, the relative values are undefined.
     """
     columns = ["arm", "metric", "visits", "n", "mean", "ci_low", "ci_high", "iqm"]
     if len(keys) < 2 or rows.empty:
         return pd.DataFrame(columns=columns)
     done = rows[rows["complete"].astype(bool)]
-    fresh = done[done["arm"] == "fresh"].groupby(["seed", "task"])["mean_return"].mean().unstack("task")
+    out = []
+    for metric in RETURN_METRICS:
+        out += _sequence_metric(done, metric, keys, arms, n_resamples, seed)
+    frame = pd.DataFrame(out, columns=columns)
+    order = {arm: i for i, arm in enumerate(arms)}
+    return frame.sort_values("arm", key=lambda a: a.map(order), kind="stable").reset_index(drop=True)
 
+
+def _sequence_metric(done: pd.DataFrame, metric: str, keys: list[VisitKey], arms: list[str], n_resamples: int,
+                     seed: int) -> list[dict[str, object]]:
+    """The rows of :func:`sequence_stats` for one per-visit return column (``mean_return``, ``final_return``)."""
     per_arm: dict[str, tuple[list[list[float]], list[list[str]]]] = {}
     continual = done[(done["arm"] != "fresh") & (done["kind"] != "fresh")]
     for _, run in continual.groupby("run"):
@@ -137,9 +146,10 @@ def sequence_stats(rows: pd.DataFrame, keys: list[VisitKey], arms: list[str], n_
             continue
         later = run.sort_values("start_step").iloc[1:]
         returns, tasks = per_arm.setdefault(str(run["arm"].iloc[0]), ([], []))
-        returns.append(later["mean_return"].astype(float).tolist())
+        returns.append(later[metric].astype(float).tolist())
         tasks.append(later["task"].astype(str).tolist())
     # The baseline: the fresh seeds with a run on every task these visits meet (so every resample has one).
+    fresh = done[done["arm"] == "fresh"].groupby(["seed", "task"])[metric].mean().unstack("task")
     wanted = [k.task for k in keys[1:]]
     needed = sorted({t for _, tasks in per_arm.values() for run in tasks for t in run} | set(wanted))
     fresh = fresh[[t for t in needed if t in fresh.columns]].dropna()
@@ -163,10 +173,10 @@ def sequence_stats(rows: pd.DataFrame, keys: list[VisitKey], arms: list[str], n_
             rel = relative_summary(returns, index, fresh_matrix, n_resamples, seed)
         else:
             rel = Summary(0, *(float("nan"),) * 4)
-        for metric, s in (("mean_return", raw), ("relative_return", rel)):
-            out.append({"arm": arm, "metric": metric, "visits": returns.shape[1], "n": s.n, "mean": s.mean,
+        for name, s in ((metric, raw), (f"{metric}/fresh", rel)):
+            out.append({"arm": arm, "metric": name, "visits": returns.shape[1], "n": s.n, "mean": s.mean,
                         "ci_low": s.ci_low, "ci_high": s.ci_high, "iqm": s.iqm})
-    return pd.DataFrame(out, columns=columns)
+    return out
 
 
 def fresh_offsets(runs: list[RunData], keys: list[VisitKey]) -> dict[str, int]:

@@ -43,10 +43,10 @@ SEQUENCE_NOTE = (
     "Per arm, over the visits after the first ({tasks} in the common order; a run with its own order drops its "
     "own first visit), where a network has trained on another task before: each run's mean of its per-visit "
     "mean returns (raw: a game with larger returns weighs more), and its mean of each visit's return divided "
-    "by the fresh network's mean return on that task (1: as good as a new network; below 1: lost plasticity, "
-    "or interference). Mean over runs [95% bootstrap CI; for the relative return the runs and the fresh "
-    "seeds are resampled independently] and IQM; n: runs with every visit complete (for `fresh`: seeds with "
-    "every task)."
+    "by the fresh network's on that task (1: as good as a new network; below 1: lost plasticity, or "
+    "interference); the same for the final return (last 10 episodes of each visit). Mean over runs [95% "
+    "bootstrap CI; for the relative returns the runs and the fresh seeds are resampled independently] and "
+    "IQM; n: runs with every visit complete (for `fresh`: seeds with every task)."
 )
 CURVES_NOTE = (
     "Mean over seeds with a shaded 95% bootstrap band; dashed vertical lines are task switches. Each run "
@@ -59,8 +59,8 @@ FILES_NOTE = """\
 - `visits_by_run.csv`: every run's task visits (`task_summary.csv` rows, or rebuilt from the events for a run
   without the monitor; column `source`);
 - `visits.csv`: the tables above, per visit, arm and metric (each layer too): n, mean, ci_low, ci_high, iqm;
-- `sequence.csv`: the table across the sequence: arm, metric (`mean_return`, `relative_return`), visits, n, mean,
-  ci_low, ci_high, iqm;
+- `sequence.csv`: the table across the sequence: arm, metric (`mean_return`, `mean_return/fresh`, `final_return`,
+  `final_return/fresh`), visits, n, mean, ci_low, ci_high, iqm;
 - `curves.csv`: the plotted curves: metric, arm, step, n, mean, ci_low, ci_high;
 - `correlation.csv`: the NC1-return correlations above."""
 CORRELATION_NOTE = (
@@ -236,13 +236,15 @@ def _markdown(report: Report, runs_dir: Path, arms: list[str], keys: list[VisitK
     if len(sequence):
         tasks = ", ".join(dict.fromkeys(k.task for k in keys[1:]))
         lines += ["## Across the sequence", "", SEQUENCE_NOTE.format(tasks=tasks), "",
-                  "| arm | n | mean return | IQM | relative to fresh | IQM |", "|---|---|---|---|---|---|"]
+                  "| arm | n | mean return | IQM | relative to fresh | IQM | final return | relative to fresh |",
+                  "|---|---|---|---|---|---|---|---|"]
         for arm in arms:
             cells = {r["metric"]: r for _, r in sequence[sequence["arm"] == arm].iterrows()}
             if cells:
-                ret, rel = cells["mean_return"], cells["relative_return"]
+                ret, rel = cells["mean_return"], cells["mean_return/fresh"]
                 lines.append(f"| {arm} | {int(ret['n'])} | {_cell(ret)} | {_fmt(ret['iqm'])} | {_cell(rel)} | "
-                             f"{_fmt(rel['iqm'])} |")
+                             f"{_fmt(rel['iqm'])} | {_cell(cells['final_return'])} | "
+                             f"{_cell(cells['final_return/fresh'])} |")
         lines.append("")
 
     lines += ["## Task visits", "", VISITS_NOTE, ""]

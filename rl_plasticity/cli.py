@@ -163,7 +163,8 @@ Grid syntax:
   --fresh                  add the fresh-network arm: per seed and per task k of the sequence, the
                            base config (CONFIG and OVERRIDES, no intervention) on task k alone for
                            one env.switch_every (env.order=explicit env.task_order=[k]
-                           total_steps=null); rlp report compares it with the first visit of k.
+                           total_steps=null); schedules given as a fraction of total_steps (epsilon's)
+                           follow its own length. rlp report sets it beside every visit of task k.
   --seeds 0-4 | 0,2,5 | 0-2,7   every trial once per seed.
   Quote the brackets in the shell: --grid 'interventions=[[],[reset]]'.
 

@@ -172,7 +172,7 @@ def _sequence_metric(done: pd.DataFrame, metric: str, keys: list[VisitKey], arms
             index = np.array([[column[t] for t in run] for run in per_arm[arm][1]])
             rel = relative_summary(returns, index, fresh_matrix, n_resamples, seed)
         else:
-            rel = Summary(0, *(float("nan"),) * 4)
+            rel = Summary.empty()
         for name, s in ((metric, raw), (f"{metric}/fresh", rel)):
             out.append({"arm": arm, "metric": name, "visits": returns.shape[1], "n": s.n, "mean": s.mean,
                         "ci_low": s.ci_low, "ci_high": s.ci_high, "iqm": s.iqm})

@@ -26,6 +26,12 @@ class Summary:
     ci_high: float
     iqm: float
 
+    @classmethod
+    def empty(cls) -> Summary:
+        """No finite value: n = 0 and every statistic NaN."""
+        nan = float("nan")
+        return cls(0, nan, nan, nan, nan)
+
 
 def iqm(values: np.ndarray) -> float:
     """Interquartile mean (rliable's ``IQM``): ``trim_mean(values, 0.25)`` over the finite values."""
@@ -37,7 +43,7 @@ def summarize(values: np.ndarray, n_resamples: int = 10_000, seed: int = 0) -> S
     """:class:`Summary` of the finite values: the mean's interval is a seeded percentile bootstrap."""
     x = _finite(values)
     if len(x) == 0:
-        return Summary(0, *(float("nan"),) * 4)
+        return Summary.empty()
     low, high = _bootstrap(x[:, None], n_resamples, seed)
     return Summary(len(x), float(np.mean(x)), float(low[0]), float(high[0]), iqm(x))
 
@@ -65,11 +71,10 @@ def relative_summary(returns: np.ndarray, tasks: np.ndarray, fresh: np.ndarray, 
             return float(np.mean(np.mean(returns[rows] / base[tasks[rows]], axis=1)))
 
     everyone = np.arange(len(fresh))
-    with np.errstate(invalid="ignore", divide="ignore"):
-        per_run = np.array([relative(np.array([i]), everyone) for i in range(len(returns))])
+    per_run = np.array([relative(np.array([i]), everyone) for i in range(len(returns))])
     x = _finite(per_run)
     if len(x) == 0:
-        return Summary(0, *(float("nan"),) * 4)
+        return Summary.empty()
     low = high = float("nan")
     if len(x) >= 2 and len(x) == len(per_run):
         data = (np.arange(len(returns)),) + ((everyone,) if len(fresh) >= 2 else ())

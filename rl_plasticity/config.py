@@ -175,7 +175,8 @@ class EnvConfig(_Section):
     sequence_seed: int | None = Field(None, description="Seed of the task family and random order (null: run seed).")
     options: dict[str, Any] = Field(
         default_factory=dict,
-        description="Sequence options, e.g. games, game, num_tasks, sticky_action_prob (rlp list sequences).",
+        description="Sequence options, e.g. games, game, num_tasks, sticky_action_prob, and for every sequence "
+        "low_return_cutoff: {steps, min_return, games} (rlp list sequences).",
     )
 
     @field_validator("sequence")

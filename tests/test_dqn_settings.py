@@ -123,6 +123,10 @@ def test_random_steps_do_not_advance_epsilon():
     counted = np.cumsum([0] + [not r for r in log.random])[:-1]
     assert log.eps == pytest.approx([linear_eps(int(c), 40) for c in counted], abs=1e-12)
     assert log.eps[SWITCH + 19] == log.eps[SWITCH] == pytest.approx(linear_eps(30, 40))  # frozen in task 2's random steps
+    # SB3's fractional schedule follows the run's progress, random steps or not.
+    with_random = run(3 * SWITCH, random_steps_per_task=20, exploration_fraction=0.5)[1].eps
+    assert with_random == run(3 * SWITCH, exploration_fraction=0.5)[1].eps
+    assert with_random[1] > with_random[SWITCH] > with_random[SWITCH + 19] > with_random[2 * SWITCH]
 
 
 # -- TD loss and clipping ---------------------------------------------------------------------------------

@@ -3,28 +3,47 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch as th
 from stable_baselines3 import DQN
 from stable_baselines3.common.buffers import ReplayBufferSamples
+from stable_baselines3.common.noise import ActionNoise
+from stable_baselines3.common.utils import LinearSchedule
 from torch import nn
 from torch.nn import functional as F
 
-from agents.hooks import Intervention
+from agents.hooks import Intervention, TaskSwitch
 from agents.plastic import PlasticMixin
+
+TD_LOSSES = ("huber", "mse")
 
 
 class PlasticDQN(PlasticMixin, DQN):
     """Deep Q-Network (SB3's :class:`~stable_baselines3.DQN`) with plasticity hooks.
 
-    Takes every argument :class:`~stable_baselines3.DQN` takes, plus:
+    Takes every argument :class:`~stable_baselines3.DQN` takes, plus the options below. Their defaults are
+    SB3's behaviour: with them and no intervention, training is bit-for-bit stock SB3.
 
     :param interventions: interventions called from inside :meth:`train` (see :mod:`agents.hooks`).
-        Empty by default, in which case training is bit-for-bit stock SB3.
     :param double_q: use the Double-DQN target (van Hasselt et al., 2016): the online network picks the
-        next action, the target network evaluates it. This is the only difference from stock DQN.
+        next action, the target network evaluates it.
+    :param td_loss: ``"huber"`` (SB3's ``smooth_l1_loss``) or ``"mse"`` (the MinAtar and C-CHAIN code).
+    :param exploration_steps: if given, epsilon decays linearly from ``exploration_initial_eps`` to
+        ``exploration_final_eps`` over this many env steps, counted from the start of training (warm-up
+        included, as SB3's schedule) except the random steps of ``random_steps_per_task``, whatever the run's
+        length. Replaces SB3's ``exploration_fraction`` of the run (pass ``exploration_fraction=None``).
+    :param exploration_reset_on_switch: restart that decay at every task switch (needs ``exploration_steps``).
+    :param random_steps_per_task: at the start of every task visit (``info["task_switch"]`` of
+        :class:`~envs.sequence.TaskSequenceEnv` ends one), this many env steps of uniform-random actions with no
+        gradient update. As in C-CHAIN (``crl_minatar/crl_run_double_dqn.py`` in bluecontra/C-CHAIN: ``a`` is
+        random and ``agent.train`` is skipped while ``global_step_count < INIT_RANDOM_STEPS``, and
+        ``epsilon_decay`` and the update counter of the target copy only move on the agent's own steps), these
+        steps advance neither the target-update phase (``_n_calls``) nor the ``exploration_steps`` counter.
+
+    SB3's ``max_grad_norm`` may be ``math.inf``: no clipping (``clip_grad_norm_`` then scales the gradients by
+    exactly 1.0 and still returns their norm, which the NaN guard checks).
     """
 
     def __init__(
@@ -32,11 +51,76 @@ class PlasticDQN(PlasticMixin, DQN):
         *args: Any,
         interventions: Sequence[Intervention] | None = None,
         double_q: bool = False,
+        td_loss: Literal["huber", "mse"] = "huber",
+        exploration_steps: int | None = None,
+        exploration_reset_on_switch: bool = False,
+        random_steps_per_task: int = 0,
         **kwargs: Any,
     ) -> None:
+        if td_loss not in TD_LOSSES:
+            raise ValueError(f"td_loss must be one of {', '.join(TD_LOSSES)}, got {td_loss!r}")
+        if exploration_steps is not None and exploration_steps <= 0:
+            raise ValueError(f"exploration_steps must be positive, got {exploration_steps}")
+        if exploration_steps is None and (exploration_reset_on_switch or kwargs.get("exploration_fraction", 0.1) is None):
+            raise ValueError("exploration_reset_on_switch and exploration_fraction=None need exploration_steps")
+        if random_steps_per_task < 0:
+            raise ValueError(f"random_steps_per_task must be non-negative, got {random_steps_per_task}")
         self._init_plastic(interventions)
         self.double_q = double_q
+        self.td_loss = td_loss
+        self.exploration_steps = exploration_steps
+        self.exploration_reset_on_switch = exploration_reset_on_switch
+        self.random_steps_per_task = random_steps_per_task
+        #: Env steps of the current task visit so far, and those that count towards ``exploration_steps``.
+        self._visit_steps = 0
+        self._exploration_count = 0
+        #: Whether the last action came from the random steps of a visit (set before each env step).
+        self._random_step = False
         super().__init__(*args, **kwargs)
+
+    # -- exploration and the random steps of each visit ------------------------------------------
+    def _setup_model(self) -> None:
+        super()._setup_model()
+        if self.exploration_steps is not None:
+            # SB3's linear schedule, taken over the fraction of exploration_steps done (see _epsilon).
+            self.exploration_schedule = LinearSchedule(self.exploration_initial_eps, self.exploration_final_eps, 1.0)
+            self.exploration_rate = self._epsilon()
+
+    def _epsilon(self) -> float:
+        """Epsilon for the next step: SB3's schedule at the run's progress, or at the ``exploration_steps`` done."""
+        if self.exploration_steps is None:
+            return self.exploration_schedule(self._current_progress_remaining)
+        done = self._exploration_count / self.exploration_steps
+        return self.exploration_final_eps if done >= 1.0 else self.exploration_schedule(1.0 - done)
+
+    def _sample_action(
+        self, learning_starts: int, action_noise: ActionNoise | None = None, n_envs: int = 1
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """SB3's action choice; during a visit's random steps, its warm-up branch (uniform over the action space)."""
+        self._random_step = self._visit_steps < self.random_steps_per_task
+        if self._random_step:
+            learning_starts = self.num_timesteps + 1
+        return super()._sample_action(learning_starts, action_noise, n_envs)
+
+    def _after_env_step(self, n_steps: int, switch: TaskSwitch | None) -> None:
+        self._visit_steps += n_steps
+        if not self._random_step:
+            self._exploration_count += n_steps
+        if switch is not None:
+            self._visit_steps = 0
+            if self.exploration_reset_on_switch:
+                self._exploration_count = 0
+
+    def _on_step(self) -> None:
+        """SB3's ``_on_step`` (target-update phase and copy, then epsilon), except that a visit's random steps
+        leave the target-update phase where it is (C-CHAIN counts updates, and there is none), and that with
+        ``exploration_steps`` epsilon follows the agent's own step counter."""
+        if not self._random_step:
+            super()._on_step()
+        if self._random_step or self.exploration_steps is not None:
+            # Replaces what SB3's _on_step took from the run's progress, if it ran.
+            self.exploration_rate = self._epsilon()
+            self.logger.record("rollout/exploration_rate", self.exploration_rate)
 
     @property
     def value_head(self) -> nn.Linear:
@@ -97,7 +181,8 @@ class PlasticDQN(PlasticMixin, DQN):
             return batch.rewards + (1 - batch.dones) * discounts * next_q_values
 
     def training_loss(self, batch: ReplayBufferSamples) -> tuple[th.Tensor, th.Tensor]:
-        """The TD loss (Huber, as SB3) on ``batch``, and the Q head's input features, both with their graph.
+        """The TD loss (``td_loss``: Huber as SB3, or MSE) on ``batch``, and the Q head's input features, both
+        with their graph.
 
         ``train()`` uses exactly this; the curvature probes use it too, so they see the agent's own loss.
         """
@@ -105,10 +190,16 @@ class PlasticDQN(PlasticMixin, DQN):
         # Split the forward pass at the head so the interventions see its input, with its graph.
         features = self.value_features(batch.observations)
         current_q_values = th.gather(self.value_head(features), dim=1, index=batch.actions.long())
-        return F.smooth_l1_loss(current_q_values, target_q_values), features
+        loss = F.mse_loss if self.td_loss == "mse" else F.smooth_l1_loss
+        return loss(current_q_values, target_q_values), features
 
     def train(self, gradient_steps: int, batch_size: int = 100) -> None:
-        """SB3's ``DQN.train`` with the feature, loss-term and update hooks (see :mod:`agents.hooks`)."""
+        """SB3's ``DQN.train`` with the feature, loss-term and update hooks (see :mod:`agents.hooks`).
+
+        Does nothing after a rollout that ended in a visit's random steps (``random_steps_per_task``).
+        """
+        if self._random_step:
+            return
         self.policy.set_training_mode(True)
         self._update_learning_rate(self.policy.optimizer)
 

@@ -204,6 +204,7 @@ class PlasticMixin:
     def _update_info_buffer(self, infos: list[dict[str, Any]], dones: np.ndarray | None = None) -> None:
         # SB3 calls this after every env step, before storing or training on the transition.
         super()._update_info_buffer(infos, dones)  # type: ignore[misc]
+        switch = None
         for info in infos:
             if info.get("task_switch"):
                 # All parallel copies switch on the same step: notify once.
@@ -216,3 +217,10 @@ class PlasticMixin:
                 for iv in self.interventions:
                     iv.on_task_switch(self, switch)  # type: ignore[arg-type]
                 break
+        self._after_env_step(len(infos), switch)
+
+    def _after_env_step(self, n_steps: int, switch: TaskSwitch | None) -> None:
+        """Called after every vec-env step of ``n_steps`` env steps (one per copy); ``switch`` if it ended a task.
+
+        Nothing by default; the algorithms count their per-visit schedules here.
+        """

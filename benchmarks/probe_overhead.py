@@ -4,7 +4,8 @@ Part 1, overhead. What it measures: wall time, and CPU time of this process, of 
 (building the env, the agent and the logger is outside the timed region) for DQN on continual MinAtar, built
 as ``rlp train`` builds it: ``configs/dqn_minatar_cycle.yaml`` (Double DQN, one update of batch 32 per env
 step, the MinAtar network of width 128, sticky actions) through ``validate_config``, ``runner.build_env`` and
-``runner.build_agent``, on the CPU, with a 50k buffer, ``learning_starts`` 500, and ``env.switch_every = steps``
+``runner.build_agent``, on the CPU, with a 50k buffer, ``learning_starts`` 500 (and no random steps per task, so
+updates run from there), and ``env.switch_every = steps``
 so that every timed window ends on exactly one task switch (and the end-of-training round, which runs only for
 a visit cut short, does not run). Every arm gets the same SB3 TensorBoard logger and the ``TaskLogCallback`` of
 ``rlp train``; the arms differ only in the monitor:
@@ -103,7 +104,7 @@ def run_config(arm: str, switch_every: int, learning_starts: int, threads: int, 
     """The preset with a 50k buffer, an early start, the given switch period and width, and the arm's monitor."""
     data: dict[str, Any] = yaml.safe_load(PRESET.read_text())
     data.update(device="cpu", threads=threads, total_steps=None)
-    data["agent"].update(buffer_size=50_000, learning_starts=learning_starts)
+    data["agent"].update(buffer_size=50_000, learning_starts=learning_starts, random_steps_per_task=0)
     data["env"]["switch_every"] = switch_every
     data["net"]["width"] = width
     data["logging"] = dict(progress_bar=False, save_model=False)

@@ -4,12 +4,14 @@
 - :mod:`envs.families`: transforms that make many tasks from one env (permuted observations,
   shuffled actions, reward scales, CartPole parameter shifts).
 - :mod:`envs.sequence`: :class:`TaskSequenceEnv`, which plays tasks on a step-count schedule.
+- :mod:`envs.cutoff`: :class:`LowReturnCutoff`, C-CHAIN's cut of long episodes with almost no return.
 - :mod:`envs.registry`: named sequences (:data:`SEQUENCES`, :func:`make_sequence`).
 
 Importing this package registers every named sequence as a gymnasium id, e.g.
 ``gymnasium.make("rlp/ContinualMinAtar-v0", switch_every=1000)``.
 """
 
+from envs.cutoff import LowReturnCutoff
 from envs.families import (
     CARTPOLE_PARAMS,
     PermuteObservation,
@@ -45,6 +47,7 @@ __all__ = [
     "MINATAR_OBS_SHAPE",
     "ORDERS",
     "SEQUENCES",
+    "LowReturnCutoff",
     "PermuteObservation",
     "ScaleReward",
     "SequenceSpec",

@@ -16,6 +16,7 @@ from typing import Any
 
 import gymnasium as gym
 
+from envs.cutoff import check_cutoff, task_game, with_cutoff
 from envs.families import CARTPOLE_PARAMS, make_cartpole, permute_observations, scale_reward, shuffle_actions
 from envs.minatar import MINATAR_GAMES, check_minatar_game, make_minatar_game
 from envs.sequence import Order, Task, TaskSequenceEnv
@@ -231,12 +232,21 @@ def _option_names(build: Callable[..., list[Task]]) -> list[str]:
     return [name for name in inspect.signature(build).parameters if name != "seed"]
 
 
+#: Options every sequence takes, applied by :func:`make_sequence` to the tasks the builder made.
+#: ``low_return_cutoff``: null, or ``{steps, min_return, games}``: cut an episode of those games (default: all)
+#: once it is ``steps`` long with a return below ``min_return`` (:class:`envs.cutoff.LowReturnCutoff`).
+COMMON_OPTIONS: dict[str, Any] = {"low_return_cutoff": None}
+
+#: Game names a task can have (:func:`envs.cutoff.task_game`).
+GAMES: tuple[str, ...] = (*MINATAR_GAMES, "cartpole")
+
+
 def _spec(
     name: str, gym_id: str, description: str, build: Callable[..., list[Task]], switch_every: int
 ) -> SequenceSpec:
     parameters = inspect.signature(build).parameters
     defaults = {option: parameters[option].default for option in _option_names(build)}
-    return SequenceSpec(name, gym_id, description, build, defaults, switch_every)
+    return SequenceSpec(name, gym_id, description, build, {**defaults, **COMMON_OPTIONS}, switch_every)
 
 
 SEQUENCES: dict[str, SequenceSpec] = {
@@ -314,23 +324,31 @@ def make_sequence(
     :param task_order: task indices for ``order="explicit"``
     :param seed: sequence seed (random order, permutations of the task families)
     :param num_envs: number of parallel copies stepped in lockstep
-    :param options: the sequence's options, see ``SEQUENCES[name].defaults``
+    :param options: the sequence's options, see ``SEQUENCES[name].defaults`` (its builder's and
+        :data:`COMMON_OPTIONS`)
     :return: the sequence env
     """
     spec = SEQUENCES.get(name)
     if spec is None:
         raise ValueError(f"Unknown sequence {name!r}; valid sequences are {', '.join(SEQUENCES)}.")
-    valid = _option_names(spec.build)
+    valid = _option_names(spec.build) + list(COMMON_OPTIONS)
     for option in options:
         if option not in valid:
             raise ValueError(
                 f"Unknown option {option!r} for sequence {name!r}; valid options are "
                 f"{', '.join(valid)}."
             )
+    cutoff = check_cutoff(options.pop("low_return_cutoff", None), GAMES)
     _check_options(name, spec.build, options)
     if "seed" in inspect.signature(spec.build).parameters:
         options["seed"] = seed
     tasks = spec.build(**options)
+    if cutoff is not None:
+        tasks = [
+            Task(task.name, partial(with_cutoff, task.make, cutoff["steps"], cutoff["min_return"]))
+            if cutoff["games"] is None or task_game(task.name) in cutoff["games"] else task
+            for task in tasks
+        ]
     return TaskSequenceEnv(
         tasks, switch_every, order=order, task_order=task_order, seed=seed, num_envs=num_envs
     )

@@ -32,7 +32,8 @@ What a checkpoint holds, and how each piece is restored
   - SB3's counters and loop state: ``num_timesteps``, ``_episode_num``, ``_n_updates``,
     ``_current_progress_remaining``, ``_last_obs``, ``_last_episode_starts``, ``_last_original_obs``,
     ``ep_info_buffer``, ``ep_success_buffer``, and for DQN ``_n_calls`` (target-update phase) and
-    ``exploration_rate``; the agent's ``num_gradient_steps`` and ``last_grad_norm``. ``learn()`` is then
+    ``exploration_rate``; the agent's ``num_gradient_steps`` and ``last_grad_norm``, and PlasticDQN's step
+    counters of the visit and of the ``exploration_steps`` schedule. ``learn()`` is then
     called with the *remaining* steps and ``reset_num_timesteps=False``, so SB3 sets ``_total_timesteps``
     back to ``total_steps``: the exploration schedule, the learning-rate schedule and the progress are the
     uninterrupted run's, and with ``_last_obs`` set SB3 does not reset the env.
@@ -105,6 +106,7 @@ AGENT_ATTRS = (
     "num_timesteps", "_episode_num", "_n_updates", "_current_progress_remaining", "_last_obs",
     "_last_episode_starts", "_last_original_obs", "ep_info_buffer", "ep_success_buffer", "num_gradient_steps",
     "last_grad_norm", "_term_logs", "_n_calls", "exploration_rate",
+    "_visit_steps", "_exploration_count",  # PlasticDQN: random steps per visit, the exploration_steps schedule
 )
 #: Arrays of SB3's ``ReplayBuffer`` (``next_observations`` is ``None`` with ``optimize_memory_usage``).
 REPLAY_ARRAYS = ("observations", "next_observations", "actions", "rewards", "dones", "timeouts")

@@ -163,8 +163,10 @@ Grid syntax:
   --fresh                  add the fresh-network arm: per seed and per task k of the sequence, the
                            base config (CONFIG and OVERRIDES, no intervention) on task k alone for
                            one env.switch_every (env.order=explicit env.task_order=[k]
-                           total_steps=null); schedules given as a fraction of total_steps (epsilon's)
-                           follow its own length. rlp report sets it beside every visit of task k.
+                           total_steps=null). Its epsilon decays over the same env steps as a
+                           continual run's first task with agent.exploration_steps (the study presets);
+                           agent.exploration_fraction follows its own, shorter length. rlp report sets it
+                           beside every visit of task k.
   --seeds 0-4 | 0,2,5 | 0-2,7   every trial once per seed.
   Quote the brackets in the shell: --grid 'interventions=[[],[reset]]'.
 

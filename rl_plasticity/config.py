@@ -35,7 +35,11 @@ class _Section(BaseModel):
 
 
 class DQNConfig(_Section):
-    """SB3 DQN hyperparameters (SB3's defaults), plus the Double-DQN switch."""
+    """SB3 DQN hyperparameters (SB3's defaults), plus the Double-DQN switch and the C-CHAIN settings.
+
+    The options beyond SB3 (``exploration_steps``, ``exploration_reset_on_switch``, ``random_steps_per_task``,
+    ``td_loss``, ``max_grad_norm: null``) default to SB3's behaviour; see :class:`agents.dqn.PlasticDQN`.
+    """
 
     algo: Literal["dqn"] = Field("dqn", description="Agent: 'dqn' (PlasticDQN) or 'ppo' (PlasticPPO).")
     double_q: bool = Field(False, description="Double-DQN target: the online net picks a', the target net evaluates it.")
@@ -48,10 +52,57 @@ class DQNConfig(_Section):
     train_freq: PositiveInt = Field(4, description="Env steps (per env) between updates.")
     gradient_steps: PositiveInt = Field(1, description="Gradient steps per update.")
     target_update_interval: PositiveInt = Field(10_000, description="Env steps between target network updates.")
-    exploration_fraction: Fraction = Field(0.1, description="Fraction of total_steps over which epsilon decays.")
+    exploration_fraction: Fraction | None = Field(
+        0.1, description="Fraction of total_steps over which epsilon decays (SB3's schedule; null with exploration_steps).",
+    )
+    exploration_steps: PositiveInt | None = Field(
+        None,
+        validate_default=True,  # so that a null exploration_fraction without it is an error too
+        description="Env steps over which epsilon decays, whatever total_steps is (so a run on one task alone decays "
+        "as a sequence's first task); not counting random_steps_per_task. Replaces exploration_fraction (null: use it).",
+    )
+    exploration_reset_on_switch: bool = Field(
+        False, description="Restart the epsilon decay at every task switch (needs exploration_steps).",
+    )
     exploration_initial_eps: Fraction = Field(1.0, description="Initial epsilon.")
     exploration_final_eps: Fraction = Field(0.05, description="Final epsilon.")
-    max_grad_norm: Annotated[float, Field(gt=0)] = Field(10.0, description="Gradient clipping norm.")
+    random_steps_per_task: NonNegInt = Field(
+        0,
+        description="At the start of every task visit, env steps of uniform-random actions with no update; they do "
+        "not advance the target-update or the exploration_steps counters (C-CHAIN's 10k).",
+    )
+    td_loss: Literal["huber", "mse"] = Field("huber", description="TD loss: huber (SB3) or mse (C-CHAIN).")
+    max_grad_norm: Annotated[float, Field(gt=0)] | None = Field(
+        10.0, description="Gradient clipping norm (null: no clipping, as C-CHAIN).",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _exploration_steps_replace_fraction(cls, data: Any) -> Any:
+        # exploration_steps alone means "instead of the fraction": store the fraction as null, so the saved
+        # config.yaml gives one of the two and loads again (on resume) as it was.
+        if isinstance(data, dict) and data.get("exploration_steps") is not None and "exploration_fraction" not in data:
+            data = {**data, "exploration_fraction": None}
+        return data
+
+    @field_validator("exploration_steps")
+    @classmethod
+    def _one_schedule(cls, value: int | None, info: Any) -> int | None:
+        fraction = info.data.get("exploration_fraction")
+        if value is not None and fraction is not None:
+            raise ValueError(f"give one exploration schedule: exploration_steps or exploration_fraction "
+                             f"(it is {fraction}); set agent.exploration_fraction=null to use exploration_steps")
+        if value is None and fraction is None and "exploration_fraction" in info.data:
+            raise ValueError("no exploration schedule: give agent.exploration_steps or agent.exploration_fraction")
+        return value
+
+    @field_validator("exploration_reset_on_switch")
+    @classmethod
+    def _reset_needs_steps(cls, value: bool, info: Any) -> bool:
+        if value and info.data.get("exploration_steps") is None:
+            raise ValueError("needs agent.exploration_steps (the decay it restarts; exploration_fraction's follows "
+                             "total_steps)")
+        return value
 
 
 class PPOConfig(_Section):
@@ -124,7 +175,8 @@ class EnvConfig(_Section):
     sequence_seed: int | None = Field(None, description="Seed of the task family and random order (null: run seed).")
     options: dict[str, Any] = Field(
         default_factory=dict,
-        description="Sequence options, e.g. games, game, num_tasks, sticky_action_prob (rlp list sequences).",
+        description="Sequence options, e.g. games, game, num_tasks, sticky_action_prob, and for every sequence "
+        "low_return_cutoff: {steps, min_return, games} (rlp list sequences).",
     )
 
     @field_validator("sequence")

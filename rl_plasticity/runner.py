@@ -8,6 +8,7 @@ from its latest checkpoint (:mod:`rl_plasticity.checkpoint`), and refuses a chan
 from __future__ import annotations
 
 import datetime as dt
+import math
 import sys
 import warnings
 from pathlib import Path
@@ -90,6 +91,8 @@ def resolve_device(device: str) -> str:
 def build_agent(cfg: RunConfig, env: VecEnv) -> BaseAlgorithm:
     """The configured PlasticDQN or PlasticPPO on ``env``, seeded with the run seed."""
     hyper = cfg.agent.model_dump(exclude={"algo"})
+    if hyper.get("max_grad_norm", 0.0) is None:
+        hyper["max_grad_norm"] = math.inf  # no clipping: SB3 wants a float, and clip_grad_norm_ scales by 1.0
     return AGENTS[cfg.agent.algo](
         POLICIES[cfg.agent.algo],
         env,

@@ -30,6 +30,9 @@ VALID = {
     "agent.gamma": st.floats(0.0, 1.0).map(repr),
     "agent.double_q": st.booleans().map(str),
     "agent.batch_size": st.integers(1, 64).map(str),
+    "agent.td_loss": st.sampled_from(["huber", "mse"]),
+    "agent.max_grad_norm": st.sampled_from(["null", "0.5", "10.0"]),
+    "agent.random_steps_per_task": st.integers(0, 200).map(str),
     "net.width": st.integers(1, 8).map(lambda w: str(2 * w)),
     "net.depth": st.integers(0, 3).map(str),
     "net.layer_norm": st.booleans().map(str),
@@ -45,7 +48,7 @@ VALID = {
 # Invalid overrides: each breaks exactly one rule.
 INVALID = st.one_of(
     st.sampled_from(["seed=-1", "total_steps=0", "env.switch_every=-3", "agent.gamma=1.5", "agent.algo=sac",
-                     "env.order=sideways", "net.kind=resnet", "device=tpu", "interventions=[nope]",
+                     "env.order=sideways", "net.kind=resnet", "agent.td_loss=l1", "agent.exploration_fraction=null", "device=tpu", "interventions=[nope]",
                      "monitor.probes=[nope]", "env.options.values=5", "agent.learning_rate=fast",
                      "env.sequence=nowhere", "net.width=0", "checkpoint.every=0", "name=../x", "seed",
                      "=3", "agent.batch_size=[1", "intervention_params.nope.x=1"]),

@@ -550,3 +550,82 @@ def test_bad_cartpole_param() -> None:
         make_cartpole("mass", 1.0)
     with pytest.raises(ValueError, match="length, gravity, masspole"):
         make_sequence("cartpole_shift", switch_every=10, param="mass")
+
+
+# --- Low-return episode cut (C-CHAIN's Seaquest fix) ------------------------------------------------------
+
+
+class ScriptedRewards(gym.Env):
+    """Gives ``rewards[t]`` at step ``t`` of every episode; terminates after ``length`` steps (None: never)."""
+
+    observation_space = spaces.Discrete(1)
+    action_space = spaces.Discrete(1)
+
+    def __init__(self, rewards: list[float], length: int | None = None) -> None:
+        self.rewards, self.length, self.t = rewards, length, 0
+
+    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[int, dict[str, Any]]:
+        self.t = 0
+        return 0, {}
+
+    def step(self, action: int) -> tuple[int, float, bool, bool, dict[str, Any]]:
+        reward = self.rewards[self.t] if self.t < len(self.rewards) else 0.0
+        self.t += 1
+        return 0, reward, self.length is not None and self.t >= self.length, False, {}
+
+
+def steps_until_end(env: gym.Env, limit: int = 100) -> tuple[int, bool, bool, dict[str, Any]]:
+    env.reset()
+    for n in range(1, limit + 1):
+        _, _, terminated, truncated, info = env.step(0)
+        if terminated or truncated:
+            return n, terminated, truncated, info
+    return limit, False, False, {}
+
+
+@pytest.mark.parametrize(
+    "rewards,length,expected",
+    [
+        ([], None, (10, False, True)),  # never any reward: cut at the 10th step
+        ([0.005] * 20, None, (10, False, True)),  # a return of 0.05 at the 10th step
+        ([0.0] * 9 + [0.1], None, (100, False, False)),  # reaches 0.1 on the 10th step itself: never cut
+        ([0.0] * 12 + [0.5], None, (10, False, True)),  # a reward after the 10th step comes too late
+        ([0.5] + [0.0] * 15 + [-0.5] * 10, None, (17, False, True)),  # the return first falls below at step 17
+        ([], 7, (7, True, False)),  # the env ends on its own before
+        ([], 10, (10, True, False)),  # ... or on the same step: terminated, not truncated
+    ],
+)
+def test_low_return_cutoff_on_scripted_rewards(rewards: list[float], length: int | None, expected: tuple) -> None:
+    env = envs.LowReturnCutoff(ScriptedRewards(rewards, length), steps=10, min_return=0.1)
+    n, terminated, truncated, info = steps_until_end(env)
+    assert (n, terminated, truncated) == expected
+    assert info.get("low_return_cutoff", False) == truncated
+    # reset() starts the count again: the next episode is cut at the same step
+    assert steps_until_end(env)[0] == n
+
+
+def test_low_return_cutoff_applies_to_the_listed_games_of_every_copy() -> None:
+    cut = {"steps": 1000, "min_return": 0.1, "games": ["seaquest"]}
+    for _ in range(2):  # any copy built from the same options (a training or an evaluation env) has it
+        env = make_sequence("continual_minatar", switch_every=10, low_return_cutoff=cut)
+        wrapped = {task.name: isinstance(task.make(), envs.LowReturnCutoff) for task in env._tasks}
+        assert wrapped == {"space_invaders": False, "asterix": False, "seaquest": True}
+    permuted = make_sequence("permuted_minatar", switch_every=10, num_tasks=2, game="seaquest",
+                             low_return_cutoff={"steps": 5, "min_return": 1.0})  # games omitted: every task
+    assert all(isinstance(task.make(), envs.LowReturnCutoff) for task in permuted._tasks)
+    assert "low_return_cutoff" in SEQUENCES["cartpole_shift"].defaults  # listed by rlp list sequences
+
+
+def test_low_return_cutoff_ends_a_never_diving_seaquest_episode_in_the_sequence() -> None:
+    # A Seaquest submarine that never dives never dies: with the cut, the sequence truncates its episode.
+    env = make_sequence("minatar_games", switch_every=5000, games=["seaquest"], sticky_action_prob=0.0,
+                        low_return_cutoff={"steps": 1000, "min_return": 0.1, "games": ["seaquest"]})
+    env.reset(seed=0)
+    for n in range(1, 1501):
+        _, _, terminated, truncated, info = env.step(0)
+        if terminated or truncated:
+            break
+    assert (n, terminated, truncated, info["low_return_cutoff"], info["task_switch"]) == (1000, False, True, True, False)
+    plain = make_sequence("minatar_games", switch_every=5000, games=["seaquest"], sticky_action_prob=0.0)
+    plain.reset(seed=0)
+    assert not any(any(plain.step(0)[2:4]) for _ in range(1500))

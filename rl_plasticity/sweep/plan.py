@@ -123,7 +123,9 @@ def build_plan(config: Path, overrides: tuple[str, ...] | list[str], grids: tupl
 
     :param arm_names: named arms of ``arms_file``; ``fresh`` among them is the same as ``fresh=True``.
     :param fresh: add the fresh-network arm: per seed and per task ``k`` of the sequence, a run of the base
-        config (the common overrides, no intervention) on task ``k`` alone for one ``env.switch_every``.
+        config (the common overrides, no intervention) on task ``k`` alone for one ``env.switch_every``. With
+        ``agent.exploration_steps`` its epsilon decays as a continual run's first task; an
+        ``agent.exploration_fraction`` follows its own length.
     :param seeds: the seeds (default: the config's own ``seed``).
     :param sweep_dir: default ``<logging.root_dir>/<name>_sweep`` of the base config.
     :raises SweepError: any bad input, one line.

@@ -86,14 +86,15 @@ class PlasticDQN(PlasticMixin, DQN):
         of the same run without the caller.
         """
         buffer = self.replay_buffer
-        if buffer is None or isinstance(buffer.observations, dict):
+        observations = None if buffer is None else buffer.observations
+        if buffer is None or not isinstance(observations, np.ndarray):
             raise ValueError("sample_replay_observations needs a replay buffer of array (not Dict) observations")
         filled = (buffer.buffer_size if buffer.full else buffer.pos) * buffer.n_envs
         if filled == 0:
             raise ValueError("sample_replay_observations: the replay buffer is empty")
         rows = rng.choice(filled, size=batch_size, replace=filled < batch_size)
-        obs = buffer.observations[rows // buffer.n_envs, rows % buffer.n_envs]
-        return buffer.to_torch(buffer._normalize_obs(obs, self._vec_normalize_env))
+        obs = observations[rows // buffer.n_envs, rows % buffer.n_envs]
+        return buffer.to_torch(buffer._normalize_obs(obs, self._vec_normalize_env))  # type: ignore[arg-type]
 
     def compute_target(self, batch: ReplayBufferSamples, discounts: th.Tensor | float | None = None) -> th.Tensor:
         """TD target ``r + (1 - done) * discount * Q_target(s', a')``, shape ``(batch_size, 1)``.

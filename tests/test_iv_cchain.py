@@ -9,14 +9,14 @@ import numpy as np
 import pytest
 import torch as th
 from stable_baselines3.common.env_util import make_vec_env
+from test_agents import assert_same_parameters
+from test_checkpoint import DQN, _SigtermAt, assert_same_logs, assert_same_model, cli_run, latest_step, only_run
 
 from agents import PlasticDQN, PlasticPPO
 from rl_plasticity.config import load_config, validate_config
 from rl_plasticity.interventions import INTERVENTIONS, register
 from rl_plasticity.interventions.cchain import COEF_EPS, CChain, CChainParams, WindowMean
 from rl_plasticity.runner import train
-from test_agents import assert_same_parameters
-from test_checkpoint import DQN, _SigtermAt, assert_same_logs, assert_same_model, cli_run, latest_step, only_run
 
 # A tiny Q-network (4 -> 8 -> 2) whose gradients are easy to write out by hand.
 KW = dict(learning_starts=100, batch_size=16, buffer_size=1_000, train_freq=1, target_update_interval=50,

@@ -16,6 +16,7 @@ from agents import PlasticDQN, PlasticPPO
 from rl_plasticity.config import load_config, validate_config
 from rl_plasticity.interventions import INTERVENTIONS, register
 from rl_plasticity.interventions.cchain import COEF_EPS, CChain, CChainParams, WindowMean
+from rl_plasticity.interventions.kfac_rank import KFACRank
 from rl_plasticity.runner import train
 
 # A tiny Q-network (4 -> 8 -> 2) whose gradients are easy to write out by hand.
@@ -37,10 +38,14 @@ def cartpole_dqn(interventions: list, seed: int = 0, env: object = "CartPole-v1"
 
 
 def step_terms(agent: PlasticDQN, iv: CChain) -> dict[str, th.Tensor]:
-    """What ``train()`` passes to the hook for one gradient step, and the hook's terms."""
+    """The hooks of one gradient step as ``train()`` calls them, with no gradient from the TD loss and no optimizer
+    step: the values cchain returns; the gradient of its term is then in the parameters' ``.grad``."""
     batch = agent.replay_buffer.sample(agent.batch_size)
     loss, features = agent.training_loss(batch)
-    return iv.loss_terms(agent, batch, features, loss)
+    assert iv.loss_terms(agent, batch, features, loss) == {}  # the gradient goes in through gradient_terms
+    for p in agent.online_network().parameters():
+        p.grad = None
+    return iv.gradient_terms(agent)
 
 
 def rng_copy(iv: CChain) -> np.random.Generator:
@@ -80,10 +85,10 @@ def test_churn_is_zero_while_the_network_has_not_changed():
     iv = CChain()
     agent = cartpole_dqn([iv])
     assert step_terms(agent, iv) == {}  # the first update has no previous network
+    assert all(p.grad is None for p in agent.online_network().parameters())
     term = step_terms(agent, iv)["churn_term"]  # no update in between
     assert term.item() == 0.0
-    grads = th.autograd.grad(term, list(agent.online_network().parameters()), allow_unused=True)
-    assert all(g is None or not g.any() for g in grads)
+    assert all(not p.grad.any() for p in agent.online_network().parameters())
 
 
 def test_churn_term_and_gradient_against_a_hand_computation():
@@ -105,7 +110,7 @@ def test_churn_term_and_gradient_against_a_hand_computation():
     q, want, want_grads = hand_q_and_grads(numpy_params(agent), x, prev_q, iv.coef)
     assert iv.coef == 50.0 and term.item() == pytest.approx(want, rel=1e-5) and want > 0
     named = dict(network.named_parameters())
-    grads = th.autograd.grad(term, list(named.values()))
+    grads = [p.grad for p in named.values()]
     for (name, _), grad in zip(named.items(), grads):
         np.testing.assert_allclose(grad.double().numpy(), want_grads[name], rtol=1e-4, atol=1e-9, err_msg=name)
 
@@ -187,6 +192,17 @@ def test_each_update_uses_the_coefficient_computed_after_the_previous_one():
     term = step_terms(agent, iv)["churn_term"]
     churn = iv.churns.values[churns_before % 3]
     assert term.item() == pytest.approx(coef * churn, rel=1e-6) and iv.coef != coef
+
+
+@pytest.mark.parametrize("order", ["kfac_rank,cchain", "cchain,kfac_rank"])
+def test_hook_recorders_see_only_the_training_forward_pass_in_any_order(order: str):
+    """kfac_rank records the training forward pass by forward hooks; cchain's own forward pass comes after every
+    loss_terms, so with cchain at coefficient 0 training is kfac_rank's alone, bit for bit, in either order."""
+    def trained(names: list[str]) -> PlasticDQN:
+        ivs = [CChain(CChainParams(coef=0.0)) if n == "cchain" else KFACRank() for n in names]
+        return PlasticDQN("MlpPolicy", "CartPole-v1", interventions=ivs, seed=3, **KW).learn(300)
+
+    assert_same_parameters(trained(order.split(",")).policy, trained(["kfac_rank"]).policy)
 
 
 def test_window_mean_over_the_last_values():

@@ -119,8 +119,11 @@ class CChain(PlasticityIntervention):
     * Anything that changes the network between two updates (another intervention's reset, a layer added
       at a task switch) counts as churn at the next update, and the term pulls it back, as a copy of the
       network taken before the previous update would; C-CHAIN alone never does this.
-    * The churn forward pass runs through the online network's modules with gradient: forward hooks on them
-      see it. ``kfac_rank`` records the training forward pass by such hooks: list it before ``cchain``.
+    * The term's gradient is added to the parameters' ``.grad`` in :meth:`gradient_terms` (its own
+      ``backward()``, after the TD loss's and before clipping), which equals adding the term to the loss up
+      to float rounding. Doing it there puts the churn forward pass after every intervention's
+      ``loss_terms``, so an intervention that records the training forward pass by forward hooks
+      (``kfac_rank``) sees only that one, in any order of the list (tested).
 
     DQN only (the code's PPO versions regularise other outputs with other settings). Logged under
     ``interventions/cchain/`` and ``train/cchain/``: ``churn_term`` (``c * churn``, the loss term),
@@ -142,6 +145,7 @@ class CChain(PlasticityIntervention):
         self._reference: tuple[th.Tensor, th.Tensor] | None = None
         # Churn values since the last dump (sum, count), for the logged mean.
         self._since_dump = (0.0, 0)
+        self._td_loss = float("nan")  # this update's TD loss, from loss_terms
 
     def attach(self, agent: Any) -> None:
         if not isinstance(agent, PlasticDQN):
@@ -151,22 +155,30 @@ class CChain(PlasticityIntervention):
             self._rng = np.random.default_rng(None if seed is None else [int(seed), RNG_SALT])
 
     def loss_terms(self, agent: Any, batch: NamedTuple, features: th.Tensor, loss: th.Tensor) -> dict[str, th.Tensor]:
+        # Only the TD loss, for the coefficient; the churn term's gradient is added in gradient_terms.
+        self._td_loss = loss.item()
+        return {}
+
+    def gradient_terms(self, agent: Any) -> dict[str, th.Tensor]:
         if self._rng is None:
-            raise RuntimeError("cchain: loss_terms() before attach()")
+            raise RuntimeError("cchain: gradient_terms() before attach()")
         network = agent.online_network()
-        terms: dict[str, th.Tensor] = {}
+        values: dict[str, th.Tensor] = {}
         churn_value = None
         if self._reference is not None:
             ref_obs, ref_q = (t.to(agent.device) for t in self._reference)
-            churn = F.mse_loss(network(ref_obs), ref_q)
-            terms["churn_term"] = self.coef * churn
+            with th.enable_grad():
+                churn = F.mse_loss(network(ref_obs), ref_q)
+                term = self.coef * churn
+            term.backward()  # accumulates into each parameter's .grad, as if the term were part of the loss
+            values["churn_term"] = term.detach()
             churn_value = churn.item()
         # The next update's reference: a batch drawn now and the outputs of the network as it is before this update.
         ref_obs = agent.sample_replay_observations(self.params.ref_batch_size or agent.batch_size, self._rng)
         with th.no_grad():
             self._reference = (ref_obs, network(ref_obs))
-        self._track(agent.num_gradient_steps + 1, loss.item(), churn_value)
-        return terms
+        self._track(agent.num_gradient_steps + 1, self._td_loss, churn_value)
+        return values
 
     def _track(self, update: int, td_loss: float, churn: float | None) -> None:
         """Record update ``update``'s TD and churn losses; from update ``auto_after`` on, recompute ``coef``."""

@@ -99,6 +99,9 @@ def test_churn_term_and_gradient_against_a_hand_computation():
     rows = rng_copy(iv).choice(100, size=16, replace=False)
     x = agent.replay_buffer.observations[rows, 0].astype(np.float64)
     prev_q, _, _ = hand_q_and_grads(numpy_params(agent), x, 0.0, 1.0)
+    with th.no_grad():  # a target network unlike the online one: the reference is not the target network
+        for p in agent.q_net_target.parameters():
+            p.mul_(0.5)
     step_terms(agent, iv)
 
     # "An update": any change of the parameters.
@@ -192,6 +195,17 @@ def test_each_update_uses_the_coefficient_computed_after_the_previous_one():
     term = step_terms(agent, iv)["churn_term"]
     churn = iv.churns.values[churns_before % 3]
     assert term.item() == pytest.approx(coef * churn, rel=1e-6) and iv.coef != coef
+
+
+def test_automatic_coefficient_starts_after_update_auto_after():
+    iv = CChain(CChainParams(auto_after=5))
+    agent = cartpole_dqn([iv])
+    coefs = []
+    while agent.num_gradient_steps < 6:
+        agent.learn(1, reset_num_timesteps=False)
+        coefs.append((agent.num_gradient_steps, iv.coef))
+    # Recomputed after update 5, so updates 1 to 5 use init_coef and update 6 the first automatic value.
+    assert [c == 50.0 for _, c in coefs] == [n < 5 for n, _ in coefs] and coefs[-1][0] == 6
 
 
 @pytest.mark.parametrize("order", ["kfac_rank,cchain", "cchain,kfac_rank"])

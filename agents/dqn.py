@@ -161,6 +161,25 @@ class PlasticDQN(PlasticMixin, DQN):
             features = layer(features)
         return features
 
+    def sample_replay_observations(self, batch_size: int, rng: np.random.Generator) -> th.Tensor:
+        """Observations drawn with ``rng`` from the filled part of the replay buffer, shape ``(batch_size, *obs)``.
+
+        Uniform over the stored (position, env) rows, without replacement (with replacement while the buffer
+        holds fewer than ``batch_size`` rows), as the buffer stores and normalises them for ``train()``. Unlike
+        ``replay_buffer.sample`` it draws nothing from NumPy's global RNG, so the training batches stay those
+        of the same run without the caller.
+        """
+        buffer = self.replay_buffer
+        observations = None if buffer is None else buffer.observations
+        if buffer is None or not isinstance(observations, np.ndarray):
+            raise ValueError("sample_replay_observations needs a replay buffer of array (not Dict) observations")
+        filled = (buffer.buffer_size if buffer.full else buffer.pos) * buffer.n_envs
+        if filled == 0:
+            raise ValueError("sample_replay_observations: the replay buffer is empty")
+        rows = rng.choice(filled, size=batch_size, replace=filled < batch_size)
+        obs = observations[rows // buffer.n_envs, rows % buffer.n_envs]
+        return buffer.to_torch(buffer._normalize_obs(obs, self._vec_normalize_env))  # type: ignore[arg-type]
+
     def compute_target(self, batch: ReplayBufferSamples, discounts: th.Tensor | float | None = None) -> th.Tensor:
         """TD target ``r + (1 - done) * discount * Q_target(s', a')``, shape ``(batch_size, 1)``.
 

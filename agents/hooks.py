@@ -4,7 +4,7 @@ An *intervention* is anything that wants to act on an agent during training: add
 reset layers after an update, react to a task switch. Agents call the hooks below at fixed points
 inside ``train()`` and ``collect_rollouts()``; interventions never need more of the agent than its
 named accessors (``value_head``, ``value_features``, ``policy.optimizer`` and, for DQN,
-``q_net_target``).
+``q_net_target`` and ``sample_replay_observations``).
 
 Order of calls, per gradient step::
 

@@ -176,7 +176,8 @@ def probe_batch(
 
     if heavy:
         if "hessian" in cfg.switch_probes:
-            spec = hessian_spectrum(module, lambda: agent.training_loss(batch)[0], order=cfg.hessian_order)
+            spec = hessian_spectrum(module, lambda: agent.training_loss(batch)[0], order=cfg.hessian_order,
+                                    num_vectors=cfg.hessian_vectors)
             scalars["hessian_eps_rank/loss"] = spec["eps_hessian_rank"]
             scalars["hessian_top_eig/loss"] = spec["top_eigenvalue"]
             hists["hessian_ritz_values/loss"] = spec["ritz_values"].float().cpu()

@@ -9,7 +9,7 @@ they share:
 
 - :class:`HiddenLayer`, a parametrised layer together with where its units go (the map below);
 - :func:`trace_hidden_layers`, which finds the hidden layers and their post-activation values by tracing
-  one forward pass of the agent's own training loss;
+  one forward pass of the agent's online network;
 - :class:`ForwardRecorder`, the forward hooks behind the trace (and behind ``cbp``'s per-update capture);
 - :func:`recycle_units`, the surgery itself, with the optimizer state of the touched entries.
 
@@ -52,10 +52,12 @@ from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple
 
 import torch as th
+from gymnasium import spaces
 from pydantic import Field
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from agents import PlasticDQN
 from rl_plasticity.interventions.base import Params, PlasticityIntervention
 from rl_plasticity.interventions.registry import register
 from rl_plasticity.interventions.surgery import fresh_parameters, zero_optimizer_entries
@@ -261,19 +263,35 @@ def find_hidden_layers(agent: Any, edges: Iterable[tuple[str, str]]) -> list[Hid
     return hidden
 
 
+def network_forward(agent: Any, batch: NamedTuple) -> None:
+    """Run every branch of the agent's online network on ``batch.observations``, through its own modules.
+
+    DQN: the Q-network. PPO: SB3's ``evaluate_actions`` (torso, actor and critic, as PPO's loss runs them).
+    The network's own ``forward`` calls each head's layers as modules, in order, which the trace needs;
+    the agents' training losses may read a head's last linear map off its weights instead (after plasticity
+    injection, one map over three hidden layers).
+    """
+    if isinstance(agent, PlasticDQN):
+        agent.q_net(batch.observations)
+        return
+    actions = batch.actions
+    if isinstance(agent.action_space, spaces.Discrete):
+        actions = actions.long().flatten()
+    agent.policy.evaluate_actions(batch.observations, actions)
+
+
 def trace_hidden_layers(agent: Any, batch: NamedTuple) -> tuple[list[HiddenLayer], dict[str, th.Tensor]]:
     """Find the hidden layers and their post-activation values on ``batch`` from one forward pass.
 
-    The pass is the agent's own training loss (``agent.training_loss(batch)``), so every hidden layer of
-    every branch (actor, critic, Q-network) runs exactly as in training. It runs under ``no_grad``: it
-    builds no graph and does not trigger other interventions' hooks, which record gradient-enabled calls
-    only. Where the loss calls the online network twice (Double DQN evaluates it on the next observations
-    for the target first), the last call, on ``batch.observations``, is the one kept.
+    The pass is the online network's own forward on the batch (:func:`network_forward`), so every hidden
+    layer of every branch (actor, critic, Q-network) runs as in training, with the current weights. It runs
+    under ``no_grad``: it builds no graph and does not trigger other interventions' hooks, which record
+    gradient-enabled calls only.
 
     :return: the hidden layers (input to output) and activation module path -> ``H`` (detached).
     """
     with th.no_grad(), ForwardRecorder(agent.online_network(), trace=True) as recorder:
-        agent.training_loss(batch)
+        network_forward(agent, batch)
     hidden = find_hidden_layers(agent, recorder.edges)
     if not hidden:
         raise RuntimeError("found no hidden layer (a Linear/Conv2d feeding another through an activation)")
@@ -355,7 +373,7 @@ class ReDo(PlasticityIntervention):
     Sokar, Agarwal, Castro & Evci 2023, "The Dormant Neuron Phenomenon in Deep Reinforcement Learning".
     Every ``every`` gradient updates (counted from 1, firing at ``every``, ``2 * every``, ...):
 
-    1. one forward pass of the training loss on a scoring batch (:func:`trace_hidden_layers`) gives every
+    1. one forward pass of the network on a scoring batch (:func:`trace_hidden_layers`) gives every
        hidden layer's post-activation values ``H`` with the current weights. The batch is, by default, 256
        transitions drawn afresh from the replay buffer, as the ReDo code does (``batch_size_statistics =
        256`` in ``google/dopamine``, ``dopamine/labs/redo/recycled_dqn_agents.py``, sampled by

@@ -368,6 +368,30 @@ def test_injection_keeps_outputs_and_injects_into_the_whole_mlp_head(kind):
     assert all(th.isfinite(p).all() for p in net_after.values())
 
 
+def test_injection_with_layer_norm_and_crelu():
+    from agents import CReLU
+    from rl_plasticity.interventions.plasticity_injection import FrozenLayerNorm
+
+    iv = PlasticityInjection()
+    agent = PlasticDQN(POLICIES["dqn"], "CartPole-v1", interventions=[iv],
+                       policy_kwargs=dict(net_arch=[32], layer_norm=True, activation_fn=CReLU), **DQN_KW).learn(64)
+    norm = agent.q_net.q_net[1]
+    with th.no_grad():  # a trained-looking LayerNorm
+        norm.weight.uniform_(0.5, 1.5)
+        norm.bias.uniform_(-0.5, 0.5)
+    trained = (norm.weight.detach().clone(), norm.bias.detach().clone())
+    obs = th.randn(32, 4)
+    before = outputs(agent, obs)[0]
+    iv.on_task_switch(agent, SWITCH)
+    head = agent.q_net.q_net
+    assert th.equal(outputs(agent, obs)[0], before)
+    frozen_norm = head.old[1]
+    assert isinstance(frozen_norm, FrozenLayerNorm) and th.equal(frozen_norm.weight, trained[0])
+    assert th.equal(frozen_norm.bias, trained[1])
+    assert th.all(head.new[1].weight == 1) and th.all(head.new[1].bias == 0)  # PyTorch's LayerNorm init
+    assert agent.value_features(obs).shape == (32, 3 * 32)  # CReLU keeps the width
+
+
 def head_adam_reset_run(agent, params: list[nn.Parameter], steps: int) -> None:
     forget_optimizer_state(agent.optimizer, params)
     np.random.seed(7)  # SB3 samples the replay buffer with NumPy's global RNG

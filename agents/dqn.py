@@ -41,7 +41,7 @@ class PlasticDQN(PlasticMixin, DQN):
 
     @property
     def value_head(self) -> nn.Linear:
-        """The last linear layer of the online Q-network: the input of the Q-values is :meth:`value_features`.
+        """The last linear layer of the online Q-network; its input is :meth:`value_features`.
 
         An ``nn.Linear``, or a module that acts as one and gives its ``weight`` and ``bias``: after plasticity
         injection, the linear map from the three heads' hidden layers, side by side, to the Q-values (see

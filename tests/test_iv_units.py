@@ -343,6 +343,22 @@ def test_redo_scores_a_fresh_buffer_sample_by_default(kind, monkeypatch):
     assert agent.logger.name_to_value["interventions/redo/recycled"] == dead[0]
 
 
+def test_redo_per_layer_counts_stay_out_of_the_console_table(capsys):
+    # SB3's console table truncates keys to 36 characters: PPO's two policy_net layers would then coincide.
+    from stable_baselines3.common.logger import configure
+
+    agent = make_agent("ppo_mlp", seed=4)
+    agent.set_logger(configure(None, ["stdout"]))
+    redo = ReDo(ReDoParams(tau=0.0))
+    redo.attach(agent)
+    redo.on_update(agent, 1000)
+    logged = dict(agent.logger.name_to_value)
+    agent.logger.dump(step=1)
+    assert {f"interventions/redo/recycled/{layer}" for layer in EXPECTED_MAPS["ppo_mlp"]} <= set(logged)
+    out = capsys.readouterr().out
+    assert "recycled_total" in out and "recycled/" not in out
+
+
 # --------------------------------------------------------------------------------------------------
 # Continual backprop
 # --------------------------------------------------------------------------------------------------

@@ -434,7 +434,13 @@ class ReDo(PlasticityIntervention):
             batch = self._batch
         else:
             return  # no training batch seen since attach
-        self.fire(agent, **self.recycle(agent, batch))
+        logged = self.recycle(agent, batch)
+        per_layer = {key: logged.pop(key) for key in list(logged) if key.startswith("recycled/")}
+        self.fire(agent, **logged)
+        for key, value in per_layer.items():
+            # Per-layer keys stay out of the console table: SB3 truncates its keys to 36 characters and fails
+            # on two that then coincide (PPO's mlp_extractor.policy_net.0 / .2).
+            agent.logger.record(f"interventions/{self.name}/{key}", value, exclude=("stdout", "log"))
 
     def scoring_batch(self, agent: Any) -> NamedTuple:
         """``replay_batch_size`` transitions drawn afresh from the agent's buffer, to score the units on.

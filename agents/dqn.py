@@ -15,6 +15,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from agents.hooks import Intervention, TaskSwitch
+from agents.networks import split_output_layer, trainable_output_layer
 from agents.plastic import PlasticMixin
 
 TD_LOSSES = ("huber", "mse")
@@ -124,12 +125,13 @@ class PlasticDQN(PlasticMixin, DQN):
 
     @property
     def value_head(self) -> nn.Linear:
-        """The last linear layer of the online Q-network.
+        """The last linear layer of the online Q-network; its input is :meth:`value_features`.
 
-        An ``nn.Linear``, or a module that acts as one and gives its ``weight`` and ``bias`` (the head after
-        plasticity injection, ``rl_plasticity.interventions.plasticity_injection.InjectedLinear``).
+        An ``nn.Linear``, or a module that acts as one and gives its ``weight`` and ``bias``: after plasticity
+        injection, the linear map from the three heads' hidden layers, side by side, to the Q-values (see
+        :func:`agents.networks.split_output_layer`).
         """
-        head = self.q_net.q_net[-1]
+        head = split_output_layer(self.q_net.q_net)[1]
         if not (isinstance(head, nn.Linear) or (hasattr(head, "weight") and hasattr(head, "bias"))):
             raise TypeError(f"the Q-network must end in a linear layer, got {type(head).__name__}")
         return head
@@ -139,8 +141,18 @@ class PlasticDQN(PlasticMixin, DQN):
         return self.q_net
 
     def head_layers(self) -> list[nn.Module]:
-        """The Q head."""
-        return [self.value_head]
+        """The trainable output layer of the Q head."""
+        return [trainable_output_layer(self.q_net.q_net)]
+
+    def mlp_heads(self) -> dict[str, nn.Module]:
+        """The Q head after the encoder (the MLP ``q_net.q_net``), under its path in :meth:`online_network`."""
+        return {"q_net": self.q_net.q_net}
+
+    def set_mlp_head(self, name: str, module: nn.Module) -> None:
+        """Put ``module`` in place of the Q head (``name`` as in :meth:`mlp_heads`) of the online network."""
+        if name != "q_net":
+            raise KeyError(f"PlasticDQN has one head, 'q_net', got {name!r}")
+        self.q_net.q_net = module
 
     def init_layer(self, layer: nn.Module) -> None:
         """PyTorch's default initialiser, which SB3's DQN networks are built with."""
@@ -156,10 +168,8 @@ class PlasticDQN(PlasticMixin, DQN):
 
     def value_features(self, obs: th.Tensor) -> th.Tensor:
         """Input of the Q head for ``obs`` (a batch as the replay buffer stores it), with its graph."""
-        features = self.q_net.extract_features(obs, self.q_net.features_extractor)
-        for layer in self.q_net.q_net[:-1]:
-            features = layer(features)
-        return features
+        hidden, _ = split_output_layer(self.q_net.q_net)
+        return hidden(self.q_net.extract_features(obs, self.q_net.features_extractor))
 
     def sample_replay_observations(self, batch_size: int, rng: np.random.Generator) -> th.Tensor:
         """Observations drawn with ``rng`` from the filled part of the replay buffer, shape ``(batch_size, *obs)``.

@@ -23,6 +23,7 @@ Q head, PPO's ``mlp_extractor`` has ``policy_net``, ``value_net``, ``forward_act
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import gymnasium as gym
@@ -306,3 +307,41 @@ def minatar_policy_kwargs(
         activation_fn=activation_fn,
     )
     return _with_options(kwargs, activation_fn, layer_norm)
+
+
+def split_output_layer(head: nn.Module) -> tuple[Callable[[th.Tensor], th.Tensor], nn.Module]:
+    """``head`` as ``(hidden, layer)``, the map to the input of its last linear layer and that layer, so that
+    ``head(x) == layer(hidden(x))``.
+
+    An ``nn.Sequential`` splits before its last module, a single layer (``nn.Linear``) is ``(identity, head)``.
+    A head that is neither defines ``split_output_layer()`` itself (the injected head of plasticity injection,
+    whose last linear map reads three hidden layers side by side); ``layer`` then is any module with a
+    ``weight`` and a ``bias`` that acts as ``F.linear(h, weight, bias)``.
+    """
+    custom = getattr(head, "split_output_layer", None)
+    if callable(custom):
+        return custom()
+    if isinstance(head, nn.Sequential):
+        *layers, last = head
+
+        def hidden(x: th.Tensor) -> th.Tensor:
+            for layer in layers:
+                x = layer(x)
+            return x
+
+        return hidden, last
+    return _identity, head
+
+
+def trainable_output_layer(head: nn.Module) -> nn.Module:
+    """The trainable last linear layer of ``head``: the last module of an ``nn.Sequential``, a single layer
+    itself, or what the head names by ``trainable_output_layer()`` (after plasticity injection: the last layer
+    of the new, trained head)."""
+    custom = getattr(head, "trainable_output_layer", None)
+    if callable(custom):
+        return custom()
+    return head[-1] if isinstance(head, nn.Sequential) else head
+
+
+def _identity(x: th.Tensor) -> th.Tensor:
+    return x

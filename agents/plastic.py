@@ -89,7 +89,16 @@ class PlasticMixin:
 
     @abstractmethod
     def head_layers(self) -> list[nn.Module]:
-        """The output layers (DQN: the Q head; PPO: the action and value heads)."""
+        """The trainable output layers (DQN: the Q head; PPO: the action and value heads)."""
+
+    @abstractmethod
+    def mlp_heads(self) -> dict[str, nn.Module]:
+        """Each head after the shared encoder as one module, from the encoder's output to the head's output
+        (DQN: ``q_net.q_net``; PPO: each MLP of ``mlp_extractor`` and its output layer), by name."""
+
+    @abstractmethod
+    def set_mlp_head(self, name: str, module: nn.Module) -> None:
+        """Make ``module`` the head ``name`` of :meth:`mlp_heads` in the online network."""
 
     @abstractmethod
     def init_layer(self, layer: nn.Module) -> None:

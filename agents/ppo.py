@@ -15,6 +15,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from agents.hooks import Intervention
+from agents.networks import split_output_layer, trainable_output_layer
 from agents.plastic import PlasticMixin
 
 
@@ -46,36 +47,62 @@ class PlasticPPO(PlasticMixin, PPO):
 
     @property
     def value_head(self) -> nn.Linear:
-        """The policy's value head (``policy.value_net``)."""
-        return self.policy.value_net
+        """The policy's value head (``policy.value_net``): the last linear layer of the value estimate.
+
+        After plasticity injection, the linear map from the three value heads' hidden layers, side by side,
+        to the value (see :func:`agents.networks.split_output_layer`).
+        """
+        return split_output_layer(self.policy.value_net)[1]
 
     def online_network(self) -> nn.Module:
         """The actor-critic policy."""
         return self.policy
 
     def head_layers(self) -> list[nn.Module]:
-        """The action head and the value head."""
-        return [self.policy.action_net, self.policy.value_net]
+        """The trainable output layers of the action head and the value head."""
+        return [trainable_output_layer(self.policy.action_net), trainable_output_layer(self.policy.value_net)]
+
+    def mlp_heads(self) -> dict[str, nn.Module]:
+        """The actor's and the critic's heads after the torso, each as one module (its MLP of ``mlp_extractor``
+        followed by ``action_net`` or ``value_net``), under the name :meth:`set_mlp_head` takes."""
+        policy = self.policy
+        parts = {"action_net": policy.mlp_extractor.policy_net, "value_net": policy.mlp_extractor.value_net}
+        return {name: nn.Sequential(*mlp, getattr(policy, name)) if len(mlp) else getattr(policy, name)
+                for name, mlp in parts.items()}
+
+    def set_mlp_head(self, name: str, module: nn.Module) -> None:
+        """Make ``module`` the whole head ``name`` (``action_net`` or ``value_net``): it goes in place of that
+        output layer, and the MLP of ``mlp_extractor`` before it becomes empty (the identity)."""
+        mlps = {"action_net": "policy_net", "value_net": "value_net"}
+        if name not in mlps:
+            raise KeyError(f"PlasticPPO's heads are {list(mlps)}, got {name!r}")
+        setattr(self.policy.mlp_extractor, mlps[name], nn.Sequential())
+        setattr(self.policy, name, module)
 
     def init_layer(self, layer: nn.Module) -> None:
-        """SB3's initialiser: orthogonal with the gain of the layer's part of the policy, zero bias."""
+        """SB3's initialiser: orthogonal with the gain of the layer's part of the policy, zero bias.
+
+        The gain is 0.01 for the action head's output layer, 1 for the value head's, sqrt(2) for every
+        other layer (as SB3 builds the policy).
+        """
         policy = self.policy
         if not policy.ortho_init:
             layer.reset_parameters()
             return
-        gains = [(policy.action_net, 0.01), (policy.value_net, 1.0)]
-        gain = next((g for part, g in gains if any(m is layer for m in part.modules())), np.sqrt(2))
+        gains = [(trainable_output_layer(policy.action_net), 0.01), (trainable_output_layer(policy.value_net), 1.0)]
+        gain = next((g for output, g in gains if output is layer), np.sqrt(2))
         policy.init_weights(layer, gain=gain)
 
     def value_features(self, obs: th.Tensor) -> th.Tensor:
-        """Input of the value head (the critic's latent) for ``obs``, with its graph."""
+        """Input of the value head's last linear layer (the critic's latent) for ``obs``, with its graph."""
         features = self.policy.extract_features(obs)
-        if self.policy.share_features_extractor:
-            return self.policy.mlp_extractor.forward_critic(features)
-        return self.policy.mlp_extractor.forward_critic(features[1])
+        critic_features = features if self.policy.share_features_extractor else features[1]
+        hidden, _ = split_output_layer(self.policy.value_net)
+        return hidden(self.policy.mlp_extractor.forward_critic(critic_features))
 
     def _evaluate_actions(self, obs: th.Tensor, actions: th.Tensor) -> tuple[th.Tensor, th.Tensor, th.Tensor | None, th.Tensor]:
-        """SB3's ``ActorCriticPolicy.evaluate_actions``, also returning the value head's input."""
+        """SB3's ``ActorCriticPolicy.evaluate_actions``, also returning the input of the value head's last linear
+        layer (:meth:`value_features`)."""
         policy = self.policy
         features = policy.extract_features(obs)
         if policy.share_features_extractor:
@@ -86,7 +113,9 @@ class PlasticPPO(PlasticMixin, PPO):
             latent_vf = policy.mlp_extractor.forward_critic(vf_features)
         distribution = policy._get_action_dist_from_latent(latent_pi)
         log_prob = distribution.log_prob(actions)
-        values = policy.value_net(latent_vf)
+        hidden, value_head = split_output_layer(policy.value_net)
+        latent_vf = hidden(latent_vf)
+        values = value_head(latent_vf)
         entropy = distribution.entropy()
         return values, log_prob, entropy, latent_vf
 

@@ -285,8 +285,8 @@ def probe_calls(agent: Any, batch: ReplayBufferSamples, cfg: RunConfig, init: di
         "update+grad stats": updates,
         "probe_batch light": lambda: probe_batch(agent, batch, mon, heavy=False),
         "  light w/o kfac": lambda: probe_batch(agent, batch, no_kfac, heavy=False),
-        "hessian (order 100)": lambda: hessian_spectrum(module, lambda: agent.training_loss(batch)[0],
-                                                        order=mon.hessian_order),
+        "hessian (100 x 4 vec)": lambda: hessian_spectrum(module, lambda: agent.training_loss(batch)[0],
+                                                          order=mon.hessian_order, num_vectors=mon.hessian_vectors),
         "gram (n<=256)": gram,
         "trainability (200)": lambda: trainability(module, obs, steps=mon.trainability_steps,
                                                    lr=mon.trainability_lr),
@@ -294,7 +294,7 @@ def probe_calls(agent: Any, batch: ReplayBufferSamples, cfg: RunConfig, init: di
     }
 
 
-HEAVY = ("hessian (order 100)", "gram (n<=256)", "trainability (200)", "probe_batch heavy")
+HEAVY = ("hessian (100 x 4 vec)", "gram (n<=256)", "trainability (200)", "probe_batch heavy")
 
 
 def time_ms(fn: Callable[[], Any], repeats: int) -> tuple[float, bool]:

@@ -225,6 +225,9 @@ class MonitorConfig(_Section):
     probe_set_size: Annotated[int, Field(ge=2)] = Field(256, description="Samples in each task's fixed probe set.")
     dormant_tau: Annotated[float, Field(ge=0)] = Field(0.025, description="Dormancy threshold tau (Sokar et al. 2023).")
     hessian_order: PositiveInt = Field(100, description="Lanczos order of the Hessian spectrum (metrics.md).")
+    hessian_vectors: PositiveInt = Field(
+        4, description="Start vectors the Hessian spectrum (SLQ) averages over; each costs hessian_order HVPs."
+    )
     gram_size: Annotated[int, Field(ge=2)] = Field(256, description="Probe samples in the Gram matrix.")
     trainability_steps: PositiveInt = Field(200, description="Adam steps of the trainability probe.")
     trainability_lr: Annotated[float, Field(gt=0)] = Field(1e-3, description="Adam learning rate of the trainability probe.")

@@ -7,7 +7,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, NamedTuple
 
@@ -15,6 +15,7 @@ import torch as th
 from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.preprocessing import preprocess_obs
 from torch import nn
+from torch.nn import functional as F
 
 from agents import CReLU, PlasticDQN
 from rl_plasticity.config import MonitorConfig
@@ -26,9 +27,9 @@ from rl_plasticity.probes import (
     epsilon_rank,
     gram_spectrum,
     hessian_spectrum,
-    huber_curvature,
     kfac_factor_rows,
     kfac_spectrum_from_rows,
+    loss_curvature,
     lyle_feature_rank,
     mean_active_fraction,
     neural_collapse,
@@ -102,24 +103,40 @@ def greedy_labels(agent: BaseAlgorithm, obs: th.Tensor, features: th.Tensor) -> 
     return agent.policy.get_distribution(obs).mode(), None
 
 
+#: PlasticDQN's TD losses per sample, ``(Q(s, a), target) -> loss``, keyed by the agent's ``td_loss`` (Huber,
+#: SB3's ``F.smooth_l1_loss``, when the agent has no such attribute).
+TD_LOSSES: dict[str, Callable[[th.Tensor, th.Tensor], th.Tensor]] = {"huber": F.smooth_l1_loss, "mse": F.mse_loss}
+
+
+def td_loss_fn(agent: PlasticDQN) -> Callable[[th.Tensor, th.Tensor], th.Tensor]:
+    """The per-sample TD loss ``agent.training_loss`` averages: ``TD_LOSSES[agent.td_loss]`` (default Huber)."""
+    name = getattr(agent, "td_loss", "huber")
+    if name not in TD_LOSSES:
+        raise ValueError(f"unknown TD loss {name!r}; choices: {', '.join(TD_LOSSES)}")
+    return TD_LOSSES[name]
+
+
 def _gram_inputs(agent: BaseAlgorithm, batch: NamedTuple) -> tuple[Any, Any, th.Tensor | None]:
     """For the Gram probe: inputs, the scalar output per sample, and the loss curvature D (metrics.md).
 
-    DQN: f_i = Q(s_i, a_i) with a_i the greedy action (metrics.md: on the fixed probe set), and D from the
-    Huber loss at the residual f_i - y_i, y_i the TD target of the stored transition. PPO: f_i = V(s_i) and
-    D = 1 (the value loss is MSE).
+    DQN: ``f_i = Q(s_i, a_i)`` with ``a_i`` the *stored* action of transition ``i``, and ``D_i = l''(f_i)`` of
+    the agent's own per-sample TD loss (:func:`td_loss_fn`) at ``f_i - y_i``, ``y_i`` the TD target of the
+    same transition (:meth:`PlasticDQN.compute_target`, a constant). Output and residual belong to the same
+    action, so ``K_L = D^1/2 J J^T D^1/2`` has the non-zero spectrum of ``J^T D J``, the Gauss-Newton matrix
+    of the TD loss the agent trains on (``n`` times that of the batch mean). (metrics.md names the greedy
+    action; its Q-value is in no TD loss unless it is the stored one, so it would pair one output with
+    another output's residual.) PPO: ``f_i = V(s_i)`` and ``D = 1`` (the value loss is MSE).
     """
     if isinstance(agent, PlasticDQN):
-        with th.no_grad():
-            greedy = agent.q_net(batch.observations).argmax(dim=1, keepdim=True)
-        inputs = (batch.observations, greedy)
+        inputs = (batch.observations, batch.actions.long().reshape(-1, 1))
 
         def q_taken(model: nn.Module, x: tuple[th.Tensor, th.Tensor]) -> th.Tensor:
             return th.gather(model(x[0]), 1, x[1]).squeeze(1)
 
         with th.no_grad():
-            residual = q_taken(agent.q_net, inputs) - agent.compute_target(batch).squeeze(1)
-        return inputs, q_taken, huber_curvature(residual)
+            q = q_taken(agent.q_net, inputs)
+            targets = agent.compute_target(batch).squeeze(1)
+        return inputs, q_taken, loss_curvature(td_loss_fn(agent), q, targets)
 
     def value(model: nn.Module, obs: th.Tensor) -> th.Tensor:
         return model.predict_values(obs).squeeze(-1)
@@ -176,7 +193,8 @@ def probe_batch(
 
     if heavy:
         if "hessian" in cfg.switch_probes:
-            spec = hessian_spectrum(module, lambda: agent.training_loss(batch)[0], order=cfg.hessian_order)
+            spec = hessian_spectrum(module, lambda: agent.training_loss(batch)[0], order=cfg.hessian_order,
+                                    num_vectors=cfg.hessian_vectors)
             scalars["hessian_eps_rank/loss"] = spec["eps_hessian_rank"]
             scalars["hessian_top_eig/loss"] = spec["top_eigenvalue"]
             hists["hessian_ritz_values/loss"] = spec["ritz_values"].float().cpu()

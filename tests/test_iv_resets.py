@@ -9,16 +9,24 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch as th
 from stable_baselines3.common.logger import configure
 from torch import nn
 
-from agents import POLICIES, Intervention, PlasticDQN, PlasticPPO, TaskSwitch
+from agents import POLICIES, Intervention, PlasticDQN, PlasticPPO, TaskSwitch, minatar_policy_kwargs
+from envs import make_sequence
 from rl_plasticity.interventions import INTERVENTIONS, build_interventions
-from rl_plasticity.interventions.plasticity_injection import InjectedLinear, PlasticityInjection
+from rl_plasticity.interventions.plasticity_injection import (
+    FrozenLinear,
+    InjectedHead,
+    PlasticityInjection,
+    injection_depth,
+)
 from rl_plasticity.interventions.reset import Reset
 from rl_plasticity.interventions.shrink_perturb import ShrinkPerturb
+from rl_plasticity.interventions.surgery import forget_optimizer_state
 
 SWITCH = TaskSwitch(num_timesteps=0, from_task=0, to_task=1, from_name="a")
 DQN_KW = dict(learning_starts=32, batch_size=16, train_freq=1, buffer_size=1_000, target_update_interval=10_000,
@@ -280,145 +288,294 @@ def test_soft_shrink_perturb_fires_after_every_update():
 
 
 # -- plasticity injection ------------------------------------------------------------------------------
-def heads(agent) -> dict[str, nn.Module]:
-    names = {id(m): n for n, m in agent.online_network().named_modules()}
-    return {names[id(h)]: h for h in agent.head_layers()}
+def minatar_dqn(interventions=(), steps: int = 64, **kw) -> PlasticDQN:
+    """A MinAtar DQN (conv encoder, head Linear(1024, 32) -> ReLU -> Linear(32, 6)) that has trained a little."""
+    agent = PlasticDQN(POLICIES["dqn"], make_sequence("continual_minatar", switch_every=500),
+                       policy_kwargs=minatar_policy_kwargs("dqn", width=32), interventions=list(interventions),
+                       **{**DQN_KW, "target_update_interval": 10_000, **kw})
+    return agent.learn(steps)
 
 
-@pytest.mark.parametrize("algo", ["dqn", "ppo"])
-def test_injection_keeps_outputs_and_only_the_new_head_learns(algo):
+def injection_agent(kind: str, interventions=()):
+    if kind == "dqn_minatar":
+        return minatar_dqn(interventions)
+    return make(kind, interventions)
+
+
+def linears(module: nn.Module) -> list[nn.Linear]:
+    return [m for m in module.modules() if isinstance(m, nn.Linear)]
+
+
+@pytest.mark.parametrize("kind", ["dqn", "dqn_minatar", "ppo"])
+def test_injection_keeps_outputs_and_injects_into_the_whole_mlp_head(kind):
     iv = PlasticityInjection()
-    agent = make(algo, [iv])
-    obs = th.randn(64, 4)
-    old_heads = {name: (h.weight.detach().clone(), h.bias.detach().clone()) for name, h in heads(agent).items()}
-    old_params = [p for h in heads(agent).values() for p in h.parameters()]
-    group = list(agent.optimizer.param_groups[0]["params"])
+    agent = injection_agent(kind, [iv])
+    obs = th.as_tensor(agent.replay_buffer.sample(64).observations if kind.startswith("dqn") else th.randn(64, 4))
+    heads_before = {name: [(m.weight.detach().clone(), m.bias.detach().clone()) for m in linears(head)]
+                    for name, head in agent.mlp_heads().items()}
+    head_params = {id(p) for head in agent.mlp_heads().values() for p in head.parameters()}
+    encoder = {n: p.detach().clone() for n, p in agent.online_network().named_parameters() if id(p) not in head_params}
+    groups = [list(g["params"]) for g in agent.optimizer.param_groups]
+    encoder_adam = adam_state(agent)
     before = outputs(agent, obs)
     iv.on_task_switch(agent, SWITCH)
 
-    for old, new in zip(before, outputs(agent, obs)):
-        assert th.allclose(old, new, atol=1e-6)
-    injected = heads(agent)
-    assert set(injected) == set(old_heads) and all(isinstance(h, InjectedLinear) for h in injected.values())
-    # The new heads took the old ones' places in the optimizer, with no state yet.
-    new_params = [p for h in injected.values() for p in h.new.parameters()]
-    swap = dict(zip(map(id, old_params), new_params))
-    assert agent.optimizer.param_groups[0]["params"] == [swap.get(id(p), p) for p in group]
-    assert not any(p in agent.optimizer.state for p in old_params + new_params)
-    for name, h in injected.items():
-        assert th.equal(h.frozen_weight, old_heads[name][0]) and th.equal(h.frozen_bias, old_heads[name][1])
-        assert th.equal(h.copy_weight, h.new.weight) and th.equal(h.copy_bias, h.new.bias)
-        # The new head is a fresh draw of the head's own initialiser.
-        if algo == "ppo":
-            gain = PPO_GAINS[name]
-            assert th.allclose(h.new.weight @ h.new.weight.T, gain**2 * th.eye(h.out_features), atol=1e-6 * gain**2)
-        else:
-            assert h.new.weight.abs().max() <= 1 / math.sqrt(h.in_features)
+    # The function is the same, bit for bit (DQN's target network aside: its head is synced, below).
+    after = outputs(agent, obs)
+    assert th.equal(before[0], after[0]) and (kind.startswith("dqn") or th.equal(before[1], after[1]))
+    heads = agent.mlp_heads()
+    assert set(heads) == set(heads_before) and all(isinstance(h, InjectedHead) for h in heads.values())
+    widths = {"dqn": [4, 32, 32], "dqn_minatar": [1024, 32], "ppo": [4, 32, 32]}[kind]
+    for name, head in heads.items():
+        # The trainable head is the whole MLP: every hidden layer and the output layer, all trainable.
+        new = linears(head.new)
+        assert [m.in_features for m in new] == widths and all(p.requires_grad for p in head.new.parameters())
+        assert linears(head.old) == linears(head.new_0) == []  # the frozen parts have buffers, no parameters
+        # old is the head as it was; new is a fresh draw of the head's own initialiser; new_0 is new.
+        old = [m for m in head.old.modules() if isinstance(m, FrozenLinear)]
+        copy_ = [m for m in head.new_0.modules() if isinstance(m, FrozenLinear)]
+        for (w, b), o, n, c in zip(heads_before[name], old, new, copy_, strict=True):
+            assert th.equal(o.weight, w) and th.equal(o.bias, b)
+            assert th.equal(c.weight, n.weight) and th.equal(c.bias, n.bias)
+            assert not th.allclose(n.weight, w)
+        if kind == "ppo":  # SB3's orthogonal init: gain sqrt(2) in the hidden layers, the head's gain at the end
+            gains = [math.sqrt(2)] * (len(new) - 1) + [PPO_GAINS[name]]
+            for m, gain in zip(new, gains):
+                th.testing.assert_close(th.linalg.svdvals(m.weight), th.full((min(m.weight.shape),), gain),
+                                        rtol=1e-5, atol=1e-6)
+                assert th.all(m.bias == 0)
+        else:  # PyTorch's default: U(-1/sqrt(fan_in), 1/sqrt(fan_in))
+            assert all(m.weight.abs().max() <= 1 / math.sqrt(m.in_features) for m in new)
+    # Same parameter objects in the same optimizer places; the heads' Adam state is gone, the encoder's kept.
+    assert [list(g["params"]) for g in agent.optimizer.param_groups] == groups
+    assert not any(p in agent.optimizer.state for head in heads.values() for p in head.new.parameters())
+    kept = adam_state(agent)
+    assert set(kept) == set(encoder)
+    assert all(th.equal(v, encoder_adam[n][k]) for n, state in kept.items() for k, v in state.items())
     logged = agent.logger.name_to_value
-    assert logged["interventions/plasticity_injection/heads"] == len(injected)
-    assert logged["interventions/plasticity_injection/params"] == sum(p.numel() for p in new_params)
+    assert logged["interventions/plasticity_injection/heads"] == len(heads)
+    assert logged["interventions/plasticity_injection/params"] == sum(
+        p.numel() for head in heads.values() for p in head.new.parameters())
 
-    frozen = {name: {k: v.clone() for k, v in h.named_buffers()} for name, h in injected.items()}
+    frozen = {name: {k: v.clone() for k, v in head.named_buffers()} for name, head in heads.items()}
     net_before = params_of(agent.online_network())
-    agent.learn(64, reset_num_timesteps=False)  # a few gradient steps, across the new structure
-
+    agent.learn(64, reset_num_timesteps=False)
+    # Every parameter trains: the encoder and the new heads. The frozen heads do not move.
     net_after = params_of(agent.online_network())
-    assert changed_layers(net_before, net_after) == {layer_of(n) for n in net_after}  # new heads and below
-    for name, h in heads(agent).items():
-        assert all(th.equal(v, frozen[name][k]) for k, v in h.named_buffers()), name
+    assert changed_layers(net_before, net_after) == {layer_of(n) for n in net_after}
+    for name, head in agent.mlp_heads().items():
+        assert all(th.equal(v, frozen[name][k]) for k, v in head.named_buffers()), name
     assert all(th.isfinite(p).all() for p in net_after.values())
+
+
+def test_injection_with_layer_norm_and_crelu():
+    from agents import CReLU
+    from rl_plasticity.interventions.plasticity_injection import FrozenLayerNorm
+
+    iv = PlasticityInjection()
+    agent = PlasticDQN(POLICIES["dqn"], "CartPole-v1", interventions=[iv],
+                       policy_kwargs=dict(net_arch=[32], layer_norm=True, activation_fn=CReLU), **DQN_KW).learn(64)
+    norm = agent.q_net.q_net[1]
+    with th.no_grad():  # a trained-looking LayerNorm
+        norm.weight.uniform_(0.5, 1.5)
+        norm.bias.uniform_(-0.5, 0.5)
+    trained = (norm.weight.detach().clone(), norm.bias.detach().clone())
+    obs = th.randn(32, 4)
+    before = outputs(agent, obs)[0]
+    iv.on_task_switch(agent, SWITCH)
+    head = agent.q_net.q_net
+    assert th.equal(outputs(agent, obs)[0], before)
+    frozen_norm = head.old[1]
+    assert isinstance(frozen_norm, FrozenLayerNorm) and th.equal(frozen_norm.weight, trained[0])
+    assert th.equal(frozen_norm.bias, trained[1])
+    assert th.all(head.new[1].weight == 1) and th.all(head.new[1].bias == 0)  # PyTorch's LayerNorm init
+    assert agent.value_features(obs).shape == (32, 3 * 32)  # CReLU keeps the width
+
+
+def head_adam_reset_run(agent, params: list[nn.Parameter], steps: int) -> None:
+    forget_optimizer_state(agent.optimizer, params)
+    np.random.seed(7)  # SB3 samples the replay buffer with NumPy's global RNG
+    agent.train(gradient_steps=steps, batch_size=16)
+
+
+def test_injection_is_not_an_adam_reset_of_the_head():
+    # A linear head plus new - new_0 is the same linear map with the same gradient: injecting into the last
+    # layer only equals training on with that layer's Adam state cleared. Into the MLP head it does not.
+    obs = None
+    runs = {}
+    for arm in ("injection", "last_layer_adam_reset", "head_adam_reset", "head_adam_reset_again"):
+        agent = minatar_dqn(learning_rate=1e-3)
+        obs = agent.replay_buffer.sample(128, env=None).observations if obs is None else obs
+        if arm == "injection":
+            PlasticityInjection().inject(agent)
+            head_adam_reset_run(agent, [], steps=100)
+        else:
+            head = agent.q_net.q_net
+            params = list(head[-1].parameters()) if arm == "last_layer_adam_reset" else list(head.parameters())
+            head_adam_reset_run(agent, params, steps=100)
+        with th.no_grad():
+            runs[arm] = agent.q_net(obs)
+    scale = float(runs["head_adam_reset"].abs().max())
+    assert th.equal(runs["head_adam_reset"], runs["head_adam_reset_again"])  # the runs are deterministic
+    for arm in ("last_layer_adam_reset", "head_adam_reset"):
+        assert float((runs["injection"] - runs[arm]).abs().max()) > 0.05 * scale, arm
+
+
+def test_injection_encoder_keeps_training_with_the_same_gradient_at_injection():
+    iv = PlasticityInjection()
+    agent = minatar_dqn([iv])
+    # A target equal to the online network: its head sync at injection leaves the TD targets as they are.
+    agent.q_net_target.load_state_dict(agent.q_net.state_dict())
+    batch = agent.replay_buffer.sample(32)
+    encoder = list(agent.q_net.features_extractor.parameters())
+
+    def encoder_grads() -> list[th.Tensor]:
+        return list(th.autograd.grad(agent.training_loss(batch)[0], encoder))
+
+    before = encoder_grads()
+    iv.on_task_switch(agent, SWITCH)
+    # The gradient reaches the encoder through all three heads; new and new_0 cancel, old is the old head.
+    for a, b in zip(before, encoder_grads()):
+        th.testing.assert_close(a, b, rtol=1e-5, atol=1e-6 * float(a.abs().max()))
+    loss = agent.training_loss(batch)[0]
+    head = agent.q_net.q_net
+    grads = th.autograd.grad(loss, list(head.new.parameters()))
+    assert all(float(g.abs().max()) > 0 for g in grads)
+    assert list(head.old.parameters()) == list(head.new_0.parameters()) == []
 
 
 def test_injection_dqn_target_network():
     iv = PlasticityInjection()
-    agent = dqn([iv])
-    obs = th.randn(64, 4)
-    online_before = agent.value_head.weight.detach().clone()
-    target_before = agent.q_net_target.q_net[-1].weight.detach().clone()
-    assert not th.allclose(online_before, target_before)
+    agent = minatar_dqn([iv])
+    agent.q_net_target.load_state_dict(agent.q_net.state_dict())
+    agent.train(gradient_steps=5, batch_size=16)  # the target now lags
+    obs = agent.replay_buffer.sample(64).observations
+    target_encoder = params_of(agent.q_net_target.features_extractor)
     iv.on_task_switch(agent, SWITCH)
 
-    online, target = agent.value_head, agent.q_net_target.q_net[-1]
-    assert isinstance(target, InjectedLinear)
-    # Same structure: SB3's polyak_update zips these two lists.
+    online, target = agent.q_net.q_net, agent.q_net_target.q_net
+    assert isinstance(target, InjectedHead) and not target.training
+    # Same structure, so SB3's polyak_update zips matching parameters.
     assert [n for n, _ in agent.q_net.named_parameters()] == [n for n, _ in agent.q_net_target.named_parameters()]
+    # The frozen parts are the online network's; the trainable head is synced at injection; the encoder lags.
     assert all(th.equal(a, b) for a, b in zip(online.buffers(), target.buffers()))
-    assert th.allclose(target.weight, target_before, atol=1e-7)
+    assert all(th.equal(a, b) for a, b in zip(online.new.parameters(), target.new.parameters()))
+    assert all(th.equal(p, target_encoder[n]) for n, p in params_of(agent.q_net_target.features_extractor).items())
+    with th.no_grad():
+        q_target = agent.q_net_target(obs)
+        expected = online(agent.q_net_target.extract_features(obs, agent.q_net_target.features_extractor))
+    assert th.equal(q_target, expected)
 
     agent.train(gradient_steps=4, batch_size=16)
-    online_eff, target_eff = online.weight.detach().clone(), target.weight.detach().clone()
+    online_new, target_new = params_of(online.new), params_of(target.new)
     # SB3's own target update (DQN._on_step), first soft, then hard.
     agent.tau, agent.target_update_interval = 0.5, 1
     agent._on_step()
-    assert th.allclose(target.weight, 0.5 * target_eff + 0.5 * online_eff, atol=1e-7)
-    assert all(th.equal(f, o) for f, o in zip(target.buffers(), online.buffers()))  # constants, not synced
+    for name, p in params_of(target.new).items():
+        th.testing.assert_close(p, 0.5 * target_new[name] + 0.5 * online_new[name])
+    assert all(th.equal(a, b) for a, b in zip(online.buffers(), target.buffers()))  # constants, not synced
     agent.tau = 1.0
     agent._on_step()
-    assert th.equal(target.weight, online.weight)
     a, b = outputs(agent, obs)
     assert th.equal(a, b)
 
 
-def test_injection_value_head_is_the_effective_linear_map_and_learn_continues():
+@pytest.mark.parametrize("algo", ["dqn", "ppo"])
+def test_injection_value_features_are_the_three_hidden_layers_side_by_side(algo):
+    from rl_plasticity.config import MonitorConfig
+    from rl_plasticity.probing import probe_batch
+
     iv = PlasticityInjection()
-    agent = dqn([iv])
+    agent = make(algo, [iv])
     iv.on_task_switch(agent, SWITCH)
     agent.learn(64, reset_num_timesteps=False)
     obs = th.randn(16, 4)
-    features = agent.value_features(obs)
-    head = agent.value_head
-    assert th.allclose(head(features), features @ head.weight.T + head.bias, atol=1e-6)
-    assert th.allclose(head(features), agent.q_net(obs), atol=1e-6)
-    assert agent.head_layers() == [head]
+    head = agent.q_net.q_net if algo == "dqn" else agent.policy.value_net
+    with th.no_grad():
+        features = agent.value_features(obs)
+        value = agent.q_net(obs) if algo == "dqn" else agent.policy.predict_values(obs)
+        # Oracle: the input of each head's last Linear, by running that head's own modules up to it.
+        encoded = agent.q_net.extract_features(obs, agent.q_net.features_extractor) if algo == "dqn" else obs
+        blocks = []
+        for part in (head.old, head.new, head.new_0):
+            z = encoded
+            for module in list(part)[:-1]:
+                z = module(z)
+            blocks.append(z)
+    assert features.shape == (16, 3 * 32)
+    assert th.equal(features, th.cat(blocks, dim=1))
+    value_head = agent.value_head
+    th.testing.assert_close(value_head(features), value, rtol=1e-5, atol=1e-6)
+    # One linear map: [W_old | W_new | -W_new_0], b_old + b_new - b_new_0.
+    lasts = [list(part)[-1] for part in (head.old, head.new, head.new_0)]
+    th.testing.assert_close(value_head.weight, th.cat([lasts[0].weight, lasts[1].weight, -lasts[2].weight], dim=1))
+    th.testing.assert_close(value_head.bias, lasts[0].bias + lasts[1].bias - lasts[2].bias)
+    th.testing.assert_close(features @ value_head.weight.T + value_head.bias, value, rtol=1e-5, atol=1e-6)
+    assert agent.head_layers()[-1] is lasts[1]  # reset's "head": the trainable output layer
+    # The monitor's probes run on them.
+    batch = agent.replay_buffer.sample(32) if algo == "dqn" else next(agent.rollout_buffer.get(32))
+    cfg = MonitorConfig(probes=["rank", "dormant", "collapse", "kfac"])
+    result = probe_batch(agent, batch, cfg, heavy=False)
+    assert 1 <= result.scalars["erank/value_head"] <= 96
+    assert any(key.startswith("kfac_erank_g/") and ".new." in key for key in result.scalars)
 
 
 def test_injection_count_and_repeated_injection():
     once = PlasticityInjection()
     agent = dqn([once])
     once.on_task_switch(agent, SWITCH)
-    head = agent.value_head
+    head = agent.q_net.q_net
     once.on_task_switch(agent, SWITCH)
-    assert once.fired == 1 and agent.value_head is head  # max_injections=1: the second switch does nothing
+    assert once.fired == 1 and agent.q_net.q_net is head  # max_injections=1: the second switch does nothing
 
     twice = PlasticityInjection(PlasticityInjection.Params(max_injections=2))
     agent = dqn([twice])
     obs = th.randn(32, 4)
     twice.on_task_switch(agent, SWITCH)
+    trainable = list(agent.q_net.q_net.new.parameters())
     agent.train(gradient_steps=3, batch_size=16)
-    effective = agent.value_head.weight.detach().clone()
     before = outputs(agent, obs)
+    with th.no_grad():
+        first = agent.q_net.q_net(obs)  # CartPole's encoder is a flatten
     twice.on_task_switch(agent, SWITCH)
-    head = agent.value_head
-    # The second injection freezes the effective head: one level deep, output unchanged.
-    assert twice.fired == 2 and th.equal(head.frozen_weight, effective) and not isinstance(head.new, InjectedLinear)
-    for old, new in zip(before, outputs(agent, obs)):
-        assert th.allclose(old, new, atol=1e-6)
+    head = agent.q_net.q_net
+    # The second injection freezes the whole injected head; the same parameters train on, re-initialised.
+    assert twice.fired == 2 and injection_depth(head) == 2 and isinstance(head.old, InjectedHead)
+    assert list(head.new.parameters()) == trainable and list(head.old.parameters()) == []
+    with th.no_grad():
+        assert th.equal(head.old(obs), first)
+    assert th.equal(before[0], outputs(agent, obs)[0])
+    assert agent.value_features(obs).shape == (32, 5 * 32)  # old's three hidden layers, new's, new_0's
 
 
-def test_injection_resume(tmp_path):
-    iv = PlasticityInjection()
+@pytest.mark.parametrize("injections", [1, 2])
+def test_injection_resume(tmp_path, injections):
+    params = PlasticityInjection.Params(max_injections=injections)
+    iv = PlasticityInjection(params)
     agent = dqn([iv])
-    iv.on_task_switch(agent, SWITCH)
-    agent.train(gradient_steps=3, batch_size=16)
+    for _ in range(injections):
+        iv.on_task_switch(agent, SWITCH)
+        agent.train(gradient_steps=3, batch_size=16)
     agent.save(tmp_path / "model.zip")
     state = iv.state_dict()
-    assert state == {"fired": 1}
+    assert state == {"fired": injections}
 
     # State loaded before the agent is built: attach() rebuilds the structure, SB3 loads into it.
-    resumed_iv = PlasticityInjection()
+    resumed_iv = PlasticityInjection(params)
     resumed_iv.load_state_dict(state)
     resumed = PlasticDQN.load(tmp_path / "model.zip", interventions=[resumed_iv], device="cpu")
+    assert injection_depth(resumed.q_net.q_net) == injection_depth(resumed.q_net_target.q_net) == injections
     obs = th.randn(16, 4)
     for a, b in zip(outputs(agent, obs), outputs(resumed, obs)):
         assert th.equal(a, b)
-    saved_moment = agent.optimizer.state[agent.value_head.new.weight]["exp_avg"]
-    assert th.equal(resumed.optimizer.state[resumed.value_head.new.weight]["exp_avg"], saved_moment)
+    saved_moment = agent.optimizer.state[agent.head_layers()[0].weight]["exp_avg"]
+    assert th.equal(resumed.optimizer.state[resumed.head_layers()[0].weight]["exp_avg"], saved_moment)
     resumed.set_logger(configure(str(tmp_path), ["csv"]))
     resumed_iv.on_task_switch(resumed, SWITCH)
-    assert resumed_iv.fired == 1  # the one injection was done before the checkpoint
+    assert resumed_iv.fired == injections  # the injections were done before the checkpoint
 
     # State loaded into an intervention that is already attached: same rebuild.
-    late = PlasticityInjection()
+    late = PlasticityInjection(params)
     fresh = PlasticDQN("MlpPolicy", "CartPole-v1", policy_kwargs=dict(net_arch=[32, 32]), interventions=[late],
                        **DQN_KW)
     late.load_state_dict(state)
@@ -426,6 +583,18 @@ def test_injection_resume(tmp_path):
     fresh.optimizer.load_state_dict(agent.optimizer.state_dict())
     for a, b in zip(outputs(agent, obs), outputs(fresh, obs)):
         assert th.equal(a, b)
+
+
+def test_injection_then_redo_recycles_units_of_the_new_head_only():
+    from rl_plasticity.interventions.redo import trace_hidden_layers
+
+    iv = PlasticityInjection()
+    agent = minatar_dqn([iv])
+    iv.on_task_switch(agent, SWITCH)
+    with pytest.warns(UserWarning, match="features_extractor.cnn.0 is not recycled"):
+        hidden, _ = trace_hidden_layers(agent, agent.replay_buffer.sample(32))
+    # The conv feeds the frozen heads too, so its units cannot be silenced; the new head's hidden layer can.
+    assert [(h.name, h.outgoing) for h in hidden] == [("q_net.new.0", (agent.q_net.q_net.new[2],))]
 
 
 # -- registry ------------------------------------------------------------------------------------------------

@@ -208,7 +208,7 @@ def test_redo_recycles_exactly_the_dead_units(kind):
     fill_adam(agent)
     before = snapshot(agent)
 
-    redo = ReDo(ReDoParams(every=7, tau=0.0))
+    redo = ReDo(ReDoParams(every=7, tau=0.0, batch="train"))
     redo.attach(agent)
     redo.loss_terms(agent, batch, None, None)
     redo.on_update(agent, 6)  # not a multiple of `every`: nothing happens
@@ -245,7 +245,7 @@ def test_redo_with_crelu_and_layer_norm():
     kill_units(agent, "features_extractor.cnn.0", [3])
     batch = sample(agent)
     output_before = network_output(agent, batch)
-    redo = ReDo(ReDoParams(tau=0.0))
+    redo = ReDo(ReDoParams(tau=0.0, batch="train"))
     redo.loss_terms(agent, batch, None, None)
     redo.on_update(agent, 1000)
     assert agent.logger.name_to_value["interventions/redo/recycled"] == 1  # LayerNorm + CReLU units never die
@@ -286,7 +286,7 @@ def test_redo_tau_selects_by_score_and_only_drops_their_contribution():
     fill_adam(agent)
     before = snapshot(agent)
 
-    redo = ReDo()  # published defaults: tau = 0.1
+    redo = ReDo(ReDoParams(batch="train"))  # published every and tau (1000, 0.1), scored on `batch`
     assert (redo.params.every, redo.params.tau) == (1000, 0.1)
     redo.loss_terms(agent, batch, None, None)
     redo.on_update(agent, 1000)
@@ -305,9 +305,58 @@ def test_redo_fires_every_n_updates_during_training():
     resumed = ReDo(ReDoParams(every=10))
     resumed.load_state_dict(redo.state_dict())
     assert (resumed.fired, resumed.recycled_total) == (10, redo.recycled_total)
-    with pytest.raises(ValueError, match="replay"):
-        PlasticPPO("MlpPolicy", "CartPole-v1", n_steps=32, batch_size=32,
-                   interventions=[ReDo(ReDoParams(batch="replay"))])
+
+
+@pytest.mark.parametrize("kind", ["dqn_minatar", "ppo_mlp"])
+def test_redo_scores_a_fresh_buffer_sample_by_default(kind, monkeypatch):
+    # ReDo's code scores the units on batch_size_statistics = 256 transitions sampled from the replay buffer.
+    assert (ReDoParams().batch, ReDoParams().replay_batch_size) == ("replay", 256)
+    agent = make_agent(kind, seed=3)
+    redo = ReDo(ReDoParams(tau=0.0, replay_batch_size=40))
+    redo.attach(agent)
+    scored, dead = [], []
+    real_recycle = ReDo.recycle
+
+    def spy(self, agent_, batch):
+        # Oracle before the surgery: the units that are zero on every transition of the scored batch.
+        acts = activations(agent_, batch)
+        dead.append(sum(int((per_unit_mean_abs(acts[act]) == 0).sum()) for act, _ in EXPECTED_MAPS[kind].values()))
+        scored.append(batch)
+        return real_recycle(self, agent_, batch)
+
+    monkeypatch.setattr(ReDo, "recycle", spy)
+    training_batch = sample(agent, 16)
+    redo.loss_terms(agent, training_batch, None, None)
+    redo.on_update(agent, 1000)
+
+    (batch,) = scored
+    assert batch.observations.shape[0] == 40 != training_batch.observations.shape[0]
+    # Every scored transition is one the buffer holds (DQN: its first `pos` rows; PPO: the flattened rollout).
+    if kind.startswith("dqn"):
+        stored = th.as_tensor(agent.replay_buffer.observations[: agent.replay_buffer.pos]).flatten(1).float()
+    else:
+        stored = th.as_tensor(agent.rollout_buffer.observations).flatten(1).float()
+        # PPO's sample is without replacement: 40 distinct transitions of the 64-step rollout.
+        assert len({tuple(row.tolist()) for row in batch.observations}) == 40
+    rows = batch.observations.flatten(1).float()
+    assert bool((rows[:, None, :] == stored[None, :, :]).all(dim=2).any(dim=1).all())
+    assert agent.logger.name_to_value["interventions/redo/recycled"] == dead[0]
+
+
+def test_redo_per_layer_counts_stay_out_of_the_console_table(capsys):
+    # SB3's console table truncates keys to 36 characters: PPO's two policy_net layers would then coincide.
+    from stable_baselines3.common.logger import configure
+
+    agent = make_agent("ppo_mlp", seed=4)
+    agent.set_logger(configure(None, ["stdout"]))
+    redo = ReDo(ReDoParams(tau=0.0))
+    redo.attach(agent)
+    redo.on_update(agent, 1000)
+    logged = dict(agent.logger.name_to_value)
+    agent.logger.dump(step=1)
+    assert {f"interventions/redo/recycled/{layer}" for layer in EXPECTED_MAPS["ppo_mlp"]} <= set(logged)
+    out = capsys.readouterr().out
+    assert "recycled_total" in out and "recycled/" not in out
 
 
 # --------------------------------------------------------------------------------------------------

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch as th
+import torch.nn.functional as F
 from torch import nn
 
-from rl_plasticity.probes.gram import gram_spectrum, huber_curvature
+from rl_plasticity.probes.gram import gram_spectrum, huber_curvature, loss_curvature
 from rl_plasticity.probes.rank import effective_rank_from_spectrum
 
 DT = th.float64
@@ -167,3 +170,80 @@ def test_aliased_submodule_keeps_its_live_parameters():
     gram_spectrum(model, th.randn(5, 3), lambda m, x: m(x).squeeze(-1))
     for module, key, p in before:
         assert module._parameters[key] is p and isinstance(module._parameters[key], nn.Parameter)
+
+
+def test_loss_curvature_by_autograd_matches_the_closed_forms():
+    r = th.tensor([0.0, 0.5, -0.99, 1.0, -1.0, 3.0], dtype=DT)
+    y = th.linspace(-2.0, 2.0, 6, dtype=DT)
+    th.testing.assert_close(loss_curvature(F.smooth_l1_loss, y + r, y), huber_curvature(r))
+    th.testing.assert_close(loss_curvature(F.mse_loss, y + r, y), th.full((6,), 2.0, dtype=DT))
+    with pytest.raises(ValueError):
+        loss_curvature(F.mse_loss, r, y[:3])
+
+
+def td_oracle_ggn(agent, batch, loss_fn) -> th.Tensor:
+    """The Gauss-Newton matrix ``J^T H J`` of the batch-mean TD loss, from explicit autograd Hessians.
+
+    ``H`` is the Hessian of ``mean_i loss_fn(Q(s_i)[a_i], y_i)`` w.r.t. *all* outputs ``Q(s_i)[a]`` (an
+    ``nA x nA`` matrix, by ``torch.autograd.functional.hessian``), ``J`` the Jacobian of all outputs w.r.t.
+    all parameters. Nothing here knows which outputs the loss reads: the Hessian finds it.
+    """
+    net = copy.deepcopy(agent.q_net).double()
+    obs = batch.observations.double()
+    actions = batch.actions.long().reshape(-1)
+    with th.no_grad():
+        targets = agent.compute_target(batch).reshape(-1).double()
+    names = [k for k, _ in net.named_parameters()]
+    shapes = [p.shape for p in net.parameters()]
+    flat = th.cat([p.detach().reshape(-1) for p in net.parameters()])
+
+    def outputs(theta: th.Tensor) -> th.Tensor:
+        params = {k: c.view(s) for k, c, s in zip(names, theta.split([s.numel() for s in shapes]), shapes)}
+        # CartPole's observations need no preprocessing (SB3's would cast them to float32): flatten, then the MLP.
+        mlp_params = {k.removeprefix("q_net."): v for k, v in params.items()}
+        return th.func.functional_call(net.q_net, mlp_params, (net.features_extractor(obs),))
+
+    def td_loss(q: th.Tensor) -> th.Tensor:
+        return loss_fn(q[th.arange(len(actions)), actions], targets)
+
+    q = outputs(flat).detach()
+    H = th.autograd.functional.hessian(td_loss, q).reshape(q.numel(), q.numel())
+    J = th.autograd.functional.jacobian(outputs, flat).reshape(q.numel(), -1)
+    return J.T @ H @ J
+
+
+@pytest.mark.parametrize("td_loss", ["huber", "mse"])
+def test_dqn_loss_weighted_gram_is_the_gauss_newton_matrix_of_its_td_loss(td_loss):
+    from stable_baselines3.common.buffers import ReplayBufferSamples
+
+    from agents import PlasticDQN
+    from rl_plasticity.probing import _gram_inputs
+
+    agent = PlasticDQN("MlpPolicy", "CartPole-v1", policy_kwargs=dict(net_arch=[6]), learning_starts=20,
+                       batch_size=8, buffer_size=200, device="cpu", seed=0)
+    agent.learn(40)
+    agent.td_loss = td_loss  # the probe reads the agent's TD loss from this attribute
+    n = 10
+    batch = agent.replay_buffer.sample(n)
+    # Rewards spread over [-3, 3], so that some residuals are outside Huber's |r| < 1 (D = 0) and some inside.
+    batch = ReplayBufferSamples(*(
+        th.linspace(-3.0, 3.0, n).reshape(-1, 1) if field == "rewards" else value
+        for field, value in zip(ReplayBufferSamples._fields, batch)
+    ))
+    with th.no_grad():
+        greedy = agent.q_net(batch.observations).argmax(dim=1)
+    assert bool((greedy != batch.actions.reshape(-1)).any())  # the greedy action is not the stored one
+
+    inputs, output_fn, curvature = _gram_inputs(agent, batch)
+    out = gram_spectrum(agent.q_net, inputs, output_fn, loss_curvature=curvature)
+    loss_fn = F.smooth_l1_loss if td_loss == "huber" else F.mse_loss
+    ggn = td_oracle_ggn(agent, batch, loss_fn)
+    eigs = th.linalg.eigvalsh((ggn + ggn.T) / 2).flip(0)
+    # K_L / n and the GGN of the batch mean share their non-zero eigenvalues; the GGN's others are zero.
+    scale = float(eigs[0])
+    th.testing.assert_close(out["eigs_KL"], eigs[:n].clamp_min(0), rtol=1e-4, atol=1e-6 * scale)
+    assert eigs[n:].abs().max() < 1e-6 * scale
+    if td_loss == "huber":
+        assert 0 < out["frac_zero_curvature"] < 1
+    else:
+        assert out["frac_zero_curvature"] == 0

@@ -9,6 +9,7 @@ from pydantic import Field
 from torch import nn
 
 from agents import PlasticPPO
+from agents.networks import split_output_layer
 from rl_plasticity.interventions.base import Params, PlasticityIntervention
 from rl_plasticity.interventions.l2 import L2Penalty
 from rl_plasticity.interventions.registry import register
@@ -28,17 +29,18 @@ def hidden_forward(agent: Any, obs: th.Tensor) -> None:
     """One forward pass through every hidden layer of the online network (outputs discarded).
 
     DQN: the Q-network up to the head's input. PPO: the shared or separate torsos and both MLP branches
-    (actor and critic), each layer once, as PPO's own loss computes them. The heads have no activation, so
-    they are skipped.
+    (actor and critic), each layer once, as PPO's own loss computes them. The output layers have no
+    activation, so they are skipped (after plasticity injection the heads hold the MLPs, run up to their
+    last linear map).
     """
     if isinstance(agent, PlasticPPO):
         policy = agent.policy
         features = policy.extract_features(obs)
-        if policy.share_features_extractor:
-            policy.mlp_extractor(features)
-        else:
-            policy.mlp_extractor.forward_actor(features[0])
-            policy.mlp_extractor.forward_critic(features[1])
+        pi_features, vf_features = (features, features) if policy.share_features_extractor else features
+        latent_pi = policy.mlp_extractor.forward_actor(pi_features)
+        latent_vf = policy.mlp_extractor.forward_critic(vf_features)
+        for head, latent in ((policy.action_net, latent_pi), (policy.value_net, latent_vf)):
+            split_output_layer(head)[0](latent)
     else:
         agent.value_features(obs)
 

@@ -3,14 +3,36 @@
 Nikishin, Oh, Ostrovski, Lyle, Pascanu, Dabney & Barreto 2023, "Deep Reinforcement Learning with
 Plasticity Injection" (NeurIPS). Definition: ``shared/reference/interventions.md``.
 
-After an injection each head computes ``h(x) = old(x) + new(x) - new_0(x)``: ``old`` is the head as it
-was (frozen), ``new`` a freshly initialised head (trained) and ``new_0`` a frozen copy of ``new`` at
-injection, so the output is unchanged at that moment and only ``new`` learns from then on.
+The paper splits the network into an encoder ``phi`` and a head ``h_theta`` and, at injection, computes
+(its Expression (1), Figure 2)::
+
+    h(x) = h_theta(phi(x)) + h_theta'(phi(x)) - h_theta'_0(phi(x))
+
+``theta`` is the head as it was (frozen), ``theta'`` a freshly initialised head (trained) and ``theta'_0``
+a frozen copy of ``theta'`` at injection: the output is unchanged at that moment, and the number of
+trained parameters is unchanged too. **The head is the whole MLP after the encoder**, not its last layer
+only: with a linear head, ``W x + W' x - W'_0 x`` is again one linear map with the same gradient, so
+"injecting" there only restarts Adam's state of the head. Here:
+
+- DQN (SB3's ``QNetwork``): the encoder is the features extractor (the MinAtar conv torso, or a flatten),
+  the head is ``q_net.q_net`` (``Linear -> ReLU -> Linear`` in the MinAtar network);
+- PPO: the encoder is the (shared or separate) features extractor, and there are two heads, the actor's
+  MLP of ``mlp_extractor`` with ``action_net`` and the critic's with ``value_net``; each is injected.
+
+The encoder keeps training, and its gradient comes through all three heads (the frozen ones are constants,
+not cut from the graph), so at the moment of injection it is what it was (up to rounding: the ``new`` and
+``new_0`` terms cancel). That is what the
+expression computes, and what the PyTorch port ``timoklein/plasticity-injection-torch`` does
+(``src/plasticity_injection.py``: ``PlasticityInjectionHead``, an MLP head ``theta`` with two copies
+``theta_prime_1``/``theta_prime_2`` after the conv encoder, frozen by ``requires_grad`` only). Plasticine
+(``RLE-Foundation/Plasticine``, ``plasticine/standard/ppo_procgen_pi.py``, ``Injector``) injects into the
+last ``Linear`` only, which by the argument above is an optimizer-state reset; it is not followed here.
 """
 
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from typing import Any
 
 import torch as th
@@ -19,63 +41,173 @@ from torch import nn
 from torch.nn import functional as F
 
 from agents import TaskSwitch
+from agents.networks import split_output_layer, trainable_output_layer
 from rl_plasticity.interventions.base import TriggeredIntervention, TriggerParams
 from rl_plasticity.interventions.registry import register
 from rl_plasticity.interventions.surgery import forget_optimizer_state
 
 
-class InjectedLinear(nn.Module):
-    """A linear head after plasticity injection: ``old(x) + new(x) - new_0(x)``.
+class FrozenLinear(nn.Module):
+    """The map of an ``nn.Linear`` with its weight and bias held as buffers.
 
-    The frozen parts are buffers, not parameters, so they are never in the optimizer, never get a gradient
-    and are not seen by interventions that walk the parameters or the Linear layers: the only trainable
-    part, and the only ``nn.Linear`` inside, is :attr:`new`. The buffers are in ``state_dict()``, so an SB3
-    checkpoint holds them.
-
-    The sum is a linear map again; :attr:`weight` and :attr:`bias` give it (with the graph to ``new``), so
-    the module can stand wherever the last ``nn.Linear`` is read (e.g. neural collapse's classifier).
-
-    :param frozen_weight: weight of the head being frozen (``old``).
-    :param frozen_bias: its bias, or ``None``.
-    :param new: the trainable new head. Its current values become the frozen copy ``new_0``; re-initialise
-        it and call :meth:`anchor` again if it is initialised after construction.
+    Buffers, not parameters: never in the optimizer, never given a gradient, and (not being an ``nn.Linear``)
+    passed by every intervention and probe that walks the trainable layers. They are in ``state_dict()``, so
+    an SB3 checkpoint holds them.
     """
 
-    def __init__(self, frozen_weight: th.Tensor, frozen_bias: th.Tensor | None, new: nn.Linear) -> None:
+    def __init__(self, layer: nn.Linear) -> None:
         super().__init__()
-        self.in_features, self.out_features = new.in_features, new.out_features
-        self.new = new
-        self.register_buffer("frozen_weight", frozen_weight.detach().clone())
-        self.register_buffer("frozen_bias", None if frozen_bias is None else frozen_bias.detach().clone())
-        self.register_buffer("copy_weight", th.empty_like(new.weight))
-        self.register_buffer("copy_bias", None if new.bias is None else th.empty_like(new.bias))
-        self.anchor()
-
-    @th.no_grad()
-    def anchor(self) -> None:
-        """Make the frozen copy ``new_0`` equal to ``new`` as it is now (so ``new`` and ``new_0`` cancel)."""
-        self.copy_weight.copy_(self.new.weight)
-        if self.copy_bias is not None:
-            self.copy_bias.copy_(self.new.bias)
+        self.in_features, self.out_features = layer.in_features, layer.out_features
+        self.register_buffer("weight", layer.weight.detach().clone())
+        self.register_buffer("bias", None if layer.bias is None else layer.bias.detach().clone())
 
     def forward(self, x: th.Tensor) -> th.Tensor:
-        old = F.linear(x, self.frozen_weight, self.frozen_bias)
-        return old + self.new(x) - F.linear(x, self.copy_weight, self.copy_bias)
-
-    @property
-    def weight(self) -> th.Tensor:
-        """The effective weight ``W_old + W_new - W_new_0``."""
-        return self.frozen_weight + self.new.weight - self.copy_weight
-
-    @property
-    def bias(self) -> th.Tensor | None:
-        """The effective bias ``b_old + b_new - b_new_0`` (``None`` for a head without bias)."""
-        if self.frozen_bias is None:
-            return None
-        return self.frozen_bias + self.new.bias - self.copy_bias
+        return F.linear(x, self.weight, self.bias)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}"
+
+
+class FrozenLayerNorm(nn.Module):
+    """The map of an ``nn.LayerNorm`` with its scale and offset held as buffers (see :class:`FrozenLinear`)."""
+
+    def __init__(self, norm: nn.LayerNorm) -> None:
+        super().__init__()
+        self.normalized_shape, self.eps = tuple(norm.normalized_shape), norm.eps
+        weight, bias = norm.weight, norm.bias
+        self.register_buffer("weight", None if weight is None else weight.detach().clone())
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+
+    def forward(self, x: th.Tensor) -> th.Tensor:
+        return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+
+    def extra_repr(self) -> str:
+        return f"{self.normalized_shape}, eps={self.eps}"
+
+
+_FROZEN: dict[type[nn.Module], type[nn.Module]] = {nn.Linear: FrozenLinear, nn.LayerNorm: FrozenLayerNorm}
+
+
+def frozen_copy(module: nn.Module) -> nn.Module:
+    """A copy of ``module`` that computes the same function and has no parameter.
+
+    Each ``nn.Linear`` and ``nn.LayerNorm`` becomes a :class:`FrozenLinear` / :class:`FrozenLayerNorm` with
+    its current values; modules without parameters (activations, flatten, already frozen parts) are copied.
+
+    :raises TypeError: for any other module with parameters (there is no frozen form of it).
+    """
+    frozen_type = _FROZEN.get(type(module))
+    if frozen_type is not None:
+        return frozen_type(module)
+    frozen = copy.deepcopy(module)
+    _freeze_children(frozen)
+    return frozen
+
+
+def _freeze_children(module: nn.Module) -> None:
+    for name, child in module.named_children():
+        frozen_type = _FROZEN.get(type(child))
+        if frozen_type is not None:
+            setattr(module, name, frozen_type(child))
+        else:
+            _freeze_children(child)
+    if next(module.parameters(recurse=False), None) is not None:
+        raise TypeError(f"plasticity injection cannot freeze a {type(module).__name__}: only Linear and LayerNorm "
+                        "layers (and modules without parameters) can be in a head")
+
+
+class LinearSum(nn.Module):
+    """``sum_k sign_k * layer_k(h_k)`` over consecutive blocks ``h_k`` of its input: one linear map.
+
+    The last linear map of an :class:`InjectedHead`, from the three heads' hidden layers side by side to the
+    output. It calls each layer on its block (so hooks on those layers see their own input) and exposes the
+    map as a whole: :attr:`weight` ``= [sign_1 W_1 | sign_2 W_2 | ...]`` and :attr:`bias` ``= sum_k sign_k
+    b_k``, with their graph to the trainable layers. Built on demand by :meth:`InjectedHead.split_output_layer`.
+
+    :param layers: linear maps (``nn.Linear``, :class:`FrozenLinear`, or a nested :class:`LinearSum`).
+    :param signs: ``+1`` or ``-1`` for each layer.
+    """
+
+    def __init__(self, layers: Sequence[nn.Module], signs: Sequence[int]) -> None:
+        super().__init__()
+        if len(layers) != len(signs) or any(s not in (1, -1) for s in signs):
+            raise ValueError("LinearSum needs one sign, +1 or -1, per layer")
+        self.layers = nn.ModuleList(layers)
+        self.signs = tuple(signs)
+        self.in_features = sum(layer.in_features for layer in layers)
+        self.out_features = layers[0].out_features
+
+    def forward(self, h: th.Tensor) -> th.Tensor:
+        blocks = h.split([layer.in_features for layer in self.layers], dim=-1)
+        terms = [layer(block) for layer, block in zip(self.layers, blocks)]
+        # The first term plus the sum of the others, so that terms that cancel exactly (new and new_0 at
+        # injection) leave the first one bit for bit.
+        rest = None
+        for term, sign in zip(terms[1:], self.signs[1:]):
+            rest = (term if sign > 0 else -term) if rest is None else (rest + term if sign > 0 else rest - term)
+        first = terms[0] if self.signs[0] > 0 else -terms[0]
+        return first if rest is None else first + rest
+
+    @property
+    def weight(self) -> th.Tensor:
+        """``(out_features, in_features)``: the layers' weights side by side, each times its sign."""
+        return th.cat([layer.weight if sign > 0 else -layer.weight for layer, sign in zip(self.layers, self.signs)],
+                      dim=1)
+
+    @property
+    def bias(self) -> th.Tensor | None:
+        """``sum_k sign_k b_k`` over the layers that have a bias (``None`` if none has)."""
+        terms = [b if s > 0 else -b for layer, s in zip(self.layers, self.signs) if (b := layer.bias) is not None]
+        return None if not terms else th.stack(terms).sum(dim=0)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, signs={self.signs}"
+
+
+class InjectedHead(nn.Module):
+    """A head after plasticity injection: ``old(x) + new(x) - new_0(x)``.
+
+    :param old: the head as it was at injection, frozen (:func:`frozen_copy`; after a second injection, the
+        whole previous injected head).
+    :param new: the trainable head, freshly initialised at injection; its modules are those of the head
+        before injection, so the parameters keep their identity (and their places in the optimizer).
+    :param new_0: a frozen copy of ``new`` at injection, which cancels it at that moment.
+
+    All three read the encoder's output ``x``. The hidden layers of the three heads, side by side, are the
+    input of the last linear map (:meth:`split_output_layer`): the Q-values (or value) are
+    ``[W_old | W_new | -W_new_0] [z_old; z_new; z_new_0] + b_old + b_new - b_new_0``.
+    """
+
+    def __init__(self, old: nn.Module, new: nn.Module, new_0: nn.Module) -> None:
+        super().__init__()
+        self.old, self.new, self.new_0 = old, new, new_0
+
+    def forward(self, x: th.Tensor) -> th.Tensor:
+        # new - new_0 first: exactly 0 at injection, so the output is then old(x) bit for bit.
+        return self.old(x) + (self.new(x) - self.new_0(x))
+
+    def split_output_layer(self) -> tuple[Any, LinearSum]:
+        """``(hidden, layer)`` with ``self(x) == layer(hidden(x))`` up to rounding (see
+        :func:`agents.networks.split_output_layer`): ``hidden(x) = cat(z_old, z_new, z_new_0)``, each ``z`` the
+        input of its head's last linear layer, and ``layer`` the :class:`LinearSum` of those layers."""
+        parts = [split_output_layer(head) for head in (self.old, self.new, self.new_0)]
+
+        def hidden(x: th.Tensor) -> th.Tensor:
+            return th.cat([part(x) for part, _ in parts], dim=-1)
+
+        return hidden, LinearSum([layer for _, layer in parts], signs=(1, 1, -1))
+
+    def trainable_output_layer(self) -> nn.Module:
+        """The last linear layer of :attr:`new`."""
+        return trainable_output_layer(self.new)
+
+
+def injection_depth(head: nn.Module) -> int:
+    """How many injections ``head`` has been through (0 for a head never injected)."""
+    depth = 0
+    while isinstance(head, InjectedHead):
+        depth, head = depth + 1, head.old
+    return depth
 
 
 def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
@@ -84,16 +216,14 @@ def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
     setattr(root.get_submodule(parent_name) if parent_name else root, child, module)
 
 
-def _swap_optimizer_params(optimizer: th.optim.Optimizer, old: list[nn.Parameter], new: list[nn.Parameter]) -> None:
-    """Put ``new`` in ``old``'s places in the optimizer's parameter groups and drop ``old``'s state.
-
-    Same positions, same groups: the groups keep their length and order (so a checkpointed optimizer
-    state loads into a rebuilt network), and their settings (lr, which SB3 updates on every group) apply.
-    """
-    replacement = {id(p): q for p, q in zip(old, new, strict=True)}
-    for group in optimizer.param_groups:
-        group["params"] = [replacement.get(id(p), p) for p in group["params"]]
-    forget_optimizer_state(optimizer, old)
+def _reinitialise(agent: Any, head: nn.Module) -> None:
+    """Fresh draws for every layer of ``head``, in module order, by the agent's own initialiser (PyTorch's
+    default for DQN, SB3's orthogonal init with the output gains for PPO); LayerNorms back to 1 and 0."""
+    for layer in head.modules():
+        if isinstance(layer, (nn.Linear, nn.Conv2d)):
+            agent.init_layer(layer)
+        elif isinstance(layer, nn.LayerNorm):
+            layer.reset_parameters()
 
 
 class PlasticityInjectionParams(TriggerParams):
@@ -106,37 +236,43 @@ class PlasticityInjectionParams(TriggerParams):
 
 @register("plasticity_injection")
 class PlasticityInjection(TriggeredIntervention):
-    """Freeze the head(s) and learn old(x) + new(x) - new_0(x), output unchanged (Nikishin et al. 2023).
+    """Freeze each MLP head after the encoder and learn old(x) + new(x) - new_0(x) (Nikishin et al. 2023).
 
-    Nikishin et al. 2023, "Deep Reinforcement Learning with Plasticity Injection". Each head in
-    :meth:`agent.head_layers` (DQN: the Q head; PPO: the action and the value head) becomes an
-    :class:`InjectedLinear`: the head is frozen, a new head initialised by the algorithm's own initialiser
-    (:meth:`agent.init_layer`, with the head's gain for PPO) is trained, and a frozen copy of the new head
-    is subtracted, so the network computes the same function at the moment of injection.
+    Nikishin et al. 2023, "Deep Reinforcement Learning with Plasticity Injection". **Head** means the whole
+    MLP between the encoder and the output, :meth:`agent.mlp_heads` (DQN: ``q_net.q_net``; PPO: the actor's
+    and the critic's MLP with ``action_net`` / ``value_net``); the encoder keeps training (see the module
+    docstring). Each head becomes an :class:`InjectedHead`: a frozen copy of the head, the head itself
+    re-initialised by the algorithm's own initialiser (:meth:`agent.init_layer`: PyTorch's default for DQN;
+    SB3's orthogonal init for PPO, gain sqrt(2) in the hidden layers and 0.01 / 1 in the output layers), and
+    a frozen copy of that fresh head, subtracted, so the network computes exactly the same function at the
+    moment of injection.
 
     - **When.** At the first task switch (default), or after ``every`` updates with ``at: every``; at most
-      ``max_injections`` times (default 1: the paper injects once, as a one-off boost of plasticity; set
-      it higher, or null, to inject at each switch). A later injection freezes the current *effective*
-      head, so the structure stays one level deep.
-    - **Optimizer.** The new head's parameters take the old head's places in the optimizer's parameter
-      group (so SB3's learning-rate updates reach them) with fresh Adam state; the frozen parts are buffers.
-      The trainable parameters are renamed accordingly: ``<head>.weight`` becomes ``<head>.new.weight``.
-    - **DQN target network.** It gets the same structure, with the *online* network's frozen parts (they
-      are constants, the same in both) and its own lag moved into its new head:
-      ``W_new_target = W_target - W_old + W_new_0``. Its output is unchanged too, and since the parameter
-      lists of the two networks still line up one to one, SB3's Polyak/hard updates act exactly on the
-      effective heads.
+      ``max_injections`` times (default 1: the paper injects once; set it higher, or null, to inject at
+      each switch). A later injection freezes the whole current injected head as the new ``old``.
+    - **Optimizer.** The trainable head keeps its parameter objects, so its places in the optimizer's groups
+      (and SB3's learning-rate updates) are unchanged; their Adam state starts afresh. The frozen parts are
+      buffers. Parameter names change: ``q_net.0.weight`` becomes ``q_net.new.0.weight``.
+    - **Features.** :attr:`agent.value_head` is the last linear map, now from the three heads' hidden layers
+      side by side (``3 x`` the width: ``[z_old, z_new, z_new_0]``) to the output, and
+      :meth:`agent.value_features` is that input; so the monitor's rank and collapse probes read everything
+      the output is linear in (at injection ``z_new = z_new_0``, a fresh network's features, so their rank
+      counts once). The dormancy probes also report the frozen heads' activations (``...old.1``, ...).
+    - **DQN target network.** It gets the same structure, with the online network's frozen parts and, at
+      injection, the online network's fresh head: SB3's target updates move parameters only, so a frozen
+      part that differed between the two networks would never be reconciled. The target's encoder keeps its
+      lag; from then on SB3's Polyak/hard updates act on the encoder and the trainable head, whose parameter
+      lists line up one to one.
     - **Resume.** :meth:`state_dict` holds ``fired``, the number of injections done. A resume loads it
       *before* the agent's parameters: :meth:`attach` (or :meth:`load_state_dict` on an attached
       intervention) rebuilds the injected structure, so that SB3's ``set_parameters`` finds the modules
-      (with the frozen buffers, which are in the policy's ``state_dict``) and the optimizer's groups laid
-      out as they were saved. E.g. ``iv.load_state_dict(state); PlasticDQN.load(path, interventions=[iv])``.
+      (with the frozen buffers, which are in the policy's ``state_dict``). E.g.
+      ``iv.load_state_dict(state); PlasticDQN.load(path, interventions=[iv])``.
 
-    With a one-layer linear head the injected map is linear in ``W_new``, so the gradient of ``W_new`` is
-    that of the effective head: in exact arithmetic, training after an injection is training the old head
-    on with Adam's state started afresh (plus where other interventions act: L2 terms and resets see only
-    ``new``). Logged at each injection under ``interventions/plasticity_injection/``: ``fired``, ``heads``
-    and ``params`` (trainable scalars of the new heads).
+    Other interventions see the trainable head's layers only; one that recycles units of the encoder
+    (``redo``, ``cbp``) skips the layer that feeds the heads, since the frozen heads read it too. Logged at
+    each injection under ``interventions/plasticity_injection/``: ``fired``, ``heads`` and ``params``
+    (trainable scalars of the new heads).
     """
 
     Params = PlasticityInjectionParams
@@ -153,8 +289,7 @@ class PlasticityInjection(TriggeredIntervention):
 
     def attach(self, agent: Any) -> None:
         self._agent = agent
-        if self.fired > 0:
-            self._rebuild(agent)
+        self._rebuild(agent)
 
     def on_task_switch(self, agent: Any, switch: TaskSwitch) -> None:
         if not self.exhausted:
@@ -168,44 +303,32 @@ class PlasticityInjection(TriggeredIntervention):
         injected = self.inject(agent)
         return {"heads": len(injected), "params": sum(p.numel() for head in injected for p in head.new.parameters())}
 
-    def inject(self, agent: Any) -> list[InjectedLinear]:
-        """Inject into every head of ``agent`` now; return the new :class:`InjectedLinear` modules."""
-        online = agent.online_network()
+    def inject(self, agent: Any) -> list[InjectedHead]:
+        """Inject into every head of ``agent`` now; return the new :class:`InjectedHead` modules."""
         target = getattr(agent, "q_net_target", None)
-        names = {id(m): name for name, m in online.named_modules()}
         injected = []
-        for head in agent.head_layers():
-            name = names[id(head)]
-            old_params = list(head.parameters())
-            # deepcopy, not a new nn.Linear: the constructor would draw an initialisation of its own.
-            fresh = copy.deepcopy(head.new if isinstance(head, InjectedLinear) else head)
-            module = InjectedLinear(head.weight, head.bias, fresh)
-            # Initialise in place, inside the network: PPO's init_layer picks the gain by the head it is in.
-            _set_submodule(online, name, module)
-            agent.init_layer(module.new)
-            module.anchor()
-            _swap_optimizer_params(agent.optimizer, old_params, list(module.new.parameters()))
+        for name, head in agent.mlp_heads().items():
+            trainable = head.new if isinstance(head, InjectedHead) else head
+            module = InjectedHead(frozen_copy(head), trainable, nn.Identity())
+            # In place first: PPO's initialiser picks the gain by where the layer sits.
+            agent.set_mlp_head(name, module)
+            _reinitialise(agent, trainable)
+            module.new_0 = frozen_copy(trainable)
+            forget_optimizer_state(agent.optimizer, list(trainable.parameters()))
             if target is not None:
-                _set_submodule(target, name, self._target_head(module, target.get_submodule(name)))
+                target_head = copy.deepcopy(module).train(target.get_submodule(name).training)
+                _set_submodule(target, name, target_head)
             injected.append(module)
         return injected
 
-    @staticmethod
-    def _target_head(online: InjectedLinear, target_head: nn.Module) -> InjectedLinear:
-        """The target network's injected head: the online one's frozen parts, the target's own lag in ``new``."""
-        head = copy.deepcopy(online).train(target_head.training)
-        with th.no_grad():
-            head.new.weight.copy_(target_head.weight - online.frozen_weight + online.copy_weight)
-            if online.frozen_bias is not None:
-                head.new.bias.copy_(target_head.bias - online.frozen_bias + online.copy_bias)
-        return head
-
     def _rebuild(self, agent: Any) -> None:
-        """Give a freshly built agent the injected structure (values are placeholders until it is loaded)."""
-        if not any(isinstance(head, InjectedLinear) for head in agent.head_layers()):
+        """Give a freshly built agent the injected structure of ``fired`` injections (values are placeholders
+        until it is loaded)."""
+        done = injection_depth(next(iter(agent.mlp_heads().values())))
+        for _ in range(self.fired - done):
             self.inject(agent)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
-        if self._agent is not None and self.fired > 0:
+        if self._agent is not None:
             self._rebuild(self._agent)

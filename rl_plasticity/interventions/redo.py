@@ -9,7 +9,7 @@ they share:
 
 - :class:`HiddenLayer`, a parametrised layer together with where its units go (the map below);
 - :func:`trace_hidden_layers`, which finds the hidden layers and their post-activation values by tracing
-  one forward pass of the agent's own training loss;
+  one forward pass of the agent's online network;
 - :class:`ForwardRecorder`, the forward hooks behind the trace (and behind ``cbp``'s per-update capture);
 - :func:`recycle_units`, the surgery itself, with the optimizer state of the touched entries.
 
@@ -52,10 +52,12 @@ from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple
 
 import torch as th
+from gymnasium import spaces
 from pydantic import Field
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from agents import PlasticDQN
 from rl_plasticity.interventions.base import Params, PlasticityIntervention
 from rl_plasticity.interventions.registry import register
 from rl_plasticity.interventions.surgery import fresh_parameters, zero_optimizer_entries
@@ -261,19 +263,35 @@ def find_hidden_layers(agent: Any, edges: Iterable[tuple[str, str]]) -> list[Hid
     return hidden
 
 
+def network_forward(agent: Any, batch: NamedTuple) -> None:
+    """Run every branch of the agent's online network on ``batch.observations``, through its own modules.
+
+    DQN: the Q-network. PPO: SB3's ``evaluate_actions`` (torso, actor and critic, as PPO's loss runs them).
+    The network's own ``forward`` calls each head's layers as modules, in order, which the trace needs;
+    the agents' training losses may read a head's last linear map off its weights instead (after plasticity
+    injection, one map over three hidden layers).
+    """
+    if isinstance(agent, PlasticDQN):
+        agent.q_net(batch.observations)
+        return
+    actions = batch.actions
+    if isinstance(agent.action_space, spaces.Discrete):
+        actions = actions.long().flatten()
+    agent.policy.evaluate_actions(batch.observations, actions)
+
+
 def trace_hidden_layers(agent: Any, batch: NamedTuple) -> tuple[list[HiddenLayer], dict[str, th.Tensor]]:
     """Find the hidden layers and their post-activation values on ``batch`` from one forward pass.
 
-    The pass is the agent's own training loss (``agent.training_loss(batch)``), so every hidden layer of
-    every branch (actor, critic, Q-network) runs exactly as in training. It runs under ``no_grad``: it
-    builds no graph and does not trigger other interventions' hooks, which record gradient-enabled calls
-    only. Where the loss calls the online network twice (Double DQN evaluates it on the next observations
-    for the target first), the last call, on ``batch.observations``, is the one kept.
+    The pass is the online network's own forward on the batch (:func:`network_forward`), so every hidden
+    layer of every branch (actor, critic, Q-network) runs as in training, with the current weights. It runs
+    under ``no_grad``: it builds no graph and does not trigger other interventions' hooks, which record
+    gradient-enabled calls only.
 
     :return: the hidden layers (input to output) and activation module path -> ``H`` (detached).
     """
     with th.no_grad(), ForwardRecorder(agent.online_network(), trace=True) as recorder:
-        agent.training_loss(batch)
+        network_forward(agent, batch)
     hidden = find_hidden_layers(agent, recorder.edges)
     if not hidden:
         raise RuntimeError("found no hidden layer (a Linear/Conv2d feeding another through an activation)")
@@ -337,12 +355,15 @@ class ReDoParams(Params):
 
     every: int = Field(1000, gt=0, description="Gradient updates between recycling steps (ReDo: 1000).")
     tau: float = Field(0.1, ge=0.0, description="A unit is tau-dormant if its score s_i <= tau (ReDo code: 0.1).")
-    batch: Literal["train", "replay"] = Field(
-        "train",
-        description="Data the scores are computed on: train = the current training batch; replay = a fresh "
-        "sample of replay_batch_size transitions from the replay buffer, as the ReDo code does (DQN only).",
+    batch: Literal["replay", "train"] = Field(
+        "replay",
+        description="Data the scores are computed on: replay = a fresh sample of replay_batch_size transitions "
+        "from the agent's buffer, as the ReDo code does (DQN: the replay buffer; PPO: its current rollout); "
+        "train = the current training batch.",
     )
-    replay_batch_size: int = Field(256, gt=0, description="Sample size when batch=replay (ReDo code: 256).")
+    replay_batch_size: int = Field(
+        256, gt=0, description="Transitions scored when batch=replay (ReDo code: batch_size_statistics=256)."
+    )
 
 
 @register("redo")
@@ -352,8 +373,11 @@ class ReDo(PlasticityIntervention):
     Sokar, Agarwal, Castro & Evci 2023, "The Dormant Neuron Phenomenon in Deep Reinforcement Learning".
     Every ``every`` gradient updates (counted from 1, firing at ``every``, ``2 * every``, ...):
 
-    1. one forward pass of the training loss on the batch (:func:`trace_hidden_layers`) gives every hidden
-       layer's post-activation values ``H`` with the current weights;
+    1. one forward pass of the network on a scoring batch (:func:`trace_hidden_layers`) gives every
+       hidden layer's post-activation values ``H`` with the current weights. The batch is, by default, 256
+       transitions drawn afresh from the replay buffer, as the ReDo code does (``batch_size_statistics =
+       256`` in ``google/dopamine``, ``dopamine/labs/redo/recycled_dqn_agents.py``, sampled by
+       ``_sample_batch_for_statistics``), not the 32-sample training batch (``batch: train``);
     2. each unit's score is ``s_i = mean|h_i| / mean_k mean|h_k|`` (:func:`~rl_plasticity.probes.unit_scores`,
        metrics.md; a conv channel is a unit, averaged over positions), and the units with ``s_i <= tau`` are
        tau-dormant (``tau = 0.1``, the ReDo code's setting; ``tau = 0`` takes only units that are exactly
@@ -367,8 +391,8 @@ class ReDo(PlasticityIntervention):
 
     Choices, against the paper's code (``google/dopamine``, ``labs/redo``):
 
-    - the batch is the current training batch by default (``batch: train``, as this project's spec asks);
-      the code samples 256 fresh states (``batch: replay`` does that, for DQN);
+    - PPO, which the paper does not cover, has no replay buffer: ``batch: replay`` samples its current
+      rollout (:meth:`scoring_batch`);
     - the recycled bias comes from the agent's initialiser (PyTorch's uniform for DQN, zero for PPO), as the
       spec asks; the code sets it to zero, its own networks' initial bias;
     - the target network is not touched, as in the code, where it syncs on its own schedule: recycling
@@ -391,8 +415,9 @@ class ReDo(PlasticityIntervention):
         self._batch: NamedTuple | None = None
 
     def attach(self, agent: Any) -> None:
-        if self.params.batch == "replay" and not hasattr(agent, "replay_buffer"):
-            raise ValueError("redo: batch=replay needs an agent with a replay buffer (DQN); use batch=train")
+        buffered = hasattr(agent, "replay_buffer") or hasattr(agent, "rollout_buffer")
+        if self.params.batch == "replay" and not buffered:
+            raise ValueError("redo: batch=replay needs an agent with a replay or rollout buffer; use batch=train")
         self._batch = None
 
     def loss_terms(self, agent: Any, batch: NamedTuple, features: th.Tensor, loss: th.Tensor) -> dict[str, th.Tensor]:
@@ -404,12 +429,31 @@ class ReDo(PlasticityIntervention):
         if num_gradient_steps % self.params.every != 0:
             return
         if self.params.batch == "replay":
-            batch = agent.replay_buffer.sample(self.params.replay_batch_size, env=agent._vec_normalize_env)
+            batch = self.scoring_batch(agent)
         elif self._batch is not None:
             batch = self._batch
         else:
             return  # no training batch seen since attach
-        self.fire(agent, **self.recycle(agent, batch))
+        logged = self.recycle(agent, batch)
+        per_layer = {key: logged.pop(key) for key in list(logged) if key.startswith("recycled/")}
+        self.fire(agent, **logged)
+        for key, value in per_layer.items():
+            # Per-layer keys stay out of the console table: SB3 truncates its keys to 36 characters and fails
+            # on two that then coincide (PPO's mlp_extractor.policy_net.0 / .2).
+            agent.logger.record(f"interventions/{self.name}/{key}", value, exclude=("stdout", "log"))
+
+    def scoring_batch(self, agent: Any) -> NamedTuple:
+        """``replay_batch_size`` transitions drawn afresh from the agent's buffer, to score the units on.
+
+        DQN: a uniform sample of the replay buffer (SB3's ``sample``, with replacement), as the ReDo code
+        samples ``batch_size_statistics = 256`` transitions. PPO has no replay buffer: a uniform sample of its
+        current rollout, without replacement (the first minibatch of SB3's shuffled ``get``; the whole
+        rollout if it is smaller). Both draw from NumPy's global RNG, as SB3's own sampling does.
+        """
+        size = self.params.replay_batch_size
+        if hasattr(agent, "replay_buffer"):
+            return agent.replay_buffer.sample(size, env=agent._vec_normalize_env)
+        return next(agent.rollout_buffer.get(size))
 
     def dormant_units(self, hidden: Sequence[HiddenLayer], activations: dict[str, th.Tensor]) -> list[th.Tensor]:
         """Boolean mask of the tau-dormant units of each hidden layer, from its post-activation values."""

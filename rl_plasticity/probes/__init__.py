@@ -13,7 +13,7 @@ parameter with the published default. No probe imports SB3, keeps state, or draw
 
 from rl_plasticity.probes.collapse import nc1_differentiable, neural_collapse
 from rl_plasticity.probes.dormant import active_fraction, dormant_fraction, mean_active_fraction, unit_scores
-from rl_plasticity.probes.gram import gram_spectrum, huber_curvature
+from rl_plasticity.probes.gram import gram_spectrum, huber_curvature, loss_curvature
 from rl_plasticity.probes.hessian import hessian_spectrum, hessian_vector_product
 from rl_plasticity.probes.kfac import kfac_factor_rows, kfac_factors, kfac_spectrum, kfac_spectrum_from_rows
 from rl_plasticity.probes.rank import (
@@ -48,6 +48,7 @@ __all__ = [
     "kfac_factors",
     "kfac_spectrum",
     "kfac_spectrum_from_rows",
+    "loss_curvature",
     "lyle_feature_rank",
     "mean_active_fraction",
     "nc1_differentiable",

@@ -75,6 +75,34 @@ def huber_curvature(residuals: th.Tensor, delta: float = 1.0) -> th.Tensor:
     return (residuals.detach().abs() < delta).to(dtype)
 
 
+LossFn = Callable[[th.Tensor, th.Tensor], th.Tensor]
+
+
+def loss_curvature(loss_fn: LossFn, outputs: th.Tensor, targets: th.Tensor) -> th.Tensor:
+    """Per-sample ``D_i = l''(f_i)``: the second derivative of ``loss_fn(f, y_i)`` in ``f`` at ``f = f_i``.
+
+    Computed by automatic differentiation (``torch.func``: ``vmap(grad(grad(loss_fn)))``), so it is the
+    curvature of whatever per-sample loss the agent trains with: 1 inside and 0 outside ``|r| < 1`` for
+    ``F.smooth_l1_loss`` (SB3's Huber, as :func:`huber_curvature`), 2 everywhere for ``F.mse_loss``
+    (``r^2``). Pass the result as ``loss_curvature`` to :func:`gram_spectrum`.
+
+    :param loss_fn: ``(f, y) -> loss`` on scalars (0-d tensors), e.g. ``torch.nn.functional.smooth_l1_loss``.
+    :param outputs: ``(n,)`` outputs ``f_i``.
+    :param targets: ``(n,)`` targets ``y_i`` (constants: no gradient flows into them).
+    :return: ``(n,)`` tensor of ``l''(f_i)``, detached, in the outputs' dtype.
+    :raises ValueError: mismatched shapes, NaN/inf, or a loss that does not return a scalar per sample.
+    """
+    if not isinstance(outputs, th.Tensor) or not isinstance(targets, th.Tensor) or outputs.dim() != 1:
+        raise ValueError("outputs and targets must be tensors of shape (n,)")
+    if targets.shape != outputs.shape:
+        raise ValueError(f"targets must have the outputs' shape {tuple(outputs.shape)}, got {tuple(targets.shape)}")
+    check_finite("outputs", outputs)
+    check_finite("targets", targets)
+    second = vmap(grad(grad(lambda f, y: loss_fn(f, y).reshape(()))))
+    with th.no_grad():
+        return second(outputs.detach(), targets.detach().to(outputs.dtype)).detach()
+
+
 def _eig_summary(eigs: th.Tensor, eps: float) -> tuple[float, int, float]:
     """(erank, epsilon-rank, top eigenvalue) of a descending non-negative spectrum."""
     top = float(eigs[0])
@@ -108,7 +136,8 @@ def gram_spectrum(
     :param inputs: a tensor or a (Named)tuple / list / dict of tensors, all with the batch as first dimension.
     :param output_fn: see above.
     :param loss_curvature: ``(n,)`` vector ``D_i = l''(f_i) >= 0``; None means MSE (``l = r^2 / 2``, all ones).
-        Use :func:`huber_curvature` for SB3's DQN loss. (For ``F.mse_loss = r^2`` pass ``2 * ones``.)
+        Use :func:`loss_curvature` with the agent's per-sample loss (or :func:`huber_curvature` for SB3's
+        DQN loss). (For ``F.mse_loss = r^2`` it is ``2 * ones``.)
     :param params: names (as in ``model.named_parameters()``) of the parameters to differentiate, e.g. the
         last k layers' weights and biases; default all parameters that require grad.
     :param eps: relative threshold of the epsilon-ranks (default 0.01, metrics.md).

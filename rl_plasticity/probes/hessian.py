@@ -9,6 +9,14 @@ with eigenpairs ``(theta_j, u_j)``. The spectral density of ``H`` seen from ``v`
 Ritz values ``theta_j`` with weights ``w_j = u_j[0]^2`` (these sum to 1). The epsilon-Hessian-rank is
 ``sum_j w_j [|theta_j| > eps]``: for a uniformly random ``v`` its expectation is the fraction of
 eigenvalues of ``H`` with ``|lambda| > eps``.
+
+One start vector is a one-sample estimate of that expectation. With exact quadrature (``k = P``) the weight
+it puts on a fraction ``f`` of the ``P`` eigenvalues is ``Beta(f P / 2, (1 - f) P / 2)``, of variance
+``2 f (1 - f) / (P + 2)``: large for small networks, and with ``k << P`` the quadrature adds its own
+vector-dependent error. So, as SLQ does (Ubaru, Chen & Saad 2017, "Fast Estimation of tr(f(A)) via Stochastic
+Lanczos Quadrature"; Ghorbani et al. 2019, Section 3), the densities of ``num_vectors`` independent start
+vectors are averaged: the pooled Ritz values carry weights ``w_j / num_vectors``, and the variance of the
+estimate falls by ``num_vectors``.
 """
 
 from __future__ import annotations
@@ -66,11 +74,13 @@ class _HVP:
         return th.cat([(h if h is not None else th.zeros_like(p)).reshape(-1) for h, p in zip(hv, self.params)])
 
 
-def _start_vector(numel: int, seed: int) -> th.Tensor:
-    """Unit Gaussian start vector (uniform on the sphere) from a local CPU generator: the global RNG is untouched."""
+def _start_vectors(numel: int, seed: int, count: int = 1) -> th.Tensor:
+    """``(count, numel)`` unit Gaussian start vectors (uniform on the sphere), drawn one after the other from a
+    local CPU generator seeded ``seed``: the global RNG is untouched, and the first vector does not depend on
+    ``count``."""
     generator = th.Generator(device="cpu").manual_seed(int(seed))
-    v = th.randn(numel, generator=generator, dtype=th.float64)
-    return v / v.norm()
+    v = th.stack([th.randn(numel, generator=generator, dtype=th.float64) for _ in range(count)])
+    return v / v.norm(dim=1, keepdim=True)
 
 
 def hessian_vector_product(model: nn.Module, loss_closure: LossClosure, vector: th.Tensor) -> th.Tensor:
@@ -93,52 +103,25 @@ def hessian_vector_product(model: nn.Module, loss_closure: LossClosure, vector: 
     return hvp(vector.to(device=params[0].device, dtype=params[0].dtype))
 
 
-def hessian_spectrum(
-    model: nn.Module,
-    loss_closure: LossClosure,
-    order: int = 100,
-    eps: float = 0.1,
-    seed: int = 0,
-) -> dict[str, Any]:
-    """Stochastic Lanczos quadrature of the loss Hessian (Prakash et al. 2025; metrics.md "Hessian spectrum").
+def _lanczos(hvp: _HVP, start: th.Tensor, steps: int, dtype: th.dtype) -> tuple[th.Tensor, th.Tensor]:
+    """Ritz values (ascending) and weights of ``steps`` Lanczos steps on ``hvp`` from the unit vector ``start``.
 
-    Lanczos with full re-orthogonalisation (classical Gram-Schmidt, repeated by the DGKS criterion) for
-    ``k = min(order, P)`` steps, from a Gaussian unit start vector drawn from a local ``torch.Generator(seed)``
-    (the global RNG is not used). The run stops early if the Krylov space becomes invariant (``beta`` below
-    rounding level); the Ritz values are then exact eigenvalues. ``loss_closure`` is called once; all
-    products reuse its graph. The Lanczos vectors are stored in the parameters' precision (float32 for a
-    float32 network: 0.4 GB per 1M parameters at order 100); the tridiagonal problem is float64.
-
-    :param model: the network; parameters and ``.grad`` fields are left untouched.
-    :param loss_closure: zero-argument callable returning the scalar training loss on the probe batch.
-    :param order: number of Lanczos steps (default 100, metrics.md), capped at the parameter count P.
-    :param eps: threshold of the epsilon-Hessian-rank on ``|lambda|`` (default 0.1, metrics.md).
-    :param seed: seed of the start vector.
-    :return: ``ritz_values`` (ascending) and ``ritz_weights`` (float64 CPU tensors, weights sum to 1),
-        ``eps_hessian_rank`` (total weight of Ritz values with ``|lambda| > eps``), ``top_eigenvalue``
-        (largest Ritz value) and ``order`` (the number of Lanczos steps actually taken).
-    :raises ValueError: order < 1, eps < 0, NaN/inf loss.
+    Full re-orthogonalisation (classical Gram-Schmidt, repeated by the DGKS criterion); stops early if the
+    Krylov space becomes invariant (``beta`` below rounding level), when the Ritz values are exact eigenvalues.
     """
-    if int(order) != order or order < 1:
-        raise ValueError(f"order must be a positive integer, got {order}")
-    check_threshold("eps", eps, 0.0)
-    params = _trainable(model)
-    hvp = _HVP(params, _loss(loss_closure))
-    numel, device, dtype = hvp.numel, params[0].device, params[0].dtype
-    k = min(int(order), numel)
+    device = start.device
+    numel = start.numel()
     # Below this |beta| (relative to the spectrum seen so far) the Krylov space is invariant up to rounding.
     breakdown = 100 * th.finfo(dtype).eps
-
-    v = _start_vector(numel, seed).to(device)
     # The Lanczos vectors are kept in the parameters' precision (at least float32): the HVPs are no more
     # accurate than that, and the re-orthogonalisation reads the whole basis, so its size sets the cost.
     work = th.promote_types(dtype, th.float32)
-    v = v.to(work)
-    basis = th.zeros(k, numel, dtype=work, device=device)
+    v = start.to(work)
+    basis = th.zeros(steps, numel, dtype=work, device=device)
     alphas: list[float] = []
     betas: list[float] = []
     scale = 0.0
-    for j in range(k):
+    for j in range(steps):
         basis[j] = v
         w = hvp(v.to(dtype)).to(work)
         check_finite("Hessian-vector product", w)
@@ -156,7 +139,7 @@ def hessian_spectrum(
         beta = float(w.norm())
         alphas.append(alpha)
         scale = max(scale, abs(alpha), beta)
-        if j == k - 1 or beta <= breakdown * max(scale, 1e-30):
+        if j == steps - 1 or beta <= breakdown * max(scale, 1e-30):
             break
         betas.append(beta)
         v = w / beta
@@ -167,11 +150,58 @@ def hessian_spectrum(
         off = th.tensor(betas[: m - 1], dtype=th.float64)
         T = T + th.diag(off, 1) + th.diag(off, -1)
     ritz_values, vectors = th.linalg.eigh(T)
-    ritz_weights = vectors[0] ** 2
+    return ritz_values, vectors[0] ** 2
+
+
+def hessian_spectrum(
+    model: nn.Module,
+    loss_closure: LossClosure,
+    order: int = 100,
+    eps: float = 0.1,
+    seed: int = 0,
+    num_vectors: int = 4,
+) -> dict[str, Any]:
+    """Stochastic Lanczos quadrature of the loss Hessian (Prakash et al. 2025; metrics.md "Hessian spectrum").
+
+    For each of ``num_vectors`` Gaussian unit start vectors (drawn from a local ``torch.Generator(seed)``; the
+    global RNG is not used), Lanczos with full re-orthogonalisation runs for ``k = min(order, P)`` steps (fewer
+    if the Krylov space becomes invariant). The density estimate is the average of the runs' densities: all
+    Ritz values, each with its run's weight divided by ``num_vectors``. ``loss_closure`` is called once; all
+    products reuse its graph. The Lanczos vectors of one run are stored in the parameters' precision (float32
+    for a float32 network: 0.4 GB per 1M parameters at order 100); the tridiagonal problems are float64.
+
+    :param model: the network; parameters and ``.grad`` fields are left untouched.
+    :param loss_closure: zero-argument callable returning the scalar training loss on the probe batch.
+    :param order: number of Lanczos steps per start vector (default 100, metrics.md), capped at the parameter
+        count P.
+    :param eps: threshold of the epsilon-Hessian-rank on ``|lambda|`` (default 0.1, metrics.md).
+    :param seed: seed of the start vectors.
+    :param num_vectors: start vectors averaged over (default 4). The cost is ``num_vectors * k`` HVPs.
+    :return: ``ritz_values`` (ascending) and ``ritz_weights`` (float64 CPU tensors, pooled over the runs;
+        weights sum to 1), ``eps_hessian_rank`` (total weight of Ritz values with ``|lambda| > eps``: the mean
+        over the runs), ``top_eigenvalue`` (largest Ritz value of all runs), ``order`` (the most Lanczos steps
+        a run took) and ``num_vectors``.
+    :raises ValueError: order < 1, num_vectors < 1, eps < 0, NaN/inf loss.
+    """
+    if int(order) != order or order < 1:
+        raise ValueError(f"order must be a positive integer, got {order}")
+    if int(num_vectors) != num_vectors or num_vectors < 1:
+        raise ValueError(f"num_vectors must be a positive integer, got {num_vectors}")
+    check_threshold("eps", eps, 0.0)
+    params = _trainable(model)
+    hvp = _HVP(params, _loss(loss_closure))
+    k = min(int(order), hvp.numel)
+    runs = [
+        _lanczos(hvp, start.to(params[0].device), k, params[0].dtype)
+        for start in _start_vectors(hvp.numel, seed, int(num_vectors))
+    ]
+    ritz_values, order_index = th.cat([values for values, _ in runs]).sort()
+    ritz_weights = (th.cat([weights for _, weights in runs]) / len(runs))[order_index]
     return {
         "ritz_values": ritz_values,
         "ritz_weights": ritz_weights,
         "eps_hessian_rank": float(ritz_weights[ritz_values.abs() > eps].sum()),
         "top_eigenvalue": float(ritz_values[-1]),
-        "order": m,
+        "order": max(len(values) for values, _ in runs),
+        "num_vectors": len(runs),
     }

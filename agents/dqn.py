@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import numpy as np
@@ -18,7 +18,8 @@ from agents.hooks import Intervention, TaskSwitch
 from agents.networks import split_output_layer, trainable_output_layer
 from agents.plastic import PlasticMixin
 
-TD_LOSSES = ("huber", "mse")
+#: The TD losses by ``td_loss`` name, ``(Q(s, a), target) -> mean loss``: SB3's Huber, or MSE (MinAtar, C-CHAIN).
+TD_LOSSES: dict[str, Callable[[th.Tensor, th.Tensor], th.Tensor]] = {"huber": F.smooth_l1_loss, "mse": F.mse_loss}
 
 
 class PlasticDQN(PlasticMixin, DQN):
@@ -219,7 +220,7 @@ class PlasticDQN(PlasticMixin, DQN):
         # Split the forward pass at the head so the interventions see its input, with its graph.
         features = self.value_features(batch.observations)
         current_q_values = th.gather(self.value_head(features), dim=1, index=batch.actions.long())
-        loss = F.mse_loss if self.td_loss == "mse" else F.smooth_l1_loss
+        loss = TD_LOSSES[self.td_loss]
         return loss(current_q_values, target_q_values), features
 
     def train(self, gradient_steps: int, batch_size: int = 100) -> None:

@@ -15,9 +15,9 @@ import torch as th
 from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.preprocessing import preprocess_obs
 from torch import nn
-from torch.nn import functional as F
 
 from agents import CReLU, PlasticDQN
+from agents.dqn import TD_LOSSES
 from rl_plasticity.config import MonitorConfig
 from rl_plasticity.probes import (
     active_fraction,
@@ -103,17 +103,10 @@ def greedy_labels(agent: BaseAlgorithm, obs: th.Tensor, features: th.Tensor) -> 
     return agent.policy.get_distribution(obs).mode(), None
 
 
-#: PlasticDQN's TD losses per sample, ``(Q(s, a), target) -> loss``, keyed by the agent's ``td_loss`` (Huber,
-#: SB3's ``F.smooth_l1_loss``, when the agent has no such attribute).
-TD_LOSSES: dict[str, Callable[[th.Tensor, th.Tensor], th.Tensor]] = {"huber": F.smooth_l1_loss, "mse": F.mse_loss}
-
 
 def td_loss_fn(agent: PlasticDQN) -> Callable[[th.Tensor, th.Tensor], th.Tensor]:
-    """The per-sample TD loss ``agent.training_loss`` averages: ``TD_LOSSES[agent.td_loss]`` (default Huber)."""
-    name = getattr(agent, "td_loss", "huber")
-    if name not in TD_LOSSES:
-        raise ValueError(f"unknown TD loss {name!r}; choices: {', '.join(TD_LOSSES)}")
-    return TD_LOSSES[name]
+    """The per-sample TD loss ``agent.training_loss`` averages: ``TD_LOSSES[agent.td_loss]`` ."""
+    return TD_LOSSES[agent.td_loss]
 
 
 def _gram_inputs(agent: BaseAlgorithm, batch: NamedTuple) -> tuple[Any, Any, th.Tensor | None]:

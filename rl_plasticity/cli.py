@@ -275,6 +275,8 @@ def report_cmd(runs_dir: Path, out: Path | None, points: int, resamples: int, se
                          mean curve per arm with a shaded 95% band, task switches as vertical lines
       runs.csv, visits_by_run.csv, visits.csv, sequence.csv, curves.csv, correlation.csv
                          the same data
+      provenance.csv     every run's commit, machine and kernels (from its provenance.json);
+                         a warning is printed when they differ between runs
     Arms come from the sweep's sweep.json, else from each run's interventions ("none" without any;
     "fresh" for a run on one task alone). A partly finished sweep is fine: incomplete runs are listed
     and what they have is used (complete visits; curves up to their last log).
@@ -292,6 +294,8 @@ def report_cmd(runs_dir: Path, out: Path | None, points: int, resamples: int, se
     incomplete = report.incomplete
     click.echo(f"report: {len(report.runs)} runs, {len(incomplete)} incomplete"
                + (": " + ", ".join(str(r.path) for r in incomplete) if incomplete else ""))
+    if report.provenance is not None and report.provenance.warning() is not None:
+        click.echo(report.provenance.warning())
     for path in report.files:
         click.echo(f"  {path}")
 

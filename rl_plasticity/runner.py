@@ -39,6 +39,7 @@ from rl_plasticity.checkpoint import (
 from rl_plasticity.config import ConfigError, RunConfig, load_config, to_yaml
 from rl_plasticity.interventions import build_interventions
 from rl_plasticity.monitor import MonitorCallback
+from rl_plasticity.provenance import record_session
 from rl_plasticity.task_logging import TaskLogCallback
 
 
@@ -199,7 +200,8 @@ class _TensorBoard(TensorBoardOutputFormat):
 def train(cfg: RunConfig, progress_bar: bool | None = None) -> Path:
     """Train one run as configured and return its directory.
 
-    The directory holds ``config.yaml`` (the resolved config), the TensorBoard events file, with the
+    The directory holds ``config.yaml`` (the resolved config), ``provenance.json`` (code, libraries, CPU and
+    command of each session: :mod:`rl_plasticity.provenance`), the TensorBoard events file, with the
     monitor on ``task_summary.csv`` and ``probe_sets.pt``, ``checkpoints/`` (see
     :mod:`rl_plasticity.checkpoint`) and, unless ``logging.save_model`` is off, ``model.zip`` (SB3 ``save``).
 
@@ -300,6 +302,7 @@ def _learn(cfg: RunConfig, env: VecEnv, agent: BaseAlgorithm, run_dir: Path, pro
     store.clean(keep_up_to=None if resume_from is None else resume_from.path)
     if rewrite_config:
         (run_dir / "config.yaml").write_text(to_yaml(cfg))
+    record_session(run_dir, resumed_at=None if resume_from is None else resume_from.step)  # provenance.json
 
     show_progress = cfg.logging.progress_bar if progress_bar is None else progress_bar
     purge = None if resume_from is None else resume_from.step + 1

@@ -107,21 +107,32 @@ def train_cmd(config: str | None, overrides: tuple[str, ...], resume_dir: str | 
          step, the term and the last good checkpoint, which is kept
       130, 143  stopped by SIGINT, SIGTERM (after writing a checkpoint)
     """
-    # Imported here so that `rlp list` and `--help` stay fast.
+    from rl_plasticity.kernels import export_env
+    from rl_plasticity.rundirs import read_config
+
+    try:
+        if resume_dir is None:
+            if config is None:
+                fail("missing CONFIG (a YAML file or a preset name; or --resume RUN_DIR)")
+            cfg = load_config(resolve_config(config), overrides)
+        else:
+            if config is not None and "=" in config and not Path(config).is_file():
+                overrides, config = (config, *overrides), None  # only overrides after --resume RUN_DIR
+            base = resolve_config(config) if config is not None else Path(resume_dir) / "config.yaml"
+            cfg = load_config(base, overrides) if config is not None or overrides else None
+    except ConfigError as exc:
+        fail(str(exc))
+    # cpu_kernels=portable pins kernels through environment variables that ATen and MKL read when they first
+    # run: set them before torch computes anything (SB3 and the rest are imported only after that).
+    export_env(cfg.cpu_kernels if cfg is not None else read_config(Path(resume_dir)).get("cpu_kernels", "native"))
     from agents.plastic import NonFiniteError
     from rl_plasticity.checkpoint import CheckpointError, TrainingInterrupted
     from rl_plasticity.runner import resume, train
 
     try:
         if resume_dir is None:
-            if config is None:
-                fail("missing CONFIG (a YAML file or a preset name; or --resume RUN_DIR)")
-            run_dir = train(load_config(resolve_config(config), overrides), progress_bar=progress)
+            run_dir = train(cfg, progress_bar=progress)
         else:
-            if config is not None and "=" in config and not Path(config).is_file():
-                overrides, config = (config, *overrides), None  # only overrides after --resume RUN_DIR
-            base = resolve_config(config) if config is not None else Path(resume_dir) / "config.yaml"
-            cfg = load_config(base, overrides) if config is not None or overrides else None
             run_dir = resume(resume_dir, cfg, force=force, progress_bar=progress)
     except (ConfigError, CheckpointError) as exc:
         fail(str(exc))

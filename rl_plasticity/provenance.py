@@ -9,9 +9,9 @@ directory's ``provenance.json``::
 
 Each session holds the project's git commit and whether its tree was dirty (``"unknown"`` outside a git
 checkout, e.g. an installed copy), the versions of Python and the numerical libraries, torch's threads,
-kernel choice (``torch.backends.cpu.get_cpu_capability()``) and build (``torch.__config__``), numpy's BLAS
-and SIMD, the CPU model, platform and host, the environment variables that steer kernel choice and
-threads, and the exact command line.
+kernel choice (``torch.backends.cpu.get_cpu_capability()``, the run's ``cpu_kernels``) and build
+(``torch.__config__``), numpy's BLAS and SIMD, the CPU model, platform and host, the environment variables
+that steer kernel choice and threads, and the exact command line.
 
 The file is written next to ``config.yaml`` and read by ``rlp report``, which lists the commits and
 machines of the runs it aggregates (:mod:`rl_plasticity.report.provenance`). Reading it
@@ -158,13 +158,19 @@ def numpy_info() -> dict[str, Any]:
     return {**libs, "simd_baseline": simd.get("baseline"), "simd_found": simd.get("found")}
 
 
-def collect_session(kind: str, resumed_at: int | None = None, argv: list[str] | None = None) -> dict[str, Any]:
+def collect_session(kind: str, resumed_at: int | None = None, argv: list[str] | None = None,
+                    cpu_kernels: str = "native") -> dict[str, Any]:
     """One session's provenance (see the module docstring).
 
     :param kind: ``"train"`` (a new run) or ``"resume"``.
     :param resumed_at: a resume's checkpoint step.
     :param argv: the command line (default ``sys.argv``).
+    :param cpu_kernels: the run's ``cpu_kernels``: torch's settings are read as training will have them.
     """
+    from rl_plasticity.kernels import kernels
+
+    with kernels(cpu_kernels):
+        torch_settings = torch_info()
     session: dict[str, Any] = {"kind": kind}
     if resumed_at is not None:
         session["resumed_at"] = int(resumed_at)
@@ -176,7 +182,8 @@ def collect_session(kind: str, resumed_at: int | None = None, argv: list[str] | 
         versions=package_versions(),
         machine=machine_info(),
         env={key: os.environ[key] for key in KERNEL_ENV_VARS if key in os.environ},
-        torch=torch_info(),
+        cpu_kernels=cpu_kernels,
+        torch=torch_settings,
         numpy=numpy_info(),
     )
     return session
@@ -192,13 +199,14 @@ def read_sessions(run_dir: Path) -> list[dict[str, Any]]:
     return [s for s in sessions if isinstance(s, dict)] if isinstance(sessions, list) else []
 
 
-def record_session(run_dir: Path, resumed_at: int | None = None) -> dict[str, Any]:
+def record_session(run_dir: Path, resumed_at: int | None = None, cpu_kernels: str = "native") -> dict[str, Any]:
     """Append this process's session to ``run_dir/provenance.json`` (atomically: a temporary file, then a rename).
 
     :param resumed_at: the checkpoint step of a resume; ``None`` for a new run.
+    :param cpu_kernels: the run's ``cpu_kernels`` (:mod:`rl_plasticity.kernels`).
     :return: the session written.
     """
-    session = collect_session("train" if resumed_at is None else "resume", resumed_at)
+    session = collect_session("train" if resumed_at is None else "resume", resumed_at, cpu_kernels=cpu_kernels)
     path = Path(run_dir) / PROVENANCE_FILE
     data = {"format": FORMAT, "sessions": [*read_sessions(run_dir), session]}
     tmp = path.with_name(f".{PROVENANCE_FILE}.tmp")

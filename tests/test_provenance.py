@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import json
+import os
 import platform
 import re
 import shutil
@@ -229,3 +230,80 @@ def test_report_of_old_runs_says_unknown_without_warning(tmp_path: Path):
     summary = make_report(root, tmp_path / "out", points=5, n_resamples=200).provenance
     assert summary.counts == {"commit": {"unknown": 2}, "machine": {"unknown": 2}, "kernels": {"unknown": 2}}
     assert summary.warning() is None
+
+
+# -- cpu_kernels: portable --------------------------------------------------------------------------------------
+
+MINATAR = """\
+name: mini
+seed: 1
+total_steps: 200
+threads: 1
+agent: {algo: dqn, learning_starts: 50, buffer_size: 1000, batch_size: 16, train_freq: 1, target_update_interval: 50}
+net: {kind: minatar}
+env: {sequence: permuted_minatar, switch_every: 100, options: {game: breakout, num_tasks: 2}}
+logging: {progress_bar: false, root_dir: out}
+monitor: {enabled: false}
+"""
+PINS = ("ATEN_CPU_CAPABILITY", "MKL_CBWR", "ONEDNN_MAX_CPU_ISA")
+
+
+def final_parameters(run_dir: Path) -> dict[str, th.Tensor]:
+    from stable_baselines3.common.save_util import load_from_zip_file
+
+    _, params, _ = load_from_zip_file(run_dir / "model.zip")
+    return params["policy"]
+
+
+def rlp_subprocess(folder: Path, *args: str, env: dict[str, str] | None = None) -> Path:
+    """``rlp train mini.yaml ARGS`` in a fresh process (no kernel pin inherited unless given) -> its run directory."""
+    clean = {k: v for k, v in os.environ.items() if k not in PINS}
+    root = folder / f"out{len(list(folder.glob('out*')))}"
+    subprocess.run([str(Path(sys.executable).with_name("rlp")), "train", "mini.yaml", f"logging.root_dir={root}", *args],
+                   cwd=folder, env={**clean, **(env or {})}, check=True, capture_output=True)
+    (run_dir,) = (root / "mini").iterdir()
+    return run_dir
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64") or not th.backends.mkl.is_available(),
+                    reason="portable kernels are x86-64 with MKL")
+def test_portable_kernels_through_rlp_equal_pins_set_before_the_process(tmp_path: Path):
+    (tmp_path / "mini.yaml").write_text(MINATAR)
+    native = rlp_subprocess(tmp_path)
+    portable = rlp_subprocess(tmp_path, "cpu_kernels=portable")
+    # The pins exported by the shell before Python starts: what rlp's own export must amount to.
+    shell = rlp_subprocess(tmp_path, "cpu_kernels=portable", env={"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "COMPATIBLE"})
+
+    got, want, other = final_parameters(portable), final_parameters(shell), final_parameters(native)
+    assert all(th.equal(got[k], want[k]) for k in want)
+    assert not all(th.equal(got[k], other[k]) for k in other)  # the pins change the kernels (MKL's path at least)
+
+    (session,) = read_sessions(portable)
+    assert session["cpu_kernels"] == "portable"
+    assert session["env"]["ATEN_CPU_CAPABILITY"] == "avx2" and session["env"]["MKL_CBWR"] == "COMPATIBLE"
+    assert session["torch"]["cpu_capability"] == "AVX2" and session["torch"]["mkldnn_enabled"] is False
+    (session,) = read_sessions(native)
+    assert session["cpu_kernels"] == "native" and session["torch"]["mkldnn_enabled"] is True
+    assert not set(PINS) & set(session["env"])
+
+
+def test_portable_kernels_refused_without_threads_or_without_the_pins(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "tiny.yaml").write_text(TINY)
+    result = cli_run("train", "tiny.yaml", "cpu_kernels=portable", "threads=null")
+    assert result.exit_code == 2 and not (tmp_path / "out").exists()
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("rlp: error: cpu_kernels: 'portable' needs threads set")
+    result = cli_run("train", "tiny.yaml", "cpu_kernels=fast")
+    assert result.exit_code == 2 and "cpu_kernels" in result.stderr and "portable" in result.stderr
+
+    # From Python, in a process where torch already computed with its own choice: refused, nothing written.
+    from rl_plasticity.config import ConfigError, load_config
+    from rl_plasticity.runner import train
+
+    for key in PINS:
+        monkeypatch.delenv(key, raising=False)
+    with pytest.raises(ConfigError, match="needs ATEN_CPU_CAPABILITY=avx2 MKL_CBWR=COMPATIBLE in the environment"):
+        train(load_config(tmp_path / "tiny.yaml", ["cpu_kernels=portable"]))
+    assert not (tmp_path / "out").exists()

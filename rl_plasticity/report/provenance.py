@@ -26,9 +26,9 @@ KERNEL_PINS = ("ATEN_CPU_CAPABILITY", "MKL_CBWR", "ONEDNN_MAX_CPU_ISA", "DNNL_MA
 NOTE = (
     "Where the runs come from (each run's `provenance.json`: one entry per `rlp train` or `--resume` process). "
     "Commit: the project's git commit (`+dirty`: with uncommitted changes); machine: the CPU model and torch "
-    "version; kernels: the instruction set torch's CPU kernels were chosen for (and any pinned with "
-    "environment variables). Runs are bit-identical only with the same commit, libraries and kernels; "
-    "otherwise they agree only statistically, so compare such runs through the confidence intervals. "
+    "version; kernels: the instruction set torch's CPU kernels were chosen for, and any pins (environment "
+    "variables; oneDNN off: `cpu_kernels: portable`). Runs are bit-identical only with the same commit, libraries "
+    "and kernels; otherwise they agree only statistically, so compare such runs through the confidence intervals. "
     "`unknown`: a run from before provenance was recorded. One row per session: `provenance.csv`."
 )
 
@@ -44,6 +44,7 @@ def session_row(session: dict[str, Any] | None) -> dict[str, Any]:
     if commit != UNKNOWN and code.get("dirty") is True:
         commit += "+dirty"
     pins = [f"{key}={env[key]}" for key in KERNEL_PINS if key in env]
+    pins += ["oneDNN off"] if torch_info.get("mkldnn_enabled") is False else []
     kernels = str(torch_info.get("cpu_capability", UNKNOWN)) + (f" ({', '.join(pins)})" if pins else "")
     return {"commit": commit,
             "machine": f"{machine.get('cpu', UNKNOWN)}, torch {versions.get('torch', UNKNOWN)}",

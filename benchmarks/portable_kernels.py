@@ -22,12 +22,12 @@ settings with equal digests ran bit-identical training.
 - ``native`` against ``avx2-machine`` (each library capped at AVX2, as on a CPU without AVX-512) shows
   whether kernel choice alone changes the numbers;
 - the one-variable rows show which library's choice matters for this network;
-- ``pinned`` (``ATEN_CPU_CAPABILITY=avx2``, ``MKL_CBWR=COMPATIBLE``, oneDNN off) takes the choice away from the
-  CPU on any x86-64 CPU with AVX2; ``pinned@avx2-machine`` adds the oneDNN cap that changed ``native``: with
-  oneDNN off it must not change the digest;
+- ``portable`` (``cpu_kernels: portable``: ``ATEN_CPU_CAPABILITY=avx2``, ``MKL_CBWR=COMPATIBLE``, oneDNN off)
+  takes the choice away from the CPU on any x86-64 CPU with AVX2; ``portable@avx2-machine`` adds the oneDNN cap
+  that changed ``native``: with oneDNN off it must not change the digest;
 - the speed ratio against ``native`` is the cost.
 
-    .venv/bin/python benchmarks/portable_kernels.py               # 5 rounds x 4000 env steps
+    .venv/bin/python benchmarks/portable_kernels.py               # 3 rounds x 4000 env steps (about 35 min on a busy 2-core VM)
     .venv/bin/python benchmarks/portable_kernels.py --quick       # smoke run
 """
 
@@ -42,12 +42,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+from rl_plasticity.kernels import PORTABLE_ENV
+
 #: Not an environment variable of any library: tells the child to run with ``torch.backends.mkldnn.enabled = False``.
 MKLDNN_OFF = "_BENCH_MKLDNN_OFF"
 #: An AVX2-only CPU, as far as each library can be capped (MKL ignores any branch but COMPATIBLE on non-Intel CPUs).
 AVX2_MACHINE = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
-#: The kernel pins proposed for runs that should agree across x86-64 machines with AVX2.
-PINNED = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "COMPATIBLE", MKLDNN_OFF: "1"}
+#: ``cpu_kernels: portable`` (:mod:`rl_plasticity.kernels`), as environment variables and the oneDNN switch.
+PORTABLE = {**PORTABLE_ENV, MKLDNN_OFF: "1"}
 #: Setting name -> environment variables of its process (on top of OMP_NUM_THREADS=1).
 SETTINGS: dict[str, dict[str, str]] = {
     "native": {},
@@ -58,9 +60,9 @@ SETTINGS: dict[str, dict[str, str]] = {
     "onednn=AVX2": {"ONEDNN_MAX_CPU_ISA": "AVX2"},
     "onednn=SSE41": {"ONEDNN_MAX_CPU_ISA": "SSE41"},
     "mkldnn-off": {MKLDNN_OFF: "1"},
-    "pinned": PINNED,
-    "pinned@avx2-machine": {**PINNED, "ONEDNN_MAX_CPU_ISA": "AVX2"},
-    "pinned+aten=default": {**PINNED, "ATEN_CPU_CAPABILITY": "default"},
+    "portable": PORTABLE,
+    "portable@avx2-machine": {**PORTABLE, "ONEDNN_MAX_CPU_ISA": "AVX2"},
+    "portable+aten=default": {**PORTABLE, "ATEN_CPU_CAPABILITY": "default"},
 }
 KNOBS = ("ATEN_CPU_CAPABILITY", "MKL_CBWR", "ONEDNN_MAX_CPU_ISA", MKLDNN_OFF)
 
@@ -108,7 +110,7 @@ def run(setting: str, steps: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=4000)
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--settings", default=",".join(SETTINGS), help="comma-separated subset of the settings")
     parser.add_argument("--quick", action="store_true", help="1 round x 1000 steps")
     parser.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)

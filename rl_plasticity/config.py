@@ -213,7 +213,7 @@ class RunConfig(_Section):
     threads: PositiveInt | None = Field(None, description="torch.set_num_threads (null: torch's default).")
     cpu_kernels: Literal["native", "portable"] = Field(
         "native", description="CPU kernels: native (each library picks for this CPU) or portable (the same kernels "
-        "on any x86-64 CPU with AVX2, about 15% slower; needs threads; README, Provenance).",
+        "on any x86-64 CPU with AVX2, about 20% slower; needs threads; README, Provenance).",
     )
     agent: AgentConfig = Field(default_factory=DQNConfig, description="The agent and its SB3 hyperparameters.")
     net: NetConfig = Field(default_factory=NetConfig, description="The network.")

@@ -35,7 +35,7 @@ from typing import Any
 PROVENANCE_FILE = "provenance.json"
 FORMAT = 1
 UNKNOWN = "unknown"
-#: Distributions whose versions decide a run's numbers (import name differs for some: ``MinAtar`` is ``minatar``).
+#: Distributions (as ``importlib.metadata`` names them) whose versions decide a run's numbers.
 PACKAGES = ("torch", "stable-baselines3", "gymnasium", "MinAtar", "numpy", "rl-plasticity")
 #: Environment variables that change kernel choice or threading, recorded when set.
 KERNEL_ENV_VARS = ("ATEN_CPU_CAPABILITY", "MKL_CBWR", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "OMP_NUM_THREADS",
@@ -126,7 +126,7 @@ def torch_info() -> dict[str, Any]:
     """torch's threads, CPU kernel choice, backends and build (``torch.__config__``)."""
     import torch as th
 
-    info: dict[str, Any] = {
+    return {
         "num_threads": th.get_num_threads(),
         "num_interop_threads": th.get_num_interop_threads(),
         # The instruction set ATen's kernels were picked for (DEFAULT, AVX2, AVX512, ...): kernels differ in rounding.
@@ -140,7 +140,6 @@ def torch_info() -> dict[str, Any]:
         "parallel_info": th.__config__.parallel_info(),
         "build": th.__config__.show(),
     }
-    return info
 
 
 def numpy_info() -> dict[str, Any]:

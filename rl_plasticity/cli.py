@@ -83,8 +83,9 @@ def train_cmd(config: str | None, overrides: tuple[str, ...], resume_dir: str | 
               progress: bool | None) -> None:
     """Train on CONFIG (a YAML file or a preset name from configs/), with key=value OVERRIDES.
 
-    The run goes to <logging.root_dir>/<name>/<date-time>_seed<k>/: config.yaml, the TensorBoard
-    events, task_summary.csv, checkpoints/ and model.zip.
+    The run goes to <logging.root_dir>/<name>/<date-time>_seed<k>/: config.yaml, provenance.json
+    (commit, library versions, CPU and command of each session), the TensorBoard events,
+    task_summary.csv, checkpoints/ and model.zip.
 
     \b
     Checkpoints and resume:
@@ -123,7 +124,8 @@ def train_cmd(config: str | None, overrides: tuple[str, ...], resume_dir: str | 
     except ConfigError as exc:
         fail(str(exc))
     # cpu_kernels=portable pins kernels through environment variables that ATen and MKL read when they first
-    # run: set them before torch computes anything (SB3 and the rest are imported only after that).
+    # run: set them before torch computes anything. The rest is imported only now (also so that `rlp list` and
+    # `--help` stay fast).
     export_env(cfg.cpu_kernels if cfg is not None else read_config(Path(resume_dir)).get("cpu_kernels", "native"))
     from agents.plastic import NonFiniteError
     from rl_plasticity.checkpoint import CheckpointError, TrainingInterrupted

@@ -83,8 +83,9 @@ def train_cmd(config: str | None, overrides: tuple[str, ...], resume_dir: str | 
               progress: bool | None) -> None:
     """Train on CONFIG (a YAML file or a preset name from configs/), with key=value OVERRIDES.
 
-    The run goes to <logging.root_dir>/<name>/<date-time>_seed<k>/: config.yaml, the TensorBoard
-    events, task_summary.csv, checkpoints/ and model.zip.
+    The run goes to <logging.root_dir>/<name>/<date-time>_seed<k>/: config.yaml, provenance.json
+    (commit, library versions, CPU and command of each session), the TensorBoard events,
+    task_summary.csv, checkpoints/ and model.zip.
 
     \b
     Checkpoints and resume:
@@ -107,21 +108,33 @@ def train_cmd(config: str | None, overrides: tuple[str, ...], resume_dir: str | 
          step, the term and the last good checkpoint, which is kept
       130, 143  stopped by SIGINT, SIGTERM (after writing a checkpoint)
     """
-    # Imported here so that `rlp list` and `--help` stay fast.
+    from rl_plasticity.kernels import export_env
+    from rl_plasticity.rundirs import read_config
+
+    try:
+        if resume_dir is None:
+            if config is None:
+                fail("missing CONFIG (a YAML file or a preset name; or --resume RUN_DIR)")
+            cfg = load_config(resolve_config(config), overrides)
+        else:
+            if config is not None and "=" in config and not Path(config).is_file():
+                overrides, config = (config, *overrides), None  # only overrides after --resume RUN_DIR
+            base = resolve_config(config) if config is not None else Path(resume_dir) / "config.yaml"
+            cfg = load_config(base, overrides) if config is not None or overrides else None
+    except ConfigError as exc:
+        fail(str(exc))
+    # cpu_kernels=portable pins kernels through environment variables that ATen and MKL read when they first
+    # run: set them before torch computes anything. The rest is imported only now (also so that `rlp list` and
+    # `--help` stay fast).
+    export_env(cfg.cpu_kernels if cfg is not None else read_config(Path(resume_dir)).get("cpu_kernels", "native"))
     from agents.plastic import NonFiniteError
     from rl_plasticity.checkpoint import CheckpointError, TrainingInterrupted
     from rl_plasticity.runner import resume, train
 
     try:
         if resume_dir is None:
-            if config is None:
-                fail("missing CONFIG (a YAML file or a preset name; or --resume RUN_DIR)")
-            run_dir = train(load_config(resolve_config(config), overrides), progress_bar=progress)
+            run_dir = train(cfg, progress_bar=progress)
         else:
-            if config is not None and "=" in config and not Path(config).is_file():
-                overrides, config = (config, *overrides), None  # only overrides after --resume RUN_DIR
-            base = resolve_config(config) if config is not None else Path(resume_dir) / "config.yaml"
-            cfg = load_config(base, overrides) if config is not None or overrides else None
             run_dir = resume(resume_dir, cfg, force=force, progress_bar=progress)
     except (ConfigError, CheckpointError) as exc:
         fail(str(exc))
@@ -277,6 +290,8 @@ def report_cmd(runs_dir: Path, out: Path | None, points: int, resamples: int, se
                          mean curve per arm with a shaded 95% band, task switches as vertical lines
       runs.csv, visits_by_run.csv, visits.csv, sequence.csv, curves.csv, correlation.csv
                          the same data
+      provenance.csv     every run's commit, machine and kernels (from its provenance.json);
+                         a warning is printed when they differ between runs
     Arms come from the sweep's sweep.json, else from each run's interventions ("none" without any;
     "fresh" for a run on one task alone). A partly finished sweep is fine: incomplete runs are listed
     and what they have is used (complete visits; curves up to their last log).
@@ -294,6 +309,8 @@ def report_cmd(runs_dir: Path, out: Path | None, points: int, resamples: int, se
     incomplete = report.incomplete
     click.echo(f"report: {len(report.runs)} runs, {len(incomplete)} incomplete"
                + (": " + ", ".join(str(r.path) for r in incomplete) if incomplete else ""))
+    if report.provenance is not None and report.provenance.warning() is not None:
+        click.echo(report.provenance.warning())
     for path in report.files:
         click.echo(f"  {path}")
 

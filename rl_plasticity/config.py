@@ -266,6 +266,10 @@ class RunConfig(_Section):
     )
     device: str = Field("auto", description="Torch device: auto, cpu, cuda or cuda:N.")
     threads: PositiveInt | None = Field(None, description="torch.set_num_threads (null: torch's default).")
+    cpu_kernels: Literal["native", "portable"] = Field(
+        "native", description="CPU kernels: native (each library picks for this CPU) or portable (the same kernels "
+        "on any x86-64 CPU with AVX2, about 20% slower; needs threads; README, Provenance).",
+    )
     agent: AgentConfig = Field(default_factory=DQNConfig, description="The agent and its SB3 hyperparameters.")
     net: NetConfig = Field(default_factory=NetConfig, description="The network.")
     env: EnvConfig = Field(default_factory=EnvConfig, description="The task sequence.")
@@ -312,6 +316,13 @@ class RunConfig(_Section):
                     raise ValueError(f"unknown config key 'intervention_params.{name}.{key}'{hint}; "
                                      f"valid keys for {name}: {', '.join(valid) or '(none)'}") from None
                 raise ValueError(f"intervention_params.{name}.{key}: {err['msg']} (got {err.get('input')!r})") from None
+        return self
+
+    @model_validator(mode="after")
+    def _check_cpu_kernels(self) -> RunConfig:
+        if self.cpu_kernels == "portable" and self.threads is None:
+            raise ValueError("cpu_kernels: 'portable' needs threads set (e.g. threads=1): the thread count decides "
+                             "how sums are split, so it must not follow the machine")
         return self
 
     @field_validator("device")

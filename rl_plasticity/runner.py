@@ -39,7 +39,10 @@ from rl_plasticity.checkpoint import (
 )
 from rl_plasticity.config import ConfigError, RunConfig, load_config, to_yaml
 from rl_plasticity.interventions import build_interventions
+from rl_plasticity.kernels import check as check_kernels
+from rl_plasticity.kernels import kernels
 from rl_plasticity.monitor import MonitorCallback
+from rl_plasticity.provenance import record_session
 from rl_plasticity.task_logging import TaskLogCallback
 
 
@@ -202,7 +205,8 @@ class _TensorBoard(TensorBoardOutputFormat):
 def train(cfg: RunConfig, progress_bar: bool | None = None) -> Path:
     """Train one run as configured and return its directory.
 
-    The directory holds ``config.yaml`` (the resolved config), the TensorBoard events file, with the
+    The directory holds ``config.yaml`` (the resolved config), ``provenance.json`` (code, libraries, CPU and
+    command of each session: :mod:`rl_plasticity.provenance`), the TensorBoard events file, with the
     monitor on ``task_summary.csv`` and ``probe_sets.pt``, ``checkpoints/`` (see
     :mod:`rl_plasticity.checkpoint`) and, unless ``logging.save_model`` is off, ``model.zip`` (SB3 ``save``).
 
@@ -214,6 +218,7 @@ def train(cfg: RunConfig, progress_bar: bool | None = None) -> Path:
     """
     if cfg.threads is not None:
         th.set_num_threads(cfg.threads)
+    check_kernels(cfg.cpu_kernels)
     env = build_env(cfg)
     cfg = resolve_total_steps(cfg, env.get_attr("task_names")[0])
     agent = build_agent(cfg, env)
@@ -258,6 +263,7 @@ def resume(run_dir: str | Path, cfg: RunConfig | None = None, force: bool = Fals
     new = saved if cfg is None else cfg
     if new.threads is not None:
         th.set_num_threads(new.threads)
+    check_kernels(new.cpu_kernels)
     env = build_env(new)
     new = resolve_total_steps(new, env.get_attr("task_names")[0])
     diff = config_diff(saved, new)
@@ -303,6 +309,7 @@ def _learn(cfg: RunConfig, env: VecEnv, agent: BaseAlgorithm, run_dir: Path, pro
     store.clean(keep_up_to=None if resume_from is None else resume_from.path)
     if rewrite_config:
         (run_dir / "config.yaml").write_text(to_yaml(cfg))
+    record_session(run_dir, None if resume_from is None else resume_from.step, cfg.cpu_kernels)  # provenance.json
 
     show_progress = cfg.logging.progress_bar if progress_bar is None else progress_bar
     purge = None if resume_from is None else resume_from.step + 1
@@ -322,7 +329,7 @@ def _learn(cfg: RunConfig, env: VecEnv, agent: BaseAlgorithm, run_dir: Path, pro
         # Weight decay drives weights and Adam moments towards denormal floats, up to 3x slower on CPU. The
         # setting is process-wide (it would break other code, e.g. hypothesis), so it is undone afterwards.
         th.set_flush_denormal(True)
-        with guard:
+        with guard, kernels(cfg.cpu_kernels):
             agent.learn(
                 total_timesteps=cfg.total_steps - agent.num_timesteps,  # type: ignore[operator]
                 callback=callbacks,

@@ -23,6 +23,7 @@ from rl_plasticity.report.aggregate import (
     visit_stats,
 )
 from rl_plasticity.report.correlation import nc1_return_correlations
+from rl_plasticity.report.provenance import ProvenanceSummary, summarize_provenance
 from rl_plasticity.report.runs import MAIN_PROBES, RETURN, RunData, load_run
 from rl_plasticity.rundirs import find_run_dirs
 
@@ -62,7 +63,8 @@ FILES_NOTE = """\
 - `sequence.csv`: the table across the sequence: arm, metric (`mean_return`, `mean_return/fresh`, `final_return`,
   `final_return/fresh`), visits, n, mean, ci_low, ci_high, iqm;
 - `curves.csv`: the plotted curves: metric, arm, step, n, mean, ci_low, ci_high;
-- `correlation.csv`: the NC1-return correlations above."""
+- `correlation.csv`: the NC1-return correlations above;
+- `provenance.csv`: every session of every run (its `provenance.json`): commit, machine, kernels, host."""
 CORRELATION_NOTE = (
     "Each point is one complete task visit of one continual run (every arm but `fresh`): NC1 of the value-head "
     "features on the task's fixed probe set at the end of the visit, against the mean return over the visit. "
@@ -87,6 +89,7 @@ class Report:
     files: list[Path] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)
     not_started: list[str] = field(default_factory=list)
+    provenance: ProvenanceSummary | None = None
 
 
 def make_report(runs_dir: Path, out: Path | None = None, points: int = 200, n_resamples: int = 10_000,
@@ -128,12 +131,14 @@ def make_report(runs_dir: Path, out: Path | None = None, points: int = 200, n_re
                 report.not_started.append(trial_id)
 
     correlations = nc1_return_correlations(rows)
+    report.provenance = summarize_provenance(runs, runs_dir)
 
     report.out.mkdir(parents=True, exist_ok=True)
     report.files += _write_csvs(report.out, runs, runs_dir, rows, stats, curves)
     for name, frame in (("sequence.csv", sequence), ("correlation.csv", correlations)):
         frame.to_csv(report.out / name, index=False)
         report.files.append(report.out / name)
+    report.files.append(report.provenance.write_csv(report.out))
     report.files += _write_plots(report.out, curves, arms, keys)
     if correlations["n"].gt(0).any():
         from rl_plasticity.report.plots import plot_nc1_vs_return
@@ -293,5 +298,6 @@ def _markdown(report: Report, runs_dir: Path, arms: list[str], keys: list[VisitK
     for filename, title, _ in PLOTS.values():
         if (report.out / filename).is_file():
             lines += [f"![{title}]({filename})", ""]
+    lines += report.provenance.markdown() if report.provenance is not None else []
     lines += ["## Files", "", FILES_NOTE, ""]
     return "\n".join(lines)

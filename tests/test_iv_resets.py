@@ -405,6 +405,9 @@ def test_injection_is_not_an_adam_reset_of_the_head():
     runs = {}
     for arm in ("injection", "last_layer_adam_reset", "head_adam_reset", "head_adam_reset_again"):
         agent = minatar_dqn(learning_rate=1e-3)
+        # One target for every arm: injection syncs the target's head, which alone moves the TD targets (a
+        # last-layer Adam reset plus that sync would otherwise pass the test).
+        agent.q_net_target.load_state_dict(agent.q_net.state_dict())
         obs = agent.replay_buffer.sample(128, env=None).observations if obs is None else obs
         if arm == "injection":
             PlasticityInjection().inject(agent)

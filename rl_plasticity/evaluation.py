@@ -11,7 +11,8 @@ the end of every task visit (the switch step, and the end of training), :class:`
   and ``eval/<task>/mean_length``;
 - ``eval/mean_return``: the current task's (at a switch step, the task that just ended).
 
-The policy is the agent's own: SB3's ``policy.predict(obs, deterministic=True)`` (DQN: the greedy action;
+A round at step ``t`` plays the network the agent acts with at step ``t``, as the monitor's probes do (at the
+last step of training, the update that follows it is not in it). The policy is the agent's own: SB3's ``policy.predict(obs, deterministic=True)`` (DQN: the greedy action;
 PPO: the distribution's mode), with probability ``eval.epsilon`` replaced by a uniform random action, as
 SB3's epsilon-greedy rule does. The episodes of one task are played side by side, one forward pass per step.
 

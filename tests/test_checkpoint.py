@@ -40,7 +40,8 @@ net: {kind: mlp, width: 16, depth: 1}
 env: {sequence: cartpole_shift, switch_every: 500}
 logging: {progress_bar: false, root_dir: out}
 monitor: {probe_every: 50, probe_set_size: 32, probes: [rank, dormant, collapse, weights],
-          switch_probes: [trainability], trainability_steps: 10}
+          switch_probes: [trainability], trainability_steps: 10, first_visit: true, first_visit_size: 32}
+eval: {episodes: 3, tasks: all, epsilon: 0.05}
 checkpoint: {every: 100}
 interventions: [reset, l2]
 """
@@ -55,6 +56,7 @@ net: {kind: mlp, width: 16, depth: 1}
 env: {sequence: cartpole_shift, switch_every: 512, n_envs: 2}
 logging: {progress_bar: false, root_dir: out}
 monitor: {probe_every: 20, probe_set_size: 32, probes: [rank, dormant, weights], switch_probes: []}
+eval: {episodes: 3, tasks: all, every: 100}
 checkpoint: {every: 200}
 interventions: [l2]
 """
@@ -79,9 +81,11 @@ def same(a: list[tuple[int, float]], b: list[tuple[int, float]]) -> bool:
 
 
 def assert_same_logs(run: Path, reference: Path) -> None:
-    """No step twice for a tag, and every scalar but the wall-clock ones equal to the reference run's."""
+    """No step twice for a tag, and every scalar but the wall-clock ones equal to the reference run's (the
+    evaluation's and both probe sources' among them)."""
     got, want = scalars(run), scalars(reference)
     assert set(got) == set(want), set(got) ^ set(want)
+    assert "eval/mean_return" in got and any(t.endswith("@probe_set") for t in got)
     for tag, points in got.items():
         steps = [s for s, _ in points]
         assert len(steps) == len(set(steps)), f"{tag}: a step logged twice"

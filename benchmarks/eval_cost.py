@@ -22,6 +22,8 @@ early part of training.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import os
 import statistics
 import tempfile
@@ -67,21 +69,25 @@ def eval_share(steps: int) -> None:
         every = cfg.eval.every or cfg.env.switch_every // 10
         print(f"\nPart 2: evaluation in {steps} steps of configs/study/permuted_breakout.yaml (eval.tasks="
               f"{cfg.eval.tasks}, {cfg.eval.episodes} episodes, every {every} steps and at switches)")
-        spent = clock_cpu([(Evaluator, ["evaluate"])])
-        calls = [0]
+        results = []
         original = Evaluator.evaluate
 
-        def counted(self: Evaluator, *args, **kwargs):
-            calls[0] += 1
-            return original(self, *args, **kwargs)
+        def recorded(self: Evaluator, *args, **kwargs):
+            results.append(original(self, *args, **kwargs))
+            return results[-1]
 
-        Evaluator.evaluate = counted  # type: ignore[method-assign]
+        Evaluator.evaluate = recorded  # type: ignore[method-assign]
+        spent = clock_cpu([(Evaluator, ["evaluate"])])
         wall, cpu = time.perf_counter(), time.process_time()
-        train(cfg, progress_bar=False)
+        with contextlib.redirect_stdout(io.StringIO()):  # SB3's stdout table
+            train(cfg, progress_bar=False)
         wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
         rest = cpu - spent[0]
-        print(f"  train(): wall {wall:.1f} s, CPU {cpu:.1f} s; inside evaluation: CPU {spent[0]:.2f} s over "
-              f"{calls[0]} task evaluations ({spent[0] / max(calls[0], 1) * 1000:.0f} ms each)")
+        played = sum(sum(r.lengths) for r in results)
+        print(f"  train(): wall {wall:.1f} s, CPU {cpu:.1f} s (steps/s of CPU: {steps / rest:.0f} without evaluation)")
+        print(f"  inside evaluation: CPU {spent[0]:.2f} s over {len(results)} task evaluations, {played} env steps "
+              f"(mean episode {played / max(1, sum(len(r.lengths) for r in results)):.0f} steps; "
+              f"{spent[0] / max(played, 1) * 1e6:.0f} us of CPU per evaluation step)")
         print(f"  evaluation / rest of training (CPU): {spent[0] / rest:.3f}")
 
 

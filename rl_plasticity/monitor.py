@@ -156,7 +156,8 @@ class MonitorCallback(BaseCallback):
         """Everything a resumed run needs to probe and summarise exactly as an uninterrupted one: the
         first-visit sets (frozen and partly filled), the initial weights, the probe schedule, the visit in
         progress with its returns, the CSV header and length, and the latest training batch with its update
-        statistics. The random-policy probe sets are not in it: a resumed run rebuilds the same ones."""
+        statistics. The random-policy probe sets are not in it, only the tasks that have one: a resumed run
+        rebuilds the same sets."""
         sets = self.first_visit_sets
         observer = self._observer
         batch = observer.last_batch
@@ -164,6 +165,7 @@ class MonitorCallback(BaseCallback):
         return {
             "first_visit": None if sets is None else {**sets.state_dict(), "parts": sets._parts,
                                                       "counts": sets._counts},
+            "probe_set_tasks": [task for task in range(len(self.task_names)) if self.probe_sets.built(task)],
             "init_params": {name: value.detach().cpu() for name, value in self.init_params.items()},
             "next_probe": self.next_probe,
             "nc_undefined": self.nc_undefined,
@@ -207,6 +209,12 @@ class MonitorCallback(BaseCallback):
                 f.truncate(state["summary_bytes"])
         if self.first_visit_sets is not None and self.first_visit_sets._frozen:
             self.first_visit_sets.save(self.run_dir / FIRST_VISIT_FILE)
+        # probe_sets.pt keeps every set built so far, as in the uninterrupted run.
+        tasks = state.get("probe_set_tasks", [])
+        for task in tasks:
+            self.probe_sets.arrays(task)
+        if tasks:
+            self.probe_sets.save(self.run_dir / PROBE_SETS_FILE)
 
     # -- setup ------------------------------------------------------------------------------------
     def _init_callback(self) -> None:

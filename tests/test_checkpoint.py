@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch as th
 from click.testing import CliRunner
@@ -213,6 +214,12 @@ def test_sigterm_mid_task_and_after_switch_then_resume_equals_uninterrupted(tmp_
     assert [v for _, v in scalars(run_dir)["interventions/reset/fired"]] == [1, 2]
     assert (run_dir / "task_summary.csv").read_text() == (dqn_reference / "task_summary.csv").read_text()
     assert len((run_dir / "task_summary.csv").read_text().splitlines()) == 4  # header + 3 visits
+    for name in ("probe_sets.pt", "first_visit_sets.pt"):  # rebuilt or restored: the same sets, every task
+        got, want = (th.load(d / name, weights_only=False) for d in (run_dir, dqn_reference))
+        sets = "sets" if name == "probe_sets.pt" else "frozen"
+        assert sorted(got[sets]) == sorted(want[sets]) == [0, 1, 2]
+        for task, arrays in want[sets].items():
+            assert all(np.array_equal(got[sets][task][k], v) for k, v in arrays.items()), (name, task)
     got, want = final_state(run_dir), final_state(dqn_reference)
     assert got["agent"]["num_timesteps"] == want["agent"]["num_timesteps"] == 1500
     assert got["agent"]["num_gradient_steps"] == want["agent"]["num_gradient_steps"]

@@ -7,7 +7,7 @@ samples from at least 10 episodes and 4096 transitions of a uniform-random polic
 A run builds each task's set once.
 
 Part 2, evaluation as a share of training. ``rlp train configs/study/permuted_breakout.yaml`` (its ``eval:``
-section: every task, 10 greedy episodes, every 5000 steps and at each switch), shortened by ``--steps``
+section: every task, 10 greedy episodes, every 10000 steps and at each switch), shortened by ``--steps``
 (``total_steps``), with the monitor and checkpoints off so that the rest is training alone, one torch thread.
 It accounts the evaluation directly: the CPU time spent inside :meth:`Evaluator.evaluate` against the CPU time
 of the rest of ``train()`` (evaluation changes nothing in training, so that is its whole cost, and it is robust

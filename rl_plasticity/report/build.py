@@ -53,11 +53,11 @@ RETURNS_TRAINING = (
 VISITS_NOTE = (
     "Each cell: mean over seeds [95% percentile-bootstrap confidence interval]; IQM: interquartile mean "
     "(rliable's, `scipy.stats.trim_mean(x, 0.25)`); n: runs with this visit complete (a visit cut short "
-    "is left out). Returns are over the visit's episodes (final: its last 10); probes are on the task's "
-    "fixed probe set at the end of the visit, averaged over layers where a probe has several "
-    "(each layer: `visits.csv`). The `fresh` arm is a network trained on this task alone for one "
-    "visit's steps: the same row stands beside every visit of the task. Eval return: at the end of the "
-    "visit; training returns: over the visit's episodes (final: its last 10)."
+    "is left out). The eval return is the evaluation at the end of the visit, the training returns are over "
+    "the visit's episodes (final: its last 10); probes are on the task's fixed probe set at the end of the "
+    "visit, averaged over layers where a probe has several (each layer: `visits.csv`). The `fresh` arm is a "
+    "network trained on this task alone for one visit's steps: the same row stands beside every visit of the "
+    "task."
 )
 SEQUENCE_NOTE = (
     "Per arm, over the visits after the first ({tasks} in the common order; a run with its own order drops its "

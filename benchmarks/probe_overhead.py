@@ -13,7 +13,8 @@ a visit cut short, does not run). Every arm gets the same SB3 TensorBoard logger
 - ``off``: no monitor;
 - ``on``: the default ``monitor:`` section (a probe round every ``monitor.probe_every`` gradient steps on the fixed probe
   set and on the training batch; at the switch the heavy probes, Hessian order 100, Gram of 256 and
-  trainability of 200 steps, on the finished task's 256-sample probe set);
+  trainability of 200 steps, on the finished task's 1024-sample random-policy probe set, built when the task
+  is first probed);
 - ``on-noswitch``: the default monitor with ``monitor.switch_probes=[]``.
 
 The monitor draws no training random numbers, so all arms do the same work (same episodes, same updates).
@@ -21,8 +22,7 @@ One short untimed warm-up of each arm, then ``--rounds`` rounds of one run per a
 round. In a real run the switch comes every ``env.switch_every`` steps (100k by default, 2M in the preset),
 so the heavy probes are amortised over far more steps than in this window.
 
-Part 2, per-probe cost. For each feature width (128, 512, 2048) and batch size (32, 256; 1024 for the light
-probes) it builds a PlasticDQN with that width, fills an SB3 ``ReplayBufferSamples`` with random MinAtar-shaped
+Part 2, per-probe cost. For each feature width (128, 512, 2048) and batch size (32, 256, 1024) it builds a PlasticDQN with that width, fills an SB3 ``ReplayBufferSamples`` with random MinAtar-shaped
 data, and times each probe called exactly as ``rl_plasticity.probing.probe_batch`` calls it, plus
 ``probe_batch`` itself for a light and a heavy round, in CPU time (median of a few calls after a warm-up; a
 call over 1 s is timed once, cold). With the default single torch thread CPU time is what the wall time
@@ -37,8 +37,8 @@ cores), other processes were competing for the cores and the CPU ratios are the 
 line accounts for the monitor directly: the CPU time spent inside its own code (callback hooks and the
 in-``train()`` observer) over the rest of ``learn()``. The monitor changes nothing in training, so that is its
 whole cost, and it is far less sensitive to other load than a difference of two separate runs. In part 2 a
-probe round in training costs about the probe-set column (256) plus the batch column (32) of the light round,
-plus the heavy probes at 256 at a switch.
+probe round in training costs about the probe-set column (1024) plus the batch column (32) of the light round,
+plus the heavy probes at 1024 at a switch.
 
     .venv/bin/python benchmarks/probe_overhead.py            # defaults: 5 rounds x 3000 steps, then the table
     .venv/bin/python benchmarks/probe_overhead.py --quick    # smoke run, under a minute
@@ -87,6 +87,7 @@ from rl_plasticity.probes import (
 )
 from rl_plasticity.probing import _gram_inputs, activation_outputs, greedy_labels, probe_batch
 from rl_plasticity.runner import build_agent, build_env, flat_hparams
+from rl_plasticity.task_envs import TaskEnvs
 from rl_plasticity.task_logging import TaskLogCallback
 
 from _timing import clock_cpu  # benchmarks/ is on sys.path when a script here runs
@@ -131,7 +132,7 @@ def timed_run(arm: str, steps: int, learning_starts: int, threads: int) -> tuple
         callbacks: list[Any] = [TaskLogCallback(flat_hparams(cfg), task_names)]
         spent = [0.0]
         if cfg.monitor.enabled:
-            monitor = MonitorCallback(cfg.monitor, Path(tmp), task_names)
+            monitor = MonitorCallback(cfg.monitor, Path(tmp), TaskEnvs.from_config(cfg))
             spent = _clock_monitor(monitor)
             callbacks.append(monitor)
         gc.collect()
@@ -335,7 +336,7 @@ def probe_costs(widths: tuple[int, ...], batches: tuple[int, ...], light_batches
             for name, fn in probe_calls(agent, batch, cfg, init).items():
                 if (b not in batches and name in HEAVY) or (b not in light_batches and name not in HEAVY):
                     continue
-                # The monitor runs the heavy round on the 256-sample probe set only: time it there (the largest batch).
+                # The monitor runs the heavy round on the 1024-sample probe set only: time it there (the largest batch).
                 if name == "probe_batch heavy" and b != max(batches):
                     continue
                 ms, cold = time_ms(fn, repeats)
@@ -349,8 +350,8 @@ def probe_costs(widths: tuple[int, ...], batches: tuple[int, ...], light_batches
         print(f"{name:<21}" + "".join(f"{row.get(c, '-'):>12}" for c in columns))
     print("parameters of the Q-network: " + ", ".join(f"w{w}: {n:,}" for w, n in params.items()))
     print("weight_stats and update+grad stats do not depend on the batch; gram uses at most monitor.gram_size=256 "
-          "samples; a training probe round = probe_batch light at b256 (probe set) + at b32 (training batch), "
-          "plus weights; a switch adds the heavy probes at b256")
+          "samples; a training probe round = probe_batch light at b1024 (probe set) + at b32 (training batch), "
+          "plus weights; a switch adds the heavy probes at b1024")
 
 
 def main() -> None:
@@ -367,7 +368,7 @@ def main() -> None:
                         help="smoke run: 2 rounds of 1100 steps, no warm-up; table at width 128, batch 32, 1 call each")
     args = parser.parse_args()
     steps, rounds, learning_starts, repeats = args.steps, args.rounds, args.learning_starts, args.repeats
-    widths, batches, light_batches = tuple(args.widths), (32, 256), (32, 256, 1024)
+    widths, batches, light_batches = tuple(args.widths), (32, 256, 1024), (32, 256, 1024)
     if args.quick:
         steps, rounds, learning_starts, repeats = 1_100, 2, 50, 1
         widths, batches, light_batches = (128,), (32,), (32,)

@@ -44,10 +44,10 @@ What a checkpoint holds, and how each piece is restored
     ``set_state()`` against the config's schedule before the copy replaces the fresh one. The episode in
     flight continues; nothing is reset.
   - every intervention's ``state_dict()``, by name and in order;
-  - the monitor's state (:meth:`~rl_plasticity.monitor.MonitorCallback.state_dict`: the probe sets, frozen and
-    partial, the initial weights, the probe schedule, visit counters and the visit in progress with its
+  - the monitor's state (:meth:`~rl_plasticity.monitor.MonitorCallback.state_dict`: the first-visit probe
+    sets, frozen and partial (the random-policy probe sets are rebuilt, identically), the initial weights, the probe schedule, visit counters and the visit in progress with its
     returns, ``task_summary.csv``'s header and length, the latest training batch); the task logger's switch
-    count;
+    count; the evaluation's schedule and latest results (its episodes are seeded, so no env state);
   - the values recorded in SB3's logger since its last dump (so the next dump writes what the uninterrupted
     run wrote);
   - the RNG states: Python ``random``, NumPy's global RNG (replay sampling, epsilon draws, PPO minibatch
@@ -154,6 +154,7 @@ class Trainee:
     interventions: list[Intervention]  # the configured ones (not the monitor's observer)
     task_log: Any  # TaskLogCallback
     monitor: Any | None = None  # MonitorCallback
+    evaluation: Any | None = None  # EvalCallback
 
 
 @dataclass
@@ -220,6 +221,7 @@ def capture(run: Trainee) -> dict[str, Any]:
         "interventions": [(iv.name, iv.state_dict()) for iv in run.interventions],
         "task_log": run.task_log.state_dict(),
         "monitor": run.monitor.state_dict() if run.monitor is not None else None,
+        "eval": run.evaluation.state_dict() if run.evaluation is not None else None,
         "logger": {
             "values": dict(logger.name_to_value),
             "counts": dict(logger.name_to_count),
@@ -338,6 +340,8 @@ def restore(run: Trainee, ckpt: Checkpoint, learning_starts: int) -> None:
     run.task_log.load_state_dict(state["task_log"])
     if run.monitor is not None and state["monitor"] is not None:
         run.monitor.load_state_dict(state["monitor"])
+    if run.evaluation is not None and state.get("eval") is not None:
+        run.evaluation.load_state_dict(state["eval"])
 
 
 def check_parameters(agent: BaseAlgorithm) -> None:

@@ -222,7 +222,22 @@ class MonitorConfig(_Section):
         default_factory=lambda: ["rank", "dormant", "collapse"],
         description="Probes run on the training batch (K-FAC is left to the probe set: it is most of the cost).",
     )
-    probe_set_size: Annotated[int, Field(ge=2)] = Field(256, description="Samples in each task's fixed probe set.")
+    probe_set_size: Annotated[int, Field(ge=2)] = Field(
+        1024, description="Samples in each task's probe set (@probe_set): transitions of a seeded uniform-random "
+        "policy on a separate copy of the task, the same for every arm and network with the same seed.",
+    )
+    probe_set_episodes: PositiveInt = Field(
+        10, description="Episodes the random policy plays at least for a probe set (it plays at least 4x "
+        "probe_set_size transitions, then subsamples).",
+    )
+    probe_set_max_episode_steps: PositiveInt = Field(
+        1000, description="Steps after which a random-policy episode of a probe set is cut (it bootstraps)."
+    )
+    first_visit: bool = Field(
+        False, description="Also probe a second set per task (@first_visit): the run's own first samples of "
+        "the task on its first visit (depends on the arm: a continual network's are its previous policy's).",
+    )
+    first_visit_size: Annotated[int, Field(ge=2)] = Field(256, description="Samples in each @first_visit set.")
     dormant_tau: Annotated[float, Field(ge=0)] = Field(0.025, description="Dormancy threshold tau (Sokar et al. 2023).")
     hessian_order: PositiveInt = Field(100, description="Lanczos order of the Hessian spectrum (metrics.md).")
     hessian_vectors: PositiveInt = Field(
@@ -232,6 +247,32 @@ class MonitorConfig(_Section):
     trainability_steps: PositiveInt = Field(200, description="Adam steps of the trainability probe.")
     trainability_lr: Annotated[float, Field(gt=0)] = Field(1e-3, description="Adam learning rate of the trainability probe.")
     histograms: bool = Field(True, description="Log histograms of feature singular values and K-FAC eigenvalues.")
+
+
+class EvalConfig(_Section):
+    """Evaluation of the agent's own policy on separate env copies (C-CHAIN: 10 greedy episodes every 50k steps).
+
+    Evaluation draws nothing from training's RNGs and steps none of its envs, so training is the same with it
+    on or off; each episode's game is seeded from ``eval.seed``, the task index and the episode index, so
+    every round, arm and resumed run plays the same evaluation episodes.
+    """
+
+    enabled: bool = Field(True, description="Evaluate the policy during training (eval/<task>/mean_return).")
+    every: PositiveInt | None = Field(
+        None, description="Env steps between evaluations (null: env.switch_every / 10); also at the start and "
+        "at the end of every task visit.",
+    )
+    episodes: PositiveInt = Field(10, description="Episodes per task and evaluation (played side by side).")
+    epsilon: Fraction = Field(0.0, description="Epsilon of the evaluation policy (0: greedy; PPO: its "
+                              "deterministic action).")
+    tasks: Literal["current", "all"] = Field(
+        "current", description="current: the task being trained; all: every task of the sequence each time "
+        "(a task-by-task matrix: forgetting and forward transfer).",
+    )
+    seed: NonNegInt | None = Field(None, description="Seed of the evaluation episodes (null: seed x 1234, as C-CHAIN).")
+    max_episode_steps: PositiveInt = Field(
+        10_000, description="Steps after which an evaluation episode is cut (counted as it stands), so it cannot hang."
+    )
 
 
 class CheckpointConfig(_Section):
@@ -275,6 +316,7 @@ class RunConfig(_Section):
     env: EnvConfig = Field(default_factory=EnvConfig, description="The task sequence.")
     logging: LoggingConfig = Field(default_factory=LoggingConfig, description="Logging.")
     monitor: MonitorConfig = Field(default_factory=MonitorConfig, description="The plasticity monitor.")
+    eval: EvalConfig = Field(default_factory=EvalConfig, description="Evaluation of the policy.")
     checkpoint: CheckpointConfig = Field(
         default_factory=CheckpointConfig, description="Checkpoints (rlp train --resume)."
     )
@@ -455,11 +497,11 @@ def config_help() -> str:
             default = "required" if field.is_required() else repr(field.get_default(call_default_factory=True))
             lines.append(f"{prefix}{name} ({_type_name(field.annotation)}; default {default}): {field.description}")
 
-    walk(RunConfig, "", skip=("agent", "net", "env", "logging", "monitor", "checkpoint"))
+    walk(RunConfig, "", skip=("agent", "net", "env", "logging", "monitor", "eval", "checkpoint"))
     walk(DQNConfig, "agent.")
     lines.append("with agent.algo=ppo, the agent keys are instead:")
     walk(PPOConfig, "agent.", skip=("algo",))
-    for section in (NetConfig, EnvConfig, LoggingConfig, MonitorConfig, CheckpointConfig):
+    for section in (NetConfig, EnvConfig, LoggingConfig, MonitorConfig, EvalConfig, CheckpointConfig):
         name = section.__name__.removesuffix("Config").lower()
         walk(section, f"{name}.")
     return "\n".join(lines)

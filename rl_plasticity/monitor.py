@@ -1,11 +1,14 @@
 """The plasticity monitor: an SB3 callback that probes the network as the tasks change.
 
 Every ``probe_every`` gradient steps, and at every task switch, it runs the configured probes on the
-current task's fixed probe set and on the latest training batch, and logs them through SB3's logger as
-``plasticity/<probe>/<layer>@probe_set`` and ``...@batch``. At a switch it also runs the heavier probes
-(Hessian spectrum, Gram, trainability) on the finished task's probe set and appends one row per task visit
-to ``task_summary.csv``. It draws no random numbers from the training RNG and adds no loss, so training
-with the monitor on is bit-for-bit training with it off.
+current task's fixed probe set (:mod:`rl_plasticity.probe_sets`: a seeded random policy's transitions, the
+same for every arm) and on the latest training batch, and logs them through SB3's logger as
+``plasticity/<probe>/<layer>@probe_set`` and ``...@batch`` (and ``...@first_visit`` on the run's own first
+samples of the task, with ``monitor.first_visit``). At a switch it also runs the heavier probes (Hessian
+spectrum, Gram, trainability) on the finished task's probe set and appends one row per task visit to
+``task_summary.csv``, with the visit's training returns and, when evaluation is on, the evaluation returns
+at its end. It draws no random numbers from the training RNG and adds no loss, so training with the monitor
+on is bit-for-bit training with it off.
 
 A non-finite probe value (other than neural collapse's, NaN by definition when undefined) stops the run
 with :class:`~agents.plastic.NonFiniteError`. :meth:`MonitorCallback.state_dict` is what a checkpoint keeps
@@ -31,13 +34,17 @@ from agents import Intervention, PlasticDQN
 from agents.plastic import NonFiniteError
 from rl_plasticity.config import MonitorConfig
 from rl_plasticity.probes import grad_stats, snapshot, update_stats, weight_stats
-from rl_plasticity.probe_sets import DQN_FIELDS, PPO_FIELDS, ProbeSets
+from rl_plasticity.probe_sets import DQN_FIELDS, PPO_FIELDS, ProbeSets, RandomProbeSets
 from rl_plasticity.probing import probe_batch, probed_module
+from rl_plasticity.task_envs import TaskEnvs
 from rl_plasticity.task_logging import step_events
 
 # Rich values and the many plasticity scalars go to TensorBoard only, not to the stdout table.
 TB_ONLY = ("stdout", "log", "json", "csv")
 PROBE_SETS_FILE = "probe_sets.pt"
+FIRST_VISIT_FILE = "first_visit_sets.pt"
+#: The data sources a probe round may probe, in the order it probes them.
+PROBE_SET, FIRST_VISIT, BATCH = "probe_set", "first_visit", "batch"
 SUMMARY_FILE = "task_summary.csv"
 #: Probe values that may be NaN by definition (neural collapse with fewer than two classes, or no
 #: between-class scatter); any other non-finite probe value stops the run (:class:`NonFiniteError`).
@@ -117,17 +124,25 @@ class MonitorCallback(BaseCallback):
     """Probes the agent's network during training (see the module docstring).
 
     :param cfg: the ``monitor:`` config section.
-    :param run_dir: where ``task_summary.csv`` and the frozen probe sets (``probe_sets.pt``) go.
-    :param task_names: names of the sequence's tasks, indexed by task id.
+    :param run_dir: where ``task_summary.csv`` and the probe sets (``probe_sets.pt``, ``first_visit_sets.pt``) go.
+    :param task_envs: the run's task copies (the random-policy probe sets are played on them); they also name
+        the tasks.
     :param final_episodes: episodes averaged for a visit's "final return".
+    :param evaluation: the run's :class:`~rl_plasticity.evaluation.EvalCallback`, if evaluation is on: a
+        visit's row in ``task_summary.csv`` takes its evaluation at the visit's end.
     """
 
-    def __init__(self, cfg: MonitorConfig, run_dir: Path, task_names: list[str], final_episodes: int = 10) -> None:
+    def __init__(self, cfg: MonitorConfig, run_dir: Path, task_envs: TaskEnvs, final_episodes: int = 10,
+                 evaluation: Any | None = None) -> None:
         super().__init__()
         self.cfg = cfg
         self.run_dir = Path(run_dir)
-        self.task_names = list(task_names)
+        self.task_envs = task_envs
+        self.task_names = list(task_envs.task_names)
         self.final_episodes = final_episodes
+        self.evaluation = evaluation
+        self.probe_sets = RandomProbeSets(task_envs, cfg.probe_set_size, cfg.probe_set_episodes,
+                                          cfg.probe_set_max_episode_steps)
         self.next_probe = cfg.probe_every
         self.nc_undefined = 0
         self.visits: dict[int, int] = {}
@@ -138,15 +153,19 @@ class MonitorCallback(BaseCallback):
 
     # -- checkpoints ------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """Everything a resumed run needs to probe and summarise exactly as an uninterrupted one: the probe
-        sets (frozen and partly filled), the initial weights, the probe schedule, the visit in progress with
-        its returns, the CSV header and length, and the latest training batch with its update statistics."""
-        sets = self.probe_sets
+        """Everything a resumed run needs to probe and summarise exactly as an uninterrupted one: the
+        first-visit sets (frozen and partly filled), the initial weights, the probe schedule, the visit in
+        progress with its returns, the CSV header and length, and the latest training batch with its update
+        statistics. The random-policy probe sets are not in it, only the tasks that have one: a resumed run
+        rebuilds the same sets."""
+        sets = self.first_visit_sets
         observer = self._observer
         batch = observer.last_batch
         summary = self.run_dir / SUMMARY_FILE
         return {
-            "probe_sets": {**sets.state_dict(), "parts": sets._parts, "counts": sets._counts},
+            "first_visit": None if sets is None else {**sets.state_dict(), "parts": sets._parts,
+                                                      "counts": sets._counts},
+            "probe_set_tasks": [task for task in range(len(self.task_names)) if self.probe_sets.built(task)],
             "init_params": {name: value.detach().cpu() for name, value in self.init_params.items()},
             "next_probe": self.next_probe,
             "nc_undefined": self.nc_undefined,
@@ -165,9 +184,10 @@ class MonitorCallback(BaseCallback):
         self._resume = state
 
     def _apply_resume(self, state: dict[str, Any]) -> None:
-        sets = state["probe_sets"]
-        self.probe_sets.load_state_dict(sets)
-        self.probe_sets._parts, self.probe_sets._counts = dict(sets["parts"]), dict(sets["counts"])
+        sets = state.get("first_visit")
+        if self.first_visit_sets is not None and sets is not None:
+            self.first_visit_sets.load_state_dict(sets)
+            self.first_visit_sets._parts, self.first_visit_sets._counts = dict(sets["parts"]), dict(sets["counts"])
         device = self.model.device
         self.init_params = {name: value.to(device) for name, value in state["init_params"].items()}
         self.next_probe = int(state["next_probe"])
@@ -187,14 +207,21 @@ class MonitorCallback(BaseCallback):
         elif summary.exists() and summary.stat().st_size > state["summary_bytes"]:
             with summary.open("r+b") as f:
                 f.truncate(state["summary_bytes"])
-        if self.probe_sets._frozen:
+        if self.first_visit_sets is not None and self.first_visit_sets._frozen:
+            self.first_visit_sets.save(self.run_dir / FIRST_VISIT_FILE)
+        # probe_sets.pt keeps every set built so far, as in the uninterrupted run.
+        tasks = state.get("probe_set_tasks", [])
+        for task in tasks:
+            self.probe_sets.arrays(task)
+        if tasks:
             self.probe_sets.save(self.run_dir / PROBE_SETS_FILE)
 
     # -- setup ------------------------------------------------------------------------------------
     def _init_callback(self) -> None:
         agent = self.model
         self.is_dqn = isinstance(agent, PlasticDQN)
-        self.probe_sets = ProbeSets(self.cfg.probe_set_size, DQN_FIELDS if self.is_dqn else PPO_FIELDS)
+        self.first_visit_sets = (ProbeSets(self.cfg.first_visit_size, DQN_FIELDS if self.is_dqn else PPO_FIELDS)
+                                 if self.cfg.first_visit else None)
         self.init_params = snapshot(probed_module(agent))
         agent.interventions.append(self._observer)
         if self._resume is not None:
@@ -221,10 +248,11 @@ class MonitorCallback(BaseCallback):
         infos = self.locals["infos"]
         episodes, switch = step_events(infos)
         self.visit.returns.extend(float(info["episode"]["r"]) for info in episodes)
-        if self.is_dqn:
-            self._collect_transitions(infos)
-        else:
-            self._rollout_tasks.append(int(infos[0]["task_id"]))
+        if self.first_visit_sets is not None:
+            if self.is_dqn:
+                self._collect_transitions(infos)
+            else:
+                self._rollout_tasks.append(int(infos[0]["task_id"]))
 
         if switch is not None:
             self._write_summary(self._probe_round(heavy=True), complete=True)
@@ -234,9 +262,11 @@ class MonitorCallback(BaseCallback):
         return True
 
     def _collect_transitions(self, infos: list[dict[str, Any]]) -> None:
-        """DQN: the step's transitions go into the probe set of their task until it is full."""
+        """DQN: the step's transitions go into the first-visit set of their task until it is full."""
         task = int(infos[0]["task_id"])
-        if self.probe_sets.full(task):
+        sets = self.first_visit_sets
+        assert sets is not None
+        if sets.full(task):
             return
         new_obs = np.array(self.locals["new_obs"], copy=True)
         dones = np.asarray(self.locals["dones"], dtype=np.float32)
@@ -252,16 +282,17 @@ class MonitorCallback(BaseCallback):
             "dones": dones.reshape(-1, 1),
             "rewards": np.asarray(self.locals["rewards"], dtype=np.float32).reshape(-1, 1),
         }
-        if self.probe_sets.add(task, samples):
-            self.probe_sets.save(self.run_dir / PROBE_SETS_FILE)
+        if sets.add(task, samples):
+            sets.save(self.run_dir / FIRST_VISIT_FILE)
 
     def _on_rollout_end(self) -> None:
-        """PPO: samples of this rollout go into the probe set of their task, with advantages and returns."""
-        if self.is_dqn:
+        """PPO: samples of this rollout go into the first-visit set of their task, with advantages and returns."""
+        sets = self.first_visit_sets
+        if self.is_dqn or sets is None:
             return
         buf = self.model.rollout_buffer
         for t, task in enumerate(self._rollout_tasks):
-            if self.probe_sets.full(task):
+            if sets.full(task):
                 continue
             samples = {
                 "observations": buf.observations[t],
@@ -271,37 +302,50 @@ class MonitorCallback(BaseCallback):
                 "advantages": buf.advantages[t],
                 "returns": buf.returns[t],
             }
-            if self.probe_sets.add(task, samples):
-                self.probe_sets.save(self.run_dir / PROBE_SETS_FILE)
+            if sets.add(task, samples):
+                sets.save(self.run_dir / FIRST_VISIT_FILE)
         self._rollout_tasks = []
 
     # -- probing ----------------------------------------------------------------------------------------
+    def _probe_sets(self, task_id: int) -> dict[str, NamedTuple]:
+        """The fixed sets of ``task_id`` to probe, by source (the random-policy set is built when first asked)."""
+        agent = self.model
+        built = self.probe_sets.built(task_id)
+        sources = {PROBE_SET: self.probe_sets.batch(task_id, agent, ppo=not self.is_dqn)}
+        if not built:
+            self.probe_sets.save(self.run_dir / PROBE_SETS_FILE)
+        first = self.first_visit_sets.batch(task_id, agent.device) if self.first_visit_sets is not None else None
+        if first is not None and len(first.observations) >= 2:
+            sources[FIRST_VISIT] = first
+        return sources
+
     def _probe_round(self, heavy: bool) -> dict[str, float]:
-        """Probe the current task's fixed set (and the training batch), log, and return the fixed-set values."""
+        """Probe the current task's fixed sets (and the training batch), log, and return the fixed sets' values
+        (the first-visit set's with ``@first_visit`` appended to their keys)."""
         agent = self.model
         logger = self.logger
         fixed_values: dict[str, float] = {}
-        sources: dict[str, NamedTuple] = {}
-        fixed = self.probe_sets.batch(self.visit.task_id, agent.device)
-        if fixed is not None and len(fixed.observations) >= 2:
-            sources["probe_set"] = fixed
+        sources = self._probe_sets(self.visit.task_id)
         if self.cfg.on_batch and self._observer.last_batch is not None:
-            sources["batch"] = self._observer.last_batch
+            sources[BATCH] = self._observer.last_batch
 
         for source, batch in sources.items():
+            fixed = source != BATCH
             with _non_finite_inputs(f"plasticity/*@{source}", self.num_timesteps):
-                probes = self.cfg.probes if source == "probe_set" else self.cfg.batch_probes
-                result = probe_batch(agent, batch, self.cfg, heavy=heavy and source == "probe_set", probes=probes)
+                probes = self.cfg.probes if fixed else self.cfg.batch_probes
+                result = probe_batch(agent, batch, self.cfg, heavy=heavy and fixed, probes=probes)
             check_probe_values(result.scalars, source, self.num_timesteps)
             for key, value in result.scalars.items():
                 logger.record(f"plasticity/{key}@{source}", value, exclude=TB_ONLY)
             if self.cfg.histograms:
                 for key, values in result.histograms.items():
                     logger.record(f"plasticity/{key}@{source}", values, exclude=TB_ONLY)
-            if source == "probe_set":
-                fixed_values = dict(result.scalars)
+            if source == PROBE_SET:
+                fixed_values.update(result.scalars)
                 if np.isnan(result.scalars.get("nc1/value_head", 0.0)):
                     self.nc_undefined += 1
+            elif source == FIRST_VISIT:
+                fixed_values.update({f"{key}@{FIRST_VISIT}": value for key, value in result.scalars.items()})
         if "weights" in self.cfg.probes:
             with _non_finite_inputs("plasticity/weight_*", self.num_timesteps):
                 weight_scalars = self._weight_scalars()
@@ -349,6 +393,7 @@ class MonitorCallback(BaseCallback):
             "final_return": float(np.mean(returns[-self.final_episodes :])) if returns else float("nan"),
             "complete": complete,
         }
+        row.update(self._eval_columns(visit.task_id))
         row.update(sorted(probes.items()))
         path = self.run_dir / SUMMARY_FILE
         if self._summary_fields is None:
@@ -358,6 +403,22 @@ class MonitorCallback(BaseCallback):
         with path.open("a", newline="") as f:
             # Probes missing on this visit (say, a probe set too small) stay empty, and new ones are left out.
             csv.DictWriter(f, self._summary_fields, extrasaction="ignore").writerow(row)
+
+    def _eval_columns(self, task_id: int) -> dict[str, float]:
+        """The evaluation at the visit's end: ``eval_return`` and ``eval_return_std`` of the visit's task and,
+        with ``eval.tasks: all``, ``eval_return/<task>`` of every task (empty without evaluation)."""
+        evaluation = self.evaluation
+        if evaluation is None:
+            return {}
+        nan = float("nan")
+        latest = evaluation.latest if evaluation.last_step == self.num_timesteps else {}
+        own = latest.get(task_id)
+        columns = {"eval_return": own.mean if own else nan, "eval_return_std": own.std if own else nan}
+        if evaluation.cfg.tasks == "all":
+            for task, name in enumerate(self.task_names):
+                result = latest.get(task)
+                columns[f"eval_return/{name}"] = result.mean if result else nan
+        return columns
 
     def _add_layout(self) -> None:
         """Group the charts in TensorBoard's Custom Scalars tab."""
@@ -372,13 +433,18 @@ def _to_device(batch: NamedTuple, device: th.device | str) -> NamedTuple:
 
 
 def tensorboard_layout() -> dict[str, dict[str, list[Any]]]:
-    """Custom Scalars layout: returns per task, ranks, dormancy, collapse, curvature, weights."""
+    """Custom Scalars layout: returns per task (training and evaluation), ranks, dormancy, collapse, curvature,
+    weights."""
 
     def charts(*pairs: tuple[str, str]) -> dict[str, list[Any]]:
         return {title: ["Multiline", [regex]] for title, regex in pairs}
 
     return {
         "returns": charts(("episode return per task", r"task/.*/episode_return"), ("task id", r"task/id")),
+        "eval": charts(("evaluation return per task", r"eval/.+/mean_return"),
+                       ("evaluation return of the current task", r"eval/mean_return"),
+                       ("evaluation return std per task", r"eval/.*/std_return"),
+                       ("evaluation episode length per task", r"eval/.*/mean_length")),
         "ranks": charts(*[(name, rf"plasticity/{name}/.*") for name in
                           ("erank", "srank", "approx_rank", "eps_rank", "lyle_rank")]),
         "dormancy": charts(("dormant fraction", r"plasticity/dormant/.*"),

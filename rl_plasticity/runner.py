@@ -38,11 +38,13 @@ from rl_plasticity.checkpoint import (
     write_checkpoint,
 )
 from rl_plasticity.config import ConfigError, RunConfig, load_config, to_yaml
+from rl_plasticity.evaluation import EvalCallback
 from rl_plasticity.interventions import build_interventions
 from rl_plasticity.kernels import check as check_kernels
 from rl_plasticity.kernels import kernels
 from rl_plasticity.monitor import MonitorCallback
 from rl_plasticity.provenance import record_session
+from rl_plasticity.task_envs import TaskEnvs
 from rl_plasticity.task_logging import TaskLogCallback
 
 
@@ -296,8 +298,11 @@ def _learn(cfg: RunConfig, env: VecEnv, agent: BaseAlgorithm, run_dir: Path, pro
     """
     task_names = env.get_attr("task_names")[0]
     task_log = TaskLogCallback(flat_hparams(cfg), task_names)
-    monitor = MonitorCallback(cfg.monitor, run_dir, task_names) if cfg.monitor.enabled else None
-    trainee = Trainee(agent, env, list(agent.interventions), task_log, monitor)  # type: ignore[arg-type]
+    task_envs = TaskEnvs.from_config(cfg)
+    evaluation = EvalCallback(cfg.eval, task_envs, cfg.env.switch_every) if cfg.eval.enabled else None
+    monitor = (MonitorCallback(cfg.monitor, run_dir, task_envs, evaluation=evaluation)
+               if cfg.monitor.enabled else None)
+    trainee = Trainee(agent, env, list(agent.interventions), task_log, monitor, evaluation)  # type: ignore[arg-type]
     store = CheckpointStore(run_dir)
     if resume_from is not None:
         # Before anything is written: a checkpoint that does not load leaves the run directory as it was.
@@ -322,7 +327,8 @@ def _learn(cfg: RunConfig, env: VecEnv, agent: BaseAlgorithm, run_dir: Path, pro
     guard = SignalGuard()
     pbar = ProgressBarCallback() if show_progress else None
     try:
-        callbacks: list[BaseCallback] = [task_log] + ([monitor] if monitor is not None else [])
+        # Evaluation before the monitor: a visit's row in task_summary.csv takes the evaluation at its end.
+        callbacks: list[BaseCallback] = [task_log] + [cb for cb in (evaluation, monitor) if cb is not None]
         callbacks.append(CheckpointCallback(store, trainee, cfg.checkpoint, guard, resume_from))
         if pbar is not None:
             callbacks.append(pbar)

@@ -247,7 +247,8 @@ monitor: {switch_probes: [hessian, trainability]}
 """,
 }
 SMALL_OVERRIDES = ["logging.progress_bar=false", "monitor.probe_every=100", "monitor.probe_set_size=32",
-                   "monitor.gram_size=16", "monitor.hessian_order=8", "monitor.trainability_steps=5"]
+                   "monitor.gram_size=16", "monitor.hessian_order=8", "monitor.trainability_steps=5",
+                   "eval.episodes=2", "eval.max_episode_steps=100"]
 
 
 @pytest.mark.parametrize("preset", list(PRESETS))

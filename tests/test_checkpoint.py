@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch as th
 from click.testing import CliRunner
@@ -40,7 +41,8 @@ net: {kind: mlp, width: 16, depth: 1}
 env: {sequence: cartpole_shift, switch_every: 500}
 logging: {progress_bar: false, root_dir: out}
 monitor: {probe_every: 50, probe_set_size: 32, probes: [rank, dormant, collapse, weights],
-          switch_probes: [trainability], trainability_steps: 10}
+          switch_probes: [trainability], trainability_steps: 10, first_visit: true, first_visit_size: 32}
+eval: {episodes: 3, tasks: all, epsilon: 0.05}
 checkpoint: {every: 100}
 interventions: [reset, l2]
 """
@@ -55,6 +57,7 @@ net: {kind: mlp, width: 16, depth: 1}
 env: {sequence: cartpole_shift, switch_every: 512, n_envs: 2}
 logging: {progress_bar: false, root_dir: out}
 monitor: {probe_every: 20, probe_set_size: 32, probes: [rank, dormant, weights], switch_probes: []}
+eval: {episodes: 3, tasks: all, every: 100}
 checkpoint: {every: 200}
 interventions: [l2]
 """
@@ -79,9 +82,11 @@ def same(a: list[tuple[int, float]], b: list[tuple[int, float]]) -> bool:
 
 
 def assert_same_logs(run: Path, reference: Path) -> None:
-    """No step twice for a tag, and every scalar but the wall-clock ones equal to the reference run's."""
+    """No step twice for a tag, and every scalar but the wall-clock ones equal to the reference run's (the
+    evaluation's and both probe sources' among them)."""
     got, want = scalars(run), scalars(reference)
     assert set(got) == set(want), set(got) ^ set(want)
+    assert "eval/mean_return" in got and any(t.endswith("@probe_set") for t in got)
     for tag, points in got.items():
         steps = [s for s, _ in points]
         assert len(steps) == len(set(steps)), f"{tag}: a step logged twice"
@@ -209,6 +214,12 @@ def test_sigterm_mid_task_and_after_switch_then_resume_equals_uninterrupted(tmp_
     assert [v for _, v in scalars(run_dir)["interventions/reset/fired"]] == [1, 2]
     assert (run_dir / "task_summary.csv").read_text() == (dqn_reference / "task_summary.csv").read_text()
     assert len((run_dir / "task_summary.csv").read_text().splitlines()) == 4  # header + 3 visits
+    for name in ("probe_sets.pt", "first_visit_sets.pt"):  # rebuilt or restored: the same sets, every task
+        got, want = (th.load(d / name, weights_only=False) for d in (run_dir, dqn_reference))
+        sets = "sets" if name == "probe_sets.pt" else "frozen"
+        assert sorted(got[sets]) == sorted(want[sets]) == [0, 1, 2]
+        for task, arrays in want[sets].items():
+            assert all(np.array_equal(got[sets][task][k], v) for k, v in arrays.items()), (name, task)
     got, want = final_state(run_dir), final_state(dqn_reference)
     assert got["agent"]["num_timesteps"] == want["agent"]["num_timesteps"] == 1500
     assert got["agent"]["num_gradient_steps"] == want["agent"]["num_gradient_steps"]

@@ -92,15 +92,15 @@ def test_list_shows_every_registry():
 
 
 def test_train_help_documents_every_field():
-    from rl_plasticity.config import (CheckpointConfig, DQNConfig, EnvConfig, LoggingConfig, MonitorConfig,
-                                      NetConfig, PPOConfig, RunConfig)
+    from rl_plasticity.config import (CheckpointConfig, DQNConfig, EnvConfig, EvalConfig, LoggingConfig,
+                                      MonitorConfig, NetConfig, PPOConfig, RunConfig)
 
     text = run("train", "--help").output
     for prefix, model in [("", RunConfig), ("agent.", DQNConfig), ("agent.", PPOConfig), ("net.", NetConfig),
                           ("env.", EnvConfig), ("logging.", LoggingConfig), ("monitor.", MonitorConfig),
-                          ("checkpoint.", CheckpointConfig)]:
+                          ("eval.", EvalConfig), ("checkpoint.", CheckpointConfig)]:
         for field in model.model_fields:
-            if not prefix and field in ("agent", "net", "env", "logging", "monitor", "checkpoint"):
+            if not prefix and field in ("agent", "net", "env", "logging", "monitor", "eval", "checkpoint"):
                 continue
             assert f"{prefix}{field} (" in text, f"{prefix}{field} missing from --help"
 

@@ -12,9 +12,10 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from rl_plasticity.config import validate_config
 from rl_plasticity.monitor import MonitorCallback
-from rl_plasticity.probe_sets import ProbeSets
+from rl_plasticity.probe_sets import ProbeSets, random_policy_transitions
 from rl_plasticity.probes import effective_rank
 from rl_plasticity.runner import build_agent, build_env, train
+from rl_plasticity.task_envs import TaskEnvs
 
 MONITOR = dict(probe_every=50, probe_set_size=64, hessian_order=5, gram_size=32, trainability_steps=5)
 
@@ -26,7 +27,7 @@ def tiny_config(tmp_path: Path, algo: str = "dqn", **monitor) -> dict:
     return dict(name="mon", seed=2, total_steps=600, agent=agent, net=dict(kind="mlp", width=16, depth=2),
                 env=dict(sequence="cartpole_shift", switch_every=200),
                 logging=dict(root_dir=str(tmp_path / "runs"), progress_bar=False, save_model=False),
-                monitor={**MONITOR, **monitor})
+                monitor={**MONITOR, **monitor}, eval=dict(enabled=False))
 
 
 def read_events(run_dir: Path) -> EventAccumulator:
@@ -78,8 +79,10 @@ def test_monitor_logs_probes_summary_and_probe_sets(tmp_path: Path, algo: str):
         assert "hessian_top_eig/loss" in r and r["trainability/value"] != ""
 
     state = th.load(run_dir / "probe_sets.pt", weights_only=False)
-    assert sorted(state["frozen"]) == [0, 1, 2]
-    assert all(len(s["observations"]) == 64 for s in state["frozen"].values())
+    assert state["source"] == "random_policy" and sorted(state["sets"]) == [0, 1, 2]
+    assert all(len(s["observations"]) == 64 for s in state["sets"].values())
+    assert all(n >= 10 for n in state["episodes"].values())
+    assert not (run_dir / "first_visit_sets.pt").exists()  # monitor.first_visit is off by default
 
 
 def test_probe_set_values_match_an_independent_computation(tmp_path: Path):
@@ -89,16 +92,16 @@ def test_probe_set_values_match_an_independent_computation(tmp_path: Path):
     agent = build_agent(cfg, env)
     run_dir = tmp_path / "direct"
     run_dir.mkdir()
-    callback = MonitorCallback(cfg.monitor, run_dir, env.get_attr("task_names")[0])
+    callback = MonitorCallback(cfg.monitor, run_dir, TaskEnvs.from_config(cfg))
     seen: dict[str, float] = {}
 
     original = callback._probe_round
 
     def spy(heavy: bool) -> dict[str, float]:
         if callback.visit.task_id == 0 and not seen:
-            sets = callback.probe_sets.batch(0, agent.device)
+            obs = th.as_tensor(callback.probe_sets.arrays(0)["observations"])
             with th.no_grad():
-                seen["expected"] = effective_rank(agent.value_features(sets.observations))
+                seen["expected"] = effective_rank(agent.value_features(obs))
         values = original(heavy)
         if "got" not in seen:
             seen["got"] = values["erank/value_head"]
@@ -111,12 +114,13 @@ def test_probe_set_values_match_an_independent_computation(tmp_path: Path):
 
 @pytest.mark.parametrize("algo", ["dqn", "ppo"])
 def test_monitor_does_not_change_training(tmp_path: Path, algo: str):
-    cfg = validate_config(tiny_config(tmp_path, algo, probe_every=20))
+    # Both probe sources: the random-policy sets are built during training (at the first round of a task).
+    cfg = validate_config(tiny_config(tmp_path, algo, probe_every=20, first_visit=True))
     params = []
     for with_monitor in (True, False):
         env = build_env(cfg)
         agent = build_agent(cfg, env)
-        callback = MonitorCallback(cfg.monitor, tmp_path, env.get_attr("task_names")[0]) if with_monitor else None
+        callback = MonitorCallback(cfg.monitor, tmp_path, TaskEnvs.from_config(cfg)) if with_monitor else None
         agent.learn(500, callback=callback)
         assert agent.interventions == []  # the monitor's observer is gone afterwards
         params.append({k: v.clone() for k, v in agent.policy.state_dict().items()})
@@ -149,9 +153,75 @@ def test_monitor_leaves_ppo_minatar_training_unchanged(tmp_path: Path):
     for with_monitor in (True, False):
         env = build_env(cfg)
         agent = build_agent(cfg, env)
-        callback = MonitorCallback(cfg.monitor, tmp_path, env.get_attr("task_names")[0]) if with_monitor else None
-        agent.learn(256, callback=callback)  # the switch at 128 probes task 0's set, filled at 64
+        callback = MonitorCallback(cfg.monitor, tmp_path, TaskEnvs.from_config(cfg)) if with_monitor else None
+        agent.learn(256, callback=callback)  # the switch at 128 probes task 0's random-policy set
         assert all(isinstance(p, th.nn.Parameter) for m in agent.policy.modules() for p in m._parameters.values())
         params.append({k: v.clone() for k, v in agent.policy.state_dict().items()})
     for key in params[0]:
         assert th.equal(params[0][key], params[1][key]), key
+
+
+def test_random_policy_transitions_span_episodes_and_are_real_transitions():
+    # CartPole: reward 1 every step, and an episode terminates exactly when the pole falls or the cart leaves
+    # (|x| > 2.4 or |theta| > 12 degrees in the next state), which checks dones against the physics.
+    env = TaskEnvs("cartpole_shift", {}, sequence_seed=0, run_seed=0).make(1)
+    arrays, episodes = random_policy_transitions(env, size=64, seed=5, min_episodes=10)
+    assert episodes >= 10
+    assert {k: v.shape for k, v in arrays.items()} == {"observations": (64, 4), "actions": (64, 1),
+                                                       "next_observations": (64, 4), "dones": (64, 1),
+                                                       "rewards": (64, 1)}
+    assert arrays["actions"].dtype == np.int64 and set(arrays["actions"].ravel()) <= {0, 1}
+    assert len({o.tobytes() for o in arrays["observations"]}) == 64
+    fell = (np.abs(arrays["next_observations"][:, 0]) > 2.4) | (np.abs(arrays["next_observations"][:, 2]) > 12 * 2 * np.pi / 360)
+    np.testing.assert_array_equal(arrays["dones"].ravel(), fell.astype(np.float32))
+    assert fell.any() and not fell.all()
+    np.testing.assert_array_equal(arrays["rewards"], 1.0)
+    again, _ = random_policy_transitions(TaskEnvs("cartpole_shift", {}, 0, 0).make(1), 64, seed=5)
+    other, _ = random_policy_transitions(TaskEnvs("cartpole_shift", {}, 0, 0).make(1), 64, seed=6)
+    assert all(np.array_equal(arrays[k], again[k]) for k in arrays)
+    assert not np.array_equal(arrays["observations"], other["observations"])
+
+
+def _probe_set_run(tmp_path: Path, name: str, seed: int = 3, **over) -> Path:
+    cfg = dict(name=name, seed=seed, total_steps=None,
+               agent=dict(algo="dqn", learning_starts=50, buffer_size=1000, batch_size=16, train_freq=1,
+                          target_update_interval=50, exploration_fraction=0.1),
+               net=dict(kind="minatar", width=8, channels=4),
+               env=dict(sequence="permuted_minatar", switch_every=100, options=dict(num_tasks=2)),
+               logging=dict(root_dir=str(tmp_path), progress_bar=False, save_model=False),
+               monitor=dict(probe_every=10_000, probes=["rank"], switch_probes=[], on_batch=False,
+                            probe_set_size=32, first_visit=True, first_visit_size=32),
+               eval=dict(enabled=False), checkpoint=dict(every=None, replay_buffer=False))
+    for key, value in over.items():
+        cfg[key] = {**cfg[key], **value} if isinstance(value, dict) else value
+    run_dir = train(validate_config(cfg))
+    return run_dir
+
+
+def test_probe_sets_are_the_same_for_every_arm_and_for_the_fresh_arm(tmp_path: Path):
+    # Permuted Breakout: the tasks themselves come from the seed too. Two arms with different interventions
+    # and networks, and the fresh-network arm (rlp sweep --fresh: one run per task) with the same seed.
+    plain = _probe_set_run(tmp_path, "plain")
+    other = _probe_set_run(tmp_path, "other", interventions=["reset"],
+                           net=dict(kind="minatar", width=16, channels=4, layer_norm=True))
+    fresh = {k: _probe_set_run(tmp_path, f"fresh{k}", interventions=[],
+                               env=dict(order="explicit", task_order=[k])) for k in (0, 1)}
+    reseeded = _probe_set_run(tmp_path, "reseeded", seed=4)
+    sets = {name: th.load(d / "probe_sets.pt", weights_only=False)["sets"]
+            for name, d in (("plain", plain), ("other", other), ("fresh0", fresh[0]), ("fresh1", fresh[1]),
+                            ("reseeded", reseeded))}
+    assert sorted(sets["plain"]) == sorted(sets["other"]) == [0, 1]
+    assert sorted(sets["fresh0"]) == [0] and sorted(sets["fresh1"]) == [1]
+    for task in (0, 1):
+        for name in ("other", f"fresh{task}"):
+            for field, array in sets["plain"][task].items():
+                got = sets[name][task][field]
+                assert got.dtype == array.dtype and got.tobytes() == array.tobytes(), (name, task, field)
+        assert sets["reseeded"][task]["observations"].tobytes() != sets["plain"][task]["observations"].tobytes()
+    # The first-visit sets, played by each run's own policy, differ between the arms: the data that moved
+    # the probes before.
+    first = {name: th.load(d / "first_visit_sets.pt", weights_only=False)["frozen"] for name, d in
+             (("plain", plain), ("other", other))}
+    assert first["plain"][1]["actions"].tobytes() != first["other"][1]["actions"].tobytes()
+    rows = list(csv.DictReader((plain / "task_summary.csv").open()))
+    assert rows[0]["erank/value_head"] != "" and rows[0]["erank/value_head@first_visit"] != ""

@@ -265,25 +265,26 @@ def test_report_curves_interpolated_averaged_and_fresh_aligned(runs: Path, tmp_p
         return found
 
     # The current task's return: task A's points up to 100, task B's after.
-    assert point("return", "none", 50.0)["mean"] == pytest.approx(np.mean([0, 1, 2]))
-    assert point("return", "none", 100.0)["mean"] == pytest.approx(np.mean([0, 2, 4]))
-    assert point("return", "none", 150.0)["mean"] == pytest.approx(np.mean([0, 10, 20]))
+    assert point("train_return", "none", 50.0)["mean"] == pytest.approx(np.mean([0, 1, 2]))
+    assert point("train_return", "none", 100.0)["mean"] == pytest.approx(np.mean([0, 2, 4]))
+    assert point("train_return", "none", 150.0)["mean"] == pytest.approx(np.mean([0, 10, 20]))
     # reset: the incomplete run (seed 3) counts until its last log (step 100), not after.
-    assert point("return", "reset", 100.0)["n"] == 4 and point("return", "reset", 150.0)["n"] == 3
-    assert point("return", "reset", 100.0)["mean"] == pytest.approx(np.mean([100, 102, 104, 106]))
+    assert point("train_return", "reset", 100.0)["n"] == 4 and point("train_return", "reset", 150.0)["n"] == 3
+    assert point("train_return", "reset", 100.0)["mean"] == pytest.approx(np.mean([100, 102, 104, 106]))
     # The fresh runs on task B are placed where the continual runs meet B (step 100): their step 50 -> 150.
-    assert point("return", "fresh", 150.0)["mean"] == pytest.approx(np.mean(list(FRESH_B.values())))
-    assert point("return", "fresh", 200.0)["mean"] == pytest.approx(np.mean(list(FRESH_B.values())) + 2)
+    assert point("train_return", "fresh", 150.0)["mean"] == pytest.approx(np.mean(list(FRESH_B.values())))
+    assert point("train_return", "fresh", 200.0)["mean"] == pytest.approx(np.mean(list(FRESH_B.values())) + 2)
     assert not ((curves["arm"] == "fresh") & (curves["step"] < 100)).any()
-    band_point = point("return", "none", 150.0)
+    band_point = point("train_return", "none", 150.0)
     assert band_point["ci_low"] <= band_point["mean"] <= band_point["ci_high"]
     # A probe curve, per layer: erank/value_head at step 150 is halfway between its logs at 100 and 200.
     assert point("erank/value_head", "none", 150.0)["mean"] == pytest.approx(np.mean([2.5, 3.5, 4.5]))
 
-    for name in ("return.png", "erank.png"):
+    for name in ("train_return.png", "erank.png"):
         data = (tmp_path / "out" / name).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5_000
     assert not (tmp_path / "out" / "dormant.png").exists()  # no dormant curve was logged
+    assert not (tmp_path / "out" / "return.png").exists()  # nor an evaluation return
 
 
 def test_report_rebuilds_visits_from_events_without_task_summary(tmp_path: Path):
@@ -424,4 +425,85 @@ def test_report_nc1_return_correlation_over_complete_continual_visits(runs: Path
     assert relative["n"] == 6 and np.isnan(relative["pearson_r"])
     md = (tmp_path / "out" / "report.md").read_text()
     assert "## NC1 and return across task visits" in md and "| all visits | mean return | 12 |" in md
+    assert "falls back to the **training returns**" in md  # these runs logged no evaluation
     assert (tmp_path / "out" / "nc1_vs_return.png").stat().st_size > 0
+
+
+# -- evaluation returns ------------------------------------------------------------------------------------
+# Per arm and seed: evaluation returns at the end of visit 1 (task A) and visit 2 (task B).
+EVAL_NONE = {0: (5.0, 2.0), 1: (7.0, 4.0)}
+EVAL_RESET = {0: (6.0, 9.0), 1: (8.0, 13.0)}
+EVAL_FRESH_B = {0: 10.0, 1: 14.0}
+
+
+@pytest.fixture
+def eval_runs(tmp_path: Path) -> Path:
+    root = tmp_path / "eval_runs"
+    for arm, table, ivs in (("none", EVAL_NONE, []), ("reset", EVAL_RESET, ["reset"])):
+        for seed, (ea, eb) in table.items():
+            rows = [{**row(A, 1, 0, 50.0 + seed, 51.0, 2.0, (0.1, 0.3), 1.0 + seed), "eval_return": ea},
+                    {**row(B, 1, SWITCH, 60.0 + seed, 61.0, 3.0, (0.2, 0.4), 3.0 + ea), "eval_return": eb}]
+            scalars = {f"task/{A}/episode_return": curve(seed, 0.0), "task/id": [(10, 0), (100, 1), (200, 0)],
+                       "eval/mean_return": [(0, 0.0), (100, ea), (200, eb)],
+                       f"eval/{A}/mean_return": [(0, 0.0), (100, ea), (200, ea - 1)],
+                       f"eval/{B}/mean_return": [(0, 1.0), (100, 1.0), (200, eb)]}
+            write_run(root / arm / f"20260101-00000{seed}_seed{seed}", seed=seed, interventions=ivs, total=200,
+                      checkpoint=200, rows=rows, scalars=scalars)
+    for seed, value in EVAL_FRESH_B.items():
+        write_run(root / "fresh" / f"20260101-00000{seed}_seed{seed}", seed=seed, interventions=[], total=SWITCH,
+                  checkpoint=SWITCH, task_order=[1],
+                  rows=[{**row(B, 1, 0, 90.0, 91.0, 9.0, (0.0, 0.0), 3.0), "eval_return": value}],
+                  scalars={f"task/{B}/episode_return": [(50, 90.0)], "task/id": [(10, 1)],
+                           "eval/mean_return": [(0, 0.0), (100, value)], f"eval/{B}/mean_return": [(0, 0.0), (100, value)],
+                           f"eval/{A}/mean_return": [(0, 3.0), (100, 3.0)]})
+    return root
+
+
+def test_report_leads_with_evaluation_returns(eval_runs: Path, tmp_path: Path):
+    make_report(eval_runs, tmp_path / "out", points=3, n_resamples=1_000)  # grid: 0, 100, 200
+    out = tmp_path / "out"
+    stats = pd.read_csv(out / "visits.csv")
+    assert stat(stats, 2, "reset", "eval_return")["mean"] == pytest.approx(11.0)
+    assert stat(stats, 2, "fresh", "eval_return")["mean"] == pytest.approx(12.0)
+    assert stat(stats, 2, "reset", "mean_return")["mean"] == pytest.approx(60.5)  # training return kept
+    seq = pd.read_csv(out / "sequence.csv").set_index(["arm", "metric"])
+    # Relative to fresh, on evaluation returns: visit 2 (task B) over the fresh arm's mean eval return (12).
+    assert seq.loc[("none", "eval_return")]["mean"] == pytest.approx(3.0)
+    assert seq.loc[("none", "eval_return/fresh")]["mean"] == pytest.approx(np.mean([2 / 12, 4 / 12]))
+    assert seq.loc[("reset", "eval_return/fresh")]["mean"] == pytest.approx(np.mean([9 / 12, 13 / 12]))
+    assert seq.loc[("none", "mean_return/fresh")]["mean"] == pytest.approx(np.mean([60 / 90, 61 / 90]))
+    md = (out / "report.md").read_text()
+    assert "The main return is the evaluation return" in md and "falls back" not in md
+    assert "| arm | n | eval return | IQM | relative to fresh | IQM | training return | relative to fresh |" in md
+    assert "| arm | n | eval return | IQM | training return | IQM | final training return | IQM |" in md
+    # The NC1 correlation on evaluation returns: NC1 of visit B is 3 + eval return of A, by construction.
+    table = pd.read_csv(out / "correlation.csv")
+    pooled = table[(table["scope"] == "all visits") & (table["return"] == "eval return")].iloc[0]
+    nc1 = [1, 2, 1, 2] + [3 + EVAL_NONE[s][0] for s in (0, 1)] + [3 + EVAL_RESET[s][0] for s in (0, 1)]
+    ret = [EVAL_NONE[0][0], EVAL_NONE[1][0], EVAL_RESET[0][0], EVAL_RESET[1][0]] + \
+        [EVAL_NONE[s][1] for s in (0, 1)] + [EVAL_RESET[s][1] for s in (0, 1)]
+    assert pooled["n"] == 8 and pooled["pearson_r"] == pytest.approx(np.corrcoef(nc1, ret)[0, 1])
+    curves = pd.read_csv(out / "curves.csv")
+
+    def point(metric: str, arm: str, step: float) -> float:
+        (found,) = [r["mean"] for _, r in curves.iterrows() if (r["metric"], r["arm"], r["step"]) == (metric, arm, step)]
+        return found
+
+    assert point("eval_return", "reset", 200.0) == pytest.approx(11.0)
+    assert point(f"eval_task/{A}", "none", 200.0) == pytest.approx(5.0)  # forgetting: task A after visit 2
+    assert point(f"eval_task/{B}", "fresh", 200.0) == pytest.approx(12.0)  # placed where B starts (100)
+    assert not ((curves["metric"] == f"eval_task/{A}") & (curves["arm"] == "fresh")).any()  # not its task
+    for name in ("return.png", "train_return.png", "eval_tasks.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_report_names_runs_without_evaluation(eval_runs: Path, tmp_path: Path):
+    # An older run (no eval_return column, no eval tags) beside runs with evaluation.
+    write_run(eval_runs / "none" / "20260101-000009_seed9", seed=9, interventions=[], total=200, checkpoint=200,
+              rows=[row(A, 1, 0, 1.0, 1.0, 2.0, (0.1, 0.3), 1.0), row(B, 1, SWITCH, 1.0, 1.0, 3.0, (0.2, 0.4), 2.0)],
+              scalars={"task/id": [(10, 0), (100, 1)]})
+    make_report(eval_runs, tmp_path / "out", points=3, n_resamples=500)
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "1 of 7 runs logged no evaluation return" in md and "20260101-000009_seed9" in md
+    stats = pd.read_csv(tmp_path / "out" / "visits.csv")
+    assert stat(stats, 2, "none", "eval_return")["n"] == 2 and stat(stats, 2, "none", "mean_return")["n"] == 3

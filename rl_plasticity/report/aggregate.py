@@ -13,10 +13,19 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from rl_plasticity.report.runs import MAIN_PROBES, RETURN, RunData
+from rl_plasticity.report.runs import EVAL_RETURN, MAIN_PROBES, TRAIN_RETURN, RunData
 from rl_plasticity.report.stats import Summary, band, interpolate, relative_summary, summarize
 
-RETURN_METRICS = ("mean_return", "final_return")
+#: Per-visit returns: the evaluation return at the visit's end, then the training returns over the visit
+#: (mean over its episodes, and over its last 10).
+RETURN_METRICS = ("eval_return", "mean_return", "final_return")
+
+
+def main_return(rows: pd.DataFrame) -> str:
+    """The report's main return: ``eval_return`` if any run logged one, else the training ``mean_return``."""
+    if "eval_return" in rows and pd.to_numeric(rows["eval_return"], errors="coerce").notna().any():
+        return "eval_return"
+    return "mean_return"
 
 
 @dataclass(frozen=True)
@@ -110,12 +119,13 @@ def visit_stats(rows: pd.DataFrame, keys: list[VisitKey], arms: list[str], n_res
 def sequence_stats(rows: pd.DataFrame, keys: list[VisitKey], arms: list[str], n_resamples: int,
                    seed: int) -> pd.DataFrame:
     """Per arm, over the visits after the first (those where a network has trained on another task before):
-    ``n, mean, ci_low, ci_high, iqm`` over runs of per-run numbers, for the mean and the final return.
+    ``n, mean, ci_low, ci_high, iqm`` over runs of per-run numbers, for each return of :data:`RETURN_METRICS`
+    that some run has (the evaluation return at the visit's end, the training mean and final returns).
 
-    - ``mean_return`` (``final_return``): the run's mean over these visits of its mean (final) return in the
-      visit (raw returns: across different games, the one with larger returns weighs more);
-    - ``mean_return/fresh`` (``final_return/fresh``): the same mean of each visit's return divided by the
-      fresh arm's on that task (mean over its seeds); 1 means as good as a new network. Its interval
+    - ``eval_return`` (``mean_return``, ``final_return``): the run's mean over these visits of that return
+      (raw returns: across different games, the one with larger returns weighs more);
+    - ``eval_return/fresh`` (...): the same mean of each visit's return divided by the fresh arm's on that
+      task (mean over its seeds); 1 means as good as a new network. Its interval
       resamples the runs and the fresh seeds independently (:func:`~rl_plasticity.report.stats.relative_summary`).
 
     A continual run counts only if it has completed all ``len(keys)`` visits; its own first visit (by
@@ -130,7 +140,8 @@ def sequence_stats(rows: pd.DataFrame, keys: list[VisitKey], arms: list[str], n_
     done = rows[rows["complete"].astype(bool)]
     out = []
     for metric in RETURN_METRICS:
-        out += _sequence_metric(done, metric, keys, arms, n_resamples, seed)
+        if metric in done and pd.to_numeric(done[metric], errors="coerce").notna().any():
+            out += _sequence_metric(done, metric, keys, arms, n_resamples, seed)
     frame = pd.DataFrame(out, columns=columns)
     order = {arm: i for i, arm in enumerate(arms)}
     return frame.sort_values("arm", key=lambda a: a.map(order), kind="stable").reset_index(drop=True)
@@ -206,7 +217,7 @@ def curve_bands(runs: list[RunData], arms: list[str], grid: np.ndarray, offsets:
     Each run is interpolated onto the grid (NaN outside its logged range); a fresh seed's curve is its
     per-task runs placed one after another.
     """
-    metrics = sorted({m for run in runs for m in run.curves}, key=lambda m: (m != RETURN, m))
+    metrics = sorted({m for run in runs for m in run.curves}, key=lambda m: (m not in (EVAL_RETURN, TRAIN_RETURN), m))
     out = []
     for metric in metrics:
         for arm in arms:

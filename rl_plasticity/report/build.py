@@ -16,58 +16,81 @@ from rl_plasticity.report.aggregate import (
     arm_order,
     curve_bands,
     fresh_offsets,
+    main_return,
     sequence_stats,
     step_grid,
     visit_keys,
     visit_rows,
     visit_stats,
 )
-from rl_plasticity.report.correlation import nc1_return_correlations
+from rl_plasticity.report.correlation import RETURN_NAMES, nc1_return_correlations
 from rl_plasticity.report.provenance import ProvenanceSummary, summarize_provenance
-from rl_plasticity.report.runs import MAIN_PROBES, RETURN, RunData, load_run
+from rl_plasticity.report.runs import EVAL_RETURN, EVAL_TASK, MAIN_PROBES, TRAIN_RETURN, RunData, load_run
 from rl_plasticity.rundirs import find_run_dirs
 
-TITLES = {"mean_return": "mean return", "final_return": "final return", **MAIN_PROBES}
-PLOTS = {RETURN: ("return.png", "Return of the current task", "episode return"),
+TITLES = {"eval_return": "eval return", "mean_return": "training return", "final_return": "final training return",
+          **MAIN_PROBES}
+PLOTS = {EVAL_RETURN: ("return.png", "Evaluation return of the current task", "mean evaluation return"),
+         TRAIN_RETURN: ("train_return.png", "Training return of the current task", "episode return"),
+         EVAL_TASK: ("eval_tasks.png", "Evaluation return of every task (forgetting, forward transfer)",
+                     "mean evaluation return"),
          **{p: (f"{p}.png", title, title) for p, title in MAIN_PROBES.items()}}
+RETURNS_EVAL = (
+    "**Returns.** The main return is the evaluation return (`eval_return`): the mean over `eval.episodes` "
+    "episodes of the agent's own greedy policy (`eval.epsilon`), on separate env copies whose episodes are "
+    "seeded the same in every arm and round, at the end of the visit. Training returns (over the visit's "
+    "episodes at the training exploration, which differs between arms of different lengths) are secondary "
+    "columns."
+)
+RETURNS_PARTIAL = "{n} of {total} runs logged no evaluation return (made before evaluation existed, or " \
+    "with `eval.enabled=false`): they are missing from the evaluation columns: {runs}."
+RETURNS_TRAINING = (
+    "**Returns.** No run logged an evaluation return (made before evaluation existed, or with "
+    "`eval.enabled=false`), so this report falls back to the **training returns** everywhere: the return "
+    "over each visit's episodes at the training exploration, which may differ between arms."
+)
 
 
 VISITS_NOTE = (
     "Each cell: mean over seeds [95% percentile-bootstrap confidence interval]; IQM: interquartile mean "
     "(rliable's, `scipy.stats.trim_mean(x, 0.25)`); n: runs with this visit complete (a visit cut short "
-    "is left out). Returns are over the visit's episodes (final: its last 10); probes are on the task's "
-    "fixed probe set at the end of the visit, averaged over layers where a probe has several "
-    "(each layer: `visits.csv`). The `fresh` arm is a network trained on this task alone for one "
-    "visit's steps: the same row stands beside every visit of the task."
+    "is left out). The eval return is the evaluation at the end of the visit, the training returns are over "
+    "the visit's episodes (final: its last 10); probes are on the task's fixed probe set at the end of the "
+    "visit, averaged over layers where a probe has several (each layer: `visits.csv`). The `fresh` arm is a "
+    "network trained on this task alone for one visit's steps: the same row stands beside every visit of the "
+    "task."
 )
 SEQUENCE_NOTE = (
     "Per arm, over the visits after the first ({tasks} in the common order; a run with its own order drops its "
     "own first visit), where a network has trained on another task before: each run's mean of its per-visit "
-    "mean returns (raw: a game with larger returns weighs more), and its mean of each visit's return divided "
+    "returns (raw: a game with larger returns weighs more), and its mean of each visit's return divided "
     "by the fresh network's on that task (1: as good as a new network; below 1: lost plasticity, or "
-    "interference); the same for the final return (last 10 episodes of each visit). Mean over runs [95% "
+    "interference); for the main return first, then for the others. Mean over runs [95% "
     "bootstrap CI; for the relative returns the runs and the fresh seeds are resampled independently] and "
     "IQM; n: runs with every visit complete (for `fresh`: seeds with every task)."
 )
 CURVES_NOTE = (
     "Mean over seeds with a shaded 95% bootstrap band; dashed vertical lines are task switches. Each run "
-    "is interpolated linearly onto a common step grid (no extrapolation past its last log); the "
-    "return is the current task's (`task/<task>/episode_return`). The fresh arm's runs are drawn where "
-    "the continual runs meet their task."
+    "is interpolated linearly onto a common step grid (no extrapolation past its last log). The evaluation "
+    "return is the current task's (`eval/mean_return`), the training return too (`task/<task>/episode_return`); "
+    "the evaluation return of every task (`eval/<task>/mean_return`, with `eval.tasks: all`) shows forgetting "
+    "(a finished task's return falls) and forward transfer (a task's return before its visit). The fresh arm's "
+    "runs are drawn where the continual runs meet their task (of every task's evaluation, its own task only)."
 )
 FILES_NOTE = """\
 - `runs.csv`: one row per run (arm, seed, directory, complete or how far it got);
 - `visits_by_run.csv`: every run's task visits (`task_summary.csv` rows, or rebuilt from the events for a run
   without the monitor; column `source`);
 - `visits.csv`: the tables above, per visit, arm and metric (each layer too): n, mean, ci_low, ci_high, iqm;
-- `sequence.csv`: the table across the sequence: arm, metric (`mean_return`, `mean_return/fresh`, `final_return`,
-  `final_return/fresh`), visits, n, mean, ci_low, ci_high, iqm;
+- `sequence.csv`: the table across the sequence: arm, metric (`eval_return`, `eval_return/fresh`, `mean_return`,
+  `mean_return/fresh`, `final_return`, `final_return/fresh`; those some run has), visits, n, mean, ci_low,
+  ci_high, iqm;
 - `curves.csv`: the plotted curves: metric, arm, step, n, mean, ci_low, ci_high;
 - `correlation.csv`: the NC1-return correlations above;
 - `provenance.csv`: every session of every run (its `provenance.json`): commit, machine, kernels, host."""
 CORRELATION_NOTE = (
     "Each point is one complete task visit of one continual run (every arm but `fresh`): NC1 of the value-head "
-    "features on the task's fixed probe set at the end of the visit, against the mean return over the visit. "
+    "features on the task's fixed probe set at the end of the visit, against the visit's main return. "
     "Pearson's r with its 95% interval (Fisher z) and p-value, and Spearman's rank correlation. Returns of "
     "different games differ in scale, so the pooled value mixes tasks; the per-task rows and the pooled "
     "return relative to the fresh network's on the same task do not. Visits of one run are not independent, "
@@ -130,7 +153,8 @@ def make_report(runs_dir: Path, out: Path | None = None, points: int = 200, n_re
             elif ((sweep_dir / str(entry.get("label"))).resolve(), entry.get("seed")) not in seen:
                 report.not_started.append(trial_id)
 
-    correlations = nc1_return_correlations(rows)
+    main = main_return(rows)
+    correlations = nc1_return_correlations(rows, main)
     report.provenance = summarize_provenance(runs, runs_dir)
 
     report.out.mkdir(parents=True, exist_ok=True)
@@ -143,10 +167,11 @@ def make_report(runs_dir: Path, out: Path | None = None, points: int = 200, n_re
     if correlations["n"].gt(0).any():
         from rl_plasticity.report.plots import plot_nc1_vs_return
 
-        plot_nc1_vs_return(rows, arms, report.out / "nc1_vs_return.png")
+        plot_nc1_vs_return(rows, arms, report.out / "nc1_vs_return.png", main,
+                           "eval return at the visit's end" if main == "eval_return" else "mean return over the visit")
         report.files.append(report.out / "nc1_vs_return.png")
     md = report.out / "report.md"
-    md.write_text(_markdown(report, runs_dir, arms, keys, stats, sequence, correlations))
+    md.write_text(_markdown(report, runs_dir, arms, keys, stats, sequence, correlations, main))
     report.files.insert(0, md)
     return report
 
@@ -212,8 +237,20 @@ def _seeds(seeds: list[int]) -> str:
     return ", ".join(str(s) for s in sorted(set(seeds)))
 
 
+def _returns_note(runs: list[RunData], runs_dir: Path, main: str) -> list[str]:
+    """Which return the report leads with, and the runs without evaluation returns."""
+    if main != "eval_return":
+        return [RETURNS_TRAINING, ""]
+    lacking = [r for r in runs if "eval_return" not in r.visits or r.visits["eval_return"].isna().all()]
+    lines = [RETURNS_EVAL, ""]
+    if lacking:
+        listed = ", ".join(f"`{_rel(r.path, runs_dir)}`" for r in lacking)
+        lines += [RETURNS_PARTIAL.format(n=len(lacking), total=len(runs), runs=listed), ""]
+    return lines
+
+
 def _markdown(report: Report, runs_dir: Path, arms: list[str], keys: list[VisitKey], stats: pd.DataFrame,
-              sequence: pd.DataFrame, correlations: pd.DataFrame) -> str:
+              sequence: pd.DataFrame, correlations: pd.DataFrame, main: str) -> str:
     runs = report.runs
     when = dt.datetime.now().isoformat(timespec="seconds")
     lines = ["# Plasticity report", "",
@@ -237,25 +274,34 @@ def _markdown(report: Report, runs_dir: Path, arms: list[str], keys: list[VisitK
     if report.not_started:
         lines += [f"**Trials not started yet** (sweep.json): {', '.join(f'`{t}`' for t in sorted(report.not_started))}",
                   ""]
+    lines += _returns_note(runs, runs_dir, main)
 
     if len(sequence):
         tasks = ", ".join(dict.fromkeys(k.task for k in keys[1:]))
+        metrics = [m for m in RETURN_METRICS if m in set(sequence["metric"])]
+        metrics.sort(key=lambda m: m != main)
+        header = ["arm", "n", TITLES[metrics[0]], "IQM", "relative to fresh", "IQM"]
+        for metric in metrics[1:]:
+            header += [TITLES[metric], "relative to fresh"]
         lines += ["## Across the sequence", "", SEQUENCE_NOTE.format(tasks=tasks), "",
-                  "| arm | n | mean return | IQM | relative to fresh | IQM | final return | relative to fresh |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         for arm in arms:
             cells = {r["metric"]: r for _, r in sequence[sequence["arm"] == arm].iterrows()}
-            if cells:
-                ret, rel = cells["mean_return"], cells["mean_return/fresh"]
-                lines.append(f"| {arm} | {int(ret['n'])} | {_cell(ret)} | {_fmt(ret['iqm'])} | {_cell(rel)} | "
-                             f"{_fmt(rel['iqm'])} | {_cell(cells['final_return'])} | "
-                             f"{_cell(cells['final_return/fresh'])} |")
+            if not cells:
+                continue
+            ret, rel = cells[metrics[0]], cells[f"{metrics[0]}/fresh"]
+            row = [arm, str(int(ret["n"])), _cell(ret), _fmt(ret["iqm"]), _cell(rel), _fmt(rel["iqm"])]
+            for metric in metrics[1:]:
+                row += [_cell(cells.get(metric)), _cell(cells.get(f"{metric}/fresh"))]
+            lines.append("| " + " | ".join(row) + " |")
         lines.append("")
 
     lines += ["## Task visits", "", VISITS_NOTE, ""]
     present = set(stats["metric"]) if len(stats) else set()
     probes = [p for p in MAIN_PROBES if p in present and stats[stats["metric"] == p]["n"].max() > 0]
-    header = ["arm", "n", "mean return", "IQM", "final return", "IQM", *(MAIN_PROBES[p] for p in probes)]
+    returns = [m for m in RETURN_METRICS if m in present and stats[stats["metric"] == m]["n"].max() > 0]
+    returns.sort(key=lambda m: m != main)
+    header = ["arm", "n", *(t for m in returns for t in (TITLES[m], "IQM")), *(MAIN_PROBES[p] for p in probes)]
     for key in keys:
         span = f"steps {key.start}–{key.end}" if key.end > key.start else "one visit"
         lines += [f"### {key.index}. {key.task}, visit {key.visit} ({span})", ""]
@@ -268,10 +314,9 @@ def _markdown(report: Report, runs_dir: Path, arms: list[str], keys: list[VisitK
             cells = {m: row for _, row in mine[mine["arm"] == arm].iterrows() for m in [row["metric"]]}
             if not cells:
                 continue
-            n = int(max(cells[m]["n"] for m in RETURN_METRICS if m in cells)) if any(
-                m in cells for m in RETURN_METRICS) else 0
+            n = int(max(cells[m]["n"] for m in returns if m in cells)) if any(m in cells for m in returns) else 0
             row = [arm, str(n)]
-            for metric in RETURN_METRICS:
+            for metric in returns:
                 cell = cells.get(metric)
                 row += [_cell(cell), _fmt(cell["iqm"]) if cell is not None else "–"]
             row += [_cell(cells.get(p)) for p in probes]
@@ -283,7 +328,7 @@ def _markdown(report: Report, runs_dir: Path, arms: list[str], keys: list[VisitK
     lines += ["## NC1 and return across task visits", "", CORRELATION_NOTE, ""]
     usable = correlations[correlations["n"] > 0]
     if usable.empty:
-        lines += ["No complete visit has both NC1 and a return yet.", ""]
+        lines += [f"No complete visit has both NC1 and a {RETURN_NAMES.get(main, main)} yet.", ""]
     else:
         lines += ["| visits | return | n | Pearson r [95% CI] | p | Spearman rho | p |", "|---|---|---|---|---|---|---|"]
         for _, r in usable.iterrows():

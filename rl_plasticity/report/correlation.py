@@ -2,8 +2,8 @@
 
 The seed paper's finding to compare with: in its continual setting NC1 and per-task return correlate
 negatively (r = -0.94). Here each point is one complete task visit of one continual run: NC1 of the
-value-head features on the task's fixed probe set at the end of the visit, against the mean return over
-the visit. Returns of different games have different scales, so besides the pooled correlation the
+value-head features on the task's fixed probe set at the end of the visit, against the visit's return: the
+evaluation return at its end when the runs have one, else the mean training return over the visit. Returns of different games have different scales, so besides the pooled correlation the
 table gives it within each task, and pooled over tasks after dividing each return by the fresh-network
 arm's mean return on that task (when the sweep has that arm).
 
@@ -40,29 +40,35 @@ def correlation_row(scope: str, what: str, nc1: np.ndarray, returns: np.ndarray)
             "spearman_rho": float(spearman.statistic), "spearman_p": float(spearman.pvalue)}
 
 
-def nc1_return_correlations(rows: pd.DataFrame) -> pd.DataFrame:
+#: How the table names each return column.
+RETURN_NAMES = {"eval_return": "eval return", "mean_return": "mean return"}
+
+
+def nc1_return_correlations(rows: pd.DataFrame, column: str = "mean_return") -> pd.DataFrame:
     """The table described in the module docstring, from the report's per-run visit rows.
 
-    :param rows: one row per run and task visit, with ``arm, kind, task, complete, nc1, mean_return``
+    :param rows: one row per run and task visit, with ``arm, kind, task, complete, nc1`` and ``column``
         (the report's ``visits_by_run.csv``).
+    :param column: the return: ``eval_return`` (evaluation at the visit's end) or ``mean_return`` (training).
     :return: columns :data:`COLUMNS`; empty when no visit has both values.
     """
-    if rows.empty or "nc1" not in rows or "mean_return" not in rows:
+    if rows.empty or "nc1" not in rows or column not in rows:
         return pd.DataFrame(columns=COLUMNS)
+    name = RETURN_NAMES.get(column, column)
     done = rows[rows["complete"].astype(bool)]
     continual = done[done["kind"] != "fresh"]
     nc1 = pd.to_numeric(continual["nc1"], errors="coerce")
-    ret = pd.to_numeric(continual["mean_return"], errors="coerce")
-    out = [correlation_row("all visits", "mean return", nc1.to_numpy(), ret.to_numpy())]
+    ret = pd.to_numeric(continual[column], errors="coerce")
+    out = [correlation_row("all visits", name, nc1.to_numpy(), ret.to_numpy())]
 
     fresh = done[done["kind"] == "fresh"]
     if len(fresh):
-        fresh_mean = pd.to_numeric(fresh["mean_return"], errors="coerce").groupby(fresh["task"]).mean()
+        fresh_mean = pd.to_numeric(fresh[column], errors="coerce").groupby(fresh["task"]).mean()
         scale = continual["task"].map(fresh_mean).to_numpy(dtype=float)
         with np.errstate(divide="ignore", invalid="ignore"):
             relative = np.where(scale > 0, ret.to_numpy() / scale, np.nan)
-        out.append(correlation_row("all visits", "mean return / fresh mean return", nc1.to_numpy(), relative))
+        out.append(correlation_row("all visits", f"{name} / fresh {name}", nc1.to_numpy(), relative))
     for task in continual["task"].unique():
         mine = continual["task"] == task
-        out.append(correlation_row(f"task {task}", "mean return", nc1[mine].to_numpy(), ret[mine].to_numpy()))
+        out.append(correlation_row(f"task {task}", name, nc1[mine].to_numpy(), ret[mine].to_numpy()))
     return pd.DataFrame(out, columns=COLUMNS)

@@ -68,8 +68,9 @@ def plot_metric(curves: pd.DataFrame, metrics: list[str], title: str, ylabel: st
     _finish(fig, axes, len(metrics), rows, path, legend_columns=5, legend_space=0.08)
 
 
-def plot_nc1_vs_return(rows: pd.DataFrame, arms: list[str], path: Path) -> None:
-    """NC1 at the end of each complete continual task visit against its mean return, one panel per task
+def plot_nc1_vs_return(rows: pd.DataFrame, arms: list[str], path: Path, column: str = "mean_return",
+                       ylabel: str = "mean return over the visit") -> None:
+    """NC1 at the end of each complete continual task visit against its return (``column``), one panel per task
     (returns of different games do not share a scale), coloured by arm."""
     done = rows[rows["complete"].astype(bool) & (rows["kind"] != "fresh")]
     tasks = list(done["task"].unique())
@@ -82,11 +83,11 @@ def plot_nc1_vs_return(rows: pd.DataFrame, arms: list[str], path: Path) -> None:
         for arm in arms:
             sel = mine[mine["arm"] == arm]
             if len(sel):
-                ax.scatter(pd.to_numeric(sel["nc1"], errors="coerce"), pd.to_numeric(sel["mean_return"], errors="coerce"),
+                ax.scatter(pd.to_numeric(sel["nc1"], errors="coerce"), pd.to_numeric(sel[column], errors="coerce"),
                            s=18, color=colors[arm], label=arm, alpha=0.8)
         ax.set_title(task, fontsize=9)
         ax.set_xlabel("NC1 at the end of the visit")
-        ax.set_ylabel("mean return over the visit")
+        ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
     _finish(fig, axes, len(tasks), fig_rows, path, legend_columns=6, legend_space=0.1)
 

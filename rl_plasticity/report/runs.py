@@ -3,14 +3,18 @@
 - **Arm**: from the sweep manifest (``sweep.json`` two levels up: ``<sweep>/<label>/<run>``) when there is
   one; otherwise from the run's config: its interventions and architecture options joined by ``+``
   (``none`` without any), and ``fresh`` for a run on one task alone (``env.order=explicit`` with one task).
-- **Visits**: the rows of ``task_summary.csv`` (the monitor writes it; exact). A run without it (monitor
-  off) gets them from its events instead: a visit per change of ``task/id``; its mean return is the mean
-  of the ``task/<task>/episode_return`` points in the visit and its final return the last one (each point
-  is SB3's mean over the episodes since the previous log, so both approximate the CSV's per-episode
-  values); its probes are the last ``plasticity/<probe>@probe_set`` values of the visit.
-- **Curves**: the current task's return (all ``task/<task>/episode_return`` tags together, or SB3's
-  ``rollout/ep_rew_mean`` if there are none) and the main probes on the fixed probe set, read with
-  TensorBoard's ``EventAccumulator`` (all events files of the run directory, so a resumed run reads as one).
+- **Visits**: the rows of ``task_summary.csv`` (the monitor writes it; exact): the evaluation return at the
+  visit's end (``eval_return``, with evaluation on), the training returns (``mean_return``, ``final_return``)
+  and the probes. A run without it (monitor off) gets them from its events instead: a visit per change of
+  ``task/id``; its evaluation return is the last ``eval/<task>/mean_return`` point of the visit, its mean
+  training return the mean of the ``task/<task>/episode_return`` points in the visit and its final return
+  the last one (each point is SB3's mean over the episodes since the previous log, so both approximate the
+  CSV's per-episode values); its probes are the last ``plasticity/<probe>@probe_set`` values of the visit.
+- **Curves**, read with TensorBoard's ``EventAccumulator`` (all events files of the run directory, so a
+  resumed run reads as one): the current task's evaluation return (``eval/mean_return``) and training return
+  (all ``task/<task>/episode_return`` tags together, or SB3's ``rollout/ep_rew_mean`` if there are none),
+  every task's evaluation return (``eval/<task>/mean_return``; a fresh run's own task only) and the main
+  probes on the fixed probe set.
 """
 
 from __future__ import annotations
@@ -35,8 +39,10 @@ MAIN_PROBES: dict[str, str] = {
     "nc1": "NC1",
     "kfac_eps_rank": "K-FAC epsilon-rank",
 }
-RETURN = "return"
+#: Curves: the current task's evaluation and training returns, and each task's evaluation return (``eval_task/<task>``).
+EVAL_RETURN, TRAIN_RETURN, EVAL_TASK = "eval_return", "train_return", "eval_task"
 _RETURN_TAG = re.compile(r"^task/(.+)/episode_return$")
+_EVAL_TAG = re.compile(r"^eval/(.+)/mean_return$")
 _SIZE_GUIDANCE = {"scalars": 0, "histograms": 1, "compressedHistograms": 1, "tensors": 1, "images": 1, "audio": 1}
 
 
@@ -46,9 +52,11 @@ class RunData:
 
     :param kind: ``continual``, or ``fresh`` for a network trained on one task alone.
     :param task: a fresh run's task.
-    :param visits: one row per task visit: ``task, visit, start_step, end_step, complete, mean_return,
-        final_return``, the probe columns and, per main probe, its mean over layers (column ``erank`` etc.).
-    :param curves: metric (``return``, ``erank/value_head``, ``dormant/q_net.1``, ...) -> (steps, values).
+    :param visits: one row per task visit: ``task, visit, start_step, end_step, complete, eval_return`` (with
+        evaluation), ``mean_return, final_return`` (training), the probe columns and, per main probe, its mean
+        over layers (column ``erank`` etc.).
+    :param curves: metric (``eval_return``, ``train_return``, ``eval_task/<task>``, ``erank/value_head``,
+        ``dormant/q_net.1``, ...) -> (steps, values).
     :param visit_source: ``task_summary.csv`` or ``events``.
     """
 
@@ -154,14 +162,24 @@ def _merge_points(series: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarr
     return merged.index.to_numpy(dtype=np.int64), merged.to_numpy(dtype=float)
 
 
-def curves_from_scalars(scalars: dict[str, tuple[np.ndarray, np.ndarray]]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """The report's curves: the current task's return and each main probe per layer on the probe set."""
+def curves_from_scalars(scalars: dict[str, tuple[np.ndarray, np.ndarray]],
+                        own_task: str | None = None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """The report's curves (see the module docstring).
+
+    :param own_task: a fresh run's task: of the per-task evaluation curves it keeps that task's only.
+    """
     curves = {}
+    if "eval/mean_return" in scalars:
+        curves[EVAL_RETURN] = scalars["eval/mean_return"]
     returns = [series for tag, series in scalars.items() if _RETURN_TAG.match(tag)]
     if returns:
-        curves[RETURN] = _merge_points(returns)
+        curves[TRAIN_RETURN] = _merge_points(returns)
     elif "rollout/ep_rew_mean" in scalars:
-        curves[RETURN] = scalars["rollout/ep_rew_mean"]
+        curves[TRAIN_RETURN] = scalars["rollout/ep_rew_mean"]
+    for tag, series in scalars.items():
+        match = _EVAL_TAG.match(tag)
+        if match and own_task in (None, match.group(1)):
+            curves[f"{EVAL_TASK}/{match.group(1)}"] = series
     for probe in MAIN_PROBES:
         pattern = re.compile(rf"^plasticity/{probe}/(.+)@probe_set$")
         for tag, series in scalars.items():
@@ -201,6 +219,10 @@ def visits_from_events(scalars: dict[str, tuple[np.ndarray, np.ndarray]], tasks:
         row: dict[str, Any] = {"task_id": task_id, "task": name, "visit": seen[name], "start_step": start,
                                "end_step": end,
                                "complete": switch_every is not None and end - start == switch_every}
+        if f"eval/{name}/mean_return" in scalars:
+            s, v = scalars[f"eval/{name}/mean_return"]
+            inside = (s > start) & (s <= end)
+            row["eval_return"] = float(v[inside][-1]) if inside.any() else math.nan
         s, v = scalars.get(f"task/{name}/episode_return", (np.zeros(0), np.zeros(0)))
         inside = (s > start) & (s <= end)
         row["mean_return"] = float(np.mean(v[inside])) if inside.any() else math.nan
@@ -251,4 +273,4 @@ def load_run(run_dir: Path, manifests: dict[Path, dict[str, Any] | None]) -> Run
         visits, source = visits_from_events(scalars, tasks, switch_every, end), "events"
     visits = add_probe_means(visits) if len(visits) else visits
     return RunData(run_dir, arm, seed, kind, task, progress, switch_every, tasks, visits,
-                   curves_from_scalars(scalars), last_step, source)
+                   curves_from_scalars(scalars, task if kind == "fresh" else None), last_step, source)

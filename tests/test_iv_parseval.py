@@ -4,6 +4,8 @@ bit-for-bit equality with no intervention at coefficient 0."""
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 import torch as th
@@ -13,12 +15,16 @@ from agents import PlasticDQN, PlasticPPO, minatar_policy_kwargs
 from envs import make_sequence
 from rl_plasticity.interventions import INTERVENTIONS
 from rl_plasticity.interventions.parseval import (
-    Parseval, ParsevalParams, add_parseval_gradient, parseval_penalty, parseval_weights,
+    Parseval,
+    ParsevalParams,
+    add_parseval_gradient,
+    parseval_penalty,
+    parseval_weights,
 )
 
-CARTPOLE = dict(policy_kwargs=dict(net_arch=[32, 32]), device="cpu")
-DQN_KW = dict(learning_starts=100, batch_size=16, buffer_size=1_000, train_freq=1, **CARTPOLE)
-PPO_KW = dict(n_steps=64, batch_size=32, n_epochs=2, **CARTPOLE)
+CARTPOLE = {"policy_kwargs": {"net_arch": [32, 32]}, "device": "cpu"}
+DQN_KW = {"learning_starts": 100, "batch_size": 16, "buffer_size": 1_000, "train_freq": 1, **CARTPOLE}
+PPO_KW = {"n_steps": 64, "batch_size": 32, "n_epochs": 2, **CARTPOLE}
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -120,15 +126,21 @@ def test_gradient_descent_on_the_penalty_alone_moves_w_wt_to_s_i():
             w.sub_(0.01 * w.grad)
     distances.append(th.linalg.matrix_norm(w @ w.T - scale * th.eye(8)).item())
     # Down at every step until float32 round-off (about 1e-6 here) is reached.
-    assert all(b < a for a, b in zip(distances, distances[1:]) if a > 1e-4)
+    assert all(b < a for a, b in itertools.pairwise(distances) if a > 1e-4)
     assert distances[-1] < 1e-5 * distances[0]
     assert th.allclose(w @ w.T, scale * th.eye(8), atol=1e-3)
 
 
 def minatar(cls, algo: str, ivs: list):
-    return cls("MlpPolicy", make_sequence("continual_minatar", switch_every=1_000), interventions=ivs,
-               policy_kwargs=minatar_policy_kwargs(algo), device="cpu", seed=0,
-               **({"learning_starts": 10} if algo == "dqn" else {}))
+    return cls(
+        "MlpPolicy",
+        make_sequence("continual_minatar", switch_every=1_000),
+        interventions=ivs,
+        policy_kwargs=minatar_policy_kwargs(algo),
+        device="cpu",
+        seed=0,
+        **({"learning_starts": 10} if algo == "dqn" else {}),
+    )
 
 
 def test_acts_on_every_layer_but_the_output_layers_conv_included():
@@ -136,7 +148,10 @@ def test_acts_on_every_layer_but_the_output_layers_conv_included():
     assert [n for n, _ in parseval_weights(dqn)] == ["features_extractor.cnn.0.weight", "q_net.0.weight"]
     ppo = minatar(PlasticPPO, "ppo", [])
     assert [n for n, _ in parseval_weights(ppo)] == [
-        "features_extractor.cnn.0.weight", "mlp_extractor.policy_net.0.weight", "mlp_extractor.value_net.0.weight"]
+        "features_extractor.cnn.0.weight",
+        "mlp_extractor.policy_net.0.weight",
+        "mlp_extractor.value_net.0.weight",
+    ]
     # SB3 builds PPO's hidden layers orthogonal with gain sqrt(2): the default s = 2 is their W W^T already.
     for _, w in parseval_weights(ppo):
         m = w.detach().flatten(1)
@@ -219,5 +234,10 @@ def test_state_is_the_base_counter_only():
 
 def test_warns_when_there_is_nothing_to_regularize():
     with pytest.warns(UserWarning, match="nothing is regularized"):
-        PlasticDQN("MlpPolicy", "CartPole-v1", interventions=[Parseval()], seed=0,
-                   **{**DQN_KW, "policy_kwargs": dict(net_arch=[])})
+        PlasticDQN(
+            "MlpPolicy",
+            "CartPole-v1",
+            interventions=[Parseval()],
+            seed=0,
+            **{**DQN_KW, "policy_kwargs": {"net_arch": []}},
+        )

@@ -96,17 +96,20 @@ class ParsevalParams(Params):
     """Parameters of :class:`Parseval`."""
 
     coef: float = Field(
-        1e-3, ge=0,
+        1e-3,
+        ge=0,
         description="lambda, weight of lambda * sum_W ||W W^T - s I||_F^2 (the authors' gridworld and MetaWorld "
         "value; 1e-4 on CARL).",
     )
     scale: float = Field(
-        2.0, ge=0,
+        2.0,
+        ge=0,
         description="s, the target of W W^T: the squared gain of the authors' orthogonal initialisation, sqrt(2)^2 "
         "(Plasticine uses 1).",
     )
     reference_width: int | None = Field(
-        None, gt=0,
+        None,
+        gt=0,
         description="If set, each layer's lambda is multiplied by (reference_width / d_out)^2, as the authors' code "
         "rescales its lambda, tuned at width 64, for other widths (64 does that); null: lambda as is.",
     )
@@ -147,7 +150,8 @@ class Parseval(PlasticityIntervention):
         if not parseval_weights(agent):
             warnings.warn(
                 "parseval: the online network has no Linear/Conv2d layer below its output layers; nothing is "
-                "regularized", stacklevel=2,
+                "regularized",
+                stacklevel=2,
             )
 
     def terms(self, agent: Any) -> tuple[list[nn.Parameter], list[float]]:

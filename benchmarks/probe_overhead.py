@@ -59,6 +59,7 @@ from typing import Any
 
 import torch as th
 import yaml
+from _timing import clock_cpu  # benchmarks/ is on sys.path when a script here runs
 from stable_baselines3.common.buffers import ReplayBufferSamples
 from stable_baselines3.common.logger import configure
 
@@ -85,12 +86,11 @@ from rl_plasticity.probes import (
     update_stats,
     weight_stats,
 )
-from rl_plasticity.probing import _gram_inputs, activation_outputs, greedy_labels, probe_batch
+from rl_plasticity.probing import _gram_inputs, greedy_labels, probe_batch
+from rl_plasticity.recording import activation_outputs
 from rl_plasticity.runner import build_agent, build_env, flat_hparams
 from rl_plasticity.task_envs import TaskEnvs
 from rl_plasticity.task_logging import TaskLogCallback
-
-from _timing import clock_cpu  # benchmarks/ is on sys.path when a script here runs
 
 PRESET = CONFIGS_DIR / "dqn_minatar_cycle.yaml"
 TARGET_RATIO = 1.05

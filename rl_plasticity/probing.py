@@ -9,8 +9,7 @@ them, which return flat ``"<tag>/<layer>"`` values plus tensors for histograms. 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import torch as th
@@ -18,12 +17,13 @@ from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.preprocessing import preprocess_obs
 from torch import nn
 
-from agents import CReLU, PlasticDQN
+from agents import PlasticDQN
 from agents.dqn import TD_LOSSES
 from rl_plasticity.probes import ProbeInputs, ProbeResult, loss_curvature
 from rl_plasticity.probes.registry import run_probes
+from rl_plasticity.recording import activation_outputs
 
-__all__ = ["ProbeResult", "activation_outputs", "greedy_labels", "probe_batch", "probed_module"]
+__all__ = ["ProbeResult", "greedy_labels", "probe_batch", "probed_module"]
 
 
 def probed_module(agent: BaseAlgorithm) -> nn.Module:
@@ -47,32 +47,6 @@ class _ValueOutput(nn.Module):
     def forward(self, obs: th.Tensor) -> th.Tensor:
         features = self.features_extractor(preprocess_obs(obs, self.observation_space, self.normalize_images))
         return self.value_net(self.mlp_extractor.forward_critic(features))
-
-
-#: Activation modules whose outputs the dormancy probes read (the post-activation values H of metrics.md).
-#: A CReLU output has two entries per linear unit (its positive and negative parts); each counts as a unit.
-ACTIVATIONS = (nn.ReLU, nn.Tanh, CReLU)
-
-
-@contextmanager
-def activation_outputs(module: nn.Module, detach: bool = True) -> Iterator[dict[str, th.Tensor]]:
-    """Collect the output of every activation module of ``module`` during the block, keyed by module path.
-
-    :param detach: drop the graph (the probes); keep it for a loss that differentiates through them (l2_er).
-    """
-    outputs: dict[str, th.Tensor] = {}
-    handles = [
-        child.register_forward_hook(
-            lambda _m, _i, out, name=name: outputs.__setitem__(name, out.detach() if detach else out)
-        )
-        for name, child in module.named_modules()
-        if isinstance(child, ACTIVATIONS)
-    ]
-    try:
-        yield outputs
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 def greedy_labels(agent: BaseAlgorithm, obs: th.Tensor, features: th.Tensor) -> tuple[th.Tensor, th.Tensor | None]:

@@ -11,7 +11,8 @@ parameter with the published default. No probe imports SB3, keeps state, or draw
 - trainability (:mod:`.trainability`), and weight, update and gradient statistics (:mod:`.weights`)
 
 Each module also registers the probe the monitor runs by name (:mod:`.registry`); every module of the package is
-imported here, so a new probe is one new module (``rlp list probes`` and the config see it).
+imported here, so a new probe is one new module (``rlp list probes`` and the config see it), e.g. feature norm
+and variance (:mod:`.feature_norm`, :mod:`.feature_variance`: their functions are imported from there).
 """
 
 import importlib

@@ -59,6 +59,7 @@ from typing import Any
 
 import torch as th
 import yaml
+from _timing import clock_cpu  # benchmarks/ is on sys.path when a script here runs
 from stable_baselines3.common.buffers import ReplayBufferSamples
 from stable_baselines3.common.logger import configure
 
@@ -85,12 +86,11 @@ from rl_plasticity.probes import (
     update_stats,
     weight_stats,
 )
-from rl_plasticity.probing import _gram_inputs, activation_outputs, greedy_labels, probe_batch
+from rl_plasticity.probing import _gram_inputs, greedy_labels, probe_batch
+from rl_plasticity.recording import activation_outputs
 from rl_plasticity.runner import build_agent, build_env, flat_hparams
 from rl_plasticity.task_envs import TaskEnvs
 from rl_plasticity.task_logging import TaskLogCallback
-
-from _timing import clock_cpu  # benchmarks/ is on sys.path when a script here runs
 
 PRESET = CONFIGS_DIR / "dqn_minatar_cycle.yaml"
 TARGET_RATIO = 1.05
@@ -249,7 +249,8 @@ def probe_calls(agent: Any, batch: ReplayBufferSamples, cfg: RunConfig, init: di
 
     features, acts, labels, classifier = forward()
     loss = lambda _m, b: agent.training_loss(b)[0]  # noqa: E731
-    no_kfac = mon.model_copy(update={"probes": [p for p in mon.probes if p != "kfac"]})
+    settings = mon.model_dump()
+    no_kfac = [p for p in mon.probes if p != "kfac"]
 
     def rank() -> None:
         for fn in (effective_rank, srank, approx_rank, epsilon_rank, lyle_feature_rank, singular_values):
@@ -284,14 +285,14 @@ def probe_calls(agent: Any, batch: ReplayBufferSamples, cfg: RunConfig, init: di
         "kfac": kfac,
         "weight_stats": lambda: weight_stats(module, init),
         "update+grad stats": updates,
-        "probe_batch light": lambda: probe_batch(agent, batch, mon, heavy=False),
-        "  light w/o kfac": lambda: probe_batch(agent, batch, no_kfac, heavy=False),
+        "probe_batch light": lambda: probe_batch(agent, batch, mon.probes, settings),
+        "  light w/o kfac": lambda: probe_batch(agent, batch, no_kfac, settings),
         "hessian (100 x 4 vec)": lambda: hessian_spectrum(module, lambda: agent.training_loss(batch)[0],
                                                           order=mon.hessian_order, num_vectors=mon.hessian_vectors),
         "gram (n<=256)": gram,
         "trainability (200)": lambda: trainability(module, obs, steps=mon.trainability_steps,
                                                    lr=mon.trainability_lr),
-        "probe_batch heavy": lambda: probe_batch(agent, batch, mon, heavy=True),
+        "probe_batch heavy": lambda: probe_batch(agent, batch, [*mon.probes, *mon.switch_probes], settings),
     }
 
 

@@ -1,13 +1,15 @@
-"""What ``rlp list`` shows: every registered agent, task sequence, intervention and config preset."""
+"""What ``rlp list`` shows: every registered agent, task sequence, intervention, probe and config preset."""
 
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 from agents import AGENTS
 from envs import SEQUENCES
 from rl_plasticity.config import CONFIGS_DIR
 from rl_plasticity.interventions import INTERVENTIONS, InterventionSpec
+from rl_plasticity.probes import PROBES, ProbeSpec
 
 
 def _first_doc_line(obj: object) -> str:
@@ -30,6 +32,12 @@ def _intervention_summary(spec: InterventionSpec) -> str:
     return f"{spec.description} [{agents}; params: {params or 'none'}]"
 
 
+def _probe_summary(spec: ProbeSpec) -> str:
+    when = "every round" if spec.kind == "light" else "heavy: at task switches"
+    settings = f"; settings: monitor.{', monitor.'.join(spec.settings)}" if spec.settings else ""
+    return f"{spec.description} [{when}; tags: {', '.join(spec.tags)}{settings}]"
+
+
 def catalog() -> dict[str, list[tuple[str, str]]]:
     """Section -> (name, one-line description) rows."""
     sequences = []
@@ -40,5 +48,6 @@ def catalog() -> dict[str, list[tuple[str, str]]]:
         "agents": [(name, _first_doc_line(cls)) for name, cls in AGENTS.items()],
         "sequences": sequences,
         "interventions": [(name, _intervention_summary(spec)) for name, spec in sorted(INTERVENTIONS.items())],
+        "probes": [(name, _probe_summary(spec)) for name, spec in PROBES.items()],
         "configs": [(f"configs/{p.relative_to(CONFIGS_DIR)}", _config_summary(p)) for p in sorted(CONFIGS_DIR.rglob("*.yaml"))],
     }

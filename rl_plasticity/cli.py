@@ -65,7 +65,7 @@ def cli() -> None:
       rlp train configs/quickstart.yaml seed=3 agent.learning_rate=1e-4
       rlp sweep dqn_cartpole_shift --seeds 0-2 --grid 'interventions=[[],[reset]]'
       rlp report runs/dqn_cartpole_shift_sweep
-      rlp list              # agents, task sequences, interventions, configs
+      rlp list              # agents, task sequences, interventions, probes, configs
     """
 
 
@@ -151,9 +151,11 @@ def train_cmd(config: str | None, overrides: tuple[str, ...], resume_dir: str | 
 
 
 @cli.command("list")
-@click.argument("what", required=False, type=click.Choice(["agents", "sequences", "interventions", "configs"]))
+@click.argument(
+    "what", required=False, type=click.Choice(["agents", "sequences", "interventions", "probes", "configs"])
+)
 def list_cmd(what: str | None) -> None:
-    """List what is available: agents, task sequences, interventions and config presets."""
+    """List what is available: agents, task sequences, interventions, probes and config presets."""
     from rl_plasticity.catalog import catalog
 
     for section, rows in catalog().items():

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import difflib
 import types
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 #: Presets shipped with the project (the repository's ``configs/`` folder).
 CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"
@@ -200,8 +201,30 @@ class LoggingConfig(_Section):
     save_model: bool = Field(True, description="Save the final model (SB3 zip) as model.zip.")
 
 
-LightProbe = Literal["rank", "dormant", "collapse", "weights", "kfac"]
-HeavyProbe = Literal["hessian", "gram", "trainability"]
+def _registered_probe_kinds() -> dict[str, str]:
+    """The probe registry's names and kinds, when the caller passed none (imported only then: it loads torch)."""
+    from rl_plasticity.probes import probe_kinds
+
+    return dict(probe_kinds())
+
+
+def _check_probe_names(names: list[str], kind: str, info: ValidationInfo) -> list[str]:
+    """Every name must be a registered probe of ``kind``; the registry is the validation context's
+    ``probe_kinds`` (name -> light/heavy, see :func:`validate_config`), else the project's own."""
+    context = info.context if isinstance(info.context, dict) else {}
+    kinds = context.get("probe_kinds") or _registered_probe_kinds()
+    valid = [name for name, k in kinds.items() if k == kind]
+    for name in names:
+        if name in valid:
+            continue
+        if name in kinds:
+            other = "switch_probes" if kinds[name] == "heavy" else "probes or monitor.batch_probes"
+            raise ValueError(f"'{name}' is a {kinds[name]} probe: it goes in monitor.{other}; "
+                             f"valid {kind} probes: {', '.join(valid)}")
+        close = difflib.get_close_matches(name, valid, n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise ValueError(f"'{name}' is not a {kind} probe{hint}; valid: {', '.join(valid)} (rlp list probes)")
+    return names
 
 
 class MonitorConfig(_Section):
@@ -209,16 +232,19 @@ class MonitorConfig(_Section):
 
     enabled: bool = Field(True, description="Run the plasticity probes during training.")
     probe_every: PositiveInt = Field(2_000, description="Gradient steps between probe rounds (also at every switch).")
-    probes: list[LightProbe] = Field(
+    probes: list[str] = Field(
+        validate_default=True,  # the default names are checked against the registry too
         default_factory=lambda: ["rank", "dormant", "collapse", "weights", "kfac"],
-        description="Probes of every round: rank, dormant, collapse, weights, kfac.",
+        description="Light probes of every round (rlp list probes), e.g. rank, dormant, collapse, weights, kfac.",
     )
-    switch_probes: list[HeavyProbe] = Field(
+    switch_probes: list[str] = Field(
+        validate_default=True,  # the default names are checked against the registry too
         default_factory=lambda: ["hessian", "gram", "trainability"],
-        description="Heavier probes, run at task switches only: hessian, gram, trainability.",
+        description="Heavy probes, run at task switches only (rlp list probes): hessian, gram, trainability.",
     )
     on_batch: bool = Field(True, description="Also probe the current training batch (besides the fixed probe set).")
-    batch_probes: list[LightProbe] = Field(
+    batch_probes: list[str] = Field(
+        validate_default=True,  # the default names are checked against the registry too
         default_factory=lambda: ["rank", "dormant", "collapse"],
         description="Probes run on the training batch (K-FAC is left to the probe set: it is most of the cost).",
     )
@@ -247,6 +273,16 @@ class MonitorConfig(_Section):
     trainability_steps: PositiveInt = Field(200, description="Adam steps of the trainability probe.")
     trainability_lr: Annotated[float, Field(gt=0)] = Field(1e-3, description="Adam learning rate of the trainability probe.")
     histograms: bool = Field(True, description="Log histograms of feature singular values and K-FAC eigenvalues.")
+
+    @field_validator("probes", "batch_probes")
+    @classmethod
+    def _light_probes(cls, value: list[str], info: ValidationInfo) -> list[str]:
+        return _check_probe_names(value, "light", info)
+
+    @field_validator("switch_probes")
+    @classmethod
+    def _heavy_probes(cls, value: list[str], info: ValidationInfo) -> list[str]:
+        return _check_probe_names(value, "heavy", info)
 
 
 class EvalConfig(_Section):
@@ -441,11 +477,14 @@ def _load_yaml(path: Path, seen: tuple[Path, ...]) -> Any:
     return OmegaConf.merge(_load_yaml(path.parent / base, (*seen, path.resolve())), conf)
 
 
-def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+def load_config(
+    path: str | Path, overrides: list[str] | tuple[str, ...] = (), probe_kinds: Mapping[str, str] | None = None
+) -> RunConfig:
     """Load a YAML preset, apply ``key.sub=value`` overrides and validate.
 
     A preset may start from another one with ``base: <path relative to it>``; its keys override the base's.
 
+    :param probe_kinds: the probes ``monitor.*probes`` may name, as :func:`validate_config` takes them.
     :raises ConfigError: with a one-line message for any missing file, bad YAML, bad override,
         unknown key or bad value.
     """
@@ -458,13 +497,18 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         data = OmegaConf.to_container(merged, resolve=True)
     except (yaml.YAMLError, OmegaConfBaseException) as exc:
         raise ConfigError(f"bad override in {list(overrides)}: {' '.join(str(exc).splitlines()[0].split())}") from None
-    return validate_config(data)  # type: ignore[arg-type]
+    return validate_config(data, probe_kinds)  # type: ignore[arg-type]
 
 
-def validate_config(data: dict[str, Any]) -> RunConfig:
-    """Validate a plain dict against :class:`RunConfig`, raising :class:`ConfigError` on the first problem."""
+def validate_config(data: dict[str, Any], probe_kinds: Mapping[str, str] | None = None) -> RunConfig:
+    """Validate a plain dict against :class:`RunConfig`, raising :class:`ConfigError` on the first problem.
+
+    :param probe_kinds: probe name -> ``light`` or ``heavy``, the names ``monitor.probes``, ``batch_probes``
+        (light) and ``switch_probes`` (heavy) may take; default: the probe registry's
+        (:func:`rl_plasticity.probes.probe_kinds`, imported only then).
+    """
     try:
-        return RunConfig.model_validate(data)
+        return RunConfig.model_validate(data, context={"probe_kinds": probe_kinds})
     except ValidationError as exc:
         raise ConfigError(_format_error(exc.errors()[0], data)) from None
 

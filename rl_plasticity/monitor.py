@@ -33,8 +33,9 @@ from stable_baselines3.common.logger import TensorBoardOutputFormat
 from agents import Intervention, PlasticDQN
 from agents.plastic import NonFiniteError
 from rl_plasticity.config import MonitorConfig
-from rl_plasticity.probes import grad_stats, snapshot, update_stats, weight_stats
 from rl_plasticity.probe_sets import DQN_FIELDS, PPO_FIELDS, ProbeSets, RandomProbeSets
+from rl_plasticity.probes import grad_stats, snapshot, update_stats, weight_stats
+from rl_plasticity.probes.registry import layout_groups, may_be_nan_prefixes
 from rl_plasticity.probing import probe_batch, probed_module
 from rl_plasticity.task_envs import TaskEnvs
 from rl_plasticity.task_logging import step_events
@@ -46,9 +47,9 @@ FIRST_VISIT_FILE = "first_visit_sets.pt"
 #: The data sources a probe round may probe, in the order it probes them.
 PROBE_SET, FIRST_VISIT, BATCH = "probe_set", "first_visit", "batch"
 SUMMARY_FILE = "task_summary.csv"
-#: Probe values that may be NaN by definition (neural collapse with fewer than two classes, or no
-#: between-class scatter); any other non-finite probe value stops the run (:class:`NonFiniteError`).
-MAY_BE_NAN = ("nc1/", "nc2/", "nc3/", "nc4/")
+#: Probe values that may be NaN by definition (the registry's, e.g. neural collapse with fewer than two classes,
+#: or no between-class scatter); any other non-finite probe value stops the run (:class:`NonFiniteError`).
+MAY_BE_NAN = may_be_nan_prefixes()
 
 
 def check_probe_values(scalars: dict[str, float], source: str | None, env_step: int) -> None:
@@ -333,7 +334,9 @@ class MonitorCallback(BaseCallback):
             fixed = source != BATCH
             with _non_finite_inputs(f"plasticity/*@{source}", self.num_timesteps):
                 probes = self.cfg.probes if fixed else self.cfg.batch_probes
-                result = probe_batch(agent, batch, self.cfg, heavy=heavy and fixed, probes=probes)
+                if heavy and fixed:
+                    probes = [*probes, *self.cfg.switch_probes]
+                result = probe_batch(agent, batch, probes, self.cfg.model_dump())
             check_probe_values(result.scalars, source, self.num_timesteps)
             for key, value in result.scalars.items():
                 logger.record(f"plasticity/{key}@{source}", value, exclude=TB_ONLY)
@@ -433,31 +436,15 @@ def _to_device(batch: NamedTuple, device: th.device | str) -> NamedTuple:
 
 
 def tensorboard_layout() -> dict[str, dict[str, list[Any]]]:
-    """Custom Scalars layout: returns per task (training and evaluation), ranks, dormancy, collapse, curvature,
-    weights."""
-
-    def charts(*pairs: tuple[str, str]) -> dict[str, list[Any]]:
-        return {title: ["Multiline", [regex]] for title, regex in pairs}
-
+    """Custom Scalars layout: returns per task (training and evaluation), then each registered probe's charts
+    by its group (ranks, dormancy, collapse, curvature, weights, ...)."""
     return {
-        "returns": charts(("episode return per task", r"task/.*/episode_return"), ("task id", r"task/id")),
-        "eval": charts(("evaluation return per task", r"eval/.+/mean_return"),
-                       ("evaluation return of the current task", r"eval/mean_return"),
-                       ("evaluation return std per task", r"eval/.*/std_return"),
-                       ("evaluation episode length per task", r"eval/.*/mean_length")),
-        "ranks": charts(*[(name, rf"plasticity/{name}/.*") for name in
-                          ("erank", "srank", "approx_rank", "eps_rank", "lyle_rank")]),
-        "dormancy": charts(("dormant fraction", r"plasticity/dormant/.*"),
-                           ("active fraction", r"plasticity/(mean_)?active_fraction/.*")),
-        "collapse": charts(*[(name, rf"plasticity/{name}/.*") for name in ("nc1", "nc2", "nc3", "nc4")]),
-        "curvature": charts(("K-FAC epsilon-rank", r"plasticity/kfac_eps_rank/.*"),
-                            ("K-FAC top eigenvalues", r"plasticity/kfac_top_eig_.*"),
-                            ("K-FAC eranks", r"plasticity/kfac_erank_.*"),
-                            ("Hessian", r"plasticity/hessian_.*"),
-                            ("Gram", r"plasticity/gram_.*"),
-                            ("trainability", r"plasticity/trainability/.*")),
-        "weights": charts(("weight norms", r"plasticity/weight_l2_norm/.*"),
-                          ("distance from init", r"plasticity/weight_dist_from_init/.*"),
-                          ("update norms", r"plasticity/update_norm/.*"),
-                          ("gradient norms", r"plasticity/grad_norm/.*")),
+        "returns": {"episode return per task": ["Multiline", [r"task/.*/episode_return"]],
+                    "task id": ["Multiline", [r"task/id"]]},
+        "eval": {title: ["Multiline", [regex]] for title, regex in (
+            ("evaluation return per task", r"eval/.+/mean_return"),
+            ("evaluation return of the current task", r"eval/mean_return"),
+            ("evaluation return std per task", r"eval/.*/std_return"),
+            ("evaluation episode length per task", r"eval/.*/mean_length"))},
+        **layout_groups(prefix="plasticity/"),
     }

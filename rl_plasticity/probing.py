@@ -1,14 +1,15 @@
 """Run the probe functions on an SB3 agent: the one place that knows how to get tensors out of SB3 models.
 
-:func:`probe_batch` takes an agent and a batch (a fixed probe set or a training batch) and returns flat
-``"<probe>/<layer>"`` values plus tensors for histograms. The probe functions themselves
-(:mod:`rl_plasticity.probes`) are pure and know nothing of SB3.
+:func:`probe_batch` takes an agent, a batch (a fixed probe set or a training batch) and probe names, fills
+:class:`~rl_plasticity.probes.ProbeInputs` from the agent (its probed network, value-head features,
+activations, neural-collapse classes, loss, Gram inputs, value network) and runs the registered probes on
+them, which return flat ``"<tag>/<layer>"`` values plus tensors for histograms. The probes themselves
+(:mod:`rl_plasticity.probes`, one module each, registered there) are pure and know nothing of SB3.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import torch as th
@@ -16,34 +17,13 @@ from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.preprocessing import preprocess_obs
 from torch import nn
 
-from agents import CReLU, PlasticDQN
+from agents import PlasticDQN
 from agents.dqn import TD_LOSSES
-from rl_plasticity.config import MonitorConfig
-from rl_plasticity.probes import (
-    active_fraction,
-    approx_rank,
-    dormant_fraction,
-    effective_rank,
-    epsilon_rank,
-    gram_spectrum,
-    hessian_spectrum,
-    kfac_factor_rows,
-    kfac_spectrum_from_rows,
-    loss_curvature,
-    lyle_feature_rank,
-    mean_active_fraction,
-    neural_collapse,
-    singular_values,
-    srank,
-    trainability,
-)
+from rl_plasticity.probes import ProbeInputs, ProbeResult, loss_curvature
+from rl_plasticity.probes.registry import run_probes
+from rl_plasticity.recording import activation_outputs
 
-
-class ProbeResult(NamedTuple):
-    """Scalars keyed ``"<probe>/<layer>"`` and tensors (for histograms) keyed the same way."""
-
-    scalars: dict[str, float]
-    histograms: dict[str, th.Tensor]
+__all__ = ["ProbeResult", "greedy_labels", "probe_batch", "probed_module"]
 
 
 def probed_module(agent: BaseAlgorithm) -> nn.Module:
@@ -67,32 +47,6 @@ class _ValueOutput(nn.Module):
     def forward(self, obs: th.Tensor) -> th.Tensor:
         features = self.features_extractor(preprocess_obs(obs, self.observation_space, self.normalize_images))
         return self.value_net(self.mlp_extractor.forward_critic(features))
-
-
-#: Activation modules whose outputs the dormancy probes read (the post-activation values H of metrics.md).
-#: A CReLU output has two entries per linear unit (its positive and negative parts); each counts as a unit.
-ACTIVATIONS = (nn.ReLU, nn.Tanh, CReLU)
-
-
-@contextmanager
-def activation_outputs(module: nn.Module, detach: bool = True) -> Iterator[dict[str, th.Tensor]]:
-    """Collect the output of every activation module of ``module`` during the block, keyed by module path.
-
-    :param detach: drop the graph (the probes); keep it for a loss that differentiates through them (l2_er).
-    """
-    outputs: dict[str, th.Tensor] = {}
-    handles = [
-        child.register_forward_hook(
-            lambda _m, _i, out, name=name: outputs.__setitem__(name, out.detach() if detach else out)
-        )
-        for name, child in module.named_modules()
-        if isinstance(child, ACTIVATIONS)
-    ]
-    try:
-        yield outputs
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 def greedy_labels(agent: BaseAlgorithm, obs: th.Tensor, features: th.Tensor) -> tuple[th.Tensor, th.Tensor | None]:
@@ -138,70 +92,28 @@ def _gram_inputs(agent: BaseAlgorithm, batch: NamedTuple) -> tuple[Any, Any, th.
 
 
 def probe_batch(
-    agent: BaseAlgorithm, batch: NamedTuple, cfg: MonitorConfig, heavy: bool, probes: list[str] | None = None
+    agent: BaseAlgorithm, batch: NamedTuple, probes: Sequence[str], settings: Mapping[str, Any] | None = None
 ) -> ProbeResult:
-    """Every configured probe on one batch.
+    """The named probes on one batch, in registry order (:data:`~rl_plasticity.probes.PROBES`).
 
     :param agent: a PlasticDQN or PlasticPPO.
     :param batch: SB3 replay or rollout samples (what the agent's ``training_loss`` takes).
-    :param cfg: the probes' sizes and thresholds.
-    :param heavy: also run ``cfg.switch_probes`` (Hessian spectrum, Gram, trainability).
-    :param probes: the light probes to run (default ``cfg.probes``).
+    :param probes: probe names, light or heavy (``rlp list probes``); ``weights`` is the monitor's own, skipped.
+    :param settings: the probes' parameters by name, e.g. ``dormant_tau``, ``hessian_order`` (the monitor
+        config's keys); a missing one keeps the probe's published default.
     """
-    probes = cfg.probes if probes is None else probes
     module = probed_module(agent)
     obs = batch.observations
-    scalars: dict[str, float] = {}
-    hists: dict[str, th.Tensor] = {}
-
     with th.no_grad(), activation_outputs(module) as acts:
         features = agent.value_features(obs)
         labels, classifier = greedy_labels(agent, obs, features)
 
-    if "rank" in probes:
-        scalars["erank/value_head"] = effective_rank(features)
-        scalars["srank/value_head"] = srank(features)
-        scalars["approx_rank/value_head"] = approx_rank(features)
-        scalars["eps_rank/value_head"] = epsilon_rank(features)
-        scalars["lyle_rank/value_head"] = lyle_feature_rank(features)
-        hists["singular_values/value_head"] = singular_values(features).float().cpu()
-    if "dormant" in probes:
-        for name, h in acts.items():
-            scalars[f"dormant/{name}"] = dormant_fraction(h, tau=cfg.dormant_tau)
-            scalars[f"active_fraction/{name}"] = active_fraction(h)
-            scalars[f"mean_active_fraction/{name}"] = mean_active_fraction(h)
-    if "collapse" in probes:
-        nc = neural_collapse(features, labels, classifier)
-        for key, value in nc.items():
-            scalars[f"{key}/value_head"] = float(value)
-    if "kfac" in probes:
-        # From the factors' rows: the wide first Linear layer's A (side 1025) has rank <= the batch size.
-        rows = kfac_factor_rows(module, batch, lambda _model, b: agent.training_loss(b)[0])
-        for layer, (a_rows, g_rows) in rows.items():
-            spec = kfac_spectrum_from_rows(a_rows, g_rows)
-            for key in ("top_eig_A", "top_eig_G", "top_eig_product", "erank_A", "erank_G", "kfac_eps_rank"):
-                scalars[f"kfac_{key.removeprefix('kfac_').lower()}/{layer}"] = spec[key]
-            hists[f"kfac_eigs_A/{layer}"] = spec["eigs_A"].float().cpu()
-            hists[f"kfac_eigs_G/{layer}"] = spec["eigs_G"].float().cpu()
+    def gram_inputs(n: int) -> tuple[Any, Any, th.Tensor | None]:
+        return _gram_inputs(agent, type(batch)(*(x[:n] if isinstance(x, th.Tensor) else x for x in batch)))
 
-    if heavy:
-        if "hessian" in cfg.switch_probes:
-            spec = hessian_spectrum(module, lambda: agent.training_loss(batch)[0], order=cfg.hessian_order,
-                                    num_vectors=cfg.hessian_vectors)
-            scalars["hessian_eps_rank/loss"] = spec["eps_hessian_rank"]
-            scalars["hessian_top_eig/loss"] = spec["top_eigenvalue"]
-            hists["hessian_ritz_values/loss"] = spec["ritz_values"].float().cpu()
-        if "gram" in cfg.switch_probes:
-            n = min(cfg.gram_size, len(obs))
-            small = type(batch)(*(x[:n] if isinstance(x, th.Tensor) else x for x in batch))
-            inputs, output_fn, curvature = _gram_inputs(agent, small)
-            spec = gram_spectrum(module, inputs, output_fn, loss_curvature=curvature)
-            for key in ("erank_K", "eps_rank_K", "erank_KL", "eps_rank_KL", "top_eig_K", "top_eig_KL",
-                        "frac_zero_curvature"):
-                scalars[f"gram_{key.lower()}/value"] = spec[key]
-        if "trainability" in cfg.switch_probes:
-            target_model = module if isinstance(agent, PlasticDQN) else _ValueOutput(module)
-            scalars["trainability/value"] = trainability(
-                target_model, obs, steps=cfg.trainability_steps, lr=cfg.trainability_lr
-            )
-    return ProbeResult(scalars, hists)
+    inputs = ProbeInputs(
+        module=module, observations=obs, features=features, activations=acts, labels=labels, classifier=classifier,
+        batch=batch, loss=lambda b: agent.training_loss(b)[0], gram_inputs=gram_inputs,
+        value_model=lambda: module if isinstance(agent, PlasticDQN) else _ValueOutput(module),
+    )
+    return run_probes(inputs, probes, settings)

@@ -20,7 +20,13 @@ from rl_plasticity.interventions import INTERVENTIONS
 from rl_plasticity.interventions import nc_reg as nc_reg_module
 from rl_plasticity.interventions.kfac_rank import KFACRank, KFACRankParams
 from rl_plasticity.interventions.l2 import (
-    L2, L2Init, L2InitParams, L2Params, add_l2_gradient, l2_penalty, regularized_weights,
+    L2,
+    L2Init,
+    L2InitParams,
+    L2Params,
+    add_l2_gradient,
+    l2_penalty,
+    regularized_weights,
 )
 from rl_plasticity.interventions.l2_er import L2ER, L2ERParams
 from rl_plasticity.interventions.nc_reg import NCReg, NCRegParams
@@ -31,7 +37,7 @@ from rl_plasticity.probes import (
     kfac_spectrum,
     neural_collapse,
 )
-from rl_plasticity.probing import activation_outputs
+from rl_plasticity.recording import activation_outputs
 
 CARTPOLE = dict(policy_kwargs=dict(net_arch=[32, 32]), device="cpu")
 DQN_KW = dict(learning_starts=100, batch_size=16, buffer_size=1_000, train_freq=1, **CARTPOLE)

@@ -485,7 +485,6 @@ def test_injection_dqn_target_network():
 
 @pytest.mark.parametrize("algo", ["dqn", "ppo"])
 def test_injection_value_features_are_the_three_hidden_layers_side_by_side(algo):
-    from rl_plasticity.config import MonitorConfig
     from rl_plasticity.probing import probe_batch
 
     iv = PlasticityInjection()
@@ -517,8 +516,7 @@ def test_injection_value_features_are_the_three_hidden_layers_side_by_side(algo)
     assert agent.head_layers()[-1] is lasts[1]  # reset's "head": the trainable output layer
     # The monitor's probes run on them.
     batch = agent.replay_buffer.sample(32) if algo == "dqn" else next(agent.rollout_buffer.get(32))
-    cfg = MonitorConfig(probes=["rank", "dormant", "collapse", "kfac"])
-    result = probe_batch(agent, batch, cfg, heavy=False)
+    result = probe_batch(agent, batch, ["rank", "dormant", "collapse", "kfac"])
     assert 1 <= result.scalars["erank/value_head"] <= 96
     assert any(key.startswith("kfac_erank_g/") and ".new." in key for key in result.scalars)
 

@@ -1,7 +1,7 @@
 """Unit-level interventions: ReDo (recycle dormant units) and continual backprop (replace low-utility units).
 
 Every check is against an independent computation: activations captured by the probes' own hooks
-(:func:`rl_plasticity.probing.activation_outputs`), outgoing columns written out by hand (a MinAtar conv
+(:func:`rl_plasticity.recording.activation_outputs`), outgoing columns written out by hand (a MinAtar conv
 channel ``c`` owns columns ``c*64 .. c*64+63`` of the next linear layer), and copies of the parameters and
 of Adam's state taken before the surgery.
 """
@@ -19,7 +19,7 @@ from envs import make_sequence
 from rl_plasticity.interventions.cbp import CBPParams, ContinualBackprop
 from rl_plasticity.interventions.redo import ReDo, ReDoParams, recycle_units, trace_hidden_layers
 from rl_plasticity.probes import unit_scores
-from rl_plasticity.probing import activation_outputs
+from rl_plasticity.recording import activation_outputs
 
 #: MinAtar conv output: 8 x 8 positions per channel (10 x 10 board, 3 x 3 kernel).
 POSITIONS = 64

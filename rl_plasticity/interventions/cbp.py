@@ -13,8 +13,9 @@ import torch as th
 from pydantic import Field
 
 from rl_plasticity.interventions.base import Params, PlasticityIntervention
-from rl_plasticity.interventions.redo import ForwardRecorder, HiddenLayer, recycle_units, trace_hidden_layers
+from rl_plasticity.interventions.redo import HiddenLayer, recycle_units, trace_hidden_layers
 from rl_plasticity.interventions.registry import register
+from rl_plasticity.recording import ForwardRecorder
 
 
 class CBPParams(Params):

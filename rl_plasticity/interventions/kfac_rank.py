@@ -7,13 +7,13 @@ from typing import Any, NamedTuple
 import torch as th
 from pydantic import Field
 from torch import nn
-from torch.utils.hooks import RemovableHandle
 
 from rl_plasticity.interventions.base import Params, PlasticityIntervention
 from rl_plasticity.interventions.l2 import L2Penalty
 from rl_plasticity.interventions.registry import register
 from rl_plasticity.probes import effective_rank_psd_differentiable
 from rl_plasticity.probes.kfac import _layer_patches, _output_grads
+from rl_plasticity.recording import ForwardRecorder
 
 
 def factor_erank(rows: th.Tensor) -> th.Tensor:
@@ -111,29 +111,24 @@ class KFACRank(L2Penalty, PlasticityIntervention):
     def __init__(self, params: KFACRankParams | None = None) -> None:
         super().__init__(params)
         self._layers: dict[str, nn.Module] = {}
-        self._handles: list[RemovableHandle] = []
-        # Layer name -> (input, output, output version) of its last call with gradient tracking.
-        self._records: dict[str, tuple[th.Tensor, th.Tensor, int]] = {}
+        self._recorder: ForwardRecorder | None = None
 
     def attach(self, agent: Any) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._records.clear()
+        if self._recorder is not None:
+            self._recorder.remove()
         self._layers = dict(agent.parametrized_layers())
-        self._handles = [layer.register_forward_hook(self._recorder(name)) for name, layer in self._layers.items()]
-
-    def _recorder(self, name: str) -> Any:
-        def hook(module: nn.Module, args: tuple[Any, ...], output: th.Tensor) -> None:
-            if th.is_grad_enabled() and output.requires_grad:
-                # The output's version tells loss_terms if an in-place op (ReLU(inplace=True)) changed it later.
-                self._records[name] = (args[0], output, output._version)
-
-        return hook
+        # Each layer's input (with its graph), output and output version of its last call with gradient tracking.
+        self._recorder = ForwardRecorder(agent.online_network(), names=self._layers, grad_only=True, graph_only=True,
+                                         detach=False, keep_inputs=True)
 
     def loss_terms(
         self, agent: Any, batch: NamedTuple, features: th.Tensor, loss: th.Tensor
     ) -> dict[str, th.Tensor]:
-        records, self._records = self._records, {}
+        recorder = self._recorder
+        assert recorder is not None, "kfac_rank: attach() first"
+        records = {name: (recorder.inputs[name], out, recorder.versions[name])
+                   for name, out in recorder.outputs.items()}
+        recorder.clear()
         if not records:
             raise RuntimeError("kfac_rank recorded no layer call in the training forward pass")
         # The layers whose product is computed (see "Layers fed by the observations"), input to output.

@@ -14,7 +14,7 @@ from rl_plasticity.interventions.base import Params, PlasticityIntervention
 from rl_plasticity.interventions.l2 import L2Penalty
 from rl_plasticity.interventions.registry import register
 from rl_plasticity.probes import effective_rank_differentiable
-from rl_plasticity.probing import activation_outputs
+from rl_plasticity.recording import activation_outputs
 
 #: The published ER step sizes (Prakash et al. 2025), used when ``er_lr`` is left at ``None``.
 PUBLISHED_ER_LR = {"dqn": 1e-4, "ppo": 1e-6}

@@ -10,7 +10,7 @@ they share:
 - :class:`HiddenLayer`, a parametrised layer together with where its units go (the map below);
 - :func:`trace_hidden_layers`, which finds the hidden layers and their post-activation values by tracing
   one forward pass of the agent's online network;
-- :class:`ForwardRecorder`, the forward hooks behind the trace (and behind ``cbp``'s per-update capture);
+- the trace runs on :class:`~rl_plasticity.recording.ForwardRecorder` (as ``cbp``'s per-update capture does);
 - :func:`recycle_units`, the surgery itself, with the optimizer state of the touched entries.
 
 **The hidden-layer map.** A *hidden layer* is a ``Linear`` or ``Conv2d`` of :meth:`agent.online_network`
@@ -29,10 +29,10 @@ DQN the conv channel ``c`` thus owns columns ``c*64 .. c*64+63`` of ``Linear(102
 shared conv torso feeds both ``mlp_extractor.policy_net.0`` and ``mlp_extractor.value_net.0``, and each
 MLP's last hidden layer feeds its head (``action_net`` or ``value_net``).
 
-The map is read off the data flow, not off module names: :class:`ForwardRecorder` hooks every leaf module
-during one forward pass and links a module to the module whose output object it received. So it covers
-SB3's MLPs of any depth (actor and critic, shared or separate torsos), the MinAtar CNN, and the LayerNorm
-and CReLU options of :mod:`agents.networks`. Its limits:
+The map is read off the data flow, not off module names: a :class:`~rl_plasticity.recording.ForwardRecorder`
+hooks every leaf module during one forward pass and links a module to the module whose output object it
+received. So it covers SB3's MLPs of any depth (actor and critic, shared or separate torsos), the MinAtar
+CNN, and the LayerNorm and CReLU options of :mod:`agents.networks`. Its limits:
 
 - only modules are seen: an output also used by functional code (``x + skip``, ``torch.cat``) outside any
   module is invisible, so zeroing the outgoing weights would not silence that unit;
@@ -47,7 +47,7 @@ from __future__ import annotations
 
 import warnings
 from collections import defaultdict
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple
 
@@ -55,13 +55,13 @@ import torch as th
 from gymnasium import spaces
 from pydantic import Field
 from torch import nn
-from torch.utils.hooks import RemovableHandle
 
 from agents import PlasticDQN
 from rl_plasticity.interventions.base import Params, PlasticityIntervention
 from rl_plasticity.interventions.registry import register
 from rl_plasticity.interventions.surgery import fresh_parameters, zero_optimizer_entries
 from rl_plasticity.probes import unit_scores
+from rl_plasticity.recording import ForwardRecorder
 
 #: Activations that map each unit to its own output(s) only, so a unit can be recycled on its own.
 ELEMENTWISE_ACTIVATIONS: tuple[type[nn.Module], ...] = (
@@ -135,71 +135,6 @@ class HiddenLayer:
             per_column = weight.sum(dim=0) if weight.dim() == 2 else weight.sum(dim=(0, 2, 3))
             total.index_add_(0, self.column_units(nxt), per_column)
         return total
-
-
-def _recording_hook(module: nn.Module, name: str, outputs: dict[str, th.Tensor],
-                    edges: set[tuple[str, str]] | None, grad_only: bool) -> Any:
-    """A forward hook for ``module`` that writes into ``outputs`` (and ``edges``), see :class:`ForwardRecorder`.
-
-    A closure, not a bound method: ``copy.deepcopy`` of a module copies its hooks, and a bound method would
-    drag the recorder (and everything it references) into the copy.
-    """
-
-    def hook(called: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
-        # Deep copies of the module (e.g. the trainability probe's) share this hook: ignore their calls.
-        if called is not module or not isinstance(output, th.Tensor) or (grad_only and not th.is_grad_enabled()):
-            return
-        if edges is None:
-            outputs[name] = output.detach()
-            return
-        if inputs:
-            # The latest module that returned this very object produced it (an in-place activation or a
-            # no-op flatten returns its input object, which its own producer returned before).
-            source = next((src for src, out in reversed(outputs.items()) if out is inputs[0]), None)
-            if source is not None:
-                edges.add((source, name))
-        # Keep the object itself (its identity links it to its consumers), moved last: the dict is in call order.
-        outputs.pop(name, None)
-        outputs[name] = output
-
-    return hook
-
-
-class ForwardRecorder:
-    """Forward hooks on leaf modules of a network: each one's last output and, when tracing, the data flow.
-
-    :param network: the network (the agent's online network).
-    :param names: module paths to hook; ``None`` hooks every leaf module.
-    :param trace: also record ``(producer, consumer)`` edges: module B consumed module A's output if B's
-        first input *is* the tensor object A returned. Outputs are then kept as they are (no ``detach``),
-        which is meant for a short ``no_grad`` pass.
-    :param grad_only: record only calls made with gradients enabled, i.e. the training forward pass, not
-        rollouts, targets or evaluation (which run under ``no_grad``).
-    """
-
-    def __init__(
-        self, network: nn.Module, names: Collection[str] | None = None, trace: bool = False, grad_only: bool = False
-    ) -> None:
-        self.outputs: dict[str, th.Tensor] = {}
-        self.edges: set[tuple[str, str]] = set()
-        self._handles: list[RemovableHandle] = []
-        for name, module in network.named_modules():
-            chosen = name in names if names is not None else next(module.children(), None) is None
-            if chosen and name:
-                hook = _recording_hook(module, name, self.outputs, self.edges if trace else None, grad_only)
-                self._handles.append(module.register_forward_hook(hook))
-
-    def remove(self) -> None:
-        """Remove the hooks (the recorded outputs stay readable)."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
-
-    def __enter__(self) -> ForwardRecorder:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.remove()
 
 
 def _follow(

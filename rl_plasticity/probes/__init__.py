@@ -9,7 +9,14 @@ parameter with the published default. No probe imports SB3, keeps state, or draw
 - curvature: K-FAC factors and spectra (:mod:`.kfac`), NTK / loss-weighted Gram (:mod:`.gram`),
   Hessian spectrum by stochastic Lanczos quadrature (:mod:`.hessian`)
 - trainability (:mod:`.trainability`), and weight, update and gradient statistics (:mod:`.weights`)
+
+Each module also registers the probe the monitor runs by name (:mod:`.registry`); every module of the package is
+imported here, so a new probe is one new module (``rlp list probes`` and the config see it), e.g. feature norm
+and variance (:mod:`.feature_norm`, :mod:`.feature_variance`: their functions are imported from there).
 """
+
+import importlib
+import pkgutil
 
 from rl_plasticity.probes.collapse import nc1_differentiable, neural_collapse
 from rl_plasticity.probes.dormant import active_fraction, dormant_fraction, mean_active_fraction, unit_scores
@@ -27,10 +34,19 @@ from rl_plasticity.probes.rank import (
     singular_values,
     srank,
 )
+from rl_plasticity.probes.registry import PROBES, ProbeInputs, ProbeResult, ProbeSpec, probe_kinds, register_probe
 from rl_plasticity.probes.trainability import trainability
 from rl_plasticity.probes.weights import grad_stats, snapshot, update_stats, weight_stats
 
+for _module in pkgutil.iter_modules(__path__):
+    if not _module.name.startswith("_") and _module.name != "registry":
+        importlib.import_module(f"{__name__}.{_module.name}")
+
 __all__ = [
+    "PROBES",
+    "ProbeInputs",
+    "ProbeResult",
+    "ProbeSpec",
     "active_fraction",
     "approx_rank",
     "dormant_fraction",
@@ -53,6 +69,8 @@ __all__ = [
     "mean_active_fraction",
     "nc1_differentiable",
     "neural_collapse",
+    "probe_kinds",
+    "register_probe",
     "singular_values",
     "snapshot",
     "srank",

@@ -26,6 +26,7 @@ import math
 import torch as th
 
 from rl_plasticity.probes._checks import check_matrix
+from rl_plasticity.probes.registry import ProbeInputs, ProbeResult, register_probe
 
 __all__ = ["nc1_differentiable", "neural_collapse"]
 
@@ -201,3 +202,12 @@ def nc1_differentiable(features: th.Tensor, labels: th.Tensor) -> th.Tensor:
     within = h - means[position]
     nc1 = (within @ X.T).pow(2).sum() / n
     return nc1.to(features.dtype)
+
+
+@register_probe("collapse", "light", ("nc1", "nc2", "nc3", "nc4", "num_classes"), "collapse",
+                charts=tuple((tag, f"{tag}/.*") for tag in ("nc1", "nc2", "nc3", "nc4")),
+                may_be_nan=("nc1", "nc2", "nc3", "nc4"), main=(("nc1", "NC1"),), order=30)
+def _run(inputs: ProbeInputs) -> ProbeResult:
+    """Neural collapse NC1-NC4 of the value-head features, classes = greedy action (DQN) or actor mode (PPO)."""
+    nc = neural_collapse(inputs.features, inputs.labels, inputs.classifier)
+    return ProbeResult({f"{key}/value_head": float(value) for key, value in nc.items()}, {})

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch as th
 
 from rl_plasticity.probes._checks import check_matrix, check_threshold
+from rl_plasticity.probes.registry import ProbeInputs, ProbeResult, register_probe
 
 __all__ = ["active_fraction", "dormant_fraction", "mean_active_fraction", "unit_scores"]
 
@@ -102,3 +103,16 @@ def mean_active_fraction(H: th.Tensor) -> float:
     """
     nonzero = _abs_per_unit(H) > 0
     return nonzero.any(dim=2).double().mean().item()
+
+
+@register_probe("dormant", "light", ("dormant", "active_fraction", "mean_active_fraction"), "dormancy",
+                charts=(("dormant fraction", "dormant/.*"), ("active fraction", "(mean_)?active_fraction/.*")),
+                main=(("dormant", "dormant fraction"),), order=20)
+def _run(inputs: ProbeInputs, dormant_tau: float = 0.025) -> ProbeResult:
+    """Dormant and active fractions of every activation layer (Sokar et al. 2023 tau-dormancy)."""
+    scalars: dict[str, float] = {}
+    for name, h in inputs.activations.items():
+        scalars[f"dormant/{name}"] = dormant_fraction(h, tau=dormant_tau)
+        scalars[f"active_fraction/{name}"] = active_fraction(h)
+        scalars[f"mean_active_fraction/{name}"] = mean_active_fraction(h)
+    return ProbeResult(scalars, {})

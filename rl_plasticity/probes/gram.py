@@ -21,6 +21,7 @@ from torch.func import functional_call, grad, vmap
 
 from rl_plasticity.probes._checks import check_finite, check_threshold
 from rl_plasticity.probes.rank import effective_rank_from_spectrum
+from rl_plasticity.probes.registry import ProbeInputs, ProbeResult, register_probe
 
 OutputFn = Callable[[nn.Module, Any], th.Tensor]
 
@@ -244,3 +245,15 @@ def gram_spectrum(
         "eigs_K": eigs_K.cpu(),
         "eigs_KL": eigs_KL.cpu(),
     }
+
+
+_GRAM_KEYS = ("erank_K", "eps_rank_K", "erank_KL", "eps_rank_KL", "top_eig_K", "top_eig_KL", "frac_zero_curvature")
+
+
+@register_probe("gram", "heavy", tuple(f"gram_{key.lower()}" for key in _GRAM_KEYS), "curvature",
+                charts=(("Gram", "gram_.*"),), order=60)
+def _run(inputs: ProbeInputs, gram_size: int = 256) -> ProbeResult:
+    """Empirical NTK Gram matrix K and loss-weighted K_L on the first gram_size samples: ranks, top eigenvalues."""
+    model_inputs, output_fn, curvature = inputs.gram_inputs(min(gram_size, len(inputs.observations)))
+    spec = gram_spectrum(inputs.module, model_inputs, output_fn, loss_curvature=curvature)
+    return ProbeResult({f"gram_{key.lower()}/value": spec[key] for key in _GRAM_KEYS}, {})

@@ -28,6 +28,7 @@ import torch as th
 from torch import nn
 
 from rl_plasticity.probes._checks import check_finite, check_threshold
+from rl_plasticity.probes.registry import ProbeInputs, ProbeResult, register_probe
 
 LossClosure = Callable[[], th.Tensor]
 
@@ -205,3 +206,13 @@ def hessian_spectrum(
         "order": max(len(values) for values, _ in runs),
         "num_vectors": len(runs),
     }
+
+
+@register_probe("hessian", "heavy", ("hessian_eps_rank", "hessian_top_eig"), "curvature",
+                charts=(("Hessian", "hessian_.*"),), order=50)
+def _run(inputs: ProbeInputs, hessian_order: int = 100, hessian_vectors: int = 4) -> ProbeResult:
+    """Hessian spectrum of the agent's loss by stochastic Lanczos quadrature: top eigenvalue, epsilon-rank."""
+    spec = hessian_spectrum(inputs.module, lambda: inputs.loss(inputs.batch), order=hessian_order,
+                            num_vectors=hessian_vectors)
+    scalars = {"hessian_eps_rank/loss": spec["eps_hessian_rank"], "hessian_top_eig/loss": spec["top_eigenvalue"]}
+    return ProbeResult(scalars, {"hessian_ritz_values/loss": spec["ritz_values"].float().cpu()})

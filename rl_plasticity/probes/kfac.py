@@ -39,6 +39,7 @@ from torch import nn
 
 from rl_plasticity.probes._checks import check_finite, check_matrix, check_threshold
 from rl_plasticity.probes.rank import effective_rank_from_spectrum
+from rl_plasticity.probes.registry import ProbeInputs, ProbeResult, register_probe
 
 LossFn = Callable[[nn.Module, Any], th.Tensor]
 
@@ -323,3 +324,25 @@ def _block_summary(eigs_A: th.Tensor, eigs_G: th.Tensor, eps: float) -> dict[str
         "eigs_A": eigs_A.cpu(),
         "eigs_G": eigs_G.cpu(),
     }
+
+
+_KFAC_KEYS = ("top_eig_A", "top_eig_G", "top_eig_product", "erank_A", "erank_G", "kfac_eps_rank")
+
+
+@register_probe("kfac", "light", tuple(f"kfac_{key.removeprefix('kfac_').lower()}" for key in _KFAC_KEYS),
+                "curvature", charts=(("K-FAC epsilon-rank", "kfac_eps_rank/.*"),
+                                     ("K-FAC top eigenvalues", "kfac_top_eig_.*"), ("K-FAC eranks", "kfac_erank_.*")),
+                main=(("kfac_eps_rank", "K-FAC epsilon-rank"),), order=40)
+def _run(inputs: ProbeInputs) -> ProbeResult:
+    """K-FAC factor spectra of every Linear and Conv2d layer for the agent's own loss (Martens & Grosse 2015)."""
+    # From the factors' rows: the wide first Linear layer's A (side 1025) has rank <= the batch size.
+    rows = kfac_factor_rows(inputs.module, inputs.batch, lambda _model, b: inputs.loss(b))
+    scalars: dict[str, float] = {}
+    hists: dict[str, th.Tensor] = {}
+    for layer, (a_rows, g_rows) in rows.items():
+        spec = kfac_spectrum_from_rows(a_rows, g_rows)
+        for key in _KFAC_KEYS:
+            scalars[f"kfac_{key.removeprefix('kfac_').lower()}/{layer}"] = spec[key]
+        hists[f"kfac_eigs_A/{layer}"] = spec["eigs_A"].float().cpu()
+        hists[f"kfac_eigs_G/{layer}"] = spec["eigs_G"].float().cpu()
+    return ProbeResult(scalars, hists)

@@ -13,6 +13,7 @@ import math
 import torch as th
 
 from rl_plasticity.probes._checks import check_finite, check_matrix, check_threshold
+from rl_plasticity.probes.registry import ProbeInputs, ProbeResult, register_probe
 
 __all__ = [
     "approx_rank",
@@ -215,3 +216,18 @@ def _erank_differentiable(values: th.Tensor) -> th.Tensor:
     nonzero = p > 0
     p_log_p = th.where(nonzero, p * th.where(nonzero, p, th.ones_like(p)).log(), th.zeros_like(p))
     return th.where(positive_total, th.exp(-p_log_p.sum()), th.zeros_like(total))
+
+
+@register_probe("rank", "light", ("erank", "srank", "approx_rank", "eps_rank", "lyle_rank"), "ranks",
+                main=(("erank", "effective rank"),), order=10)
+def _run(inputs: ProbeInputs) -> ProbeResult:
+    """Ranks of the value-head features: effective rank, srank, approx. rank, epsilon-rank, Lyle's feature rank."""
+    features = inputs.features
+    scalars = {
+        "erank/value_head": effective_rank(features),
+        "srank/value_head": srank(features),
+        "approx_rank/value_head": approx_rank(features),
+        "eps_rank/value_head": epsilon_rank(features),
+        "lyle_rank/value_head": lyle_feature_rank(features),
+    }
+    return ProbeResult(scalars, {"singular_values/value_head": singular_values(features).float().cpu()})

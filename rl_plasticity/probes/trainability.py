@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rl_plasticity.probes._checks import check_finite
+from rl_plasticity.probes.registry import ProbeInputs, ProbeResult, register_probe
 
 
 def _probe_seed(seed: int) -> int:
@@ -126,3 +127,10 @@ def trainability(
         with th.no_grad():
             final = F.mse_loss(_output(learner, inputs), targets)
     return float(final)
+
+
+@register_probe("trainability", "heavy", ("trainability",), "curvature", order=70)
+def _run(inputs: ProbeInputs, trainability_steps: int = 200, trainability_lr: float = 1e-3) -> ProbeResult:
+    """Final MSE of a copy of the value network fitted to random targets for trainability_steps Adam steps."""
+    return ProbeResult({"trainability/value": trainability(inputs.value_model(), inputs.observations,
+                                                           steps=trainability_steps, lr=trainability_lr)}, {})

@@ -19,6 +19,7 @@ import torch as th
 from torch import nn
 
 from rl_plasticity.probes._checks import check_finite
+from rl_plasticity.probes.registry import ProbeSpec, add_probe
 
 __all__ = ["grad_stats", "snapshot", "update_stats", "weight_stats"]
 
@@ -155,3 +156,12 @@ def grad_stats(model: nn.Module, clip_coef: float = 1.0) -> dict[str, float]:
         total_squares += squares
     stats[TOTAL] = math.sqrt(total_squares) / clip_coef
     return stats
+
+
+add_probe(ProbeSpec(
+    "weights", "Weight norms, distance from init, and update and gradient norms per parameter (the monitor's own)",
+    "light", ("weight_l2_norm", "weight_mean_abs", "weight_dist_from_init", "update_norm", "grad_norm"), "weights",
+    charts=(("weight norms", "weight_l2_norm/.*"), ("distance from init", "weight_dist_from_init/.*"),
+            ("update norms", "update_norm/.*"), ("gradient norms", "grad_norm/.*")),
+    order=80,
+))

@@ -29,16 +29,13 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from rl_plasticity.probes.registry import main_probes
 from rl_plasticity.rundirs import RunProgress, read_config, run_progress
 
 SUMMARY_FILE = "task_summary.csv"
-#: The main probes of the report: name -> (title, the probe's key in tags and in task_summary.csv).
-MAIN_PROBES: dict[str, str] = {
-    "erank": "effective rank",
-    "dormant": "dormant fraction",
-    "nc1": "NC1",
-    "kfac_eps_rank": "K-FAC epsilon-rank",
-}
+#: The main probes of the report, as the probe registry declares them: the probe's key in tags and in
+#: task_summary.csv -> title (effective rank, dormant fraction, NC1, K-FAC epsilon-rank).
+MAIN_PROBES: dict[str, str] = main_probes()
 #: Curves: the current task's evaluation and training returns, and each task's evaluation return (``eval_task/<task>``).
 EVAL_RETURN, TRAIN_RETURN, EVAL_TASK = "eval_return", "train_return", "eval_task"
 _RETURN_TAG = re.compile(r"^task/(.+)/episode_return$")

@@ -53,7 +53,12 @@ def _tree_map(fn: Callable[[th.Tensor], th.Tensor], tree: Any) -> Any:
 
 def _tensor_leaves(tree: Any) -> list[th.Tensor]:
     leaves: list[th.Tensor] = []
-    _tree_map(lambda t: leaves.append(t) or t, tree)
+
+    def collect(t: th.Tensor) -> th.Tensor:
+        leaves.append(t)
+        return t
+
+    _tree_map(collect, tree)
     return leaves
 
 

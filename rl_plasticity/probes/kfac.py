@@ -63,14 +63,14 @@ def _check_inputs_finite(inputs: Any, name: str = "inputs") -> None:
 
 def _select_layers(model: nn.Module, layers: Iterable[str] | None) -> dict[str, nn.Module]:
     """The named ``nn.Linear`` / ``nn.Conv2d`` modules of ``model`` (all of them, or the ``layers`` subset)."""
-    candidates = {name: m for name, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
+    candidates: dict[str, nn.Module] = {name: m for name, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
     if layers is None:
         if not candidates:
             raise ValueError("model has no nn.Linear or nn.Conv2d layer")
         return candidates
     if isinstance(layers, str):
         layers = [layers]
-    selected = {}
+    selected: dict[str, nn.Module] = {}
     for name in layers:
         if name not in candidates:
             raise ValueError(f"{name!r} is not an nn.Linear/nn.Conv2d layer of the model; "

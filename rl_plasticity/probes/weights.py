@@ -28,7 +28,7 @@ TOTAL = "total"
 
 def _named_parameters(model: nn.Module) -> dict[str, th.Tensor]:
     """The model's parameters by name; ``"total"`` is reserved for the totals."""
-    params = dict(model.named_parameters())
+    params: dict[str, th.Tensor] = dict(model.named_parameters())
     if TOTAL in params:
         raise ValueError(f"a parameter is named {TOTAL!r}, which clashes with the total entry")
     return params

@@ -105,11 +105,22 @@ def train_cmd(config: str | None, overrides: tuple[str, ...], resume_dir: str | 
       2  bad input: config, missing or corrupt checkpoint, changed config (one line, nothing written)
       3  a non-finite loss, loss term, gradient, parameter or probe (NaN guard): one line naming the
          step, the term and the last good checkpoint, which is kept
+      4  a file of the run cannot be written (full disk, read-only directory): one line naming the
+         file and the last good checkpoint, which is kept intact
       130, 143  stopped by SIGINT, SIGTERM (after writing a checkpoint)
+
+    \b
+    Faults:
+      One process writes a run: a second rlp train --resume on a run that is training is refused
+      (exit 2, naming the holder's PID). A kill at any point, even inside a checkpoint write, loses
+      no checkpoint: the resume starts from the newest complete one and removes what the kill left
+      (it says so). A damaged checkpoint file is named, and the resume falls back to an older
+      complete checkpoint if there is one (checkpoint.keep >= 2), else exits 2.
     """
     # Imported here so that `rlp list` and `--help` stay fast.
     from agents.plastic import NonFiniteError
-    from rl_plasticity.checkpoint import CheckpointError, TrainingInterrupted
+    from rl_plasticity.checkpoint import CheckpointError, StorageError, TrainingInterrupted
+    from rl_plasticity.runlock import RunInUse
     from rl_plasticity.runner import resume, train
 
     try:
@@ -123,8 +134,11 @@ def train_cmd(config: str | None, overrides: tuple[str, ...], resume_dir: str | 
             base = resolve_config(config) if config is not None else Path(resume_dir) / "config.yaml"
             cfg = load_config(base, overrides) if config is not None or overrides else None
             run_dir = resume(resume_dir, cfg, force=force, progress_bar=progress)
-    except (ConfigError, CheckpointError) as exc:
+    except (ConfigError, CheckpointError, RunInUse) as exc:
         fail(str(exc))
+    except StorageError as exc:
+        click.echo(f"rlp: error: {exc.message()}", err=True)
+        sys.exit(4)
     except TrainingInterrupted as exc:
         click.echo(f"rlp: {exc.message()}", err=True)
         sys.exit(exc.exit_status)

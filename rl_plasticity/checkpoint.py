@@ -83,6 +83,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import io
 import json
 import os
 import random
@@ -145,6 +146,7 @@ class StorageError(Exception):
 
     def __init__(self, path: Path | str, reason: str, checkpoint: Path | None = None,
                  removed: Path | None = None) -> None:
+        path = os.fsdecode(path) if isinstance(path, bytes) else path  # some writers name files in bytes
         self.path, self.reason, self.checkpoint, self.removed = path, reason, checkpoint, removed
         self.run_dir: Path | None = None
         super().__init__(f"cannot write {path} ({reason})")
@@ -411,6 +413,14 @@ def _sha256(path: Path) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
+def torch_bytes(obj: Any) -> bytes:
+    """``torch.save`` into memory: written to a file with a plain ``write``, a full disk is an ``OSError`` with
+    its ``errno`` (``torch.save`` on a file reports it as a ``RuntimeError`` about stream positions)."""
+    buffer = io.BytesIO()
+    th.save(obj, buffer)
+    return buffer.getvalue()
+
+
 def _sort_key(path: Path) -> tuple[int, int]:
     match = _NAME.match(path.name)
     assert match is not None
@@ -507,7 +517,7 @@ class CheckpointStore:
             state["replay_buffer"] = rb_info
             at = tmp / "state.pt"
             with at.open("wb") as f:
-                th.save(state, f)
+                f.write(torch_bytes(state))
                 f.flush()
                 os.fsync(f.fileno())
             files = sorted(p for p in tmp.rglob("*") if p.is_file())

@@ -8,6 +8,7 @@ for DQN, rollout samples (with their advantages and returns as collected) for PP
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -87,5 +88,7 @@ class ProbeSets:
     def save(self, path: Path) -> None:
         """Write the frozen sets atomically (temporary file, then rename), so a kill never leaves half a file."""
         tmp = path.with_suffix(path.suffix + ".tmp")
-        th.save(self.state_dict(), tmp)
+        buffer = io.BytesIO()  # torch.save into memory, then a plain write: a full disk is then an OSError
+        th.save(self.state_dict(), buffer)
+        tmp.write_bytes(buffer.getvalue())
         tmp.replace(path)

@@ -69,7 +69,12 @@ def run_lock(run_dir: Path) -> Iterator[None]:
     """
     path = Path(run_dir) / LOCK_FILE
     # O_CLOEXEC (Python's default): a program this process executes does not inherit the lock.
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError:
+        # A read-only run directory can still be locked through an existing file (the run then stops at its
+        # first write, with that write's error); without the file, the caller gets this OSError.
+        fd = os.open(path, os.O_RDONLY)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

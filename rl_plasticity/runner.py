@@ -10,8 +10,11 @@ to its end, so a second writer is refused; a write the storage cannot take stops
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import sys
+import threading
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -194,6 +197,17 @@ class _Logger(Logger):
                 self.name_to_excluded[key] = excluded
 
 
+_other_excepthook = threading.excepthook
+
+
+def _quiet_writer_thread(args: Any) -> None:
+    """A write error in TensorBoard's writer thread is handed to the training thread's next write (and told
+    there in one line, :class:`StorageError`); Python would also print the thread's traceback."""
+    if isinstance(args.exc_value, OSError) and type(args.thread).__name__ == "_AsyncWriterThread":
+        return
+    _other_excepthook(args)
+
+
 class _TensorBoard(TensorBoardOutputFormat):
     """SB3's TensorBoard output, with ``purge_step`` passed to the ``SummaryWriter``; a write that fails
     (TensorBoard's writer thread hands its error to the next call) is a :class:`StorageError` naming the file."""
@@ -201,6 +215,9 @@ class _TensorBoard(TensorBoardOutputFormat):
     def __init__(self, folder: str, purge_step: int | None = None) -> None:
         self.writer = SummaryWriter(log_dir=folder, purge_step=purge_step)
         self._is_closed = False
+        if threading.excepthook is not _quiet_writer_thread:
+            global _other_excepthook
+            _other_excepthook, threading.excepthook = threading.excepthook, _quiet_writer_thread
 
     @property
     def path(self) -> str:
@@ -284,7 +301,11 @@ def resume(run_dir: str | Path, cfg: RunConfig | None = None, force: bool = Fals
     saved_file = run_dir / "config.yaml"
     if not saved_file.is_file():
         raise CheckpointError(f"{saved_file} not found: {run_dir} is not a run directory")
-    with run_lock(run_dir):
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(run_lock(run_dir))
+        except OSError as exc:  # no lock file, and none can be made: a read-only or full run directory
+            raise _storage_error(exc, run_dir, CheckpointStore(run_dir)) from None
         return _resume(run_dir, cfg, force, progress_bar)
 
 
@@ -347,6 +368,8 @@ def _learn(cfg: RunConfig, env: VecEnv, agent: BaseAlgorithm, run_dir: Path, pro
         if rewrite_config:
             _write_config(run_dir, cfg)
         purge = None if resume_from is None else resume_from.step + 1
+        if resume_from is not None:
+            _after_earlier_events_files(run_dir)
         agent.set_logger(make_logger(run_dir, stdout=not show_progress, purge_step=purge))
     except (StorageError, OSError) as exc:
         env.close()
@@ -410,6 +433,20 @@ def _learn(cfg: RunConfig, env: VecEnv, agent: BaseAlgorithm, run_dir: Path, pro
     finally:
         env.close()
     return run_dir
+
+
+def _after_earlier_events_files(run_dir: Path, longest: float = 2.0) -> None:
+    """Wait (at most ``longest`` seconds) until this second is later than every events file's creation second.
+
+    TensorBoard reads a run's events files in name order, and a name starts with the second it was created
+    in, then the host and the PID. A process killed within the same second as its resume started would
+    otherwise be read after it, and its steps past the checkpoint would escape the resume's ``purge_step``.
+    """
+    seconds = [int(p.name.split(".")[3]) for p in run_dir.glob("events.out.tfevents.*")
+               if len(p.name.split(".")) > 3 and p.name.split(".")[3].isdigit()]
+    deadline = time.monotonic() + longest
+    while seconds and int(time.time()) <= max(seconds) and time.monotonic() < deadline:
+        time.sleep(0.05)
 
 
 def _close_quietly(agent: BaseAlgorithm, env: VecEnv) -> None:

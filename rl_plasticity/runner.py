@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import shutil
 import sys
 import threading
 import time
@@ -337,6 +338,12 @@ def _resume(run_dir: Path, cfg: RunConfig | None, force: bool, progress_bar: boo
         env.close()
         print(f"rlp: {run_dir} is complete ({ckpt.step} of total_steps={new.total_steps} env steps); nothing to do",
               file=sys.stderr, flush=True)
+        final = run_dir / "model.zip"
+        if new.logging.save_model and not final.is_file():
+            # Killed between its final checkpoint and model.zip: the checkpoint's model is that very save.
+            shutil.copyfile(ckpt.path / "model.zip", final)
+            print(f"rlp: {final} was missing (stopped before it was saved): copied from {ckpt.path}",
+                  file=sys.stderr, flush=True)
         return run_dir
     agent = build_agent(new, env)
     print(f"rlp: resuming {run_dir} from {ckpt.path.name} (env step {ckpt.step} of {new.total_steps})",

@@ -102,7 +102,8 @@ def train_cmd(config: str | None, overrides: tuple[str, ...], resume_dir: str | 
     \b
     Exit status:
       0  done
-      2  bad input: config, missing or corrupt checkpoint, changed config (one line, nothing written)
+      2  bad input: config, no usable checkpoint, changed config, a run another process is training
+         (one line, nothing written)
       3  a non-finite loss, loss term, gradient, parameter or probe (NaN guard): one line naming the
          step, the term and the last good checkpoint, which is kept
       4  a file of the run cannot be written (full disk, read-only directory): one line naming the
@@ -199,7 +200,10 @@ Examples:
   rlp sweep dqn_cartpole_shift --seeds 0-2 --grid 'interventions=[[],[reset],[l2]]' env.switch_every=5000
   rlp sweep quickstart --seeds 0,1 --grid 'agent.learning_rate=[1e-3,1e-4]' --grid 'net.width=[64,128]'
   rlp sweep CONFIG --address auto ...      on an existing Ray cluster (shared filesystem, project
-                                           installed on every node at the same path)
+                                           installed on every node at the same path); with token
+                                           authentication (Ray's default for ray start --head when a
+                                           token exists) set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN
+                                           (or copy the head's ~/.ray/auth_token here)
   rlp sweep CONFIG ... --dry-run           list the trials and their state, write nothing
 
 \b

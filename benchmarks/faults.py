@@ -122,7 +122,8 @@ def best_valid_step(run_dir: Path) -> int:
 
 def resume(cwd: Path, run_dir: Path) -> tuple[int, str, int | None]:
     """``rlp train --resume`` in a new process: exit status, stderr, the step it resumed from."""
-    done = subprocess.run([RLP, "train", "--resume", str(run_dir)], cwd=cwd, capture_output=True, text=True,
+    done = subprocess.run([RLP, "train", "--resume", str(run_dir)], check=False, cwd=cwd, capture_output=True,
+                          text=True,
                           timeout=900)
     step = None
     for line in done.stderr.splitlines():
@@ -249,7 +250,8 @@ def second_writer(cwd: Path, ref: Reference, rng: random.Random) -> Outcome:
         assert run_dir is not None
         proc.send_signal(signal.SIGSTOP)
         before = snapshot(run_dir)
-        intruder = subprocess.run([RLP, "train", "--resume", str(run_dir)], cwd=cwd, capture_output=True, text=True,
+        intruder = subprocess.run([RLP, "train", "--resume", str(run_dir)], check=False, cwd=cwd,
+                                  capture_output=True, text=True,
                                   timeout=300)
         lines = intruder.stderr.strip().splitlines()
         told = (intruder.returncode == 2 and len(lines) == 1 and f"PID {proc.pid}" in lines[0]
@@ -306,7 +308,8 @@ def damaged(cwd: Path, ref: Reference, rng: random.Random) -> Outcome:
 def full_disk(cwd: Path, ref: Reference, rng: random.Random) -> Outcome:
     disk = cwd / "disk"
     disk.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(disk)], capture_output=True).returncode:
+    mount = ["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(disk)]
+    if subprocess.run(mount, check=False, capture_output=True).returncode:
         raise PermissionError("cannot mount a tmpfs here")
     try:
         k = rng.randint(1, CHECKPOINTS - 2) * 50
@@ -392,7 +395,8 @@ def main() -> None:
         if outcomes:
             told = [o.told for o in outcomes if o.told is not None]
             notes = sorted({o.note for o in outcomes if o.note in ("inside", "just after")})
-            extra = (" (" + ", ".join(f"{sum(o.note == k for o in outcomes)} {k}" for k in notes) + ")") if notes else ""
+            extra = ", ".join(f"{sum(o.note == k for o in outcomes)} {k}" for k in notes)
+            extra = f" ({extra})" if extra else ""
             rows.append((name + extra, len(outcomes), sum(o.exact for o in outcomes),
                          f"{sum(told)}/{len(told)}" if told else "-", sum(o.lost for o in outcomes)))
 

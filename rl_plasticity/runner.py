@@ -33,9 +33,9 @@ from agents import AGENTS, POLICIES, CReLU, minatar_policy_kwargs, mlp_policy_kw
 from agents.plastic import NonFiniteError
 from envs import make_sequence
 from rl_plasticity.checkpoint import (
+    STORAGE_ERRNOS,
     Checkpoint,
     CheckpointCallback,
-    STORAGE_ERRNOS,
     CheckpointError,
     CheckpointStore,
     SignalGuard,

@@ -16,13 +16,13 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from test_checkpoint import assert_same_logs, assert_same_model, latest_step, latest_step_under, only_run
 
 from rl_plasticity.checkpoint import CheckpointStore
 from rl_plasticity.cli import cli
 from rl_plasticity.config import load_config
 from rl_plasticity.runlock import LOCK_FILE, is_locked, run_lock
 from rl_plasticity.runner import train
-from test_checkpoint import assert_same_logs, assert_same_model, latest_step, latest_step_under, only_run
 
 RLP = str(Path(sys.executable).with_name("rlp"))
 
@@ -113,7 +113,7 @@ def test_a_second_writer_is_refused_while_the_first_lives(workdir: Path, referen
         run_dir = only_run(workdir / "out" / "f")
         first.send_signal(signal.SIGSTOP)  # frozen with its lock held: any change now is the second writer's
         before = snapshot(run_dir)
-        second = subprocess.run([RLP, "train", "--resume", str(run_dir)], cwd=workdir, capture_output=True,
+        second = subprocess.run([RLP, "train", "--resume", str(run_dir)], check=False, cwd=workdir, capture_output=True,
                                 text=True, timeout=120)
         assert second.returncode == 2, second.stderr
         (line,) = second.stderr.strip().splitlines()
@@ -258,8 +258,9 @@ def test_no_usable_checkpoint_one_line_exit_2_nothing_removed(workdir: Path, ref
     result = cli_run("train", "--resume", str(run_dir))
     assert result.exit_code == 2, result.output
     (line,) = result.stderr.strip().splitlines()
-    assert line == (f"rlp: error: {newest / 'state.pt'}: truncated or changed ({before[f'checkpoints/{newest.name}/state.pt'][0]}"
-                    f" bytes, {(reference / 'checkpoints' / newest.name / 'state.pt').stat().st_size} written); the "
+    size = before[f"checkpoints/{newest.name}/state.pt"][0]
+    written = (reference / "checkpoints" / newest.name / "state.pt").stat().st_size
+    assert line == (f"rlp: error: {newest / 'state.pt'}: truncated or changed ({size} bytes, {written} written); the "
                     "1 older one(s) are unusable too; no complete checkpoint to resume from")
     after = snapshot(run_dir)
     after.pop(LOCK_FILE)
@@ -273,7 +274,8 @@ def small_disk(workdir: Path):
     """A real 16 MB filesystem (tmpfs, mounted here: needs root); skipped where mounting is not allowed."""
     disk = workdir / "disk"
     disk.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(disk)], capture_output=True)
+    mount = ["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(disk)]
+    mounted = subprocess.run(mount, check=False, capture_output=True)
     if mounted.returncode != 0:
         pytest.skip(f"cannot mount a small tmpfs here ({mounted.stderr.decode().strip()}); "
                     "test_a_write_that_fails_for_lack_of_space_keeps_the_checkpoint covers ENOSPC by patching")
@@ -329,7 +331,7 @@ def test_read_only_run_directory_stops_with_exit_4(workdir: Path, reference: Pat
     config = run_dir / "config.yaml"
     config.write_text(config.read_text().replace("total_steps: 1200", "total_steps: 1500"))
     before = snapshot(run_dir)
-    assert subprocess.run(["mount", "-o", "remount,ro", str(small_disk)]).returncode == 0
+    assert subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=False).returncode == 0
     try:
         result = cli_run("train", "--resume", str(run_dir))
     finally:
@@ -345,7 +347,7 @@ def test_a_write_that_fails_for_lack_of_space_keeps_the_checkpoint(workdir: Path
     """ENOSPC by patching (runs everywhere): the replay buffer's write fails inside the third checkpoint."""
     import errno
 
-    import rl_plasticity.checkpoint as checkpoint
+    from rl_plasticity import checkpoint
 
     original, calls = checkpoint.save_replay_buffer, []
 

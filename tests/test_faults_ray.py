@@ -64,13 +64,13 @@ def test_a_killed_ray_worker_is_reported_and_its_trial_resumes_exactly(tmp_path:
 
     # The same command again: the trial continues from its checkpoint (its run got SIGTERM when the worker died
     # and wrote one; the sweep waits for it to let go of the run) ...
-    again = subprocess.run([RLP, *args, "--out", "sweep"], cwd=tmp_path, capture_output=True, text=True,
+    again = subprocess.run([RLP, *args, "--out", "sweep"], check=False, cwd=tmp_path, capture_output=True, text=True,
                            env=_env(), timeout=300)
     assert again.returncode == 0, again.stdout + again.stderr
     assert "tiny/seed0 resumed, finished" in again.stdout
     assert [p.name for p in (tmp_path / "sweep" / "tiny").iterdir()] == [run_dir.name]
     # ... and ends as the same trial run without a fault.
-    reference = subprocess.run([RLP, *args, "--out", "reference", "--sequential"], cwd=tmp_path,
+    reference = subprocess.run([RLP, *args, "--out", "reference", "--sequential"], check=False, cwd=tmp_path,
                                capture_output=True, text=True, env=_env(), timeout=300)
     assert reference.returncode == 0, reference.stdout + reference.stderr
     (reference_run,) = (tmp_path / "reference" / "tiny").iterdir()
@@ -118,7 +118,8 @@ def token_cluster(tmp_path: Path) -> Iterator[tuple[str, dict[str, str], str]]:
     home = tmp_path / "home"
     home.mkdir()
     env = _env(HOME=str(home))
-    made = subprocess.run([RAY, "get-auth-token", "--generate"], env=env, capture_output=True, text=True, timeout=60)
+    made = subprocess.run([RAY, "get-auth-token", "--generate"], check=False, env=env, capture_output=True, text=True,
+                          timeout=60)
     assert made.returncode == 0, made.stderr
     token = (home / ".ray" / "auth_token").read_text().strip()
     port = _free_port()
@@ -142,7 +143,7 @@ def test_sweep_joins_a_two_node_cluster_with_token_authentication(tmp_path: Path
     args = [RLP, "sweep", "tiny.yaml", "--out", "sweep", "--seeds", "0-1", "--address", address]
 
     # Without RAY_AUTH_MODE=token: refused in one line that says what to set, nothing written.
-    refused = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, env=env, timeout=300)
+    refused = subprocess.run(args, check=False, cwd=tmp_path, capture_output=True, text=True, env=env, timeout=300)
     assert refused.returncode == 2, refused.stdout + refused.stderr
     line = refused.stderr.strip().splitlines()[-1]
     assert line.startswith(f"rlp: error: --address: cannot join Ray at {address}: the cluster uses token "
@@ -152,7 +153,7 @@ def test_sweep_joins_a_two_node_cluster_with_token_authentication(tmp_path: Path
 
     # With it (the token from ~/.ray/auth_token, or as RAY_AUTH_TOKEN): the two trials run, one on each node
     # (one CPU each), side by side.
-    joined = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    joined = subprocess.run(args, check=False, cwd=tmp_path, capture_output=True, text=True, timeout=300,
                             env={**env, "HOME": str(tmp_path), "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token})
     assert joined.returncode == 0, joined.stdout + joined.stderr
     assert f"2 to run on the Ray cluster at {address}" in joined.stdout

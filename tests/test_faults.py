@@ -288,11 +288,10 @@ def small_disk(workdir: Path):
 def fill(disk: Path) -> Path:
     """Take every free byte of ``disk`` with one file (until the filesystem says ENOSPC)."""
     filler = disk / "filler"
-    with filler.open("wb") as f:
+    with filler.open("wb", buffering=0) as f:  # unbuffered: closing it writes nothing more
         try:
             while True:
                 f.write(b"\0" * (1 << 16))
-                f.flush()
         except OSError:
             pass
     return filler

@@ -7,7 +7,7 @@ fresh run in its own process with the fault put in at a random point, then ``rlp
 process) until it finishes:
 
 - ``SIGKILL at a random time``: at a uniformly drawn moment of the run's training time;
-- ``SIGKILL inside a checkpoint write``: at the k-th (random) moment a ``checkpoints/.tmp-*`` entry appears
+- ``SIGKILL inside a checkpoint write``: at the k-th (random, k >= 2) moment a ``checkpoints/.tmp-*`` entry appears
   (a checkpoint folder being written, ``latest`` being replaced, an old checkpoint being deleted), polled
   as fast as Python can; a trial counts as inside when the ``.tmp-`` entry is still there after the kill;
 - ``second writer``: while the run trains (frozen with SIGSTOP so that any change is the intruder's), a
@@ -211,7 +211,9 @@ def kill_random(cwd: Path, ref: Reference, rng: random.Random, seconds: float) -
 
 
 def kill_in_write(cwd: Path, ref: Reference, rng: random.Random) -> Outcome:
-    k = rng.randint(1, CHECKPOINTS)  # the k-th .tmp- entry seen (a write makes 1-3 of them)
+    # The k-th .tmp- entry seen (a write makes 1-3 of them); from the 2nd on, so that the first checkpoint folder
+    # is in place (a run killed inside its first write has nothing to resume: rlp train --resume says so, exit 2).
+    k = rng.randint(2, CHECKPOINTS)
     proc = start(cwd, "f.yaml")
     seen: set[str] = set()
 

@@ -613,7 +613,9 @@ class CheckpointStore:
             if pointer.is_file():
                 raise CheckpointError(f"{pointer}: names {pointer.read_text().strip()[:60]!r}, which is not there, "
                                       "and there is no other checkpoint to resume from")
-            raise CheckpointError(f"no checkpoint to resume from: {pointer} not found")
+            unfinished = self.root.is_dir() and any(p.name.startswith(".tmp-") for p in self.root.iterdir())
+            why = " (the run stopped inside its first checkpoint write: start it anew)" if unfinished else ""
+            raise CheckpointError(f"no checkpoint to resume from: {pointer} not found{why}")
         bad: list[tuple[Path, str]] = []
         for path in found:
             try:

@@ -28,6 +28,10 @@ trial exact, 0 steps lost. The last line is ``faults: <exact>/<trials> exact, <l
 
 It is CPU-heavy (two processes per trial, about 10 s each on a quiet 2-core machine): run it nice'd.
 
+Measured here (2 cores at a load of 4-8, 20 minutes): 33/33 exact, 0 steps lost; 10 random SIGKILLs, 10
+SIGKILLs with a ``.tmp-`` entry still there (all inside a write), 3 second writers refused, 6 damaged
+checkpoints named and fallen back from, 4 full disks stopped with exit 4.
+
     OMP_NUM_THREADS=1 nice .venv/bin/python benchmarks/faults.py                 # 33 trials, 20 of them SIGKILLs
     OMP_NUM_THREADS=1 nice .venv/bin/python benchmarks/faults.py --trials 2      # smoke run
 """

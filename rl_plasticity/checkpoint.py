@@ -13,10 +13,21 @@ finishing the current rollout and its update). A second signal stops at once, wi
 
 A checkpoint is written into ``checkpoints/.tmp-<name>-<pid>/``, every file is fsync'ed, the directory is
 renamed into place and only then is ``latest`` replaced (a temporary file, fsync, ``os.replace``). A kill
-at any point leaves ``latest`` naming a complete checkpoint; leftovers are removed by the next run. Older
-checkpoints beyond ``checkpoint.keep`` are deleted after ``latest`` moves on. A checkpoint is never written
+at any point leaves ``latest`` naming a complete checkpoint; the next run removes the leftovers and says so.
+Older checkpoints beyond ``checkpoint.keep`` are deleted after ``latest`` moves on (renamed to a ``.tmp-``
+name first, so that a half-deleted one is never taken for a checkpoint). A checkpoint is never written
 from a state with a non-finite parameter (:class:`~agents.plastic.NonFiniteError` instead), so after a
-divergence ``latest`` still names the last good one.
+divergence ``latest`` still names the last good one. A write that fails for lack of space or a read-only
+directory (:class:`StorageError`) removes its own unfinished folder and leaves the previous checkpoint as it
+was.
+
+Which checkpoint a resume reads: the newest complete one that passes its checks (every file present, with
+the size and SHA-256 ``meta.json`` gives, and ``state.pt`` loadable). That is the one ``latest`` names,
+unless a kill came between a new checkpoint's rename and the move of ``latest`` (then the newer, complete
+one), or the newest is damaged: then one line names the bad file and the resume falls back to the next
+older one (there is one only with ``checkpoint.keep`` >= 2, or during a write); with none left it stops
+with exit status 2. Damaged checkpoints newer than the one resumed from are removed once it has loaded,
+each with a line.
 
 What a checkpoint holds, and how each piece is restored
 -------------------------------------------------------
@@ -54,8 +65,8 @@ What a checkpoint holds, and how each piece is restored
     order), torch CPU (and CUDA if present), and the agent's ``action_space`` RNG (epsilon-greedy's random
     actions). They are set last, right before the first rollout.
 
-- ``meta.json``: step, gradient steps, agent, replay buffer size, and each file's size (checked on resume,
-  so a truncated file is named before anything is loaded).
+- ``meta.json``: step, gradient steps, agent, replay buffer size, and each file's size and SHA-256 (checked
+  on resume, so a truncated or altered file is named before anything is loaded).
 
 On resume, TensorBoard's events continue in a new events file in the run directory, opened with
 ``purge_step`` = checkpoint step + 1: TensorBoard drops whatever an earlier process logged after the
@@ -71,6 +82,9 @@ resumed without its replay buffer; wall-clock values (``time/fps``, episode time
 
 from __future__ import annotations
 
+import errno
+import hashlib
+import io
 import json
 import os
 import random
@@ -100,6 +114,7 @@ CHECKPOINTS_DIR = "checkpoints"
 LATEST = "latest"
 FORMAT = 1
 _NAME = re.compile(r"^step_(\d+)(?:\.(\d+))?$")
+_DELETING = ".tmp-deleting-"  # an old checkpoint on its way out
 
 #: SB3 and agent attributes a checkpoint restores (those an agent does not have are skipped).
 AGENT_ATTRS = (
@@ -114,6 +129,38 @@ REPLAY_ARRAYS = ("observations", "next_observations", "actions", "rewards", "don
 
 class CheckpointError(Exception):
     """A missing, corrupt or unusable checkpoint: the message is one line naming the file."""
+
+
+#: ``errno`` values of a write the storage cannot take: full disk or quota, read-only filesystem, no permission,
+#: too large, a device error.
+STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG,
+                            errno.EIO})
+
+
+class StorageError(Exception):
+    """A file of the run could not be written (a full disk, a read-only directory): training stops, exit 4.
+
+    :param path: the file or folder that could not be written.
+    :param reason: the system's words, e.g. ``No space left on device``.
+    :param checkpoint: the last good checkpoint, left intact (``None``: none was written yet).
+    :param removed: the unfinished checkpoint folder removed on the way out (it held the failed write).
+    """
+
+    def __init__(self, path: Path | str, reason: str, checkpoint: Path | None = None,
+                 removed: Path | None = None) -> None:
+        path = os.fsdecode(path) if isinstance(path, bytes) else path  # some writers name files in bytes
+        self.path, self.reason, self.checkpoint, self.removed = path, reason, checkpoint, removed
+        self.run_dir: Path | None = None
+        super().__init__(f"cannot write {path} ({reason})")
+
+    def message(self) -> str:
+        removed = f"; removed the unfinished checkpoint {self.removed}" if self.removed is not None else ""
+        if self.checkpoint is None:
+            return f"cannot write {self.path} ({self.reason}); training stopped{removed}; no checkpoint was written yet"
+        resume = (f"; make room (or make it writable), then: rlp train --resume {self.run_dir}"
+                  if self.run_dir is not None else "")
+        return (f"cannot write {self.path} ({self.reason}); training stopped{removed}; "
+                f"last good checkpoint: {self.checkpoint} (intact){resume}")
 
 
 class TrainingInterrupted(Exception):
@@ -164,6 +211,8 @@ class Checkpoint:
     path: Path
     state: dict[str, Any]
     meta: dict[str, Any] = field(default_factory=dict)
+    #: newer checkpoint folders that failed their checks (removed once this one has loaded)
+    skipped: list[Path] = field(default_factory=list)
 
     @property
     def step(self) -> int:
@@ -365,10 +414,27 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
+def _sha256(path: Path) -> str:
+    with path.open("rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def torch_bytes(obj: Any) -> bytes:
+    """``torch.save`` into memory: written to a file with a plain ``write``, a full disk is an ``OSError`` with
+    its ``errno`` (``torch.save`` on a file reports it as a ``RuntimeError`` about stream positions)."""
+    buffer = io.BytesIO()
+    th.save(obj, buffer)
+    return buffer.getvalue()
+
+
 def _sort_key(path: Path) -> tuple[int, int]:
     match = _NAME.match(path.name)
     assert match is not None
     return int(match.group(1)), int(match.group(2) or 0)
+
+
+def _say(message: str) -> None:
+    print(f"rlp: {message}", file=sys.stderr, flush=True)
 
 
 class CheckpointStore:
@@ -379,7 +445,7 @@ class CheckpointStore:
         self.root = self.run_dir / CHECKPOINTS_DIR
 
     def checkpoints(self) -> list[Path]:
-        """Complete checkpoint directories, oldest first."""
+        """Checkpoint directories (renamed into place, so complete when written), oldest first."""
         if not self.root.is_dir():
             return []
         return sorted((p for p in self.root.iterdir() if p.is_dir() and _NAME.match(p.name)), key=_sort_key)
@@ -393,67 +459,29 @@ class CheckpointStore:
         return self.root / name if _NAME.match(name) else None
 
     def clean(self, keep_up_to: Path | None = None) -> None:
-        """Remove unfinished writes; with ``keep_up_to``, also checkpoints newer than it (a lost future)."""
+        """Remove unfinished writes and deletions; with ``keep_up_to`` (the checkpoint a resume loaded), also
+        the checkpoints newer than it (they failed their checks) and point ``latest`` at it. One line each."""
         if not self.root.is_dir():
             return
-        for path in self.root.iterdir():
-            if path.name.startswith(".tmp"):
-                shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
-        if keep_up_to is not None:
-            for path in self.checkpoints():
-                if _sort_key(path) > _sort_key(keep_up_to):
-                    shutil.rmtree(path, ignore_errors=True)
+        for path in sorted(self.root.iterdir()):
+            if not path.name.startswith(".tmp"):
+                continue
+            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+            what = ("the rest of an old checkpoint whose deletion was cut short" if path.name.startswith(_DELETING)
+                    else f"an unfinished update of {LATEST}" if path.name.startswith(f".tmp-{LATEST}-")
+                    else "an unfinished checkpoint write (its process stopped before the checkpoint was complete)")
+            _say(f"removed {path}: {what}")
+        if keep_up_to is None:
+            return
+        for path in self.checkpoints():
+            if _sort_key(path) > _sort_key(keep_up_to):
+                shutil.rmtree(path, ignore_errors=True)
+                _say(f"removed {path}: newer than the checkpoint resumed from, and unusable (see above)")
+        if self.latest() != keep_up_to:
+            self._point_latest(keep_up_to.name)
 
-    def write(self, run: Trainee, cfg: CheckpointConfig) -> Path:
-        """Write a checkpoint of ``run`` atomically, point ``latest`` at it and drop the oldest beyond ``keep``."""
-        agent = run.agent
-        check_parameters(agent)
-        step = int(agent.num_timesteps)
-        self.root.mkdir(exist_ok=True)
-        name, n = f"step_{step:012d}", 1
-        while (self.root / name).exists():
-            name, n = f"step_{step:012d}.{n}", n + 1
-        tmp = self.root / f".tmp-{name}-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-
-        agent.save(tmp / "model.zip")
-        _fsync(tmp / "model.zip")
-        buffer = _replay_buffer(agent)
-        rb_info = None
-        if buffer is not None and cfg.replay_buffer:
-            rb_info = save_replay_buffer(buffer, tmp / "replay_buffer")
-        state = capture(run)
-        state["replay_buffer"] = rb_info
-        with (tmp / "state.pt").open("wb") as f:
-            th.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
-        meta = {
-            "format": FORMAT,
-            "step": step,
-            "num_gradient_steps": int(getattr(agent, "num_gradient_steps", 0)),
-            "agent": type(agent).__name__,
-            "written": time.strftime("%Y-%m-%d %H:%M:%S"),
-            "replay_buffer": (
-                None if buffer is None else
-                {"saved": False, "note": "checkpoint.replay_buffer=false: refilled on resume"} if rb_info is None else
-                {"saved": True, "transitions": rb_info["transitions"], "bytes": rb_info["bytes"]}
-            ),
-            "files": files,
-        }
-        with (tmp / "meta.json").open("w") as f:
-            json.dump(meta, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        if rb_info is not None:
-            _fsync(tmp / "replay_buffer")
-        _fsync(tmp)
-        final = self.root / name
-        os.replace(tmp, final)
-        _fsync(self.root)
-
+    def _point_latest(self, name: str) -> None:
+        """Replace ``latest`` atomically (temporary file, fsync, rename, fsync of the folder)."""
         pointer_tmp = self.root / f".tmp-{LATEST}-{os.getpid()}"
         with pointer_tmp.open("w") as f:
             f.write(name + "\n")
@@ -462,28 +490,97 @@ class CheckpointStore:
         os.replace(pointer_tmp, self.root / LATEST)
         _fsync(self.root)
 
+    def write(self, run: Trainee, cfg: CheckpointConfig) -> Path:
+        """Write a checkpoint of ``run`` atomically, point ``latest`` at it and drop the oldest beyond ``keep``.
+
+        :raises StorageError: a file could not be written (full disk, read-only directory): the unfinished
+            folder is removed, the previous checkpoint and ``latest`` are as they were.
+        """
+        agent = run.agent
+        check_parameters(agent)
+        step = int(agent.num_timesteps)
+        at = self.root  # what is being written, named if it fails
+        tmp = final = None
+        try:
+            self.root.mkdir(exist_ok=True)
+            name, n = f"step_{step:012d}", 1
+            while (self.root / name).exists():
+                name, n = f"step_{step:012d}.{n}", n + 1
+            tmp, final = self.root / f".tmp-{name}-{os.getpid()}", self.root / name
+            shutil.rmtree(tmp, ignore_errors=True)
+            at = tmp
+            tmp.mkdir()
+
+            at = tmp / "model.zip"
+            agent.save(at)
+            _fsync(at)
+            buffer = _replay_buffer(agent)
+            rb_info = None
+            if buffer is not None and cfg.replay_buffer:
+                at = tmp / "replay_buffer"
+                rb_info = save_replay_buffer(buffer, at)
+            state = capture(run)
+            state["replay_buffer"] = rb_info
+            at = tmp / "state.pt"
+            with at.open("wb") as f:
+                f.write(torch_bytes(state))
+                f.flush()
+                os.fsync(f.fileno())
+            files = sorted(p for p in tmp.rglob("*") if p.is_file())
+            meta = {
+                "format": FORMAT,
+                "step": step,
+                "num_gradient_steps": int(getattr(agent, "num_gradient_steps", 0)),
+                "agent": type(agent).__name__,
+                "written": time.strftime("%Y-%m-%d %H:%M:%S"),
+                "replay_buffer": (
+                    None if buffer is None else
+                    {"saved": False, "note": "checkpoint.replay_buffer=false: refilled on resume"} if rb_info is None
+                    else {"saved": True, "transitions": rb_info["transitions"], "bytes": rb_info["bytes"]}
+                ),
+                "files": {str(p.relative_to(tmp)): p.stat().st_size for p in files},
+                "sha256": {str(p.relative_to(tmp)): _sha256(p) for p in files},
+            }
+            at = tmp / "meta.json"
+            with at.open("w") as f:
+                json.dump(meta, f, indent=1)
+                f.flush()
+                os.fsync(f.fileno())
+            if rb_info is not None:
+                _fsync(tmp / "replay_buffer")
+            _fsync(tmp)
+            at = final
+            os.replace(tmp, final)
+            _fsync(self.root)
+            at = self.root / LATEST
+            self._point_latest(name)
+        except OSError as exc:
+            complete = final is not None and final.is_dir()  # renamed into place: a good checkpoint
+            if tmp is not None and not complete:
+                shutil.rmtree(tmp, ignore_errors=True)  # frees the space it took; the line says so
+            raise StorageError(at, exc.strerror or str(exc), final if complete else self.latest(),
+                               removed=None if complete or tmp is None else tmp) from None
+
         for old in self.checkpoints()[: -cfg.keep]:
             if old != final:
-                shutil.rmtree(old, ignore_errors=True)
+                # Renamed before it is deleted: a deletion cut short leaves a .tmp- folder, never a damaged step_.
+                doomed = self.root / f"{_DELETING}{old.name}-{os.getpid()}"
+                try:
+                    os.replace(old, doomed)
+                except OSError:
+                    continue
+                shutil.rmtree(doomed, ignore_errors=True)
         return final
 
-    def read(self) -> Checkpoint:
-        """The checkpoint ``latest`` names, checked against its ``meta.json``.
+    def verify(self, path: Path) -> Checkpoint:
+        """Check the checkpoint folder ``path`` against its ``meta.json`` and load its ``state.pt``.
 
-        :raises CheckpointError: one line naming the missing or corrupt file.
+        :raises CheckpointError: one line naming the missing, truncated or altered file.
         """
-        pointer = self.root / LATEST
-        if not pointer.is_file():
-            raise CheckpointError(f"no checkpoint to resume from: {pointer} not found")
-        path = self.latest()
-        if path is None:
-            raise CheckpointError(f"{pointer}: does not name a checkpoint ({pointer.read_text()[:60]!r})")
-        if not path.is_dir():
-            raise CheckpointError(f"{path}: not found (named by {pointer})")
         meta_file = path / "meta.json"
         try:
             meta = json.loads(meta_file.read_text())
-            files = dict(meta["files"])
+            files, digests = dict(meta["files"]), dict(meta.get("sha256", {}))
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise CheckpointError(f"{meta_file}: missing or corrupt ({type(exc).__name__})") from None
         if meta.get("format") != FORMAT:
@@ -494,6 +591,8 @@ class CheckpointStore:
                 raise CheckpointError(f"{file}: missing from the checkpoint")
             if file.stat().st_size != size:
                 raise CheckpointError(f"{file}: truncated or changed ({file.stat().st_size} bytes, {size} written)")
+            if rel in digests and _sha256(file) != digests[rel]:
+                raise CheckpointError(f"{file}: altered (its SHA-256 differs from the one written in meta.json)")
         state_file = path / "state.pt"
         try:
             state = th.load(state_file, map_location="cpu", weights_only=False)
@@ -505,6 +604,52 @@ class CheckpointStore:
             raise CheckpointError(f"{state_file}: corrupt checkpoint ({type(exc).__name__}: "
                                   f"{' '.join(str(exc).split())[:200]})") from None
         return Checkpoint(path, state, meta)
+
+    def read(self) -> Checkpoint:
+        """The newest checkpoint that passes :meth:`verify` (normally the one ``latest`` names).
+
+        A damaged newer one, a ``latest`` that names a missing folder, or a complete checkpoint newer than
+        ``latest`` (a kill between the two renames) is told in one line on stderr each.
+
+        :raises CheckpointError: no checkpoint passes: one line naming the newest one's bad file.
+        """
+        pointer = self.root / LATEST
+        found = self.checkpoints()[::-1]
+        if not found:
+            if pointer.is_file():
+                raise CheckpointError(f"{pointer}: names {pointer.read_text().strip()[:60]!r}, which is not there, "
+                                      "and there is no other checkpoint to resume from")
+            unfinished = self.root.is_dir() and any(p.name.startswith(".tmp-") for p in self.root.iterdir())
+            why = " (the run stopped inside its first checkpoint write: start it anew)" if unfinished else ""
+            raise CheckpointError(f"no checkpoint to resume from: {pointer} not found{why}")
+        bad: list[tuple[Path, str]] = []
+        for path in found:
+            try:
+                ckpt = self.verify(path)
+            except CheckpointError as exc:
+                bad.append((path, str(exc)))
+                continue
+            ckpt.skipped = [p for p, _ in bad]
+            self._tell_fallback(ckpt, bad)
+            return ckpt
+        older = f"; the {len(bad) - 1} older one(s) are unusable too" if len(bad) > 1 else ""
+        raise CheckpointError(f"{bad[0][1]}{older}; no complete checkpoint to resume from")
+
+    def _tell_fallback(self, ckpt: Checkpoint, bad: list[tuple[Path, str]]) -> None:
+        """One line for each reason the resume does not start from the checkpoint ``latest`` names."""
+        pointer, named = self.root / LATEST, self.latest()
+        for _, why in bad:
+            _say(f"{why}: resuming from the newest complete checkpoint before it, {ckpt.path}")
+        if named == ckpt.path or (named is not None and named in [p for p, _ in bad]):
+            return
+        if not pointer.is_file():
+            _say(f"{pointer} is missing: resuming from the newest complete checkpoint, {ckpt.path}")
+        elif named is None or not named.is_dir():
+            _say(f"{pointer} names {pointer.read_text().strip()[:60]!r}, which is not there: resuming from the "
+                 f"newest complete checkpoint, {ckpt.path}")
+        elif _sort_key(named) < _sort_key(ckpt.path):
+            _say(f"{ckpt.path} is complete and newer than {named.name}, which {pointer} names (a write was stopped "
+                 "before latest moved on): resuming from it")
 
 
 # -- during training ----------------------------------------------------------------------------------------

@@ -103,10 +103,21 @@ def train_cmd(config: str | None, overrides: tuple[str, ...], resume_dir: str | 
     \b
     Exit status:
       0  done
-      2  bad input: config, missing or corrupt checkpoint, changed config (one line, nothing written)
+      2  bad input: config, no usable checkpoint, changed config, a run another process is training
+         (one line, nothing written)
       3  a non-finite loss, loss term, gradient, parameter or probe (NaN guard): one line naming the
          step, the term and the last good checkpoint, which is kept
+      4  a file of the run cannot be written (full disk, read-only directory): one line naming the
+         file and the last good checkpoint, which is kept intact
       130, 143  stopped by SIGINT, SIGTERM (after writing a checkpoint)
+
+    \b
+    Faults:
+      One process writes a run: a second rlp train --resume on a run that is training is refused
+      (exit 2, naming the holder's PID). A kill at any point, even inside a checkpoint write, loses
+      no checkpoint: the resume starts from the newest complete one and removes what the kill left
+      (it says so). A damaged checkpoint file is named, and the resume falls back to an older
+      complete checkpoint if there is one (checkpoint.keep >= 2), else exits 2.
     """
     from rl_plasticity.kernels import export_env
     from rl_plasticity.rundirs import read_config
@@ -128,7 +139,8 @@ def train_cmd(config: str | None, overrides: tuple[str, ...], resume_dir: str | 
     # `--help` stay fast).
     export_env(cfg.cpu_kernels if cfg is not None else read_config(Path(resume_dir)).get("cpu_kernels", "native"))
     from agents.plastic import NonFiniteError
-    from rl_plasticity.checkpoint import CheckpointError, TrainingInterrupted
+    from rl_plasticity.checkpoint import CheckpointError, StorageError, TrainingInterrupted
+    from rl_plasticity.runlock import RunInUse
     from rl_plasticity.runner import resume, train
 
     try:
@@ -136,8 +148,11 @@ def train_cmd(config: str | None, overrides: tuple[str, ...], resume_dir: str | 
             run_dir = train(cfg, progress_bar=progress)
         else:
             run_dir = resume(resume_dir, cfg, force=force, progress_bar=progress)
-    except (ConfigError, CheckpointError) as exc:
+    except (ConfigError, CheckpointError, RunInUse) as exc:
         fail(str(exc))
+    except StorageError as exc:
+        click.echo(f"rlp: error: {exc.message()}", err=True)
+        sys.exit(4)
     except TrainingInterrupted as exc:
         click.echo(f"rlp: {exc.message()}", err=True)
         sys.exit(exc.exit_status)
@@ -202,7 +217,10 @@ Examples:
   rlp sweep dqn_cartpole_shift --seeds 0-2 --grid 'interventions=[[],[reset],[l2]]' env.switch_every=5000
   rlp sweep quickstart --seeds 0,1 --grid 'agent.learning_rate=[1e-3,1e-4]' --grid 'net.width=[64,128]'
   rlp sweep CONFIG --address auto ...      on an existing Ray cluster (shared filesystem, project
-                                           installed on every node at the same path)
+                                           installed on every node at the same path); with token
+                                           authentication (Ray's default for ray start --head when a
+                                           token exists) set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN
+                                           (or copy the head's ~/.ray/auth_token here)
   rlp sweep CONFIG ... --dry-run           list the trials and their state, write nothing
 
 \b

@@ -21,6 +21,7 @@ as collected), and the random-policy set's transitions are turned into rollout s
 from __future__ import annotations
 
 import copy
+import io
 import time
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -138,9 +139,20 @@ class RandomProbeSets:
                  "max_episode_steps": self.max_episode_steps, "sets": self._sets,
                  "seeds": {task: self.seed(task) for task in self._sets}, "episodes": dict(self.episodes),
                  "task_names": list(self.task_envs.task_names)}
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        th.save(state, tmp)
-        tmp.replace(path)
+        save_atomic(state, path)
+
+
+def save_atomic(obj: Any, path: Path) -> None:
+    """``torch.save`` ``obj`` to ``path`` atomically (temporary file, then rename).
+
+    It is serialised in memory and written plainly, so a full disk raises ``OSError(ENOSPC)`` (``torch.save``
+    to a file turns it into a ``RuntimeError``).
+    """
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    buffer = io.BytesIO()
+    th.save(obj, buffer)
+    tmp.write_bytes(buffer.getvalue())
+    tmp.replace(path)
 
 
 def rollout_samples(agent: BaseAlgorithm, transitions: ReplayBufferSamples) -> RolloutBufferSamples:
@@ -229,6 +241,4 @@ class ProbeSets:
 
     def save(self, path: Path) -> None:
         """Write the frozen sets atomically (temporary file, then rename), so a kill never leaves half a file."""
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        th.save(self.state_dict(), tmp)
-        tmp.replace(path)
+        save_atomic(self.state_dict(), path)

@@ -15,7 +15,6 @@ import yaml
 
 CONFIG_FILE = "config.yaml"
 CHECKPOINTS_DIR = "checkpoints"
-LATEST = "latest"
 
 
 @dataclass(frozen=True)
@@ -66,15 +65,27 @@ def read_config(run_dir: Path) -> dict:
     return data if isinstance(data, dict) else {}
 
 
-def latest_checkpoint_step(run_dir: Path) -> int | None:
-    """Env step of the checkpoint ``checkpoints/latest`` names, from its ``meta.json`` (``None``: none)."""
-    root = Path(run_dir) / CHECKPOINTS_DIR
+def _meta_step(folder: Path) -> int | None:
     try:
-        name = (root / LATEST).read_text().strip()
-        meta = json.loads((root / name / "meta.json").read_text())
-        return int(meta["step"])
+        return int(json.loads((folder / "meta.json").read_text())["step"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
+
+
+def latest_checkpoint_step(run_dir: Path) -> int | None:
+    """Env step of the newest checkpoint, from its ``meta.json`` (``None``: none).
+
+    Normally the one ``checkpoints/latest`` names; a newer complete folder (a kill between its rename and the
+    move of ``latest``) or, if ``latest`` names nothing, any folder counts too, as ``rlp train --resume``
+    would find them (it also checks every file, which this quick look does not).
+    """
+    root = Path(run_dir) / CHECKPOINTS_DIR
+    try:
+        folders = [p for p in root.iterdir() if p.name.startswith("step_") and p.is_dir()]
+    except OSError:
+        return None
+    steps = [step for step in map(_meta_step, folders) if step is not None]
+    return max(steps) if steps else None
 
 
 def run_progress(run_dir: Path) -> RunProgress:

@@ -3,13 +3,20 @@
 Everything that can fail on bad input (the sequence and its options, the device) is built and checked
 before the run directory is created, so a bad config leaves nothing behind. :func:`resume` continues a run
 from its latest checkpoint (:mod:`rl_plasticity.checkpoint`), and refuses a changed config unless forced.
+A training process holds the run directory's lock (:mod:`rl_plasticity.runlock`) from before its first write
+to its end, so a second writer is refused; a write the storage cannot take stops the run with a
+:class:`~rl_plasticity.checkpoint.StorageError`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import math
+import shutil
 import sys
+import threading
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -27,11 +34,13 @@ from agents import AGENTS, POLICIES, CReLU, minatar_policy_kwargs, mlp_policy_kw
 from agents.plastic import NonFiniteError
 from envs import make_sequence
 from rl_plasticity.checkpoint import (
+    STORAGE_ERRNOS,
     Checkpoint,
     CheckpointCallback,
     CheckpointError,
     CheckpointStore,
     SignalGuard,
+    StorageError,
     Trainee,
     TrainingInterrupted,
     restore,
@@ -45,6 +54,7 @@ from rl_plasticity.kernels import kernels
 from rl_plasticity.monitor import MonitorCallback
 from rl_plasticity.provenance import record_session
 from rl_plasticity.task_envs import TaskEnvs
+from rl_plasticity.runlock import run_lock
 from rl_plasticity.task_logging import TaskLogCallback
 
 
@@ -196,12 +206,43 @@ class _Logger(Logger):
                 self.name_to_excluded[key] = excluded
 
 
+_other_excepthook = threading.excepthook
+
+
+def _quiet_writer_thread(args: Any) -> None:
+    """A write error in TensorBoard's writer thread is handed to the training thread's next write (and told
+    there in one line, :class:`StorageError`); Python would also print the thread's traceback."""
+    if isinstance(args.exc_value, OSError) and type(args.thread).__name__ == "_AsyncWriterThread":
+        return
+    _other_excepthook(args)
+
+
 class _TensorBoard(TensorBoardOutputFormat):
-    """SB3's TensorBoard output, with ``purge_step`` passed to the ``SummaryWriter``."""
+    """SB3's TensorBoard output, with ``purge_step`` passed to the ``SummaryWriter``; a write that fails
+    (TensorBoard's writer thread hands its error to the next call) is a :class:`StorageError` naming the file."""
 
     def __init__(self, folder: str, purge_step: int | None = None) -> None:
         self.writer = SummaryWriter(log_dir=folder, purge_step=purge_step)
         self._is_closed = False
+        if threading.excepthook is not _quiet_writer_thread:
+            global _other_excepthook
+            _other_excepthook, threading.excepthook = threading.excepthook, _quiet_writer_thread
+
+    @property
+    def path(self) -> str:
+        return self.writer.file_writer.event_writer._file_name  # type: ignore[attr-defined]
+
+    def write(self, *args: Any, **kwargs: Any) -> None:
+        try:
+            super().write(*args, **kwargs)
+        except OSError as exc:
+            raise StorageError(self.path, exc.strerror or str(exc)) from None
+
+    def close(self) -> None:
+        try:
+            super().close()
+        except OSError as exc:
+            raise StorageError(self.path, exc.strerror or str(exc)) from None
 
 
 def train(cfg: RunConfig, progress_bar: bool | None = None) -> Path:
@@ -215,6 +256,8 @@ def train(cfg: RunConfig, progress_bar: bool | None = None) -> Path:
     :param progress_bar: overrides ``logging.progress_bar`` when given.
     :raises ConfigError: before anything is written, if the config cannot be built.
     :raises TrainingInterrupted: stopped by SIGINT/SIGTERM (after writing a checkpoint).
+    :raises StorageError: a file of the run could not be written (full disk, read-only); the last good
+        checkpoint is kept.
     :raises NonFiniteError: a loss, loss term, gradient, parameter or probe became non-finite; its
         ``checkpoint`` attribute names the last good checkpoint (or ``None``).
     """
@@ -226,8 +269,17 @@ def train(cfg: RunConfig, progress_bar: bool | None = None) -> Path:
     agent = build_agent(cfg, env)
 
     run_dir = make_run_dir(cfg)
-    (run_dir / "config.yaml").write_text(to_yaml(cfg))
-    return _learn(cfg, env, agent, run_dir, progress_bar)
+    with run_lock(run_dir):
+        _write_config(run_dir, cfg)
+        return _learn(cfg, env, agent, run_dir, progress_bar)
+
+
+def _write_config(run_dir: Path, cfg: RunConfig) -> None:
+    path = run_dir / "config.yaml"
+    try:
+        path.write_text(to_yaml(cfg))
+    except OSError as exc:
+        raise StorageError(path, exc.strerror or str(exc), CheckpointStore(run_dir).latest()) from None
 
 
 #: Keys a checkpoint fixes: a resume cannot change them, even with ``--force``.
@@ -251,13 +303,25 @@ def resume(run_dir: str | Path, cfg: RunConfig | None = None, force: bool = Fals
         checkpoint fixes (:data:`FIXED_KEYS`) are refused even then. With ``force`` the new values apply to
         what is built from the config (e.g. ``total_steps``, learning rate, probes, checkpoints) and
         ``config.yaml`` is rewritten; the checkpoint's state is restored as saved.
-    :raises CheckpointError: no run directory, no checkpoint, or a corrupt one (one line naming the file).
+    :raises CheckpointError: no run directory, or no checkpoint that passes its checks (one line naming the
+        file); a damaged newest checkpoint with a good older one is told on stderr and the older one used.
     :raises ConfigError: a changed config (see ``cfg``).
+    :raises RunInUse: another process is training the run (nothing is written).
     """
     run_dir = Path(run_dir)
     saved_file = run_dir / "config.yaml"
     if not saved_file.is_file():
         raise CheckpointError(f"{saved_file} not found: {run_dir} is not a run directory")
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(run_lock(run_dir))
+        except OSError as exc:  # no lock file, and none can be made: a read-only or full run directory
+            raise _storage_error(exc, run_dir, CheckpointStore(run_dir)) from None
+        return _resume(run_dir, cfg, force, progress_bar)
+
+
+def _resume(run_dir: Path, cfg: RunConfig | None, force: bool, progress_bar: bool | None) -> Path:
+    saved_file = run_dir / "config.yaml"
     saved = load_config(saved_file)
     store = CheckpointStore(run_dir)
     ckpt = store.read()
@@ -285,8 +349,16 @@ def resume(run_dir: str | Path, cfg: RunConfig | None = None, force: bool = Fals
         env.close()
         print(f"rlp: {run_dir} is complete ({ckpt.step} of total_steps={new.total_steps} env steps); nothing to do",
               file=sys.stderr, flush=True)
+        final = run_dir / "model.zip"
+        if new.logging.save_model and not final.is_file():
+            # Killed between its final checkpoint and model.zip: the checkpoint's model is that very save.
+            shutil.copyfile(ckpt.path / "model.zip", final)
+            print(f"rlp: {final} was missing (stopped before it was saved): copied from {ckpt.path}",
+                  file=sys.stderr, flush=True)
         return run_dir
     agent = build_agent(new, env)
+    print(f"rlp: resuming {run_dir} from {ckpt.path.name} (env step {ckpt.step} of {new.total_steps})",
+          file=sys.stderr, flush=True)
     return _learn(new, env, agent, run_dir, progress_bar, resume_from=ckpt, rewrite_config=bool(diff))
 
 
@@ -311,14 +383,19 @@ def _learn(cfg: RunConfig, env: VecEnv, agent: BaseAlgorithm, run_dir: Path, pro
         except BaseException:
             env.close()
             raise
-    store.clean(keep_up_to=None if resume_from is None else resume_from.path)
-    if rewrite_config:
-        (run_dir / "config.yaml").write_text(to_yaml(cfg))
-    record_session(run_dir, None if resume_from is None else resume_from.step, cfg.cpu_kernels)  # provenance.json
-
     show_progress = cfg.logging.progress_bar if progress_bar is None else progress_bar
-    purge = None if resume_from is None else resume_from.step + 1
-    agent.set_logger(make_logger(run_dir, stdout=not show_progress, purge_step=purge))
+    try:
+        store.clean(keep_up_to=None if resume_from is None else resume_from.path)
+        if rewrite_config:
+            _write_config(run_dir, cfg)
+        record_session(run_dir, None if resume_from is None else resume_from.step, cfg.cpu_kernels)  # provenance.json
+        purge = None if resume_from is None else resume_from.step + 1
+        if resume_from is not None:
+            _after_earlier_events_files(run_dir)
+        agent.set_logger(make_logger(run_dir, stdout=not show_progress, purge_step=purge))
+    except (StorageError, OSError) as exc:
+        env.close()
+        raise _storage_error(exc, run_dir, store) from None
     # Probe rounds dump TensorBoard-only keys; SB3's stdout table then warns that it has nothing to show.
     warnings.filterwarnings("ignore", message="Tried to write empty key-value dict")
     learn_kwargs: dict[str, Any] = {}
@@ -347,19 +424,71 @@ def _learn(cfg: RunConfig, env: VecEnv, agent: BaseAlgorithm, run_dir: Path, pro
         _close_progress(pbar)
         exc.run_dir = run_dir
         exc.checkpoint = exc.checkpoint or store.latest()
+        _close_quietly(agent, env)
         raise
     except NonFiniteError as exc:
         _close_progress(pbar)
-        agent.logger.dump(step=agent.num_timesteps)  # what was recorded up to the failure
+        try:
+            agent.logger.dump(step=agent.num_timesteps)  # what was recorded up to the failure
+        except OSError:
+            pass  # the NaN guard's line is the one to show; the events end at the last good dump
         exc.checkpoint = store.latest()  # type: ignore[attr-defined]
+        _close_quietly(agent, env)
+        raise
+    except (StorageError, OSError) as exc:  # or a write elsewhere (task_summary.csv, probe sets) that failed
+        if isinstance(exc, OSError) and exc.errno not in STORAGE_ERRNOS:
+            _close_quietly(agent, env)
+            raise
+        _close_progress(pbar)
+        _close_quietly(agent, env)
+        raise _storage_error(exc, run_dir, store) from None
+    except BaseException:
+        _close_quietly(agent, env)
         raise
     finally:
         th.set_flush_denormal(False)
-        agent.logger.close()
+    try:
+        agent.logger.close()  # flushes the events file: it may fail too
+        if cfg.logging.save_model:
+            agent.save(run_dir / "model.zip")
+    except (StorageError, OSError) as exc:
+        raise _storage_error(exc, run_dir, store) from None
+    finally:
         env.close()
-    if cfg.logging.save_model:
-        agent.save(run_dir / "model.zip")
     return run_dir
+
+
+def _after_earlier_events_files(run_dir: Path, longest: float = 2.0) -> None:
+    """Wait (at most ``longest`` seconds) until this second is later than every events file's creation second.
+
+    TensorBoard reads a run's events files in name order, and a name starts with the second it was created
+    in, then the host and the PID. A process killed within the same second as its resume started would
+    otherwise be read after it, and its steps past the checkpoint would escape the resume's ``purge_step``.
+    """
+    seconds = [int(p.name.split(".")[3]) for p in run_dir.glob("events.out.tfevents.*")
+               if len(p.name.split(".")) > 3 and p.name.split(".")[3].isdigit()]
+    deadline = time.monotonic() + longest
+    while seconds and int(time.time()) <= max(seconds) and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def _close_quietly(agent: BaseAlgorithm, env: VecEnv) -> None:
+    """Close the logger and the env on the way out of a failed or stopped run; the first error is the one
+    to report, so a second one here (the same full disk) is not raised."""
+    try:
+        agent.logger.close()
+    except (StorageError, OSError):
+        pass
+    env.close()
+
+
+def _storage_error(exc: StorageError | OSError, run_dir: Path, store: CheckpointStore) -> StorageError:
+    """``exc`` as a :class:`StorageError` naming the run and its last good checkpoint."""
+    if not isinstance(exc, StorageError):
+        exc = StorageError(exc.filename or run_dir, exc.strerror or str(exc))
+    exc.run_dir = run_dir
+    exc.checkpoint = exc.checkpoint or store.latest()
+    return exc
 
 
 def _close_progress(pbar: ProgressBarCallback | None) -> None:

@@ -319,13 +319,16 @@ def test_changed_config_refused_unless_force(tmp_path: Path, dqn_reference: Path
 
 CORRUPTIONS = {
     "not a run directory": (lambda run: (run / "config.yaml").unlink(), "config.yaml"),
-    "no checkpoint": (lambda run: (run / "checkpoints" / "latest").unlink(), "checkpoints/latest"),
-    "latest names nothing": (lambda run: (run / "checkpoints" / "latest").write_text("step_000000000999\n"),
-                             "step_000000000999"),
+    "no checkpoint": (lambda run: shutil.rmtree(run / "checkpoints"), "checkpoints/latest"),
+    "latest names nothing": (lambda run: (shutil.rmtree(_ckpt(run)),
+                                          (run / "checkpoints" / "latest").write_text("step_000000000999\n")),
+                             "'step_000000000999', which is not there"),
     "truncated state": (lambda run: _truncate(run, "state.pt"), "state.pt"),
     "garbage state": (lambda run: _scramble(run, "state.pt"), "state.pt"),
     "garbage model": (lambda run: _scramble(run, "model.zip"), "model.zip"),
     "missing buffer array": (lambda run: (_ckpt(run) / "replay_buffer" / "actions.npy").unlink(), "actions.npy"),
+    # The same size, other bytes: only the SHA-256 in meta.json tells.
+    "altered buffer array": (lambda run: _flip_last_byte(run, "replay_buffer/rewards.npy"), "rewards.npy: altered"),
 }
 
 
@@ -336,6 +339,13 @@ def _ckpt(run: Path) -> Path:
 def _truncate(run: Path, name: str) -> None:
     path = _ckpt(run) / name
     path.write_bytes(path.read_bytes()[:100])
+
+
+def _flip_last_byte(run: Path, name: str) -> None:
+    path = _ckpt(run) / name
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))
 
 
 def _scramble(run: Path, name: str) -> None:

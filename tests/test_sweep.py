@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -263,6 +264,37 @@ def test_interrupted_trial_resumes_from_its_checkpoint(tiny: Path):
     # Complete now: executing it again is a skip that starts nothing.
     again = execute_trial(job)
     assert (again.status, again.mode, again.seconds) == ("finished", "skipped", 0.0)
+
+
+def test_a_trial_waits_for_an_earlier_attempt_that_still_holds_its_run(tiny: Path):
+    import threading
+
+    from rl_plasticity.runlock import run_lock
+
+    plan = plan_for(tiny)
+    (trial,) = plan.trials
+    # An earlier attempt still starting up (its worker died; it was told to stop): a run directory with no
+    # checkpoint yet, its lock held by a live process, here this one, for one more second.
+    stale = plan.sweep_dir / trial.label / "20200101-000000_seed0"
+    stale.mkdir(parents=True)
+    stale.joinpath("config.yaml").write_text("seed: 0\n")
+    held, release = threading.Event(), threading.Event()
+
+    def earlier_attempt() -> None:
+        with run_lock(stale):
+            held.set()
+            release.wait(1.0)
+
+    thread = threading.Thread(target=earlier_attempt)
+    thread.start()
+    held.wait()
+    outcome = execute_trial(job_for(plan, trial))
+    thread.join()
+    assert (outcome.status, outcome.mode) == ("finished", "started") and not stale.exists()
+    log = (plan.sweep_dir / "logs" / "tiny_seed0.err").read_text()
+    # Not removed while it was held; then removed, and both said in the trial's log.
+    assert f"rlp sweep: waited for PID {os.getpid()} to stop writing {stale} (an earlier attempt)" in log
+    assert f"rlp sweep: removed {stale}: it stopped before its first checkpoint (nothing to resume)" in log
 
 
 # -- a real Ray ---------------------------------------------------------------------------------------

@@ -27,6 +27,10 @@ INSTALL_HINT = ('Ray is not installed: install it with pip install -c constraint
                 '(or run with --sequential)')
 #: Object store of a local Ray: the tasks pass a few hundred bytes each, so the default (30% of RAM) is waste.
 LOCAL_OBJECT_STORE = 128 * 1024**2
+#: What a client of a cluster with token authentication needs (Ray turns it on for ``ray start --head``
+#: when a token exists, e.g. the one a local ``ray.init()`` wrote to ~/.ray/auth_token).
+TOKEN_HINT = ("set RAY_AUTH_MODE=token and the cluster's token: RAY_AUTH_TOKEN=<token> or the head node's "
+              "~/.ray/auth_token copied to this machine (ray get-auth-token on the head prints it)")
 
 
 @dataclass
@@ -228,16 +232,35 @@ def _ray_init(ray: Any, address: str | None, num_cpus: int | None, cpus_per_tria
         if address:
             ray.init(address=address, **kwargs)
         else:
-            ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False,
+            # address="local": a Ray of its own, never one that `ray start` left running (RAY_ADDRESS, or
+            # /tmp/ray/ray_current_cluster, would otherwise be joined silently).
+            ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False,
                      object_store_memory=LOCAL_OBJECT_STORE, **kwargs)
-    except (ConnectionError, ValueError, RuntimeError) as exc:
-        option = "--address" if address else "--num-cpus"
-        raise SweepError(f"{option}: cannot {'join' if address else 'start'} Ray "
-                         f"({' '.join(str(exc).split())[:300]})") from None
+    except (ConnectionError, ValueError, RuntimeError, ray.exceptions.RayError) as exc:
+        if not address:
+            raise SweepError(f"--num-cpus: cannot start Ray ({' '.join(str(exc).split())[:300]})") from None
+        raise SweepError(_join_error(address, exc)) from None
     total = ray.cluster_resources().get("CPU", 0)
     if total < cpus_per_trial:
         ray.shutdown()
         raise SweepError(f"--cpus-per-trial: {cpus_per_trial} CPUs per trial, but the Ray cluster has {total:g}")
+
+
+def _join_error(address: str, exc: BaseException) -> str:
+    """One line for a failed join: a token problem says what to set, anything else also says it if the
+    client has not turned token authentication on (the most common reason on Ray >= 2.52)."""
+    chain, cause = [], exc
+    while cause is not None and len(chain) < 5:
+        chain.append(cause)
+        cause = cause.__cause__ or cause.__context__
+    if any(type(e).__name__ == "AuthenticationError" or "InvalidAuthToken" in str(e) for e in chain):
+        mode = os.environ.get("RAY_AUTH_MODE")
+        now = f"RAY_AUTH_MODE is {mode!r} here" if mode else "RAY_AUTH_MODE is not set here"
+        return (f"--address: cannot join Ray at {address}: the cluster uses token authentication and this "
+                f"client has no matching token ({now}); {TOKEN_HINT}")
+    first = " ".join(str(exc).split())[:300]
+    hint = f"; if the cluster uses token authentication, {TOKEN_HINT}" if os.environ.get("RAY_AUTH_MODE") is None else ""
+    return f"--address: cannot join Ray at {address} ({first}){hint}"
 
 
 def _run_ray(ray: Any, jobs: list[TrialJob], record: Callable[[TrialOutcome, int], None], summary: SweepSummary,

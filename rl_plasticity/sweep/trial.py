@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rl_plasticity.rundirs import RunProgress, is_run_dir, run_progress
+from rl_plasticity.runlock import holder, is_locked, wait_unlocked
 
 #: Seconds a trial gets to write its checkpoint after SIGTERM before it is killed.
 STOP_GRACE = 300.0
@@ -114,19 +115,27 @@ def execute_trial(job: TrialJob) -> TrialOutcome:
     """Run (or resume) one trial to its end and say how it ended. Never raises for a failed run.
 
     A complete run is skipped; a run with a checkpoint is continued with ``rlp train --resume``; a run that
-    died before its first checkpoint holds nothing to continue and is removed, and the trial starts anew.
+    died before its first checkpoint holds nothing to continue and is removed (said in the log), and the
+    trial starts anew. A run still held by a live process (an earlier attempt whose worker died: it got
+    SIGTERM and writes its checkpoint) is waited for, up to :data:`STOP_GRACE` seconds.
     Its stdout and stderr are appended to ``logs/<label>_seed<k>.out`` and ``.err`` of the sweep directory.
     On KeyboardInterrupt (Ray's task cancellation, or Ctrl-C in the sequential fallback) the run gets
     SIGTERM, writes its checkpoint and stops; the outcome is then ``interrupted``.
     """
     start = time.monotonic()
     sweep_dir = Path(job.sweep_dir)
+    notes = []
+    for run in trial_runs(sweep_dir, job.label, job.seed):
+        if is_locked(run.run_dir):
+            notes.append(f"waited for {holder(run.run_dir)} to stop writing {run.run_dir} (an earlier attempt)")
+            wait_unlocked(run.run_dir, STOP_GRACE)
     state = trial_state(sweep_dir, job.label, job.seed)
     if state is not None and state.complete:
         return TrialOutcome(job.trial_id, "finished", "skipped", str(state.run_dir), 0, None, 0.0)
     for run in trial_runs(sweep_dir, job.label, job.seed):
-        if run.checkpoint_step is None:
+        if run.checkpoint_step is None and not is_locked(run.run_dir):
             shutil.rmtree(run.run_dir, ignore_errors=True)
+            notes.append(f"removed {run.run_dir}: it stopped before its first checkpoint (nothing to resume)")
 
     if state is not None:
         mode, args = "resumed", ["--resume", str(state.run_dir)]
@@ -140,7 +149,7 @@ def execute_trial(job: TrialJob) -> TrialOutcome:
     header = f"== {dt.datetime.now().isoformat(timespec='seconds')} {mode}: {' '.join(cmd)}\n"
     with out_path.open("a") as out, err_path.open("a") as err:
         out.write(header)
-        err.write(header)
+        err.write(header + "".join(f"rlp sweep: {note}\n" for note in notes))
         out.flush()
         err.flush()
         err_offset = err.tell()

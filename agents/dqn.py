@@ -12,6 +12,7 @@ from stable_baselines3.common.buffers import ReplayBufferSamples
 from torch import nn
 from torch.nn import functional as F
 
+from agents import fast_dqn
 from agents.hooks import Intervention
 from agents.plastic import PlasticMixin
 
@@ -25,6 +26,9 @@ class PlasticDQN(PlasticMixin, DQN):
         Empty by default, in which case training is bit-for-bit stock SB3.
     :param double_q: use the Double-DQN target (van Hasselt et al., 2016): the online network picks the
         next action, the target network evaluates it. This is the only difference from stock DQN.
+    :param td_loss: the TD loss, ``"huber"`` (SB3's ``smooth_l1_loss``) or ``"mse"``.
+    :param fast: train and act on the fast path (:mod:`agents.fast_dqn`): the same maths with less
+        overhead, equal to the stock path up to float rounding. Off by default: training is then stock SB3.
     """
 
     def __init__(
@@ -32,11 +36,31 @@ class PlasticDQN(PlasticMixin, DQN):
         *args: Any,
         interventions: Sequence[Intervention] | None = None,
         double_q: bool = False,
+        td_loss: str = "huber",
+        fast: bool = False,
         **kwargs: Any,
     ) -> None:
+        if td_loss not in fast_dqn.TD_LOSSES:
+            raise ValueError(f"td_loss must be one of {', '.join(fast_dqn.TD_LOSSES)}, got {td_loss!r}")
         self._init_plastic(interventions)
         self.double_q = double_q
+        self.td_loss = td_loss
+        self.fast = fast
+        self._fast_state: fast_dqn.FastState | None = None
         super().__init__(*args, **kwargs)
+
+    def _setup_model(self) -> None:
+        super()._setup_model()
+        self._fast_state = None
+        fast_dqn.set_adam_kernel(self.policy, self.fast)
+
+    def set_parameters(self, *args: Any, **kwargs: Any) -> None:
+        """SB3's ``set_parameters``; the optimizer then runs this agent's path's Adam kernel, whichever path saved it."""
+        super().set_parameters(*args, **kwargs)
+        fast_dqn.set_adam_kernel(self.policy, self.fast)
+
+    def _excluded_save_params(self) -> list[str]:
+        return super()._excluded_save_params() + ["_fast_state"]
 
     @property
     def value_head(self) -> nn.Linear:
@@ -105,10 +129,13 @@ class PlasticDQN(PlasticMixin, DQN):
         # Split the forward pass at the head so the interventions see its input, with its graph.
         features = self.value_features(batch.observations)
         current_q_values = th.gather(self.value_head(features), dim=1, index=batch.actions.long())
-        return F.smooth_l1_loss(current_q_values, target_q_values), features
+        loss = F.smooth_l1_loss if self.td_loss == "huber" else F.mse_loss
+        return loss(current_q_values, target_q_values), features
 
     def train(self, gradient_steps: int, batch_size: int = 100) -> None:
         """SB3's ``DQN.train`` with the feature, loss-term and update hooks (see :mod:`agents.hooks`)."""
+        if self.fast:
+            return fast_dqn.train(self, gradient_steps, batch_size)
         self.policy.set_training_mode(True)
         self._update_learning_rate(self.policy.optimizer)
 
@@ -135,3 +162,17 @@ class PlasticDQN(PlasticMixin, DQN):
         self.logger.record("train/n_updates", self._n_updates, exclude="tensorboard")
         self.logger.record("train/loss", np.mean(losses))
         self._record_terms()
+
+    def predict(
+        self,
+        observation: Any,
+        state: tuple[np.ndarray, ...] | None = None,
+        episode_start: np.ndarray | None = None,
+        deterministic: bool = False,
+    ) -> tuple[np.ndarray, tuple[np.ndarray, ...] | None]:
+        """SB3's ``DQN.predict``; on the fast path, :func:`agents.fast_dqn.predict` where it applies."""
+        if self.fast:
+            out = fast_dqn.predict(self, observation, deterministic)
+            if out is not None:
+                return out
+        return super().predict(observation, state, episode_start, deterministic)

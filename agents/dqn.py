@@ -97,7 +97,7 @@ class PlasticDQN(PlasticMixin, DQN):
     def value_features(self, obs: th.Tensor) -> th.Tensor:
         """Input of the Q head for ``obs`` (a batch as the replay buffer stores it), with its graph."""
         features = self.q_net.extract_features(obs, self.q_net.features_extractor)
-        for layer in self.q_net.q_net[:-1]:
+        for layer in list(self.q_net.q_net)[:-1]:  # slicing the Sequential would build a new module
             features = layer(features)
         return features
 

@@ -16,6 +16,8 @@ has each lever's gain):
   and dtype each step). ``max_grad_norm = inf`` multiplies by exactly 1, as the stock clip does.
 - **Sampling**: one gather per field from the replay buffer's arrays into new tensors, the observations
   converted to float once (the networks would convert them on each of their two or three forward passes).
+- **Preprocessing** (SB3's ``preprocess_obs``) is decided once: float observations, scaled by 1/255 only for
+  image spaces with ``normalize_images``, as SB3 does.
 - **No per-update** ``set_training_mode(True)`` traversal when the network has no module whose forward
   depends on the mode (dropout, batch norm): SB3 sets eval mode at each rollout and training mode at each
   update, and for such networks both are the same computation.
@@ -32,6 +34,7 @@ import numpy as np
 import torch as th
 from gymnasium import spaces
 from stable_baselines3.common.buffers import ReplayBuffer, ReplayBufferSamples
+from stable_baselines3.common.preprocessing import is_image_space
 from torch import nn
 from torch.nn import functional as F
 
@@ -146,6 +149,9 @@ class FastState:
         self.sampler: ReplaySampler | None = None
         # The network's forward is the same in training and eval mode: SB3's mode switches can be skipped.
         self.mode_free = not any(isinstance(m, MODE_DEPENDENT) for m in agent.policy.modules())
+        # SB3's preprocess_obs for a Box: float, and / 255 for an image space with normalize_images.
+        q_net = agent.q_net
+        self.scale_images = bool(q_net.normalize_images and is_image_space(q_net.observation_space))
 
     def sample(self, agent: PlasticDQN, batch_size: int) -> ReplayBufferSamples:
         """A training batch: :class:`ReplaySampler` where it applies, else the buffer's own ``sample``."""
@@ -155,6 +161,16 @@ class FastState:
         if self.sampler is None:
             return buffer.sample(batch_size, env=agent._vec_normalize_env)  # type: ignore[union-attr]
         return self.sampler.sample(batch_size)
+
+
+def value_features(agent: PlasticDQN, obs: th.Tensor) -> th.Tensor:
+    """``agent.value_features(obs)`` (the input of the Q head, with its graph), with the preprocessing decided
+    once (:class:`FastState`) instead of at each call."""
+    q_net = agent.q_net
+    x = q_net.features_extractor(obs.float() / 255.0 if fast_state(agent).scale_images else obs.float())
+    for layer in list(q_net.q_net)[:-1]:
+        x = layer(x)
+    return x
 
 
 def td_loss(agent: PlasticDQN, batch: ReplayBufferSamples) -> tuple[th.Tensor, th.Tensor]:
@@ -171,7 +187,7 @@ def td_loss(agent: PlasticDQN, batch: ReplayBufferSamples) -> tuple[th.Tensor, t
         else:
             next_q = next_q.amax(dim=1, keepdim=True)
         target = batch.rewards + (1 - batch.dones) * discounts * next_q
-    features = agent.value_features(batch.observations)
+    features = value_features(agent, batch.observations)
     current = agent.value_head(features).gather(1, batch.actions.long())
     return TD_LOSSES[agent.td_loss](current, target), features
 

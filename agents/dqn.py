@@ -10,7 +10,6 @@ import torch as th
 from stable_baselines3 import DQN
 from stable_baselines3.common.buffers import ReplayBufferSamples
 from torch import nn
-from torch.nn import functional as F
 
 from agents import fast_dqn
 from agents.hooks import Intervention
@@ -121,7 +120,7 @@ class PlasticDQN(PlasticMixin, DQN):
             return batch.rewards + (1 - batch.dones) * discounts * next_q_values
 
     def training_loss(self, batch: ReplayBufferSamples) -> tuple[th.Tensor, th.Tensor]:
-        """The TD loss (Huber, as SB3) on ``batch``, and the Q head's input features, both with their graph.
+        """The TD loss (``td_loss``: Huber as SB3, or MSE) on ``batch``, and the Q head's input features, both with their graph.
 
         ``train()`` uses exactly this; the curvature probes use it too, so they see the agent's own loss.
         """
@@ -129,8 +128,7 @@ class PlasticDQN(PlasticMixin, DQN):
         # Split the forward pass at the head so the interventions see its input, with its graph.
         features = self.value_features(batch.observations)
         current_q_values = th.gather(self.value_head(features), dim=1, index=batch.actions.long())
-        loss = F.smooth_l1_loss if self.td_loss == "huber" else F.mse_loss
-        return loss(current_q_values, target_q_values), features
+        return fast_dqn.TD_LOSSES[self.td_loss](current_q_values, target_q_values), features
 
     def train(self, gradient_steps: int, batch_size: int = 100) -> None:
         """SB3's ``DQN.train`` with the feature, loss-term and update hooks (see :mod:`agents.hooks`)."""

@@ -156,10 +156,11 @@ class FastState:
     def sample(self, agent: PlasticDQN, batch_size: int) -> ReplayBufferSamples:
         """A training batch: :class:`ReplaySampler` where it applies, else the buffer's own ``sample``."""
         buffer = agent.replay_buffer
+        assert buffer is not None, "the replay buffer is built by SB3's _setup_model"
         if self.sampler is None or self.sampler.buffer is not buffer:
             self.sampler = ReplaySampler(buffer) if ReplaySampler.supports(buffer, agent._vec_normalize_env) else None
         if self.sampler is None:
-            return buffer.sample(batch_size, env=agent._vec_normalize_env)  # type: ignore[union-attr]
+            return buffer.sample(batch_size, env=agent._vec_normalize_env)
         return self.sampler.sample(batch_size)
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import numpy as np
@@ -12,14 +12,13 @@ from stable_baselines3.common.buffers import ReplayBufferSamples
 from stable_baselines3.common.noise import ActionNoise
 from stable_baselines3.common.utils import LinearSchedule
 from torch import nn
-from torch.nn import functional as F
 
+from agents import fast_dqn
+from agents.fast_dqn import TD_LOSSES
 from agents.hooks import Intervention, TaskSwitch
 from agents.networks import split_output_layer, trainable_output_layer
 from agents.plastic import PlasticMixin
 
-#: The TD losses by ``td_loss`` name, ``(Q(s, a), target) -> mean loss``: SB3's Huber, or MSE (MinAtar, C-CHAIN).
-TD_LOSSES: dict[str, Callable[[th.Tensor, th.Tensor], th.Tensor]] = {"huber": F.smooth_l1_loss, "mse": F.mse_loss}
 
 
 class PlasticDQN(PlasticMixin, DQN):
@@ -46,6 +45,8 @@ class PlasticDQN(PlasticMixin, DQN):
 
     SB3's ``max_grad_norm`` may be ``math.inf``: no clipping (``clip_grad_norm_`` then scales the gradients by
     exactly 1.0 and still returns their norm, which the NaN guard checks).
+    :param fast: train and act on the fast path (:mod:`agents.fast_dqn`): the same maths with less
+        overhead, equal to the stock path up to float rounding. Off by default: training is then stock SB3.
     """
 
     def __init__(
@@ -57,6 +58,7 @@ class PlasticDQN(PlasticMixin, DQN):
         exploration_steps: int | None = None,
         exploration_reset_on_switch: bool = False,
         random_steps_per_task: int = 0,
+        fast: bool = False,
         **kwargs: Any,
     ) -> None:
         if td_loss not in TD_LOSSES:
@@ -70,6 +72,8 @@ class PlasticDQN(PlasticMixin, DQN):
         self._init_plastic(interventions)
         self.double_q = double_q
         self.td_loss = td_loss
+        self.fast = fast
+        self._fast_state: fast_dqn.FastState | None = None
         self.exploration_steps = exploration_steps
         self.exploration_reset_on_switch = exploration_reset_on_switch
         self.random_steps_per_task = random_steps_per_task
@@ -80,9 +84,19 @@ class PlasticDQN(PlasticMixin, DQN):
         self._random_step = False
         super().__init__(*args, **kwargs)
 
+    def set_parameters(self, *args: Any, **kwargs: Any) -> None:
+        """SB3's ``set_parameters``; the optimizer then runs this agent's path's Adam kernel, whichever path saved it."""
+        super().set_parameters(*args, **kwargs)
+        fast_dqn.set_adam_kernel(self.policy, self.fast)
+
+    def _excluded_save_params(self) -> list[str]:
+        return super()._excluded_save_params() + ["_fast_state"]
+
     # -- exploration and the random steps of each visit ------------------------------------------
     def _setup_model(self) -> None:
         super()._setup_model()
+        self._fast_state = None
+        fast_dqn.set_adam_kernel(self.policy, self.fast)
         if self.exploration_steps is not None:
             # SB3's linear schedule, taken over the fraction of exploration_steps done (see _epsilon).
             self.exploration_schedule = LinearSchedule(self.exploration_initial_eps, self.exploration_final_eps, 1.0)
@@ -230,6 +244,8 @@ class PlasticDQN(PlasticMixin, DQN):
         """
         if self._random_step:
             return
+        if self.fast:
+            return fast_dqn.train(self, gradient_steps, batch_size)
         self.policy.set_training_mode(True)
         self._update_learning_rate(self.policy.optimizer)
 
@@ -256,3 +272,17 @@ class PlasticDQN(PlasticMixin, DQN):
         self.logger.record("train/n_updates", self._n_updates, exclude="tensorboard")
         self.logger.record("train/loss", np.mean(losses))
         self._record_terms()
+
+    def predict(
+        self,
+        observation: Any,
+        state: tuple[np.ndarray, ...] | None = None,
+        episode_start: np.ndarray | None = None,
+        deterministic: bool = False,
+    ) -> tuple[np.ndarray, tuple[np.ndarray, ...] | None]:
+        """SB3's ``DQN.predict``; on the fast path, :func:`agents.fast_dqn.predict` where it applies."""
+        if self.fast:
+            out = fast_dqn.predict(self, observation, deterministic)
+            if out is not None:
+                return out
+        return super().predict(observation, state, episode_start, deterministic)

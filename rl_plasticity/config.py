@@ -36,7 +36,8 @@ class _Section(BaseModel):
 
 
 class DQNConfig(_Section):
-    """SB3 DQN hyperparameters (SB3's defaults), plus the Double-DQN switch and the C-CHAIN settings.
+    """SB3 DQN hyperparameters (SB3's defaults), plus the Double-DQN and fast-path switches and the
+    C-CHAIN settings.
 
     The options beyond SB3 (``exploration_steps``, ``exploration_reset_on_switch``, ``random_steps_per_task``,
     ``td_loss``, ``max_grad_norm: null``) default to SB3's behaviour; see :class:`agents.dqn.PlasticDQN`.
@@ -44,6 +45,11 @@ class DQNConfig(_Section):
 
     algo: Literal["dqn"] = Field("dqn", description="Agent: 'dqn' (PlasticDQN) or 'ppo' (PlasticPPO).")
     double_q: bool = Field(False, description="Double-DQN target: the online net picks a', the target net evaluates it.")
+    fast: bool = Field(
+        False,
+        description="Fast path (agents/fast_dqn.py): the same DQN maths with less overhead (fused Adam, one "
+        "gather per batch field, lean acting), equal to the stock path up to float rounding; off: stock SB3.",
+    )
     learning_rate: Annotated[float, Field(gt=0)] = Field(1e-4, description="Adam learning rate.")
     buffer_size: PositiveInt = Field(1_000_000, description="Replay buffer capacity (transitions).")
     learning_starts: NonNegInt = Field(100, description="Env steps collected before the first update.")

@@ -36,7 +36,7 @@ seed: 1
 total_steps: 1500
 threads: 1
 agent: {algo: dqn, double_q: true, learning_starts: 100, buffer_size: 2000, batch_size: 16, train_freq: 4,
-        target_update_interval: 100, exploration_fraction: 0.5}
+        target_update_interval: 100, exploration_fraction: 0.5, fast: false}
 net: {kind: mlp, width: 16, depth: 1}
 env: {sequence: cartpole_shift, switch_every: 500}
 logging: {progress_bar: false, root_dir: out}
@@ -160,6 +160,14 @@ def dqn_reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return train(load_config(folder / "dqn.yaml", [f"logging.root_dir={folder / 'out'}"]))
 
 
+@pytest.fixture(scope="module")
+def fast_dqn_reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The uninterrupted DQN run on the fast path (agent.fast)."""
+    folder = tmp_path_factory.mktemp("reference_fast")
+    (folder / "dqn.yaml").write_text(DQN.replace("fast: false", "fast: true"))
+    return train(load_config(folder / "dqn.yaml", [f"logging.root_dir={folder / 'out'}"]))
+
+
 def wait_for(proc: subprocess.Popen, condition, what: str, timeout: float = 120.0) -> None:
     start = time.monotonic()
     while not condition():
@@ -170,8 +178,11 @@ def wait_for(proc: subprocess.Popen, condition, what: str, timeout: float = 120.
 
 # -- the tests -------------------------------------------------------------------------------------------------
 
-def test_sigterm_mid_task_and_after_switch_then_resume_equals_uninterrupted(tmp_path: Path, dqn_reference: Path):
-    (tmp_path / "dqn.yaml").write_text(DQN)
+@pytest.mark.parametrize("path", ["stock", "fast"])
+def test_sigterm_mid_task_and_after_switch_then_resume_equals_uninterrupted(tmp_path: Path, path: str,
+                                                                            request: pytest.FixtureRequest):
+    dqn_reference = request.getfixturevalue("dqn_reference" if path == "stock" else "fast_dqn_reference")
+    (tmp_path / "dqn.yaml").write_text(DQN if path == "stock" else DQN.replace("fast: false", "fast: true"))
     out = tmp_path / "out"
 
     # 1. Killed during the first task, as soon as its first checkpoint is there.

@@ -1,4 +1,5 @@
-"""Every registered intervention, end to end through `train()` with the monitor on: it fires and logs."""
+"""Every registered intervention, end to end through `train()` with the monitor on, on the stock and the fast DQN
+path: it fires and logs."""
 
 from __future__ import annotations
 
@@ -15,12 +16,13 @@ from rl_plasticity.runner import train
 FAST = {"redo": {"every": 20}, "cbp": {"replacement_rate": 0.05, "maturity_threshold": 10}}
 
 
+@pytest.mark.parametrize("fast", [False, True], ids=["stock", "fast"])
 @pytest.mark.parametrize("name", sorted(INTERVENTIONS))
-def test_intervention_runs_and_logs_its_tags(tmp_path: Path, name: str):
+def test_intervention_runs_and_logs_its_tags(tmp_path: Path, name: str, fast: bool):
     cfg = validate_config(dict(
         name="e2e", seed=1, total_steps=600,
         agent=dict(algo="dqn", learning_starts=50, buffer_size=1000, batch_size=16, train_freq=1,
-                   target_update_interval=50, double_q=True),
+                   target_update_interval=50, double_q=True, fast=fast),
         net=dict(kind="mlp", width=16, depth=2), env=dict(sequence="cartpole_shift", switch_every=200),
         logging=dict(root_dir=str(tmp_path), progress_bar=False, save_model=False),
         monitor=dict(probe_every=100, probe_set_size=32, hessian_order=3, gram_size=16, trainability_steps=3),

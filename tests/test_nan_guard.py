@@ -27,7 +27,8 @@ name: nan
 seed: 3
 total_steps: 1500
 threads: 1
-agent: {algo: dqn, learning_starts: 100, buffer_size: 2000, batch_size: 16, train_freq: 4, target_update_interval: 100}
+agent: {algo: dqn, learning_starts: 100, buffer_size: 2000, batch_size: 16, train_freq: 4, target_update_interval: 100,
+        fast: FAST}
 net: {kind: mlp, width: 16, depth: 1}
 env: {sequence: cartpole_shift, switch_every: 500}
 logging: {progress_bar: false, root_dir: out}
@@ -63,10 +64,11 @@ def nan_intervention():
     INTERVENTIONS.pop("_nan_test", None)
 
 
+@pytest.mark.parametrize("fast", ["false", "true"], ids=["stock", "fast"])
 def test_nan_loss_term_stops_the_run_naming_step_term_and_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                                       nan_intervention: None):
+                                                                       nan_intervention: None, fast: str):
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "nan.yaml").write_text(TINY)
+    (tmp_path / "nan.yaml").write_text(TINY.replace("FAST", fast))
     result = CliRunner().invoke(cli, ["train", "nan.yaml"], catch_exceptions=False)
     # Update 120 comes after env step 100 (learning_starts) + 120 rollouts of 4 steps = 580.
     assert result.exit_code == 3, result.output
@@ -105,10 +107,11 @@ def _learn_until_error(agent_cls: type, **kwargs: Any) -> NonFiniteError:
     return info.value
 
 
-def test_nan_gradient_is_named_with_its_step(nan_intervention: None):
+@pytest.mark.parametrize("fast", [False, True], ids=["stock", "fast"])
+def test_nan_gradient_is_named_with_its_step(nan_intervention: None, fast: bool):
     # A finite term whose gradient is NaN: caught by the gradient norm (non-finite iff a gradient is).
     iv = _NanAt(_NanParams(at=7, gradient_only=True))
-    err = _learn_until_error(PlasticDQN, learning_starts=50, train_freq=4, batch_size=16, interventions=[iv])
+    err = _learn_until_error(PlasticDQN, learning_starts=50, train_freq=4, batch_size=16, interventions=[iv], fast=fast)
     assert (err.term, err.gradient_step) == ("train/grad_norm", 7) and math.isnan(err.value)
     assert err.env_step == 52 + 6 * 4  # updates after every 4 steps once past step 50: 52, 56, ..., 76
 

@@ -1,0 +1,212 @@
+"""The fast DQN path (``agent.fast``, agents/fast_dqn.py) against the stock path: the same batches, the same
+updates to float tolerance with and without Double DQN and with every loss-term and gradient-term
+intervention, the same actions, and save/load on both paths."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+import torch as th
+from stable_baselines3.common.buffers import ReplayBuffer
+from stable_baselines3.common.env_util import make_vec_env
+from stable_baselines3.common.vec_env import DummyVecEnv
+
+from agents import PlasticDQN, minatar_policy_kwargs
+from agents.fast_dqn import ReplaySampler, clip_grad_norm
+from agents.hooks import Intervention
+from envs import make_sequence
+from rl_plasticity.config import ConfigError, load_config
+from rl_plasticity.interventions import INTERVENTIONS, build_interventions
+from rl_plasticity.runner import build_agent, build_env
+
+#: Interventions that add loss terms or closed-form gradient terms (they override those hooks).
+TERM_INTERVENTIONS = sorted(
+    name for name, spec in INTERVENTIONS.items()
+    if "dqn" in spec.algos
+    and (spec.cls.loss_terms is not Intervention.loss_terms or spec.cls.gradient_terms is not Intervention.gradient_terms)
+)
+LEARNING_STARTS = 100
+
+
+def minatar_agent(fast: bool, interventions: list[str] = (), **kwargs: Any) -> PlasticDQN:
+    """A PlasticDQN with the MinAtar network on continual MinAtar, its buffer filled with random play."""
+    env = make_vec_env(make_sequence, n_envs=1, vec_env_cls=DummyVecEnv,
+                       env_kwargs=dict(name="continual_minatar", switch_every=100_000, seed=0))
+    kw: dict[str, Any] = dict(learning_rate=3e-4, buffer_size=2_000, learning_starts=LEARNING_STARTS + 1,
+                              batch_size=32, train_freq=1, target_update_interval=25,
+                              policy_kwargs=minatar_policy_kwargs("dqn", width=32, channels=8), device="cpu", seed=0)
+    kw.update(kwargs)
+    agent = PlasticDQN("MlpPolicy", env, fast=fast, interventions=build_interventions(list(interventions), {}), **kw)
+    agent.learn(LEARNING_STARTS)  # random actions, no update
+    return agent
+
+
+def relative_gap(a: th.Tensor, b: th.Tensor) -> float:
+    """The relative error ``||a - b|| / ||a||`` (Frobenius norms) of ``b`` as an approximation of ``a``."""
+    return float(th.linalg.vector_norm(a - b) / th.linalg.vector_norm(a).clamp_min(1e-12))
+
+
+def test_term_interventions_are_found():
+    assert {"l2", "l2_init", "l2_er", "kfac_rank", "nc_reg"} <= set(TERM_INTERVENTIONS)
+
+
+@pytest.mark.parametrize("double_q", [False, True], ids=["dqn", "ddqn"])
+@pytest.mark.parametrize("intervention", ["none", *TERM_INTERVENTIONS])
+def test_fast_update_matches_stock_for_100_updates(intervention: str, double_q: bool):
+    names = [] if intervention == "none" else [intervention]
+    stock, fast = (minatar_agent(f, names, double_q=double_q) for f in (False, True))
+    assert np.array_equal(stock.replay_buffer.observations, fast.replay_buffer.observations)
+    for i in range(100):
+        norms = []
+        for agent in (stock, fast):
+            np.random.seed(i)  # the same replay indices for both
+            th.manual_seed(i)
+            agent.train(gradient_steps=1, batch_size=32)
+            agent._n_calls += 1  # the target network is copied every 25 updates, as SB3's _on_step does
+            agent._on_step()
+            norms.append(float(agent.last_grad_norm))
+        assert norms[1] == pytest.approx(norms[0], rel=1e-5), f"update {i + 1}: gradient norm"
+    assert fast.num_gradient_steps == stock.num_gradient_steps == 100
+    for (name, a), b in zip(stock.q_net.named_parameters(), fast.q_net.parameters()):
+        assert relative_gap(a.detach(), b.detach()) < 1e-5, name
+    for (name, a), b in zip(stock.q_net_target.named_parameters(), fast.q_net_target.parameters()):
+        assert relative_gap(a.detach(), b.detach()) < 1e-5, f"target {name}"
+    # The same terms were logged on both paths.
+    assert stock.logger.name_to_value.keys() == fast.logger.name_to_value.keys()
+    for key, value in stock.logger.name_to_value.items():
+        assert fast.logger.name_to_value[key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
+
+
+@pytest.mark.parametrize("td_loss,max_grad_norm", [("mse", 10.0), ("huber", float("inf")), ("mse", 0.5)])
+def test_fast_update_honours_td_loss_and_max_grad_norm(td_loss: str, max_grad_norm: float):
+    stock, fast = (minatar_agent(f, td_loss=td_loss, max_grad_norm=max_grad_norm) for f in (False, True))
+    for i in range(30):
+        for agent in (stock, fast):
+            np.random.seed(i)
+            agent.train(gradient_steps=1, batch_size=32)
+        assert float(fast.last_grad_norm) == pytest.approx(float(stock.last_grad_norm), rel=1e-5)
+    for a, b in zip(stock.q_net.parameters(), fast.q_net.parameters()):
+        assert relative_gap(a.detach(), b.detach()) < 1e-5
+
+
+def test_td_loss_changes_the_update_and_is_validated():
+    huber, mse = (minatar_agent(True, td_loss=loss) for loss in ("huber", "mse"))
+    np.random.seed(0)
+    huber.train(1, 32)
+    np.random.seed(0)
+    mse.train(1, 32)
+    assert not th.equal(huber.q_net.q_net[-1].weight, mse.q_net.q_net[-1].weight)
+    with pytest.raises(ValueError, match="td_loss must be one of huber, mse"):
+        PlasticDQN("MlpPolicy", "CartPole-v1", td_loss="l1")
+
+
+def test_clip_grad_norm_matches_torch():
+    rng = th.Generator().manual_seed(0)
+    for max_norm in (0.1, 1e6, float("inf")):
+        grads = [th.randn(5, 3, generator=rng) * 10, th.randn(7, generator=rng)]
+        params = [th.nn.Parameter(th.zeros_like(g)) for g in grads]
+        for p, g in zip(params, grads):
+            p.grad = g.clone()
+        want = th.nn.utils.clip_grad_norm_(params, max_norm)
+        got = clip_grad_norm(grads, max_norm)
+        assert float(got) == pytest.approx(float(want), rel=1e-6)
+        for p, g in zip(params, grads):
+            assert th.allclose(p.grad, g, rtol=1e-6, atol=0)
+        if max_norm == float("inf"):
+            assert all(th.equal(p.grad, g) for p, g in zip(params, grads))  # scaled by exactly 1
+
+
+@pytest.mark.parametrize("n_envs", [1, 2])
+def test_sampler_draws_sb3s_batch(n_envs: int):
+    space = make_sequence("continual_minatar", switch_every=10).observation_space
+    import gymnasium as gym
+
+    buffer = ReplayBuffer(50, space, gym.spaces.Discrete(6), n_envs=n_envs, handle_timeout_termination=True)
+    rng = np.random.default_rng(0)
+    for t in range(70):  # wraps around: full
+        done = rng.random(n_envs) < 0.3
+        infos = [{"TimeLimit.truncated": bool(rng.random() < 0.5)} for _ in range(n_envs)]
+        buffer.add(rng.integers(0, 2, (n_envs, *space.shape), dtype=np.uint8),
+                   rng.integers(0, 2, (n_envs, *space.shape), dtype=np.uint8),
+                   rng.integers(0, 6, (n_envs, 1)), rng.normal(size=n_envs).astype(np.float32), done, infos)
+    assert buffer.full and buffer.timeouts.any()
+    sampler = ReplaySampler(buffer)
+    for seed in range(5):
+        np.random.seed(seed)
+        want = buffer.sample(16)
+        np.random.seed(seed)
+        got = sampler.sample(16)
+        for field in ("observations", "next_observations"):
+            assert getattr(got, field).dtype == th.float32
+            assert th.equal(getattr(got, field), getattr(want, field).float())
+        for field in ("actions", "dones", "rewards"):
+            assert th.equal(getattr(got, field), getattr(want, field)), field
+        assert got.discounts is None
+
+
+def test_fast_predict_draws_the_same_actions():
+    stock, fast = (minatar_agent(f) for f in (False, True))
+    obs = stock.get_env().reset()
+    for eps in (0.0, 0.5):
+        stock.exploration_rate = fast.exploration_rate = eps
+        stock.action_space.seed(1)
+        fast.action_space.seed(1)
+        for deterministic in (False, True):
+            np.random.seed(2)
+            want = [stock.predict(obs, deterministic=deterministic)[0] for _ in range(50)]
+            np.random.seed(2)
+            got = [fast.predict(obs, deterministic=deterministic)[0] for _ in range(50)]
+            assert all(a.shape == b.shape == (1,) and a.dtype == b.dtype for a, b in zip(want, got))
+            assert [int(a[0]) for a in want] == [int(b[0]) for b in got]
+    # A single, non-batched observation goes to SB3's own predict.
+    assert np.asarray(fast.predict(obs[0], deterministic=True)[0]).shape == ()
+
+
+def test_fast_path_uses_fused_adam_and_a_load_follows_the_loading_path(tmp_path):
+    fast = minatar_agent(True)
+    assert all(g["fused"] for g in fast.policy.optimizer.param_groups)
+    assert not any(g["fused"] for g in minatar_agent(False).policy.optimizer.param_groups)
+    fast.learn(200, reset_num_timesteps=False)
+    fast.save(tmp_path / "fast.zip")
+
+    loaded = PlasticDQN.load(tmp_path / "fast.zip", device="cpu")
+    assert loaded.fast and all(g["fused"] for g in loaded.policy.optimizer.param_groups)
+    stock = PlasticDQN.load(tmp_path / "fast.zip", device="cpu", fast=False)
+    assert not stock.fast and not any(g["fused"] for g in stock.policy.optimizer.param_groups)
+    for a, b in zip(fast.q_net.parameters(), stock.q_net.parameters()):
+        assert th.equal(a, b)
+    # The loaded optimizer continues where the saved one was (its moments and step counts).
+    saved, restored = fast.policy.optimizer.state_dict()["state"], loaded.policy.optimizer.state_dict()["state"]
+    assert saved.keys() == restored.keys()
+    for key in saved:
+        for name in ("step", "exp_avg", "exp_avg_sq"):
+            assert th.equal(saved[key][name], restored[key][name])
+
+
+def test_mode_dependent_network_keeps_sb3s_mode_switches():
+    agent = PlasticDQN("MlpPolicy", "CartPole-v1", fast=True, learning_starts=10, batch_size=8, train_freq=1,
+                       policy_kwargs=dict(net_arch=[16], activation_fn=lambda: th.nn.Dropout(0.5)), device="cpu",
+                       seed=0)
+    agent.learn(30)
+    assert not agent._fast_state.mode_free
+    agent.policy.set_training_mode(False)
+    agent.train(1, 8)
+    assert agent.q_net.training  # trained in training mode, as SB3 does
+    obs = agent.get_env().reset()
+    agent.exploration_rate = 0.0
+    agent.predict(obs, deterministic=True)  # SB3's predict: eval mode
+    assert not agent.q_net.training
+
+
+def test_config_switch_reaches_the_agent(tmp_path):
+    (tmp_path / "c.yaml").write_text("agent: {algo: dqn, learning_starts: 10}\nnet: {kind: mlp}\n"
+                                     "env: {sequence: cartpole_shift, switch_every: 100}\n")
+    for value in (False, True):
+        cfg = load_config(tmp_path / "c.yaml", [f"agent.fast={str(value).lower()}"])
+        agent = build_agent(cfg, build_env(cfg))
+        assert agent.fast is value
+    assert load_config(tmp_path / "c.yaml").agent.fast is False
+    with pytest.raises(ConfigError, match="agent.fast"):
+        load_config(tmp_path / "c.yaml", ["agent.fast=sometimes"])

@@ -234,7 +234,7 @@ def _check_probe_names(names: list[str], kind: str, info: ValidationInfo) -> lis
 
 
 class MonitorConfig(_Section):
-    """The plasticity monitor: which probes run, how often and on how much data (see metrics.md)."""
+    """The plasticity monitor: which probes run, how often and on how much data (see docs/reference/metrics.md)."""
 
     enabled: bool = Field(True, description="Run the plasticity probes during training.")
     probe_every: PositiveInt = Field(2_000, description="Gradient steps between probe rounds (also at every switch).")
@@ -271,7 +271,7 @@ class MonitorConfig(_Section):
     )
     first_visit_size: Annotated[int, Field(ge=2)] = Field(256, description="Samples in each @first_visit set.")
     dormant_tau: Annotated[float, Field(ge=0)] = Field(0.025, description="Dormancy threshold tau (Sokar et al. 2023).")
-    hessian_order: PositiveInt = Field(100, description="Lanczos order of the Hessian spectrum (metrics.md).")
+    hessian_order: PositiveInt = Field(100, description="Lanczos order of the Hessian spectrum (docs/reference/metrics.md).")
     hessian_vectors: PositiveInt = Field(
         4, description="Start vectors the Hessian spectrum (SLQ) averages over; each costs hessian_order HVPs."
     )

@@ -1,7 +1,7 @@
 """Fixed probe sets, per task: the data the monitor probes the network on.
 
 Probing a fixed set separates changes of the network from changes of the data it is probed on (rank on
-fresh on-policy batches is confounded by the policy's own data; metrics.md, "Probe data"). Two sources:
+fresh on-policy batches is confounded by the policy's own data; docs/reference/metrics.md, "Probe data"). Two sources:
 
 - :class:`RandomProbeSets` (the default, ``@probe_set``): per task, transitions of a seeded uniform-random
   policy on a separate copy of the task (:mod:`rl_plasticity.task_envs`), played for at least

@@ -64,13 +64,13 @@ def td_loss_fn(agent: PlasticDQN) -> Callable[[th.Tensor, th.Tensor], th.Tensor]
 
 
 def _gram_inputs(agent: BaseAlgorithm, batch: NamedTuple) -> tuple[Any, Any, th.Tensor | None]:
-    """For the Gram probe: inputs, the scalar output per sample, and the loss curvature D (metrics.md).
+    """For the Gram probe: inputs, the scalar output per sample, and the loss curvature D (docs/reference/metrics.md).
 
     DQN: ``f_i = Q(s_i, a_i)`` with ``a_i`` the *stored* action of transition ``i``, and ``D_i = l''(f_i)`` of
     the agent's own per-sample TD loss (:func:`td_loss_fn`) at ``f_i - y_i``, ``y_i`` the TD target of the
     same transition (:meth:`PlasticDQN.compute_target`, a constant). Output and residual belong to the same
     action, so ``K_L = D^1/2 J J^T D^1/2`` has the non-zero spectrum of ``J^T D J``, the Gauss-Newton matrix
-    of the TD loss the agent trains on (``n`` times that of the batch mean). (metrics.md names the greedy
+    of the TD loss the agent trains on (``n`` times that of the batch mean). (docs/reference/metrics.md names the greedy
     action; its Q-value is in no TD loss unless it is the stored one, so it would pair one output with
     another output's residual.) PPO: ``f_i = V(s_i)`` and ``D = 1`` (the value loss is MSE).
     """

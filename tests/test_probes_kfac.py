@@ -167,7 +167,7 @@ def test_conv2d_matches_unfolded_linear_and_the_spec_formula(conv_kw, pad):
     th.testing.assert_close(got[0], ref[0], rtol=1e-10, atol=1e-12)
     th.testing.assert_close(got[1], ref[1], rtol=1e-10, atol=1e-12)
 
-    # metrics.md: patches and output gradients averaged over samples and positions, g = n dL/ds
+    # docs/reference/metrics.md: patches and output gradients averaged over samples and positions, g = n dL/ds
     # (KFC, Grosse & Martens 2016, sums A over positions instead: T times this A).
     a = F.unfold(F.pad(x, pad), conv.kernel_size, stride=conv.stride).transpose(1, 2)
     if conv.bias is not None:

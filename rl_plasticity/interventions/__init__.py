@@ -1,7 +1,7 @@
 """Interventions against loss of plasticity, chosen by name in the config (``interventions: [reset, l2]``).
 
 Every module of this package registers its intervention(s) with :func:`register`; they are all imported
-here, so ``rlp list interventions`` and the config see them. Definitions: ``shared/reference/interventions.md``.
+here, so ``rlp list interventions`` and the config see them. Definitions: ``docs/reference/interventions.md``.
 """
 
 import importlib

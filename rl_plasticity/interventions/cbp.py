@@ -1,7 +1,7 @@
 """Continual backprop (``cbp``), Dohare et al. 2024.
 
 Dohare, Hernandez-Garcia, Lan, Rahman, Mahmood & Sutton 2024, "Loss of plasticity in deep continual
-learning" (Nature 632). Definition: ``shared/reference/interventions.md``. The unit surgery and the
+learning" (Nature 632). Definition: ``docs/reference/interventions.md#cbp``. The unit surgery and the
 hidden-layer map are shared with ReDo (:mod:`rl_plasticity.interventions.redo`).
 """
 

@@ -54,7 +54,7 @@ class KFACRank(L2Penalty, PlasticityIntervention):
 
     This project's K-FAC form of the effective-rank argument of Prakash et al. 2025 ("Spectral Collapse
     Drives Loss of Plasticity in Deep Continual Learning"); K-FAC factors as in Martens & Grosse 2015 and,
-    for Conv2d, Grosse & Martens 2016 (see :mod:`rl_plasticity.probes.kfac` and metrics.md). Loss terms::
+    for Conv2d, Grosse & Martens 2016 (see :mod:`rl_plasticity.probes.kfac` and docs/reference/metrics.md). Loss terms::
 
         kfac_rank = -coef * mean_l erank(A_l) * stopgrad(erank(G_l))        l2 = wd * sum ||theta||^2 / 2
 
@@ -99,7 +99,7 @@ class KFACRank(L2Penalty, PlasticityIntervention):
     ``d_in`` side. The constant scales of A and G (``1/n``, ``1/(nT)``, and the ``n`` of ``n dL/ds``)
     are left out: erank is scale-invariant.
 
-    Defaults: ``coef = 1e-3`` (interventions.md); ``wd = 1e-4``, the same as ``l2_er``'s (interventions.md
+    Defaults: ``coef = 1e-3`` (docs/reference/interventions.md); ``wd = 1e-4``, the same as ``l2_er``'s (docs/reference/interventions.md
     gives no value for this one). Logged under ``interventions/kfac_rank/``: the two terms and
     ``erank_A/<layer>``, ``erank_G/<layer>`` for the layers computed (``kfac_rank``: mean over the updates of
     the last train() call; ``l2``: its value at the dump; the eranks: last value, not in the console table).

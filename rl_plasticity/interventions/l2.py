@@ -129,7 +129,7 @@ class L2(L2Penalty, PlasticityIntervention):
 
     The term's gradient ``coef * theta`` is added to each weight's gradient (biases only with
     ``include_biases``) before clipping; the term's value is logged as ``l2`` at each dump. Default ``coef = 1e-4``
-    (``shared/reference/interventions.md``).
+    (``docs/reference/interventions.md#l2``).
     """
 
     Params = L2Params

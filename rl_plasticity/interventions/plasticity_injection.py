@@ -1,7 +1,7 @@
 """Plasticity injection (``plasticity_injection``): freeze the head, learn a correction from a fresh one.
 
 Nikishin, Oh, Ostrovski, Lyle, Pascanu, Dabney & Barreto 2023, "Deep Reinforcement Learning with
-Plasticity Injection" (NeurIPS). Definition: ``shared/reference/interventions.md``.
+Plasticity Injection" (NeurIPS). Definition: ``docs/reference/interventions.md#plasticity_injection``.
 
 The paper splits the network into an encoder ``phi`` and a head ``h_theta`` and, at injection, computes
 (its Expression (1), Figure 2)::

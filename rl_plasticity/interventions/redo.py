@@ -1,7 +1,7 @@
 """Recycling dormant units (``redo``), Sokar et al. 2023, and the unit surgery it shares with ``cbp``.
 
 Sokar, Agarwal, Castro & Evci 2023, "The Dormant Neuron Phenomenon in Deep Reinforcement Learning" (ICML).
-Definition: ``shared/reference/interventions.md``; dormancy: ``shared/reference/metrics.md``.
+Definition: ``docs/reference/interventions.md#redo``; dormancy: ``docs/reference/metrics.md#dormant-and-active-units``.
 
 Both ReDo and continual backprop (:mod:`rl_plasticity.interventions.cbp`) act on the *units* of hidden
 layers: they re-initialise a unit's incoming weights and zero its outgoing weights. This module holds what
@@ -314,7 +314,7 @@ class ReDo(PlasticityIntervention):
        256`` in ``google/dopamine``, ``dopamine/labs/redo/recycled_dqn_agents.py``, sampled by
        ``_sample_batch_for_statistics``), not the 32-sample training batch (``batch: train``);
     2. each unit's score is ``s_i = mean|h_i| / mean_k mean|h_k|`` (:func:`~rl_plasticity.probes.unit_scores`,
-       metrics.md; a conv channel is a unit, averaged over positions), and the units with ``s_i <= tau`` are
+       docs/reference/metrics.md; a conv channel is a unit, averaged over positions), and the units with ``s_i <= tau`` are
        tau-dormant (``tau = 0.1``, the ReDo code's setting; ``tau = 0`` takes only units that are exactly
        zero on the whole batch);
     3. every dormant unit is recycled (:func:`recycle_units`): incoming weights and bias from a fresh draw

@@ -1,7 +1,7 @@
 """Layer resets (``reset``): re-initialise the head, the last k layers or the whole network.
 
 Nikishin, Schwarzer, D'Oro, Bacon & Courville 2022, "The Primacy Bias in Deep Reinforcement Learning"
-(ICML). Definition: ``shared/reference/interventions.md``.
+(ICML). Definition: ``docs/reference/interventions.md#reset``.
 """
 
 from __future__ import annotations

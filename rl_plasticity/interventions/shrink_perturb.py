@@ -2,7 +2,7 @@
 
 Ash & Adams 2020, "On Warm-Starting Neural Network Training" (NeurIPS), and its soft, every-update form
 from Juliani & Ash 2024, "A Study of Plasticity Loss in On-Policy Deep Reinforcement Learning" (NeurIPS).
-Definition: ``shared/reference/interventions.md``.
+Definition: ``docs/reference/interventions.md#shrink_perturb``.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Plasticity probes: pure functions from tensors (or a network and a batch) to numbers.
 
-Every definition follows ``shared/reference/metrics.md`` and cites its source; every threshold is a
+Every definition follows ``docs/reference/metrics.md`` and cites its source; every threshold is a
 parameter with the published default. No probe imports SB3, keeps state, or draws from the global RNG.
 
 - ranks (:mod:`.rank`): effective_rank, srank, approx_rank, epsilon_rank, lyle_feature_rank

@@ -1,7 +1,7 @@
 """Neural collapse (NC1-NC4) of value-head features.
 
 Papyan, Han & Donoho 2020, "Prevalence of neural collapse during the terminal phase of deep learning
-training", in the code form of Bonifazi et al. 2024; definitions follow ``/work/shared/reference/metrics.md``
+training", in the code form of Bonifazi et al. 2024; definitions follow ``docs/reference/metrics.md#neural-collapse``
 ("Neural collapse of value-head features").
 
 ``h`` is the value-head feature vector (the input of the last linear layer) and the class of a sample is

@@ -3,7 +3,7 @@
 ``H`` is either ``(n, d)`` (a dense layer: ``n`` samples, ``d`` units) or ``(n, C, H, W)`` (a conv layer).
 For a conv layer each channel is one unit, and ``|H|`` is averaged over the spatial positions as well as
 the samples, as ReDo does for conv layers (Sokar et al. 2023); a channel is non-zero on a sample if it is
-non-zero at any of its positions. Definitions follow ``/work/shared/reference/metrics.md`` ("Dormant and
+non-zero at any of its positions. Definitions follow ``docs/reference/metrics.md#dormant-and-active-units`` ("Dormant and
 active units").
 """
 

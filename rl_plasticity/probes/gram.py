@@ -1,7 +1,7 @@
 """Gram-matrix probe: NTK Gram ``K = J J^T`` and loss-weighted Gram ``K_L = D^1/2 K D^1/2`` (GGN seen through data).
 
 Source: Prakash et al. 2025, "Spectral Collapse Drives Loss of Plasticity" (the loss-weighted Gram / GGN link);
-definitions as in ``/work/shared/reference/metrics.md``, section "Gram matrix and Gauss-Newton curvature".
+definitions as in ``docs/reference/metrics.md#gram-matrices``.
 
 ``f_i`` is the network's scalar output on probe sample ``i`` (``Q(s_i, a_i)`` for DQN, ``V(s_i)`` for PPO) and
 ``J`` the ``n x P`` Jacobian of the ``f_i`` w.r.t. the parameters. ``D = diag(l''(f_i))`` is the curvature of
@@ -63,7 +63,7 @@ def _tensor_leaves(tree: Any) -> list[th.Tensor]:
 
 
 def huber_curvature(residuals: th.Tensor, delta: float = 1.0) -> th.Tensor:
-    """Per-sample ``l''`` of the Huber loss: 1 where ``|r| < delta``, else 0 (metrics.md "Gram matrix ...").
+    """Per-sample ``l''`` of the Huber loss: 1 where ``|r| < delta``, else 0 (docs/reference/metrics.md "Gram matrix ...").
 
     SB3's DQN loss ``F.smooth_l1_loss`` is Huber with ``delta = 1``: ``r^2 / 2`` inside, linear outside, so
     the second derivative is exactly 1 inside and 0 outside. Pass the result as ``loss_curvature``.
@@ -126,7 +126,7 @@ def gram_spectrum(
 ) -> dict[str, Any]:
     """Spectra of the NTK Gram ``K = J J^T`` and the loss-weighted Gram ``K_L = D^1/2 K D^1/2``.
 
-    Prakash et al. 2025; metrics.md "Gram matrix and Gauss-Newton curvature". With ``J`` the ``n x P``
+    Prakash et al. 2025; docs/reference/metrics.md "Gram matrix and Gauss-Newton curvature". With ``J`` the ``n x P``
     Jacobian of the per-sample outputs ``f_i`` and ``D = diag(loss_curvature)``, the eigenvalues of ``K / n``
     and ``K_L / n`` are reported (the non-zero ones of ``K_L / n`` are those of the GGN ``J^T D J / n``).
 
@@ -146,7 +146,7 @@ def gram_spectrum(
         DQN loss). (For ``F.mse_loss = r^2`` it is ``2 * ones``.)
     :param params: names (as in ``model.named_parameters()``) of the parameters to differentiate, e.g. the
         last k layers' weights and biases; default all parameters that require grad.
-    :param eps: relative threshold of the epsilon-ranks (default 0.01, metrics.md).
+    :param eps: relative threshold of the epsilon-ranks (default 0.01, docs/reference/metrics.md).
     :return: ``erank_K``, ``eps_rank_K`` (count of eigenvalues ``> eps * max``), ``top_eig_K``, the same
         for ``KL``, ``frac_zero_curvature`` (fraction of samples with ``D_i = 0``), ``n``, and ``eigs_K``,
         ``eigs_KL`` (descending float64 CPU tensors).

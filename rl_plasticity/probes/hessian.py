@@ -2,7 +2,7 @@
 
 Source: Prakash et al. 2025, "Spectral Collapse Drives Loss of Plasticity" (epsilon-Hessian-rank); SLQ as in
 Ghorbani, Krishnan & Xiao 2019, "An Investigation into Neural Net Optimization via Hessian Eigenvalue
-Density"; definitions as in ``/work/shared/reference/metrics.md``, section "Hessian spectrum".
+Density"; definitions as in ``docs/reference/metrics.md#hessian-spectrum``.
 
 Lanczos run for ``k`` steps from a unit start vector ``v`` on the Hessian ``H`` gives a tridiagonal ``T_k``
 with eigenpairs ``(theta_j, u_j)``. The spectral density of ``H`` seen from ``v`` is approximated by the
@@ -162,7 +162,7 @@ def hessian_spectrum(
     seed: int = 0,
     num_vectors: int = 4,
 ) -> dict[str, Any]:
-    """Stochastic Lanczos quadrature of the loss Hessian (Prakash et al. 2025; metrics.md "Hessian spectrum").
+    """Stochastic Lanczos quadrature of the loss Hessian (Prakash et al. 2025; docs/reference/metrics.md "Hessian spectrum").
 
     For each of ``num_vectors`` Gaussian unit start vectors (drawn from a local ``torch.Generator(seed)``; the
     global RNG is not used), Lanczos with full re-orthogonalisation runs for ``k = min(order, P)`` steps (fewer
@@ -173,9 +173,9 @@ def hessian_spectrum(
 
     :param model: the network; parameters and ``.grad`` fields are left untouched.
     :param loss_closure: zero-argument callable returning the scalar training loss on the probe batch.
-    :param order: number of Lanczos steps per start vector (default 100, metrics.md), capped at the parameter
+    :param order: number of Lanczos steps per start vector (default 100, docs/reference/metrics.md), capped at the parameter
         count P.
-    :param eps: threshold of the epsilon-Hessian-rank on ``|lambda|`` (default 0.1, metrics.md).
+    :param eps: threshold of the epsilon-Hessian-rank on ``|lambda|`` (default 0.1, docs/reference/metrics.md).
     :param seed: seed of the start vectors.
     :param num_vectors: start vectors averaged over (default 4). The cost is ``num_vectors * k`` HVPs.
     :return: ``ritz_values`` (ascending) and ``ritz_weights`` (float64 CPU tensors, pooled over the runs;

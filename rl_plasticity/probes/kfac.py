@@ -2,7 +2,7 @@
 
 Sources: Martens & Grosse 2015, "Optimizing Neural Networks with Kronecker-factored Approximate Curvature"
 (Linear layers), and Grosse & Martens 2016, "A Kronecker-factored approximate Fisher matrix for convolution
-layers" (KFC, Conv2d layers). Definitions as in ``/work/shared/reference/metrics.md``, section
+layers" (KFC, Conv2d layers). Definitions as in ``docs/reference/metrics.md#k-fac-curvature``, section
 "Curvature (K-FAC)".
 
 Conventions (read these before comparing numbers with another library):
@@ -14,7 +14,7 @@ Conventions (read these before comparing numbers with another library):
 * **Vectorisation.** With ``W~ = [W, b]`` of shape ``(d_out, d_in + 1)`` (bias as an extra column), the
   gradient of one sample is ``g a^T`` and ``A (x) G`` acts on the *column-stacked* ``vec(W~)``. (With a
   row-major ``W~.flatten()`` the block is ``G (x) A``; the spectrum is the same.)
-* **Weight sharing (Conv2d, and Linear applied to inputs with extra middle dimensions).** As metrics.md
+* **Weight sharing (Conv2d, and Linear applied to inputs with extra middle dimensions).** As docs/reference/metrics.md
   says, the unfolded patches are *averaged* over the ``T`` spatial positions (output pixels), and so are the
   per-position output gradients::
 
@@ -199,14 +199,14 @@ def kfac_factors(
 ) -> dict[str, tuple[th.Tensor, th.Tensor]]:
     """K-FAC factors ``(A, G)`` of every ``nn.Linear`` and ``nn.Conv2d`` layer, for the agent's own loss.
 
-    Martens & Grosse 2015 (Linear) and Grosse & Martens 2016 (KFC, Conv2d); metrics.md "Curvature (K-FAC)"::
+    Martens & Grosse 2015 (Linear) and Grosse & Martens 2016 (KFC, Conv2d); docs/reference/metrics.md "Curvature (K-FAC)"::
 
         A = E[a a^T]  (d_in (+1) square),   G = E[g g^T]  (d_out square),   block ~ A (x) G
 
     with ``a`` the layer input (plus a 1 for the bias) and ``g = dl_i/ds`` the per-sample gradient of the
     loss w.r.t. the layer's pre-activation output ``s``. See the module docstring for the two conventions:
     ``g = n * dL/ds`` because ``L`` is a batch mean, and the spatial scaling (A and G both averaged over
-    positions, as metrics.md says).
+    positions, as docs/reference/metrics.md says).
 
     Forward hooks capture each layer's input and output during one call ``loss_fn(model, inputs)``; the
     output gradients come from ``torch.autograd.grad(loss, outputs)``, so no ``.grad`` field of the model
@@ -228,7 +228,7 @@ def kfac_factors(
     factors: dict[str, tuple[th.Tensor, th.Tensor]] = {}
     for name, (a_rows, g_rows) in kfac_factor_rows(model, inputs, loss_fn, layers).items():
         m = a_rows.shape[0]
-        # metrics.md: means over samples and positions.
+        # docs/reference/metrics.md: means over samples and positions.
         factors[name] = (a_rows.T @ a_rows / m, g_rows.T @ g_rows / m)
     return factors
 
@@ -249,7 +249,7 @@ def _psd_eigvals(M: th.Tensor) -> th.Tensor:
 
 
 def kfac_spectrum(A: th.Tensor, G: th.Tensor, eps: float = 1e-3) -> dict[str, Any]:
-    """Spectral summary of one K-FAC block ``A (x) G`` (metrics.md "Curvature (K-FAC)").
+    """Spectral summary of one K-FAC block ``A (x) G`` (docs/reference/metrics.md "Curvature (K-FAC)").
 
     The block's eigenvalues are the products ``lambda_i(A) * mu_j(G)`` (Martens & Grosse 2015). Reported:
 
@@ -264,7 +264,7 @@ def kfac_spectrum(A: th.Tensor, G: th.Tensor, eps: float = 1e-3) -> dict[str, An
 
     :param A: symmetric PSD input factor.
     :param G: symmetric PSD output-gradient factor.
-    :param eps: relative threshold of the K-FAC epsilon-rank (default 1e-3, metrics.md).
+    :param eps: relative threshold of the K-FAC epsilon-rank (default 1e-3, docs/reference/metrics.md).
     :raises ValueError: non-square, non-symmetric or non-finite factors, or eps outside [0, 1].
     """
     check_threshold("eps", eps, 0.0, 1.0)
@@ -295,7 +295,7 @@ def kfac_spectrum_from_rows(a_rows: th.Tensor, g_rows: th.Tensor, eps: float = 1
 
     :param a_rows: ``(m, d_A)`` input rows (patches, with the bias column).
     :param g_rows: ``(m, d_G)`` per-sample output-gradient rows.
-    :param eps: relative threshold of the K-FAC epsilon-rank (default 1e-3, metrics.md).
+    :param eps: relative threshold of the K-FAC epsilon-rank (default 1e-3, docs/reference/metrics.md).
     :raises ValueError: non-finite rows, or eps outside [0, 1].
     """
     check_threshold("eps", eps, 0.0, 1.0)

@@ -3,7 +3,7 @@
 Every probe takes a feature matrix ``F`` of shape ``(n, d)`` (``n`` samples, ``d`` units), which is **not**
 centred, and uses its singular values ``sigma_1 >= ... >= sigma_m`` with ``m = min(n, d)``. For an all-zero
 ``F`` every rank is 0 and the effective rank is defined as 0. Definitions follow
-``/work/shared/reference/metrics.md`` ("Feature rank").
+``docs/reference/metrics.md#feature-rank`` ("Feature rank").
 """
 
 from __future__ import annotations

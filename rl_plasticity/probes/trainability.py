@@ -1,7 +1,7 @@
 """Trainability probe: how well a copy of the network can still fit fixed random regression targets.
 
 Source: Lyle, Rowland & Dabney 2022, "Understanding and Preventing Capacity Loss in Reinforcement Learning";
-definition as in ``/work/shared/reference/metrics.md``, section "Trainability probe".
+definition as in ``docs/reference/metrics.md#trainability``.
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ def trainability(
     target_scale: float = 1.0,
     seed: int = 0,
 ) -> float:
-    """Final MSE of a copy of ``model`` fitted to fixed random targets (Lyle et al. 2022; metrics.md).
+    """Final MSE of a copy of ``model`` fitted to fixed random targets (Lyle et al. 2022; docs/reference/metrics.md).
 
     1. Deep-copy the network (nothing frozen).
     2. Targets: ``target_scale * f_fresh(inputs)``, where ``f_fresh`` is another copy with every module
@@ -74,8 +74,8 @@ def trainability(
 
     :param model: the network, called as ``model(inputs)``; its output may have any shape.
     :param inputs: ``(n, ...)`` probe batch, with ``n >= 1``.
-    :param steps: Adam steps K (default 200, metrics.md).
-    :param lr: Adam learning rate (default 1e-3, metrics.md).
+    :param steps: Adam steps K (default 200, docs/reference/metrics.md).
+    :param lr: Adam learning rate (default 1e-3, docs/reference/metrics.md).
     :param target_scale: scale of the random targets (default 1.0).
     :param seed: seed of the targets (and of anything random during fitting).
     :return: final MSE, a Python float.

@@ -1,6 +1,6 @@
 """Weight, update and gradient norms, per parameter tensor and in total.
 
-Definitions follow ``/work/shared/reference/metrics.md`` ("Weights and updates"): per layer and in total,
+Definitions follow ``docs/reference/metrics.md#weights-updates-and-gradients`` ("Weights and updates"): per layer and in total,
 the L2 norm of the weights, the mean ``|w|``, the distance from the initial weights, the norm of the last
 update and the gradient norm before clipping. These are the standard plasticity diagnostics of, e.g.,
 Lyle et al. 2023, "Understanding Plasticity in Neural Networks" (parameter norm) and Dohare et al. 2024,

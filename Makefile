@@ -1,11 +1,11 @@
 # The README's two commands: `make demo` (set up, then the quickstart run) and `make test` (set up, then
-# the whole test suite, Ray tests included: CI runs it). `make test-quick` skips the Ray tests.
+# ruff, mypy and the whole test suite, Ray tests included: CI runs it). `make test-quick` skips the Ray tests.
 # Every install goes through constraints.txt, which pins torch to the CPU wheel.
 PYTHON ?= python3.11
 VENV := .venv
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: setup demo test test-quick
+.PHONY: setup demo lint test test-quick
 
 setup: $(STAMP)
 
@@ -17,7 +17,12 @@ $(STAMP): pyproject.toml constraints.txt
 demo: $(STAMP)
 	$(VENV)/bin/rlp train configs/quickstart.yaml
 
-test: $(STAMP)
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+test: lint
 	$(VENV)/bin/python -m pytest -q
 
 test-quick: $(STAMP)

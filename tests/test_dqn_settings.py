@@ -193,7 +193,7 @@ def test_default_config_builds_a_stock_sb3_dqn():
     env = build_env(cfg)
     ours = build_agent(cfg, env).learn(300)
     hyper = cfg.agent.model_dump(exclude={"algo", "double_q", "td_loss", "exploration_steps",
-                                          "exploration_reset_on_switch", "random_steps_per_task"})
+                                          "exploration_reset_on_switch", "random_steps_per_task", "fast"})
     stock_env = build_env(cfg)
     stock = DQN(POLICIES["dqn"], stock_env, seed=cfg.seed, device="cpu", policy_kwargs=policy_kwargs(cfg, stock_env),
                 **hyper).learn(300)

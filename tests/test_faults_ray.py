@@ -75,7 +75,7 @@ def test_a_killed_ray_worker_is_reported_and_its_trial_resumes_exactly(tmp_path:
     assert reference.returncode == 0, reference.stdout + reference.stderr
     (reference_run,) = (tmp_path / "reference" / "tiny").iterdir()
     assert_same_model(run_dir, reference_run)
-    assert_same_logs(run_dir, reference_run)
+    assert_same_logs(run_dir, reference_run, monitored=False)  # the tiny sweep config runs no monitor
 
 
 def _free_port() -> int:

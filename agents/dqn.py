@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal, NamedTuple
 
 import numpy as np
 import torch as th
@@ -15,7 +15,7 @@ from torch import nn
 
 from agents import fast_dqn
 from agents.fast_dqn import TD_LOSSES
-from agents.hooks import Intervention, TaskSwitch
+from agents.hooks import GramInputs, Intervention, TaskSwitch
 from agents.networks import split_output_layer, trainable_output_layer
 from agents.plastic import PlasticMixin
 
@@ -138,6 +138,9 @@ class PlasticDQN(PlasticMixin, DQN):
             self.exploration_rate = self._epsilon()
             self.logger.record("rollout/exploration_rate", self.exploration_rate)
 
+    algo_name: ClassVar[str] = "dqn"
+    uses_replay: ClassVar[bool] = True
+
     @property
     def value_head(self) -> nn.Linear:
         """The last linear layer of the online Q-network; its input is :meth:`value_features`.
@@ -185,6 +188,44 @@ class PlasticDQN(PlasticMixin, DQN):
         """Input of the Q head for ``obs`` (a batch as the replay buffer stores it), with its graph."""
         hidden, _ = split_output_layer(self.q_net.q_net)
         return hidden(self.q_net.extract_features(obs, self.q_net.features_extractor))
+
+    def value_model(self) -> nn.Module:
+        """The online Q-network."""
+        return self.q_net
+
+    def nc_classes(self, obs: th.Tensor, features: th.Tensor) -> tuple[th.Tensor, th.Tensor | None]:
+        """The greedy action, with the Q head as classifier (its weights returned)."""
+        head = self.value_head
+        return head(features).argmax(dim=1), head.weight
+
+    def gram_inputs(self, batch: ReplayBufferSamples) -> GramInputs:
+        """``f_i = Q(s_i, a_i)`` with ``a_i`` the *stored* action of transition ``i``; its curvature is that of the
+        agent's own per-sample TD loss (``TD_LOSSES[td_loss]``) at ``f_i - y_i``, ``y_i`` the TD target of the same
+        transition (:meth:`compute_target`, a constant).
+
+        Output and residual belong to the same action, so ``K_L = D^1/2 J J^T D^1/2`` has the non-zero spectrum of
+        ``J^T D J``, the Gauss-Newton matrix of the TD loss the agent trains on (``n`` times that of the batch
+        mean). (docs/reference/metrics.md names the greedy action; its Q-value is in no TD loss unless it is the
+        stored one, so it would pair one output with another output's residual.)
+        """
+        inputs = (batch.observations, batch.actions.long().reshape(-1, 1))
+
+        def q_taken(model: nn.Module, x: tuple[th.Tensor, th.Tensor]) -> th.Tensor:
+            return th.gather(model(x[0]), 1, x[1]).squeeze(1)
+
+        with th.no_grad():
+            q = q_taken(self.q_net, inputs)
+            targets = self.compute_target(batch).squeeze(1)
+        return GramInputs(inputs, q_taken, TD_LOSSES[self.td_loss], q, targets)
+
+    def forward_all(self, batch: NamedTuple) -> None:
+        """The Q-network's own forward."""
+        self.q_net(batch.observations)  # type: ignore[attr-defined]
+
+    def hidden_forward(self, obs: th.Tensor) -> None:
+        """The Q-network up to the head's input (after plasticity injection, the heads' MLPs up to their last
+        linear map)."""
+        self.value_features(obs)
 
     def sample_replay_observations(self, batch_size: int, rng: np.random.Generator) -> th.Tensor:
         """Observations drawn with ``rng`` from the filled part of the replay buffer, shape ``(batch_size, *obs)``.

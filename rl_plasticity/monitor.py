@@ -30,7 +30,7 @@ import torch as th
 from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.logger import TensorBoardOutputFormat
 
-from agents import Intervention, PlasticDQN
+from agents import Intervention
 from agents.plastic import NonFiniteError
 from rl_plasticity.config import MonitorConfig
 from rl_plasticity.probe_sets import DQN_FIELDS, PPO_FIELDS, ProbeSets, RandomProbeSets
@@ -220,7 +220,7 @@ class MonitorCallback(BaseCallback):
     # -- setup ------------------------------------------------------------------------------------
     def _init_callback(self) -> None:
         agent = self.model
-        self.is_dqn = isinstance(agent, PlasticDQN)
+        self.is_dqn = agent.uses_replay
         self.first_visit_sets = (ProbeSets(self.cfg.first_visit_size, DQN_FIELDS if self.is_dqn else PPO_FIELDS)
                                  if self.cfg.first_visit else None)
         self.init_params = snapshot(probed_module(agent))

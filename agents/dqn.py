@@ -8,9 +8,11 @@ from typing import Any, ClassVar, Literal, NamedTuple
 import numpy as np
 import torch as th
 from stable_baselines3 import DQN
-from stable_baselines3.common.buffers import ReplayBufferSamples
+from stable_baselines3.common.buffers import ReplayBuffer, ReplayBufferSamples
 from stable_baselines3.common.noise import ActionNoise
+from stable_baselines3.common.type_aliases import GymEnv, Schedule
 from stable_baselines3.common.utils import LinearSchedule
+from stable_baselines3.dqn.policies import DQNPolicy
 from torch import nn
 
 from agents import fast_dqn
@@ -24,7 +26,8 @@ from agents.plastic import PlasticMixin
 class PlasticDQN(PlasticMixin, DQN):
     """Deep Q-Network (SB3's :class:`~stable_baselines3.DQN`) with plasticity hooks.
 
-    Takes every argument :class:`~stable_baselines3.DQN` takes, plus the options below. Their defaults are
+    Takes every argument :class:`~stable_baselines3.DQN` takes, with SB3's defaults, plus the keyword-only options
+    below. Their defaults are
     SB3's behaviour: with them and no intervention, training is bit-for-bit stock SB3.
 
     :param interventions: interventions called from inside :meth:`train` (see :mod:`agents.hooks`).
@@ -51,7 +54,33 @@ class PlasticDQN(PlasticMixin, DQN):
 
     def __init__(
         self,
-        *args: Any,
+        policy: str | type[DQNPolicy],
+        env: GymEnv | str,
+        learning_rate: float | Schedule = 1e-4,
+        buffer_size: int = 1_000_000,
+        learning_starts: int = 100,
+        batch_size: int = 32,
+        tau: float = 1.0,
+        gamma: float = 0.99,
+        train_freq: int | tuple[int, str] = 4,
+        gradient_steps: int = 1,
+        replay_buffer_class: type[ReplayBuffer] | None = None,
+        replay_buffer_kwargs: dict[str, Any] | None = None,
+        optimize_memory_usage: bool = False,
+        n_steps: int = 1,
+        target_update_interval: int = 10000,
+        exploration_fraction: float | None = 0.1,
+        exploration_initial_eps: float = 1.0,
+        exploration_final_eps: float = 0.05,
+        max_grad_norm: float = 10,
+        stats_window_size: int = 100,
+        tensorboard_log: str | None = None,
+        policy_kwargs: dict[str, Any] | None = None,
+        verbose: int = 0,
+        seed: int | None = None,
+        device: th.device | str = "auto",
+        _init_setup_model: bool = True,
+        *,
         interventions: Sequence[Intervention] | None = None,
         double_q: bool = False,
         td_loss: Literal["huber", "mse"] = "huber",
@@ -59,13 +88,12 @@ class PlasticDQN(PlasticMixin, DQN):
         exploration_reset_on_switch: bool = False,
         random_steps_per_task: int = 0,
         fast: bool = False,
-        **kwargs: Any,
     ) -> None:
         if td_loss not in TD_LOSSES:
             raise ValueError(f"td_loss must be one of {', '.join(TD_LOSSES)}, got {td_loss!r}")
         if exploration_steps is not None and exploration_steps <= 0:
             raise ValueError(f"exploration_steps must be positive, got {exploration_steps}")
-        if exploration_steps is None and (exploration_reset_on_switch or kwargs.get("exploration_fraction", 0.1) is None):
+        if exploration_steps is None and (exploration_reset_on_switch or exploration_fraction is None):
             raise ValueError("exploration_reset_on_switch and exploration_fraction=None need exploration_steps")
         if random_steps_per_task < 0:
             raise ValueError(f"random_steps_per_task must be non-negative, got {random_steps_per_task}")
@@ -82,7 +110,16 @@ class PlasticDQN(PlasticMixin, DQN):
         self._exploration_count = 0
         #: Whether the last action came from the random steps of a visit (set before each env step).
         self._random_step = False
-        super().__init__(*args, **kwargs)
+        super().__init__(
+            policy, env, learning_rate=learning_rate, buffer_size=buffer_size, learning_starts=learning_starts,
+            batch_size=batch_size, tau=tau, gamma=gamma, train_freq=train_freq, gradient_steps=gradient_steps,
+            replay_buffer_class=replay_buffer_class, replay_buffer_kwargs=replay_buffer_kwargs,
+            optimize_memory_usage=optimize_memory_usage, n_steps=n_steps, target_update_interval=target_update_interval,
+            exploration_fraction=exploration_fraction,  # type: ignore[arg-type]  # None: exploration_steps decides
+            exploration_initial_eps=exploration_initial_eps, exploration_final_eps=exploration_final_eps,
+            max_grad_norm=max_grad_norm, stats_window_size=stats_window_size, tensorboard_log=tensorboard_log,
+            policy_kwargs=policy_kwargs, verbose=verbose, seed=seed, device=device, _init_setup_model=_init_setup_model,
+        )
 
     def set_parameters(self, *args: Any, **kwargs: Any) -> None:
         """SB3's ``set_parameters``; the optimizer then runs this agent's path's Adam kernel, whichever path saved it."""

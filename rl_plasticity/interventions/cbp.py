@@ -141,7 +141,9 @@ class ContinualBackprop(PlasticityIntervention):
             for state in (self.utility, self.age, self.accumulator):
                 state[h.name] = state[h.name].to(device)
 
-    def loss_terms(self, agent: PlasticAgent, batch: NamedTuple, features: th.Tensor, loss: th.Tensor) -> dict[str, th.Tensor]:
+    def loss_terms(
+        self, agent: PlasticAgent, batch: NamedTuple, features: th.Tensor, loss: th.Tensor
+    ) -> dict[str, th.Tensor]:
         # Called right after the training forward pass: keep mean |h| of each unit for on_update.
         if self._hidden is None:
             hidden, activations = trace_hidden_layers(agent, batch)  # same weights and batch as that pass

@@ -154,7 +154,9 @@ class CChain(PlasticityIntervention):
             seed = agent.seed
             self._rng = np.random.default_rng(None if seed is None else [int(seed), RNG_SALT])
 
-    def loss_terms(self, agent: PlasticAgent, batch: NamedTuple, features: th.Tensor, loss: th.Tensor) -> dict[str, th.Tensor]:
+    def loss_terms(
+        self, agent: PlasticAgent, batch: NamedTuple, features: th.Tensor, loss: th.Tensor
+    ) -> dict[str, th.Tensor]:
         # Only the TD loss, for the coefficient; the churn term's gradient is added in gradient_terms.
         self._td_loss = loss.item()
         return {}

@@ -348,7 +348,9 @@ class ReDo(PlasticityIntervention):
             raise ValueError("redo: batch=replay needs an agent with a replay or rollout buffer; use batch=train")
         self._batch = None
 
-    def loss_terms(self, agent: PlasticAgent, batch: NamedTuple, features: th.Tensor, loss: th.Tensor) -> dict[str, th.Tensor]:
+    def loss_terms(
+        self, agent: PlasticAgent, batch: NamedTuple, features: th.Tensor, loss: th.Tensor
+    ) -> dict[str, th.Tensor]:
         # Only remember the batch: the scores are computed after the update, when the recycling happens.
         self._batch = batch
         return {}

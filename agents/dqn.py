@@ -226,6 +226,11 @@ class PlasticDQN(PlasticMixin, DQN):
         hidden, _ = split_output_layer(self.q_net.q_net)
         return hidden(self.q_net.extract_features(obs, self.q_net.features_extractor))
 
+    def sample_batch(self, batch_size: int) -> ReplayBufferSamples:
+        """SB3's ``replay_buffer.sample`` (uniform, with replacement)."""
+        assert self.replay_buffer is not None
+        return self.replay_buffer.sample(batch_size, env=self._vec_normalize_env)
+
     def value_model(self) -> nn.Module:
         """The online Q-network."""
         return self.q_net

@@ -34,6 +34,7 @@ from typing import Any, ClassVar, NamedTuple, Protocol
 import numpy as np
 import torch as th
 from gymnasium import spaces
+from stable_baselines3.common.logger import Logger
 from torch import nn
 
 
@@ -76,6 +77,8 @@ class PlasticAgent(Protocol):
     seed: int | None
     num_timesteps: int
     action_space: spaces.Space
+    batch_size: int
+    max_grad_norm: float
     #: The interventions the agent calls (the monitor appends its observer).
     interventions: list[Intervention]
     #: Optimizer steps taken so far (every step, unlike SB3's ``_n_updates``).
@@ -93,6 +96,11 @@ class PlasticAgent(Protocol):
         ...
 
     @property
+    def logger(self) -> Logger:
+        """SB3's logger (interventions record ``interventions/<name>/<key>`` there)."""
+        ...
+
+    @property
     def optimizer(self) -> th.optim.Optimizer:
         """The optimizer of :meth:`online_network`."""
         ...
@@ -103,6 +111,10 @@ class PlasticAgent(Protocol):
 
     def online_network(self) -> nn.Module:
         """The network the optimizer trains and the probes look at."""
+        ...
+
+    def sample_batch(self, batch_size: int) -> Any:
+        """A fresh batch of :meth:`training_loss`'s type from the agent's buffer (NumPy's global RNG)."""
         ...
 
     def value_model(self) -> nn.Module:

@@ -112,6 +112,11 @@ class PlasticMixin:
     uses_replay: ClassVar[bool]
 
     @abstractmethod
+    def sample_batch(self, batch_size: int) -> NamedTuple:
+        """A fresh batch of the type :meth:`training_loss` takes, drawn from the agent's buffer with NumPy's global
+        RNG as SB3's own sampling does (DQN: the replay buffer, with replacement; PPO: the current rollout)."""
+
+    @abstractmethod
     def value_model(self) -> nn.Module:
         """A deep-copyable module mapping observations to the value estimate (DQN: the Q-network; PPO: the critic
         path), for the trainability probe, which copies and fits it."""

@@ -161,6 +161,11 @@ class PlasticPPO(PlasticMixin, PPO):
         hidden, _ = split_output_layer(self.policy.value_net)
         return hidden(self.policy.mlp_extractor.forward_critic(critic_features))
 
+    def sample_batch(self, batch_size: int) -> RolloutBufferSamples:
+        """The first minibatch of SB3's shuffled ``rollout_buffer.get`` (without replacement; the whole rollout if
+        it is smaller)."""
+        return next(self.rollout_buffer.get(batch_size))
+
     def value_model(self) -> nn.Module:
         """The critic path (torso and value head) as a module of its own (:class:`ValueOutput`)."""
         return ValueOutput(self.policy)

@@ -380,10 +380,7 @@ class ReDo(PlasticityIntervention):
         current rollout, without replacement (the first minibatch of SB3's shuffled ``get``; the whole
         rollout if it is smaller). Both draw from NumPy's global RNG, as SB3's own sampling does.
         """
-        size = self.params.replay_batch_size
-        if hasattr(agent, "replay_buffer"):
-            return agent.replay_buffer.sample(size, env=agent._vec_normalize_env)
-        return next(agent.rollout_buffer.get(size))
+        return agent.sample_batch(self.params.replay_batch_size)
 
     def dormant_units(self, hidden: Sequence[HiddenLayer], activations: dict[str, th.Tensor]) -> list[th.Tensor]:
         """Boolean mask of the tau-dormant units of each hidden layer, from its post-activation values."""

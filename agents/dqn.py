@@ -3,19 +3,21 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal, NamedTuple
 
 import numpy as np
 import torch as th
 from stable_baselines3 import DQN
-from stable_baselines3.common.buffers import ReplayBufferSamples
+from stable_baselines3.common.buffers import ReplayBuffer, ReplayBufferSamples
 from stable_baselines3.common.noise import ActionNoise
+from stable_baselines3.common.type_aliases import GymEnv, Schedule
 from stable_baselines3.common.utils import LinearSchedule
+from stable_baselines3.dqn.policies import DQNPolicy
 from torch import nn
 
 from agents import fast_dqn
 from agents.fast_dqn import TD_LOSSES
-from agents.hooks import Intervention, TaskSwitch
+from agents.hooks import GramInputs, Intervention, TaskSwitch
 from agents.networks import split_output_layer, trainable_output_layer
 from agents.plastic import PlasticMixin
 
@@ -24,7 +26,8 @@ from agents.plastic import PlasticMixin
 class PlasticDQN(PlasticMixin, DQN):
     """Deep Q-Network (SB3's :class:`~stable_baselines3.DQN`) with plasticity hooks.
 
-    Takes every argument :class:`~stable_baselines3.DQN` takes, plus the options below. Their defaults are
+    Takes every argument :class:`~stable_baselines3.DQN` takes, with SB3's defaults, plus the keyword-only options
+    below. Their defaults are
     SB3's behaviour: with them and no intervention, training is bit-for-bit stock SB3.
 
     :param interventions: interventions called from inside :meth:`train` (see :mod:`agents.hooks`).
@@ -51,7 +54,33 @@ class PlasticDQN(PlasticMixin, DQN):
 
     def __init__(
         self,
-        *args: Any,
+        policy: str | type[DQNPolicy],
+        env: GymEnv | str,
+        learning_rate: float | Schedule = 1e-4,
+        buffer_size: int = 1_000_000,
+        learning_starts: int = 100,
+        batch_size: int = 32,
+        tau: float = 1.0,
+        gamma: float = 0.99,
+        train_freq: int | tuple[int, str] = 4,
+        gradient_steps: int = 1,
+        replay_buffer_class: type[ReplayBuffer] | None = None,
+        replay_buffer_kwargs: dict[str, Any] | None = None,
+        optimize_memory_usage: bool = False,
+        n_steps: int = 1,
+        target_update_interval: int = 10000,
+        exploration_fraction: float | None = 0.1,
+        exploration_initial_eps: float = 1.0,
+        exploration_final_eps: float = 0.05,
+        max_grad_norm: float = 10,
+        stats_window_size: int = 100,
+        tensorboard_log: str | None = None,
+        policy_kwargs: dict[str, Any] | None = None,
+        verbose: int = 0,
+        seed: int | None = None,
+        device: th.device | str = "auto",
+        _init_setup_model: bool = True,
+        *,
         interventions: Sequence[Intervention] | None = None,
         double_q: bool = False,
         td_loss: Literal["huber", "mse"] = "huber",
@@ -59,13 +88,12 @@ class PlasticDQN(PlasticMixin, DQN):
         exploration_reset_on_switch: bool = False,
         random_steps_per_task: int = 0,
         fast: bool = False,
-        **kwargs: Any,
     ) -> None:
         if td_loss not in TD_LOSSES:
             raise ValueError(f"td_loss must be one of {', '.join(TD_LOSSES)}, got {td_loss!r}")
         if exploration_steps is not None and exploration_steps <= 0:
             raise ValueError(f"exploration_steps must be positive, got {exploration_steps}")
-        if exploration_steps is None and (exploration_reset_on_switch or kwargs.get("exploration_fraction", 0.1) is None):
+        if exploration_steps is None and (exploration_reset_on_switch or exploration_fraction is None):
             raise ValueError("exploration_reset_on_switch and exploration_fraction=None need exploration_steps")
         if random_steps_per_task < 0:
             raise ValueError(f"random_steps_per_task must be non-negative, got {random_steps_per_task}")
@@ -82,7 +110,16 @@ class PlasticDQN(PlasticMixin, DQN):
         self._exploration_count = 0
         #: Whether the last action came from the random steps of a visit (set before each env step).
         self._random_step = False
-        super().__init__(*args, **kwargs)
+        super().__init__(
+            policy, env, learning_rate=learning_rate, buffer_size=buffer_size, learning_starts=learning_starts,
+            batch_size=batch_size, tau=tau, gamma=gamma, train_freq=train_freq, gradient_steps=gradient_steps,
+            replay_buffer_class=replay_buffer_class, replay_buffer_kwargs=replay_buffer_kwargs,
+            optimize_memory_usage=optimize_memory_usage, n_steps=n_steps, target_update_interval=target_update_interval,
+            exploration_fraction=exploration_fraction,  # type: ignore[arg-type]  # None: exploration_steps decides
+            exploration_initial_eps=exploration_initial_eps, exploration_final_eps=exploration_final_eps,
+            max_grad_norm=max_grad_norm, stats_window_size=stats_window_size, tensorboard_log=tensorboard_log,
+            policy_kwargs=policy_kwargs, verbose=verbose, seed=seed, device=device, _init_setup_model=_init_setup_model,
+        )
 
     def set_parameters(self, *args: Any, **kwargs: Any) -> None:
         """SB3's ``set_parameters``; the optimizer then runs this agent's path's Adam kernel, whichever path saved it."""
@@ -138,6 +175,9 @@ class PlasticDQN(PlasticMixin, DQN):
             self.exploration_rate = self._epsilon()
             self.logger.record("rollout/exploration_rate", self.exploration_rate)
 
+    algo_name: ClassVar[str] = "dqn"
+    uses_replay: ClassVar[bool] = True
+
     @property
     def value_head(self) -> nn.Linear:
         """The last linear layer of the online Q-network; its input is :meth:`value_features`.
@@ -185,6 +225,49 @@ class PlasticDQN(PlasticMixin, DQN):
         """Input of the Q head for ``obs`` (a batch as the replay buffer stores it), with its graph."""
         hidden, _ = split_output_layer(self.q_net.q_net)
         return hidden(self.q_net.extract_features(obs, self.q_net.features_extractor))
+
+    def sample_batch(self, batch_size: int) -> ReplayBufferSamples:
+        """SB3's ``replay_buffer.sample`` (uniform, with replacement)."""
+        assert self.replay_buffer is not None
+        return self.replay_buffer.sample(batch_size, env=self._vec_normalize_env)
+
+    def value_model(self) -> nn.Module:
+        """The online Q-network."""
+        return self.q_net
+
+    def nc_classes(self, obs: th.Tensor, features: th.Tensor) -> tuple[th.Tensor, th.Tensor | None]:
+        """The greedy action, with the Q head as classifier (its weights returned)."""
+        head = self.value_head
+        return head(features).argmax(dim=1), head.weight
+
+    def gram_inputs(self, batch: ReplayBufferSamples) -> GramInputs:
+        """``f_i = Q(s_i, a_i)`` with ``a_i`` the *stored* action of transition ``i``; its curvature is that of the
+        agent's own per-sample TD loss (``TD_LOSSES[td_loss]``) at ``f_i - y_i``, ``y_i`` the TD target of the same
+        transition (:meth:`compute_target`, a constant).
+
+        Output and residual belong to the same action, so ``K_L = D^1/2 J J^T D^1/2`` has the non-zero spectrum of
+        ``J^T D J``, the Gauss-Newton matrix of the TD loss the agent trains on (``n`` times that of the batch
+        mean). (docs/reference/metrics.md names the greedy action; its Q-value is in no TD loss unless it is the
+        stored one, so it would pair one output with another output's residual.)
+        """
+        inputs = (batch.observations, batch.actions.long().reshape(-1, 1))
+
+        def q_taken(model: nn.Module, x: tuple[th.Tensor, th.Tensor]) -> th.Tensor:
+            return th.gather(model(x[0]), 1, x[1]).squeeze(1)
+
+        with th.no_grad():
+            q = q_taken(self.q_net, inputs)
+            targets = self.compute_target(batch).squeeze(1)
+        return GramInputs(inputs, q_taken, TD_LOSSES[self.td_loss], q, targets)
+
+    def forward_all(self, batch: NamedTuple) -> None:
+        """The Q-network's own forward."""
+        self.q_net(batch.observations)  # type: ignore[attr-defined]
+
+    def hidden_forward(self, obs: th.Tensor) -> None:
+        """The Q-network up to the head's input (after plasticity injection, the heads' MLPs up to their last
+        linear map)."""
+        self.value_features(obs)
 
     def sample_replay_observations(self, batch_size: int, rng: np.random.Generator) -> th.Tensor:
         """Observations drawn with ``rng`` from the filled part of the replay buffer, shape ``(batch_size, *obs)``.

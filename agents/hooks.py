@@ -2,9 +2,9 @@
 
 An *intervention* is anything that wants to act on an agent during training: add a loss term,
 reset layers after an update, react to a task switch. Agents call the hooks below at fixed points
-inside ``train()`` and ``collect_rollouts()``; interventions never need more of the agent than its
-named accessors (``value_head``, ``value_features``, ``policy.optimizer`` and, for DQN,
-``q_net_target`` and ``sample_replay_observations``).
+inside ``train()`` and ``collect_rollouts()``; interventions and the monitor need no more of the agent than
+:class:`PlasticAgent`, the protocol both agents implement, and never branch on the agent's class: what differs
+between DQN and PPO is behind the protocol's methods (``uses_replay`` says which kind of batch and buffer).
 
 Order of calls, per gradient step::
 
@@ -27,13 +27,15 @@ before each epoch over its rollout (``agent.rollout_buffer``).
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple, Protocol
 
+import numpy as np
 import torch as th
-
-if TYPE_CHECKING:
-    from stable_baselines3.common.base_class import BaseAlgorithm
+from gymnasium import spaces
+from stable_baselines3.common.logger import Logger
+from torch import nn
 
 
 @dataclass(frozen=True)
@@ -53,6 +55,121 @@ class TaskSwitch:
     from_name: str
 
 
+class GramInputs(NamedTuple):
+    """What the Gram (empirical NTK) probe differentiates: ``output(model, inputs)`` is one scalar per sample,
+    and the loss curvature ``D_i = l''(f_i)`` of the per-sample loss ``loss(f, y)`` at ``outputs`` and
+    ``targets`` weighs it (docs/reference/metrics.md); ``loss is None`` means ``D = 1`` (a mean squared error).
+    """
+
+    inputs: Any
+    output: Callable[[nn.Module, Any], th.Tensor]
+    loss: Callable[[th.Tensor, th.Tensor], th.Tensor] | None = None
+    outputs: th.Tensor | None = None
+    targets: th.Tensor | None = None
+
+
+class PlasticAgent(Protocol):
+    """What interventions, probes and the monitor may use of an agent (``PlasticDQN`` and ``PlasticPPO`` implement
+    it; see their docstrings for each algorithm's answer). Everything else of the agent is private to it."""
+
+    # SB3's own attributes.
+    device: th.device
+    seed: int | None
+    num_timesteps: int
+    action_space: spaces.Space
+    batch_size: int
+    max_grad_norm: float
+    #: The interventions the agent calls (the monitor appends its observer).
+    interventions: list[Intervention]
+    #: Optimizer steps taken so far (every step, unlike SB3's ``_n_updates``).
+    num_gradient_steps: int
+    #: Total gradient norm of the last step before clipping.
+    last_grad_norm: th.Tensor | None
+    #: The config's algorithm name (``"dqn"``, ``"ppo"``), for published per-algorithm defaults.
+    algo_name: ClassVar[str]
+    #: Replay buffer of single env steps (DQN), not epochs over a rollout (PPO).
+    uses_replay: ClassVar[bool]
+
+    @property
+    def value_head(self) -> nn.Linear:
+        """The last linear layer of the value estimate."""
+        ...
+
+    @property
+    def logger(self) -> Logger:
+        """SB3's logger (interventions record ``interventions/<name>/<key>`` there)."""
+        ...
+
+    @property
+    def optimizer(self) -> th.optim.Optimizer:
+        """The optimizer of :meth:`online_network`."""
+        ...
+
+    def value_features(self, obs: th.Tensor) -> th.Tensor:
+        """The input of :attr:`value_head` on ``obs``, shape ``(batch_size, width)``, with its graph."""
+        ...
+
+    def online_network(self) -> nn.Module:
+        """The network the optimizer trains and the probes look at."""
+        ...
+
+    def sample_batch(self, batch_size: int) -> Any:
+        """A fresh batch of :meth:`training_loss`'s type from the agent's buffer (NumPy's global RNG)."""
+        ...
+
+    def value_model(self) -> nn.Module:
+        """A deep-copyable module from observations to the value estimate."""
+        ...
+
+    def head_layers(self) -> list[nn.Module]:
+        """The trainable output layers."""
+        ...
+
+    def mlp_heads(self) -> dict[str, nn.Module]:
+        """Each head after the shared encoder, by name."""
+        ...
+
+    def set_mlp_head(self, name: str, module: nn.Module) -> None:
+        """Make ``module`` the head ``name`` of :meth:`mlp_heads`."""
+        ...
+
+    def init_layer(self, layer: nn.Module) -> None:
+        """Re-initialise ``layer`` with the algorithm's own initialiser."""
+        ...
+
+    def parametrized_layers(self) -> list[tuple[str, nn.Module]]:
+        """Every linear and convolutional layer of :meth:`online_network`, by module path."""
+        ...
+
+    def sync_target(self, layers: Sequence[nn.Module]) -> None:
+        """Copy ``layers`` into the target network, where there is one."""
+        ...
+
+    def training_loss(self, batch: Any) -> tuple[th.Tensor, th.Tensor]:
+        """The algorithm's loss on ``batch`` and the value-head features, with their graph."""
+        ...
+
+    def nc_classes(self, obs: th.Tensor, features: th.Tensor) -> tuple[th.Tensor, th.Tensor | None]:
+        """Neural-collapse classes of ``obs`` and the classifier weights, if any."""
+        ...
+
+    def gram_inputs(self, batch: Any) -> GramInputs:
+        """What the Gram probe differentiates on ``batch``."""
+        ...
+
+    def forward_all(self, batch: Any) -> None:
+        """Every branch of the online network on ``batch.observations``, through its own modules."""
+        ...
+
+    def hidden_forward(self, obs: th.Tensor) -> None:
+        """Every hidden layer of the online network once on ``obs``."""
+        ...
+
+    def sample_replay_observations(self, batch_size: int, rng: np.random.Generator) -> th.Tensor:
+        """Replay observations drawn with ``rng`` (only where :attr:`uses_replay`)."""
+        ...
+
+
 class Intervention:
     """Base class of every intervention. Each hook is a no-op, so a subclass overrides only what it needs.
 
@@ -62,11 +179,11 @@ class Intervention:
     #: Short name, used for logging (``train/<name>/<term>``). Subclasses set their own.
     name: str = "noop"
 
-    def attach(self, agent: BaseAlgorithm) -> None:
+    def attach(self, agent: PlasticAgent) -> None:
         """Called once when the agent has built its networks (and again if it rebuilds them)."""
 
     def loss_terms(
-        self, agent: BaseAlgorithm, batch: NamedTuple, features: th.Tensor, loss: th.Tensor
+        self, agent: PlasticAgent, batch: NamedTuple, features: th.Tensor, loss: th.Tensor
     ) -> dict[str, th.Tensor]:
         """Extra scalar loss terms for this gradient step; they are added to the algorithm's loss.
 
@@ -81,7 +198,7 @@ class Intervention:
         """
         return {}
 
-    def gradient_terms(self, agent: BaseAlgorithm) -> dict[str, th.Tensor]:
+    def gradient_terms(self, agent: PlasticAgent) -> dict[str, th.Tensor]:
         """Penalties whose gradient is known in closed form, added straight to the parameters' ``.grad``.
 
         Called after ``backward()`` and before gradient clipping, so the result is the same as adding the
@@ -95,7 +212,7 @@ class Intervention:
         """
         return {}
 
-    def logged_values(self, agent: BaseAlgorithm) -> dict[str, th.Tensor]:
+    def logged_values(self, agent: PlasticAgent) -> dict[str, th.Tensor]:
         """Values computed only when the logs are written, for the weights at that moment.
 
         For quantities that would cost as much as the intervention itself if computed at every gradient
@@ -108,13 +225,13 @@ class Intervention:
         """
         return {}
 
-    def on_epoch_start(self, agent: BaseAlgorithm, epoch: int) -> None:
+    def on_epoch_start(self, agent: PlasticAgent, epoch: int) -> None:
         """PPO only: called before each epoch over the rollout buffer (``agent.rollout_buffer``)."""
 
-    def on_update(self, agent: BaseAlgorithm, num_gradient_steps: int) -> None:
+    def on_update(self, agent: PlasticAgent, num_gradient_steps: int) -> None:
         """Called right after each optimizer step. ``num_gradient_steps`` counts steps so far (from 1)."""
 
-    def on_task_switch(self, agent: BaseAlgorithm, switch: TaskSwitch) -> None:
+    def on_task_switch(self, agent: PlasticAgent, switch: TaskSwitch) -> None:
         """Called once when the environment sequence moves to the next task."""
 
     def state_dict(self) -> dict[str, Any]:

@@ -6,13 +6,13 @@ import math
 from abc import abstractmethod
 from collections import defaultdict
 from collections.abc import Sequence
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import numpy as np
 import torch as th
 from torch import nn
 
-from agents.hooks import Intervention, TaskSwitch
+from agents.hooks import GramInputs, Intervention, TaskSwitch
 
 
 class NonFiniteError(RuntimeError):
@@ -103,6 +103,49 @@ class PlasticMixin:
     @abstractmethod
     def init_layer(self, layer: nn.Module) -> None:
         """Re-initialise ``layer`` in place with the initialiser the algorithm built it with."""
+
+    #: The config's name of the algorithm (``"dqn"``, ``"ppo"``), for published per-algorithm defaults.
+    algo_name: ClassVar[str]
+    #: Whether the agent trains on a replay buffer of transitions collected one env step at a time (DQN) rather
+    #: than on epochs over a rollout (PPO): it has ``replay_buffer`` and :meth:`sample_replay_observations`, its
+    #: batches are SB3's ``ReplayBufferSamples``, and it calls ``on_epoch_start`` never.
+    uses_replay: ClassVar[bool]
+
+    @abstractmethod
+    def sample_batch(self, batch_size: int) -> NamedTuple:
+        """A fresh batch of the type :meth:`training_loss` takes, drawn from the agent's buffer with NumPy's global
+        RNG as SB3's own sampling does (DQN: the replay buffer, with replacement; PPO: the current rollout)."""
+
+    @abstractmethod
+    def value_model(self) -> nn.Module:
+        """A deep-copyable module mapping observations to the value estimate (DQN: the Q-network; PPO: the critic
+        path), for the trainability probe, which copies and fits it."""
+
+    @abstractmethod
+    def nc_classes(self, obs: th.Tensor, features: th.Tensor) -> tuple[th.Tensor, th.Tensor | None]:
+        """Neural-collapse classes of ``obs``, shape ``(batch_size,)``, and the classifier weights if the value head
+        is one (DQN: the greedy action, with the Q head as classifier; PPO: the actor's mode, ``None``).
+
+        :param features: :meth:`value_features` of ``obs``.
+        """
+
+    @abstractmethod
+    def gram_inputs(self, batch: NamedTuple) -> GramInputs:
+        """What the Gram (empirical NTK) probe differentiates on ``batch``: see :class:`agents.hooks.GramInputs`."""
+
+    @abstractmethod
+    def forward_all(self, batch: NamedTuple) -> None:
+        """Run every branch of :meth:`online_network` on ``batch.observations`` through its own modules (each
+        head's layers called as modules, in order), outputs discarded; for forward-hook traces."""
+
+    @abstractmethod
+    def hidden_forward(self, obs: th.Tensor) -> None:
+        """Run every hidden layer of :meth:`online_network` once on ``obs`` (output layers skipped: they have no
+        activation), outputs discarded; for forward-hook records."""
+
+    def sample_replay_observations(self, batch_size: int, rng: np.random.Generator) -> th.Tensor:
+        """Observations drawn from the replay buffer; only an agent that :attr:`uses_replay` has one."""
+        raise TypeError(f"{type(self).__name__} has no replay buffer (uses_replay is False)")
 
     @property
     def optimizer(self) -> th.optim.Optimizer:

@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import numpy as np
 import torch as th
 from gymnasium import spaces
 from stable_baselines3 import PPO
-from stable_baselines3.common.buffers import RolloutBufferSamples
+from stable_baselines3.common.buffers import RolloutBuffer, RolloutBufferSamples
+from stable_baselines3.common.policies import ActorCriticPolicy
+from stable_baselines3.common.preprocessing import preprocess_obs
+from stable_baselines3.common.type_aliases import GymEnv, Schedule
 from stable_baselines3.common.utils import explained_variance
 from torch import nn
 from torch.nn import functional as F
 
-from agents.hooks import Intervention
+from agents.hooks import GramInputs, Intervention
 from agents.networks import split_output_layer, trainable_output_layer
 from agents.plastic import PlasticMixin
 
@@ -31,19 +34,77 @@ class PPOLoss(NamedTuple):
     features: th.Tensor
 
 
+class ValueOutput(nn.Module):
+    """PPO's value path (critic torso and value head) as a module of its own, so the trainability probe can copy
+    and fit it. The policy itself cannot be deep-copied: it caches its last action distribution, graph included."""
+
+    def __init__(self, policy: Any) -> None:
+        super().__init__()
+        self.observation_space = policy.observation_space
+        self.normalize_images = policy.normalize_images
+        self.features_extractor = policy.vf_features_extractor
+        self.mlp_extractor = policy.mlp_extractor
+        self.value_net = policy.value_net
+
+    def forward(self, obs: th.Tensor) -> th.Tensor:
+        features = self.features_extractor(preprocess_obs(obs, self.observation_space, self.normalize_images))
+        return self.value_net(self.mlp_extractor.forward_critic(features))
+
+
 class PlasticPPO(PlasticMixin, PPO):
     """Proximal Policy Optimization (SB3's :class:`~stable_baselines3.PPO`) with plasticity hooks.
 
-    Takes every argument :class:`~stable_baselines3.PPO` takes, plus:
+    Takes every argument :class:`~stable_baselines3.PPO` takes, with SB3's defaults, plus the keyword-only:
 
     :param interventions: interventions called from inside :meth:`train` (see :mod:`agents.hooks`).
         Empty by default, in which case training is bit-for-bit stock SB3. The features they see are
         the input of the value head (``policy.value_net``).
     """
 
-    def __init__(self, *args: Any, interventions: Sequence[Intervention] | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        policy: str | type[ActorCriticPolicy],
+        env: GymEnv | str,
+        learning_rate: float | Schedule = 3e-4,
+        n_steps: int = 2048,
+        batch_size: int = 64,
+        n_epochs: int = 10,
+        gamma: float = 0.99,
+        gae_lambda: float = 0.95,
+        clip_range: float | Schedule = 0.2,
+        clip_range_vf: None | float | Schedule = None,
+        normalize_advantage: bool = True,
+        ent_coef: float = 0.0,
+        vf_coef: float = 0.5,
+        max_grad_norm: float = 0.5,
+        use_sde: bool = False,
+        sde_sample_freq: int = -1,
+        rollout_buffer_class: type[RolloutBuffer] | None = None,
+        rollout_buffer_kwargs: dict[str, Any] | None = None,
+        target_kl: float | None = None,
+        stats_window_size: int = 100,
+        tensorboard_log: str | None = None,
+        policy_kwargs: dict[str, Any] | None = None,
+        verbose: int = 0,
+        seed: int | None = None,
+        device: th.device | str = "auto",
+        _init_setup_model: bool = True,
+        *,
+        interventions: Sequence[Intervention] | None = None,
+    ) -> None:
         self._init_plastic(interventions)
-        super().__init__(*args, **kwargs)
+        super().__init__(
+            policy, env, learning_rate=learning_rate, n_steps=n_steps, batch_size=batch_size, n_epochs=n_epochs,
+            gamma=gamma, gae_lambda=gae_lambda, clip_range=clip_range, clip_range_vf=clip_range_vf,
+            normalize_advantage=normalize_advantage, ent_coef=ent_coef, vf_coef=vf_coef, max_grad_norm=max_grad_norm,
+            use_sde=use_sde, sde_sample_freq=sde_sample_freq, rollout_buffer_class=rollout_buffer_class,
+            rollout_buffer_kwargs=rollout_buffer_kwargs, target_kl=target_kl, stats_window_size=stats_window_size,
+            tensorboard_log=tensorboard_log, policy_kwargs=policy_kwargs, verbose=verbose, seed=seed, device=device,
+            _init_setup_model=_init_setup_model,
+        )
+
+    algo_name: ClassVar[str] = "ppo"
+    uses_replay: ClassVar[bool] = False
 
     @property
     def value_head(self) -> nn.Linear:
@@ -99,6 +160,45 @@ class PlasticPPO(PlasticMixin, PPO):
         critic_features = features if self.policy.share_features_extractor else features[1]
         hidden, _ = split_output_layer(self.policy.value_net)
         return hidden(self.policy.mlp_extractor.forward_critic(critic_features))
+
+    def sample_batch(self, batch_size: int) -> RolloutBufferSamples:
+        """The first minibatch of SB3's shuffled ``rollout_buffer.get`` (without replacement; the whole rollout if
+        it is smaller)."""
+        return next(self.rollout_buffer.get(batch_size))
+
+    def value_model(self) -> nn.Module:
+        """The critic path (torso and value head) as a module of its own (:class:`ValueOutput`)."""
+        return ValueOutput(self.policy)
+
+    def nc_classes(self, obs: th.Tensor, features: th.Tensor) -> tuple[th.Tensor, th.Tensor | None]:
+        """The actor's mode (most likely action); no classifier weights."""
+        return self.policy.get_distribution(obs).mode(), None
+
+    def gram_inputs(self, batch: RolloutBufferSamples) -> GramInputs:
+        """``f_i = V(s_i)``, curvature 1 (the value loss is a mean squared error)."""
+
+        def value(model: nn.Module, obs: th.Tensor) -> th.Tensor:
+            return model.predict_values(obs).squeeze(-1)  # type: ignore[operator]
+
+        return GramInputs(batch.observations, value)
+
+    def forward_all(self, batch: NamedTuple) -> None:
+        """SB3's ``evaluate_actions``: torso, actor and critic, as PPO's loss runs them."""
+        actions = batch.actions  # type: ignore[attr-defined]
+        if isinstance(self.action_space, spaces.Discrete):
+            actions = actions.long().flatten()
+        self.policy.evaluate_actions(batch.observations, actions)  # type: ignore[attr-defined]
+
+    def hidden_forward(self, obs: th.Tensor) -> None:
+        """The shared or separate torsos and both MLP branches (actor and critic), each layer once, as PPO's own
+        loss computes them; after plasticity injection the heads' MLPs up to their last linear map."""
+        policy = self.policy
+        features = policy.extract_features(obs)
+        pi_features, vf_features = (features, features) if policy.share_features_extractor else features
+        latent_pi = policy.mlp_extractor.forward_actor(pi_features)
+        latent_vf = policy.mlp_extractor.forward_critic(vf_features)
+        for head, latent in ((policy.action_net, latent_pi), (policy.value_net, latent_vf)):
+            split_output_layer(head)[0](latent)
 
     def _evaluate_actions(self, obs: th.Tensor, actions: th.Tensor) -> tuple[th.Tensor, th.Tensor, th.Tensor | None, th.Tensor]:
         """SB3's ``ActorCriticPolicy.evaluate_actions``, also returning the input of the value head's last linear

@@ -30,7 +30,7 @@ import torch as th
 from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.logger import TensorBoardOutputFormat
 
-from agents import Intervention, PlasticDQN
+from agents import Intervention
 from agents.plastic import NonFiniteError
 from rl_plasticity.config import MonitorConfig
 from rl_plasticity.probe_sets import DQN_FIELDS, PPO_FIELDS, ProbeSets, RandomProbeSets
@@ -220,8 +220,8 @@ class MonitorCallback(BaseCallback):
     # -- setup ------------------------------------------------------------------------------------
     def _init_callback(self) -> None:
         agent = self.model
-        self.is_dqn = isinstance(agent, PlasticDQN)
-        self.first_visit_sets = (ProbeSets(self.cfg.first_visit_size, DQN_FIELDS if self.is_dqn else PPO_FIELDS)
+        self.uses_replay = agent.uses_replay
+        self.first_visit_sets = (ProbeSets(self.cfg.first_visit_size, DQN_FIELDS if self.uses_replay else PPO_FIELDS)
                                  if self.cfg.first_visit else None)
         self.init_params = snapshot(probed_module(agent))
         agent.interventions.append(self._observer)
@@ -250,7 +250,7 @@ class MonitorCallback(BaseCallback):
         episodes, switch = step_events(infos)
         self.visit.returns.extend(float(info["episode"]["r"]) for info in episodes)
         if self.first_visit_sets is not None:
-            if self.is_dqn:
+            if self.uses_replay:
                 self._collect_transitions(infos)
             else:
                 self._rollout_tasks.append(int(infos[0]["task_id"]))
@@ -289,7 +289,7 @@ class MonitorCallback(BaseCallback):
     def _on_rollout_end(self) -> None:
         """PPO: samples of this rollout go into the first-visit set of their task, with advantages and returns."""
         sets = self.first_visit_sets
-        if self.is_dqn or sets is None:
+        if self.uses_replay or sets is None:
             return
         buf = self.model.rollout_buffer
         for t, task in enumerate(self._rollout_tasks):
@@ -312,7 +312,7 @@ class MonitorCallback(BaseCallback):
         """The fixed sets of ``task_id`` to probe, by source (the random-policy set is built when first asked)."""
         agent = self.model
         built = self.probe_sets.built(task_id)
-        sources = {PROBE_SET: self.probe_sets.batch(task_id, agent, ppo=not self.is_dqn)}
+        sources = {PROBE_SET: self.probe_sets.batch(task_id, agent, ppo=not self.uses_replay)}
         if not built:
             self.probe_sets.save(self.run_dir / PROBE_SETS_FILE)
         first = self.first_visit_sets.batch(task_id, agent.device) if self.first_visit_sets is not None else None

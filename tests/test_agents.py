@@ -363,3 +363,18 @@ def test_on_task_switch_once_per_switch_at_the_boundary(algo, n_envs):
     assert [s.num_timesteps for s in rec.switches] == [100, 200, 300, 400]
     assert [(s.from_task, s.to_task) for s in rec.switches] == [(0, 1), (1, 2), (2, 0), (0, 1)]
     assert rec.switches[0].from_name == "cartpole/length=0.5"
+
+
+@pytest.mark.parametrize(("ours", "stock"), [(PlasticDQN, DQN), (PlasticPPO, PPO)])
+def test_constructor_shows_every_sb3_argument_with_sb3_default(ours: type, stock: type) -> None:
+    """The explicit signature (for help() and IDEs) passes SB3's arguments through: same names, kinds and defaults,
+    in SB3's order; our own options are keyword-only."""
+    import inspect
+
+    mine = inspect.signature(ours.__init__).parameters
+    theirs = inspect.signature(stock.__init__).parameters
+    assert list(mine)[: len(theirs)] == list(theirs)
+    for name, p in theirs.items():
+        assert (mine[name].kind, mine[name].default) == (p.kind, p.default), name
+    assert all(p.kind is inspect.Parameter.KEYWORD_ONLY for p in list(mine.values())[len(theirs):])
+    assert "interventions" in mine

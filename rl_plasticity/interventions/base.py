@@ -8,6 +8,7 @@ from typing import Any, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from agents import Intervention, TaskSwitch
+from agents.hooks import PlasticAgent
 
 
 class Params(BaseModel):
@@ -38,11 +39,11 @@ class PlasticityIntervention(Intervention):
         self.params = params if params is not None else self.Params()
         self.fired = 0
 
-    def log(self, agent: Any, key: str, value: float) -> None:
+    def log(self, agent: PlasticAgent, key: str, value: float) -> None:
         """Record ``interventions/<name>/<key>`` (written at the logger's next dump)."""
         agent.logger.record(f"interventions/{self.name}/{key}", value)
 
-    def fire(self, agent: Any, **touched: float) -> None:
+    def fire(self, agent: PlasticAgent, **touched: float) -> None:
         """Count one firing and log it with what it touched (units, parameters, fraction, ...)."""
         self.fired += 1
         self.log(agent, "fired", self.fired)
@@ -65,13 +66,13 @@ class TriggeredIntervention(PlasticityIntervention, ABC):
     Params: ClassVar[type[Params]] = TriggerParams
 
     @abstractmethod
-    def apply(self, agent: Any) -> dict[str, float]:
+    def apply(self, agent: PlasticAgent) -> dict[str, float]:
         """Do the intervention once; return what was touched (logged under ``interventions/<name>/``)."""
 
-    def on_task_switch(self, agent: Any, switch: TaskSwitch) -> None:
+    def on_task_switch(self, agent: PlasticAgent, switch: TaskSwitch) -> None:
         if self.params.at == "task_switch":
             self.fire(agent, **self.apply(agent))
 
-    def on_update(self, agent: Any, num_gradient_steps: int) -> None:
+    def on_update(self, agent: PlasticAgent, num_gradient_steps: int) -> None:
         if self.params.at == "every" and num_gradient_steps % self.params.every == 0:
             self.fire(agent, **self.apply(agent))

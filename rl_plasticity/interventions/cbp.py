@@ -12,6 +12,7 @@ from typing import Any, NamedTuple
 import torch as th
 from pydantic import Field
 
+from agents.hooks import PlasticAgent
 from rl_plasticity.interventions.base import Params, PlasticityIntervention
 from rl_plasticity.interventions.redo import HiddenLayer, recycle_units, trace_hidden_layers
 from rl_plasticity.interventions.registry import register
@@ -114,13 +115,13 @@ class ContinualBackprop(PlasticityIntervention):
         """The hidden layers it acts on (empty until the first training batch has been seen)."""
         return list(self._hidden or [])
 
-    def attach(self, agent: Any) -> None:
+    def attach(self, agent: PlasticAgent) -> None:
         # A (re)built network: find its layers again at the next batch; utilities and ages are kept by name.
         if self._recorder is not None:
             self._recorder.remove()
         self._recorder, self._hidden, self._activity = None, None, None
 
-    def _setup(self, agent: Any, hidden: list[HiddenLayer]) -> None:
+    def _setup(self, agent: PlasticAgent, hidden: list[HiddenLayer]) -> None:
         """Start tracking ``hidden``: hooks on their activations for the training passes, and their state."""
         self._hidden = hidden
         self._recorder = ForwardRecorder(agent.online_network(), names={h.activation for h in hidden}, grad_only=True)
@@ -140,7 +141,9 @@ class ContinualBackprop(PlasticityIntervention):
             for state in (self.utility, self.age, self.accumulator):
                 state[h.name] = state[h.name].to(device)
 
-    def loss_terms(self, agent: Any, batch: NamedTuple, features: th.Tensor, loss: th.Tensor) -> dict[str, th.Tensor]:
+    def loss_terms(
+        self, agent: PlasticAgent, batch: NamedTuple, features: th.Tensor, loss: th.Tensor
+    ) -> dict[str, th.Tensor]:
         # Called right after the training forward pass: keep mean |h| of each unit for on_update.
         if self._hidden is None:
             hidden, activations = trace_hidden_layers(agent, batch)  # same weights and batch as that pass
@@ -161,7 +164,7 @@ class ContinualBackprop(PlasticityIntervention):
         correction = 1.0 - self.params.decay_rate ** age.double()
         return th.where(age > 0, self.utility[name] / correction.clamp_min(1e-300), th.zeros_like(self.utility[name]))
 
-    def on_update(self, agent: Any, num_gradient_steps: int) -> None:
+    def on_update(self, agent: PlasticAgent, num_gradient_steps: int) -> None:
         if self._activity is None:
             return  # no training forward pass since the last update
         activity, self._activity = self._activity, None

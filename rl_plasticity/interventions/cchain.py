@@ -9,7 +9,7 @@ import torch as th
 from pydantic import Field
 from torch.nn import functional as F
 
-from agents import PlasticDQN
+from agents.hooks import PlasticAgent
 from rl_plasticity.interventions.base import Params, PlasticityIntervention
 from rl_plasticity.interventions.registry import register
 
@@ -111,7 +111,7 @@ class CChain(PlasticityIntervention):
       difference: the batch is drawn from the buffer as it is one update earlier, so the transition(s)
       stored in between cannot be in it.
     * The reference batch has its own generator (``numpy.random.Generator``, seeded from the agent's seed),
-      through :meth:`agents.PlasticDQN.sample_replay_observations`. The code draws it from the RNG of the
+      through :meth:`agents.hooks.PlasticAgent.sample_replay_observations`. The code draws it from the RNG of the
       training batches, so that there a run's training batches depend on whether C-CHAIN is on; here they
       do not (with ``coef = 0`` training is bit for bit that of no intervention; tested).
     * ``L_TD`` in the coefficient is the agent's own loss (Huber for SB3's DQN unless the config picks MSE;
@@ -147,19 +147,21 @@ class CChain(PlasticityIntervention):
         self._since_dump = (0.0, 0)
         self._td_loss = float("nan")  # this update's TD loss, from loss_terms
 
-    def attach(self, agent: Any) -> None:
-        if not isinstance(agent, PlasticDQN):
+    def attach(self, agent: PlasticAgent) -> None:
+        if not agent.uses_replay:
             raise ValueError(f"cchain supports DQN only (a replay buffer and Q-values), got {type(agent).__name__}")
         if self._rng is None:  # not after load_state_dict
             seed = agent.seed
             self._rng = np.random.default_rng(None if seed is None else [int(seed), RNG_SALT])
 
-    def loss_terms(self, agent: Any, batch: NamedTuple, features: th.Tensor, loss: th.Tensor) -> dict[str, th.Tensor]:
+    def loss_terms(
+        self, agent: PlasticAgent, batch: NamedTuple, features: th.Tensor, loss: th.Tensor
+    ) -> dict[str, th.Tensor]:
         # Only the TD loss, for the coefficient; the churn term's gradient is added in gradient_terms.
         self._td_loss = loss.item()
         return {}
 
-    def gradient_terms(self, agent: Any) -> dict[str, th.Tensor]:
+    def gradient_terms(self, agent: PlasticAgent) -> dict[str, th.Tensor]:
         if self._rng is None:
             raise RuntimeError("cchain: gradient_terms() before attach()")
         network = agent.online_network()
@@ -190,7 +192,7 @@ class CChain(PlasticityIntervention):
         if self.params.coef is None and update >= self.params.auto_after and len(self.churns):
             self.coef = self.params.target_rel_loss_scale * self.td_losses.mean() / (self.churns.mean() + COEF_EPS)
 
-    def logged_values(self, agent: Any) -> dict[str, th.Tensor]:
+    def logged_values(self, agent: PlasticAgent) -> dict[str, th.Tensor]:
         values = {"coef": th.tensor(self.coef, dtype=th.float64)}
         total, n = self._since_dump
         if n:

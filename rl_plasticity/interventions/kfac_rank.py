@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import torch as th
 from pydantic import Field
 from torch import nn
 
+from agents.hooks import PlasticAgent
 from rl_plasticity.interventions.base import Params, PlasticityIntervention
 from rl_plasticity.interventions.l2 import L2Penalty
 from rl_plasticity.interventions.registry import register
@@ -113,7 +114,7 @@ class KFACRank(L2Penalty, PlasticityIntervention):
         self._layers: dict[str, nn.Module] = {}
         self._recorder: ForwardRecorder | None = None
 
-    def attach(self, agent: Any) -> None:
+    def attach(self, agent: PlasticAgent) -> None:
         if self._recorder is not None:
             self._recorder.remove()
         self._layers = dict(agent.parametrized_layers())
@@ -122,7 +123,7 @@ class KFACRank(L2Penalty, PlasticityIntervention):
                                          detach=False, keep_inputs=True)
 
     def loss_terms(
-        self, agent: Any, batch: NamedTuple, features: th.Tensor, loss: th.Tensor
+        self, agent: PlasticAgent, batch: NamedTuple, features: th.Tensor, loss: th.Tensor
     ) -> dict[str, th.Tensor]:
         recorder = self._recorder
         assert recorder is not None, "kfac_rank: attach() first"

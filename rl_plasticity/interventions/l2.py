@@ -20,11 +20,12 @@ import torch as th
 from pydantic import Field
 from torch import nn
 
+from agents.hooks import PlasticAgent
 from rl_plasticity.interventions.base import Params, PlasticityIntervention
 from rl_plasticity.interventions.registry import register
 
 
-def regularized_weights(agent: Any, include_biases: bool = False) -> list[tuple[str, nn.Parameter]]:
+def regularized_weights(agent: PlasticAgent, include_biases: bool = False) -> list[tuple[str, nn.Parameter]]:
     """The trainable weights (and optionally biases) of every Linear/Conv2d layer of the online network.
 
     Only :meth:`agent.online_network` counts (DQN: ``q_net``, never ``q_net_target``). The list is built on
@@ -97,7 +98,7 @@ class L2Penalty:
     #: The field of the intervention's ``params`` that holds ``coef``.
     coef_field = "wd"
 
-    def l2_terms(self, agent: Any) -> tuple[list[nn.Parameter], float, list[th.Tensor] | None]:
+    def l2_terms(self, agent: PlasticAgent) -> tuple[list[nn.Parameter], float, list[th.Tensor] | None]:
         """The penalised parameters, ``coef`` and the anchors (``None``: zero).
 
         By default the :func:`regularized_weights` (with biases if ``params.include_biases``), pulled to zero.
@@ -106,12 +107,12 @@ class L2Penalty:
         weights = [p for _, p in regularized_weights(agent, params.include_biases)]
         return weights, getattr(params, self.coef_field), None
 
-    def gradient_terms(self, agent: Any) -> dict[str, th.Tensor]:
+    def gradient_terms(self, agent: PlasticAgent) -> dict[str, th.Tensor]:
         """Add the penalty's gradient to ``.grad``; return ``{}`` (the value is logged at dumps)."""
         add_l2_gradient(*self.l2_terms(agent))
         return {}
 
-    def logged_values(self, agent: Any) -> dict[str, th.Tensor]:
+    def logged_values(self, agent: PlasticAgent) -> dict[str, th.Tensor]:
         """``{penalty_key: the penalty at the current weights}``."""
         return {self.penalty_key: l2_penalty(*self.l2_terms(agent))}
 
@@ -169,14 +170,14 @@ class L2Init(L2Penalty, PlasticityIntervention):
         # theta_0 from a load_state_dict() that came before attach(): attach() must not overwrite it.
         self._loaded = False
 
-    def attach(self, agent: Any) -> None:
+    def attach(self, agent: PlasticAgent) -> None:
         for name, param in regularized_weights(agent, self.params.include_biases):
             if name in self.theta_0 and self._loaded:
                 self.theta_0[name] = self.theta_0[name].to(param.device)
             else:
                 self.theta_0[name] = param.detach().clone()
 
-    def l2_terms(self, agent: Any) -> tuple[list[nn.Parameter], float, list[th.Tensor]]:
+    def l2_terms(self, agent: PlasticAgent) -> tuple[list[nn.Parameter], float, list[th.Tensor]]:
         params, anchors = [], []
         for name, param in regularized_weights(agent, self.params.include_biases):
             if name not in self.theta_0:

@@ -8,8 +8,7 @@ import torch as th
 from pydantic import Field
 from torch import nn
 
-from agents import PlasticPPO
-from agents.networks import split_output_layer
+from agents.hooks import PlasticAgent
 from rl_plasticity.interventions.base import Params, PlasticityIntervention
 from rl_plasticity.interventions.l2 import L2Penalty
 from rl_plasticity.interventions.registry import register
@@ -25,27 +24,14 @@ def hidden_activations(module: nn.Module) -> Any:
     return activation_outputs(module, detach=False)
 
 
-def hidden_forward(agent: Any, obs: th.Tensor) -> None:
-    """One forward pass through every hidden layer of the online network (outputs discarded).
-
-    DQN: the Q-network up to the head's input. PPO: the shared or separate torsos and both MLP branches
-    (actor and critic), each layer once, as PPO's own loss computes them. The output layers have no
-    activation, so they are skipped (after plasticity injection the heads hold the MLPs, run up to their
-    last linear map).
-    """
-    if isinstance(agent, PlasticPPO):
-        policy = agent.policy
-        features = policy.extract_features(obs)
-        pi_features, vf_features = (features, features) if policy.share_features_extractor else features
-        latent_pi = policy.mlp_extractor.forward_actor(pi_features)
-        latent_vf = policy.mlp_extractor.forward_critic(vf_features)
-        for head, latent in ((policy.action_net, latent_pi), (policy.value_net, latent_vf)):
-            split_output_layer(head)[0](latent)
-    else:
-        agent.value_features(obs)
+def hidden_forward(agent: PlasticAgent, obs: th.Tensor) -> None:
+    """One forward pass through every hidden layer of the online network (outputs discarded):
+    :meth:`~agents.hooks.PlasticAgent.hidden_forward` (DQN: the Q-network up to the head's input; PPO: the torsos
+    and both MLP branches, each layer once)."""
+    agent.hidden_forward(obs)
 
 
-def rollout_observations(agent: Any) -> th.Tensor:
+def rollout_observations(agent: PlasticAgent) -> th.Tensor:
     """All observations of PPO's current rollout, as one batch on the agent's device.
 
     Read from ``rollout_buffer.observations`` rather than through ``rollout_buffer.get()``, which would
@@ -118,36 +104,35 @@ class L2ER(L2Penalty, PlasticityIntervention):
         # DQN: the observations of the batch being trained on, for the ER step after its update.
         self._obs: th.Tensor | None = None
 
-    def attach(self, agent: Any) -> None:
-        self.per_epoch = isinstance(agent, PlasticPPO)
-        algo = "ppo" if self.per_epoch else "dqn"
-        self.er_lr = self.params.er_lr if self.params.er_lr is not None else PUBLISHED_ER_LR[algo]
+    def attach(self, agent: PlasticAgent) -> None:
+        self.per_epoch = not agent.uses_replay
+        self.er_lr = self.params.er_lr if self.params.er_lr is not None else PUBLISHED_ER_LR[agent.algo_name]
 
     def loss_terms(
-        self, agent: Any, batch: NamedTuple, features: th.Tensor, loss: th.Tensor
+        self, agent: PlasticAgent, batch: NamedTuple, features: th.Tensor, loss: th.Tensor
     ) -> dict[str, th.Tensor]:
         if not self.per_epoch:
             self._obs = batch.observations
         return {}
 
-    def on_update(self, agent: Any, num_gradient_steps: int) -> None:
+    def on_update(self, agent: PlasticAgent, num_gradient_steps: int) -> None:
         obs, self._obs = self._obs, None
         if not self.per_epoch and obs is not None and num_gradient_steps % self.params.er_every == 0:
             self._fire(agent, self.er_step(agent, obs))
 
-    def on_epoch_start(self, agent: Any, epoch: int) -> None:
+    def on_epoch_start(self, agent: PlasticAgent, epoch: int) -> None:
         self.epochs += 1
         if self.per_epoch and self.epochs % self.params.er_every == 0:
             self._fire(agent, self.er_step(agent, rollout_observations(agent)))
 
-    def _fire(self, agent: Any, logged: dict[str, float]) -> None:
+    def _fire(self, agent: PlasticAgent, logged: dict[str, float]) -> None:
         self.fire(agent, er_loss=logged.pop("er_loss"))
         for key, value in logged.items():
             # Per-layer keys stay out of the console table: SB3 truncates its keys to 36 characters and
             # fails on two that then coincide (PPO's mlp_extractor.policy_net.1 / value_net.1).
             agent.logger.record(f"interventions/{self.name}/{key}", value, exclude=("stdout", "log"))
 
-    def er_step(self, agent: Any, obs: th.Tensor) -> dict[str, float]:
+    def er_step(self, agent: PlasticAgent, obs: th.Tensor) -> dict[str, float]:
         """One plain gradient step ``theta <- theta - er_lr * grad L_ER`` on ``obs``; returns what to log.
 
         :return: ``er_loss`` and ``erank/<activation module>`` (before the step), as floats.

@@ -8,6 +8,7 @@ import torch as th
 from gymnasium import spaces
 from pydantic import Field
 
+from agents.hooks import PlasticAgent
 from rl_plasticity.interventions.base import Params, PlasticityIntervention
 from rl_plasticity.interventions.registry import register
 from rl_plasticity.probes import nc1_differentiable
@@ -48,12 +49,12 @@ class NCReg(PlasticityIntervention):
         super().__init__(params)
         self.undefined = 0
 
-    def attach(self, agent: Any) -> None:
+    def attach(self, agent: PlasticAgent) -> None:
         if not isinstance(agent.action_space, spaces.Discrete):
             raise ValueError(f"nc_reg needs a Discrete action space (greedy-action classes), got {agent.action_space}")
 
     def loss_terms(
-        self, agent: Any, batch: NamedTuple, features: th.Tensor, loss: th.Tensor
+        self, agent: PlasticAgent, batch: NamedTuple, features: th.Tensor, loss: th.Tensor
     ) -> dict[str, th.Tensor]:
         with th.no_grad():
             labels, _ = greedy_labels(agent, batch.observations, features.detach())

@@ -10,18 +10,18 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
-from typing import Any
 
 import torch as th
 from pydantic import Field
 from torch import nn
 
+from agents.hooks import PlasticAgent
 from rl_plasticity.interventions.base import Params, PlasticityIntervention
 from rl_plasticity.interventions.l2 import regularized_weights
 from rl_plasticity.interventions.registry import register
 
 
-def parseval_weights(agent: Any) -> list[tuple[str, nn.Parameter]]:
+def parseval_weights(agent: PlasticAgent) -> list[tuple[str, nn.Parameter]]:
     """The weights Parseval regularization acts on: every trainable Linear/Conv2d weight of the online network
     except the output layers (:meth:`agent.head_layers`: DQN's Q head, PPO's action and value heads).
 
@@ -146,7 +146,7 @@ class Parseval(PlasticityIntervention):
     #: Name of the logged value.
     penalty_key = "parseval"
 
-    def attach(self, agent: Any) -> None:
+    def attach(self, agent: PlasticAgent) -> None:
         if not parseval_weights(agent):
             warnings.warn(
                 "parseval: the online network has no Linear/Conv2d layer below its output layers; nothing is "
@@ -154,16 +154,16 @@ class Parseval(PlasticityIntervention):
                 stacklevel=2,
             )
 
-    def terms(self, agent: Any) -> tuple[list[nn.Parameter], list[float]]:
+    def terms(self, agent: PlasticAgent) -> tuple[list[nn.Parameter], list[float]]:
         """The regularized weights and the coefficient of each."""
         weights = [w for _, w in parseval_weights(agent)]
         return weights, layer_coefs(weights, self.params.coef, self.params.reference_width)
 
-    def gradient_terms(self, agent: Any) -> dict[str, th.Tensor]:
+    def gradient_terms(self, agent: PlasticAgent) -> dict[str, th.Tensor]:
         """Add the penalty's gradient to ``.grad``; return ``{}`` (the value is logged at dumps)."""
         add_parseval_gradient(*self.terms(agent), self.params.scale)
         return {}
 
-    def logged_values(self, agent: Any) -> dict[str, th.Tensor]:
+    def logged_values(self, agent: PlasticAgent) -> dict[str, th.Tensor]:
         """``{penalty_key: the penalty at the current weights}``."""
         return {self.penalty_key: parseval_penalty(*self.terms(agent), self.params.scale)}

@@ -41,6 +41,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from agents import TaskSwitch
+from agents.hooks import PlasticAgent
 from agents.networks import split_output_layer, trainable_output_layer
 from rl_plasticity.interventions.base import TriggeredIntervention, TriggerParams
 from rl_plasticity.interventions.registry import register
@@ -216,7 +217,7 @@ def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
     setattr(root.get_submodule(parent_name) if parent_name else root, child, module)
 
 
-def _reinitialise(agent: Any, head: nn.Module) -> None:
+def _reinitialise(agent: PlasticAgent, head: nn.Module) -> None:
     """Fresh draws for every layer of ``head``, in module order, by the agent's own initialiser (PyTorch's
     default for DQN, SB3's orthogonal init with the output gains for PPO); LayerNorms back to 1 and 0."""
     for layer in head.modules():
@@ -280,30 +281,30 @@ class PlasticityInjection(TriggeredIntervention):
 
     def __init__(self, params: PlasticityInjectionParams | None = None) -> None:
         super().__init__(params)
-        self._agent: Any = None
+        self._agent: PlasticAgent = None
 
     @property
     def exhausted(self) -> bool:
         """``max_injections`` injections are done."""
         return self.params.max_injections is not None and self.fired >= self.params.max_injections
 
-    def attach(self, agent: Any) -> None:
+    def attach(self, agent: PlasticAgent) -> None:
         self._agent = agent
         self._rebuild(agent)
 
-    def on_task_switch(self, agent: Any, switch: TaskSwitch) -> None:
+    def on_task_switch(self, agent: PlasticAgent, switch: TaskSwitch) -> None:
         if not self.exhausted:
             super().on_task_switch(agent, switch)
 
-    def on_update(self, agent: Any, num_gradient_steps: int) -> None:
+    def on_update(self, agent: PlasticAgent, num_gradient_steps: int) -> None:
         if not self.exhausted:
             super().on_update(agent, num_gradient_steps)
 
-    def apply(self, agent: Any) -> dict[str, float]:
+    def apply(self, agent: PlasticAgent) -> dict[str, float]:
         injected = self.inject(agent)
         return {"heads": len(injected), "params": sum(p.numel() for head in injected for p in head.new.parameters())}
 
-    def inject(self, agent: Any) -> list[InjectedHead]:
+    def inject(self, agent: PlasticAgent) -> list[InjectedHead]:
         """Inject into every head of ``agent`` now; return the new :class:`InjectedHead` modules."""
         target = getattr(agent, "q_net_target", None)
         injected = []
@@ -321,7 +322,7 @@ class PlasticityInjection(TriggeredIntervention):
             injected.append(module)
         return injected
 
-    def _rebuild(self, agent: Any) -> None:
+    def _rebuild(self, agent: PlasticAgent) -> None:
         """Give a freshly built agent the injected structure of ``fired`` injections (values are placeholders
         until it is loaded)."""
         done = injection_depth(next(iter(agent.mlp_heads().values())))

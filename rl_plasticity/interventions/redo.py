@@ -52,11 +52,10 @@ from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple
 
 import torch as th
-from gymnasium import spaces
 from pydantic import Field
 from torch import nn
 
-from agents import PlasticDQN
+from agents.hooks import PlasticAgent
 from rl_plasticity.interventions.base import Params, PlasticityIntervention
 from rl_plasticity.interventions.registry import register
 from rl_plasticity.interventions.surgery import fresh_parameters, zero_optimizer_entries
@@ -178,7 +177,7 @@ def _follow(
     return HiddenLayer(name, layer, activation, unique, norm, expansion)  # type: ignore[arg-type]
 
 
-def find_hidden_layers(agent: Any, edges: Iterable[tuple[str, str]]) -> list[HiddenLayer]:
+def find_hidden_layers(agent: PlasticAgent, edges: Iterable[tuple[str, str]]) -> list[HiddenLayer]:
     """The hidden layers of the agent's online network, input to output, given traced data-flow ``edges``.
 
     Layers that have an activation but an unsupported path to the next layer are skipped with a warning
@@ -198,24 +197,18 @@ def find_hidden_layers(agent: Any, edges: Iterable[tuple[str, str]]) -> list[Hid
     return hidden
 
 
-def network_forward(agent: Any, batch: NamedTuple) -> None:
-    """Run every branch of the agent's online network on ``batch.observations``, through its own modules.
+def network_forward(agent: PlasticAgent, batch: NamedTuple) -> None:
+    """Run every branch of the agent's online network on ``batch.observations``, through its own modules
+    (:meth:`~agents.hooks.PlasticAgent.forward_all`; DQN: the Q-network; PPO: SB3's ``evaluate_actions``).
 
-    DQN: the Q-network. PPO: SB3's ``evaluate_actions`` (torso, actor and critic, as PPO's loss runs them).
     The network's own ``forward`` calls each head's layers as modules, in order, which the trace needs;
     the agents' training losses may read a head's last linear map off its weights instead (after plasticity
     injection, one map over three hidden layers).
     """
-    if isinstance(agent, PlasticDQN):
-        agent.q_net(batch.observations)
-        return
-    actions = batch.actions
-    if isinstance(agent.action_space, spaces.Discrete):
-        actions = actions.long().flatten()
-    agent.policy.evaluate_actions(batch.observations, actions)
+    agent.forward_all(batch)
 
 
-def trace_hidden_layers(agent: Any, batch: NamedTuple) -> tuple[list[HiddenLayer], dict[str, th.Tensor]]:
+def trace_hidden_layers(agent: PlasticAgent, batch: NamedTuple) -> tuple[list[HiddenLayer], dict[str, th.Tensor]]:
     """Find the hidden layers and their post-activation values on ``batch`` from one forward pass.
 
     The pass is the online network's own forward on the batch (:func:`network_forward`), so every hidden
@@ -241,7 +234,7 @@ def _entries(param: th.Tensor, index: th.Tensor, dim: int) -> th.Tensor:
 
 
 @th.no_grad()
-def recycle_units(agent: Any, selections: Sequence[tuple[HiddenLayer, th.Tensor]]) -> int:
+def recycle_units(agent: PlasticAgent, selections: Sequence[tuple[HiddenLayer, th.Tensor]]) -> int:
     """Re-initialise chosen units: fresh incoming weights, zero outgoing weights, zeroed optimizer entries.
 
     For each ``(hidden, mask)`` (``mask``: boolean, one entry per unit):
@@ -349,18 +342,20 @@ class ReDo(PlasticityIntervention):
         self.recycled_total = 0
         self._batch: NamedTuple | None = None
 
-    def attach(self, agent: Any) -> None:
+    def attach(self, agent: PlasticAgent) -> None:
         buffered = hasattr(agent, "replay_buffer") or hasattr(agent, "rollout_buffer")
         if self.params.batch == "replay" and not buffered:
             raise ValueError("redo: batch=replay needs an agent with a replay or rollout buffer; use batch=train")
         self._batch = None
 
-    def loss_terms(self, agent: Any, batch: NamedTuple, features: th.Tensor, loss: th.Tensor) -> dict[str, th.Tensor]:
+    def loss_terms(
+        self, agent: PlasticAgent, batch: NamedTuple, features: th.Tensor, loss: th.Tensor
+    ) -> dict[str, th.Tensor]:
         # Only remember the batch: the scores are computed after the update, when the recycling happens.
         self._batch = batch
         return {}
 
-    def on_update(self, agent: Any, num_gradient_steps: int) -> None:
+    def on_update(self, agent: PlasticAgent, num_gradient_steps: int) -> None:
         if num_gradient_steps % self.params.every != 0:
             return
         if self.params.batch == "replay":
@@ -377,7 +372,7 @@ class ReDo(PlasticityIntervention):
             # on two that then coincide (PPO's mlp_extractor.policy_net.0 / .2).
             agent.logger.record(f"interventions/{self.name}/{key}", value, exclude=("stdout", "log"))
 
-    def scoring_batch(self, agent: Any) -> NamedTuple:
+    def scoring_batch(self, agent: PlasticAgent) -> NamedTuple:
         """``replay_batch_size`` transitions drawn afresh from the agent's buffer, to score the units on.
 
         DQN: a uniform sample of the replay buffer (SB3's ``sample``, with replacement), as the ReDo code
@@ -385,16 +380,13 @@ class ReDo(PlasticityIntervention):
         current rollout, without replacement (the first minibatch of SB3's shuffled ``get``; the whole
         rollout if it is smaller). Both draw from NumPy's global RNG, as SB3's own sampling does.
         """
-        size = self.params.replay_batch_size
-        if hasattr(agent, "replay_buffer"):
-            return agent.replay_buffer.sample(size, env=agent._vec_normalize_env)
-        return next(agent.rollout_buffer.get(size))
+        return agent.sample_batch(self.params.replay_batch_size)
 
     def dormant_units(self, hidden: Sequence[HiddenLayer], activations: dict[str, th.Tensor]) -> list[th.Tensor]:
         """Boolean mask of the tau-dormant units of each hidden layer, from its post-activation values."""
         return [unit_scores(h.unit_view(activations[h.activation])) <= self.params.tau for h in hidden]
 
-    def recycle(self, agent: Any, batch: NamedTuple) -> dict[str, float]:
+    def recycle(self, agent: PlasticAgent, batch: NamedTuple) -> dict[str, float]:
         """Find the tau-dormant units on ``batch`` and recycle them; return what to log."""
         hidden, activations = trace_hidden_layers(agent, batch)
         masks = self.dormant_units(hidden, activations)

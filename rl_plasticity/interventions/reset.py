@@ -6,11 +6,12 @@ Nikishin, Schwarzer, D'Oro, Bacon & Courville 2022, "The Primacy Bias in Deep Re
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
 from pydantic import Field
 from torch import nn
 
+from agents.hooks import PlasticAgent
 from rl_plasticity.interventions.base import TriggeredIntervention, TriggerParams
 from rl_plasticity.interventions.registry import register
 from rl_plasticity.interventions.surgery import forget_optimizer_state
@@ -58,12 +59,12 @@ class Reset(TriggeredIntervention):
     Params = ResetParams
     params: ResetParams
 
-    def attach(self, agent: Any) -> None:
+    def attach(self, agent: PlasticAgent) -> None:
         n_layers = len(agent.parametrized_layers())
         if self.params.layers == "last_k" and self.params.k > n_layers:
             raise ValueError(f"reset: k={self.params.k} but the network has only {n_layers} parametrised layers")
 
-    def chosen_layers(self, agent: Any) -> list[nn.Module]:
+    def chosen_layers(self, agent: PlasticAgent) -> list[nn.Module]:
         """The layers a firing re-initialises, input to output."""
         if self.params.layers == "head":
             return list(agent.head_layers())
@@ -71,7 +72,7 @@ class Reset(TriggeredIntervention):
         return layers[-self.params.k :] if self.params.layers == "last_k" else layers
 
     @staticmethod
-    def following_norms(agent: Any, layers: list[nn.Module]) -> list[nn.LayerNorm]:
+    def following_norms(agent: PlasticAgent, layers: list[nn.Module]) -> list[nn.LayerNorm]:
         """The LayerNorms that come right after one of ``layers`` (before the next Linear/Conv2d), in module order."""
         chosen = {id(layer) for layer in layers}
         norms, after_chosen = [], False
@@ -82,7 +83,7 @@ class Reset(TriggeredIntervention):
                 norms.append(module)
         return norms
 
-    def apply(self, agent: Any) -> dict[str, float]:
+    def apply(self, agent: PlasticAgent) -> dict[str, float]:
         layers = self.chosen_layers(agent)
         norms = self.following_norms(agent, layers)
         params = [p for module in (*layers, *norms) for p in module.parameters()]

@@ -13,6 +13,7 @@ import torch as th
 from pydantic import Field, model_validator
 from torch import nn
 
+from agents.hooks import PlasticAgent
 from rl_plasticity.interventions.base import TriggeredIntervention, TriggerParams
 from rl_plasticity.interventions.registry import register
 
@@ -90,7 +91,7 @@ class ShrinkPerturb(TriggeredIntervention):
     Params = ShrinkPerturbParams
     params: ShrinkPerturbParams
 
-    def apply(self, agent: Any) -> dict[str, float]:
+    def apply(self, agent: PlasticAgent) -> dict[str, float]:
         alpha, sigma = float(self.params.alpha), float(self.params.sigma)  # type: ignore[arg-type]
         target = getattr(agent, "q_net_target", None)
         target_modules = dict(target.named_modules()) if target is not None else {}

@@ -6,13 +6,14 @@ layer's own initialiser" and "forget Adam's moments of what was touched" mean on
 
 from __future__ import annotations
 
-from typing import Any
 
 import torch as th
 from torch import nn
 
+from agents.hooks import PlasticAgent
 
-def fresh_parameters(agent: Any, layer: nn.Module) -> dict[str, th.Tensor]:
+
+def fresh_parameters(agent: PlasticAgent, layer: nn.Module) -> dict[str, th.Tensor]:
     """A new initialisation of ``layer`` by the agent's own initialiser, leaving ``layer`` as it was.
 
     The layer itself is re-initialised and then restored (not a copy of it): PPO's initialiser picks the

@@ -41,6 +41,7 @@ import gc
 import statistics
 import tempfile
 import time
+from pathlib import Path
 from collections.abc import Callable
 from typing import Any
 
@@ -53,6 +54,7 @@ from agents import PlasticDQN, minatar_policy_kwargs
 from envs import make_sequence
 from rl_plasticity.config import MonitorConfig
 from rl_plasticity.monitor import MonitorCallback
+from rl_plasticity.task_envs import TaskEnvs
 
 SEQUENCE = "continual_minatar"
 SEED = 0
@@ -155,7 +157,7 @@ def monitor_run(steps: int, learning_starts: int) -> dict[str, float]:
     model = plastic(fast=True, double_q=True)(env, learning_starts)
     out = dict(heavy_wall=0.0, heavy_cpu=0.0, heavy_rounds=0)
     with tempfile.TemporaryDirectory() as run_dir:
-        monitor = MonitorCallback(MonitorConfig(), run_dir, env.get_attr("task_names")[0])
+        monitor = MonitorCallback(MonitorConfig(), Path(run_dir), TaskEnvs(SEQUENCE, {}, SEED, SEED))
         probe_round = monitor._probe_round
 
         def timed_round(heavy: bool) -> dict[str, float]:

@@ -22,7 +22,6 @@ from agents.networks import split_output_layer, trainable_output_layer
 from agents.plastic import PlasticMixin
 
 
-
 class PlasticDQN(PlasticMixin, DQN):
     """Deep Q-Network (SB3's :class:`~stable_baselines3.DQN`) with plasticity hooks.
 
@@ -111,18 +110,37 @@ class PlasticDQN(PlasticMixin, DQN):
         #: Whether the last action came from the random steps of a visit (set before each env step).
         self._random_step = False
         super().__init__(
-            policy, env, learning_rate=learning_rate, buffer_size=buffer_size, learning_starts=learning_starts,
-            batch_size=batch_size, tau=tau, gamma=gamma, train_freq=train_freq, gradient_steps=gradient_steps,
-            replay_buffer_class=replay_buffer_class, replay_buffer_kwargs=replay_buffer_kwargs,
-            optimize_memory_usage=optimize_memory_usage, n_steps=n_steps, target_update_interval=target_update_interval,
+            policy,
+            env,
+            learning_rate=learning_rate,
+            buffer_size=buffer_size,
+            learning_starts=learning_starts,
+            batch_size=batch_size,
+            tau=tau,
+            gamma=gamma,
+            train_freq=train_freq,
+            gradient_steps=gradient_steps,
+            replay_buffer_class=replay_buffer_class,
+            replay_buffer_kwargs=replay_buffer_kwargs,
+            optimize_memory_usage=optimize_memory_usage,
+            n_steps=n_steps,
+            target_update_interval=target_update_interval,
             exploration_fraction=exploration_fraction,  # type: ignore[arg-type]  # None: exploration_steps decides
-            exploration_initial_eps=exploration_initial_eps, exploration_final_eps=exploration_final_eps,
-            max_grad_norm=max_grad_norm, stats_window_size=stats_window_size, tensorboard_log=tensorboard_log,
-            policy_kwargs=policy_kwargs, verbose=verbose, seed=seed, device=device, _init_setup_model=_init_setup_model,
+            exploration_initial_eps=exploration_initial_eps,
+            exploration_final_eps=exploration_final_eps,
+            max_grad_norm=max_grad_norm,
+            stats_window_size=stats_window_size,
+            tensorboard_log=tensorboard_log,
+            policy_kwargs=policy_kwargs,
+            verbose=verbose,
+            seed=seed,
+            device=device,
+            _init_setup_model=_init_setup_model,
         )
 
     def set_parameters(self, *args: Any, **kwargs: Any) -> None:
-        """SB3's ``set_parameters``; the optimizer then runs this agent's path's Adam kernel, whichever path saved it."""
+        """SB3's ``set_parameters``; the optimizer then runs this agent's path's Adam kernel, whichever path saved
+        it."""
         super().set_parameters(*args, **kwargs)
         fast_dqn.set_adam_kernel(self.policy, self.fast)
 

@@ -235,9 +235,7 @@ def train(agent: PlasticDQN, gradient_steps: int, batch_size: int) -> None:
     agent._record_terms()
 
 
-def predict(
-    agent: PlasticDQN, observation: Any, deterministic: bool
-) -> tuple[np.ndarray, None] | None:
+def predict(agent: PlasticDQN, observation: Any, deterministic: bool) -> tuple[np.ndarray, None] | None:
     """SB3's ``DQN.predict`` for a batch of observations ``(n_envs, *obs_shape)`` of a ``Box`` space with
     ``Discrete`` actions: epsilon-greedy with the same random draws, the greedy action by one forward pass.
 

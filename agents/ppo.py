@@ -94,12 +94,31 @@ class PlasticPPO(PlasticMixin, PPO):
     ) -> None:
         self._init_plastic(interventions)
         super().__init__(
-            policy, env, learning_rate=learning_rate, n_steps=n_steps, batch_size=batch_size, n_epochs=n_epochs,
-            gamma=gamma, gae_lambda=gae_lambda, clip_range=clip_range, clip_range_vf=clip_range_vf,
-            normalize_advantage=normalize_advantage, ent_coef=ent_coef, vf_coef=vf_coef, max_grad_norm=max_grad_norm,
-            use_sde=use_sde, sde_sample_freq=sde_sample_freq, rollout_buffer_class=rollout_buffer_class,
-            rollout_buffer_kwargs=rollout_buffer_kwargs, target_kl=target_kl, stats_window_size=stats_window_size,
-            tensorboard_log=tensorboard_log, policy_kwargs=policy_kwargs, verbose=verbose, seed=seed, device=device,
+            policy,
+            env,
+            learning_rate=learning_rate,
+            n_steps=n_steps,
+            batch_size=batch_size,
+            n_epochs=n_epochs,
+            gamma=gamma,
+            gae_lambda=gae_lambda,
+            clip_range=clip_range,
+            clip_range_vf=clip_range_vf,
+            normalize_advantage=normalize_advantage,
+            ent_coef=ent_coef,
+            vf_coef=vf_coef,
+            max_grad_norm=max_grad_norm,
+            use_sde=use_sde,
+            sde_sample_freq=sde_sample_freq,
+            rollout_buffer_class=rollout_buffer_class,
+            rollout_buffer_kwargs=rollout_buffer_kwargs,
+            target_kl=target_kl,
+            stats_window_size=stats_window_size,
+            tensorboard_log=tensorboard_log,
+            policy_kwargs=policy_kwargs,
+            verbose=verbose,
+            seed=seed,
+            device=device,
             _init_setup_model=_init_setup_model,
         )
 
@@ -128,8 +147,10 @@ class PlasticPPO(PlasticMixin, PPO):
         followed by ``action_net`` or ``value_net``), under the name :meth:`set_mlp_head` takes."""
         policy = self.policy
         parts = {"action_net": policy.mlp_extractor.policy_net, "value_net": policy.mlp_extractor.value_net}
-        return {name: nn.Sequential(*mlp, getattr(policy, name)) if len(mlp) else getattr(policy, name)
-                for name, mlp in parts.items()}
+        return {
+            name: nn.Sequential(*mlp, getattr(policy, name)) if len(mlp) else getattr(policy, name)
+            for name, mlp in parts.items()
+        }
 
     def set_mlp_head(self, name: str, module: nn.Module) -> None:
         """Make ``module`` the whole head ``name`` (``action_net`` or ``value_net``): it goes in place of that
@@ -200,7 +221,9 @@ class PlasticPPO(PlasticMixin, PPO):
         for head, latent in ((policy.action_net, latent_pi), (policy.value_net, latent_vf)):
             split_output_layer(head)[0](latent)
 
-    def _evaluate_actions(self, obs: th.Tensor, actions: th.Tensor) -> tuple[th.Tensor, th.Tensor, th.Tensor | None, th.Tensor]:
+    def _evaluate_actions(
+        self, obs: th.Tensor, actions: th.Tensor
+    ) -> tuple[th.Tensor, th.Tensor, th.Tensor | None, th.Tensor]:
         """SB3's ``ActorCriticPolicy.evaluate_actions``, also returning the input of the value head's last linear
         layer (:meth:`value_features`)."""
         policy = self.policy

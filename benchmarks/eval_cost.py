@@ -31,8 +31,8 @@ import time
 from pathlib import Path
 
 import torch as th
-
 from _timing import clock_cpu
+
 from rl_plasticity.config import MonitorConfig, load_config
 from rl_plasticity.evaluation import Evaluator
 from rl_plasticity.probe_sets import RandomProbeSets
@@ -44,31 +44,50 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def probe_set_costs() -> None:
     monitor = MonitorConfig()
-    print(f"Part 1: one @probe_set per task ({monitor.probe_set_size} samples, >= {monitor.probe_set_episodes} "
-          f"episodes, episodes cut at {monitor.probe_set_max_episode_steps} steps)")
+    print(
+        f"Part 1: one @probe_set per task ({monitor.probe_set_size} samples, >= {monitor.probe_set_episodes} "
+        f"episodes, episodes cut at {monitor.probe_set_max_episode_steps} steps)"
+    )
     for preset in ("configs/study/permuted_breakout.yaml", "configs/study/continual_minatar.yaml"):
         cfg = load_config(ROOT / preset)
-        sets = RandomProbeSets(TaskEnvs.from_config(cfg), monitor.probe_set_size, monitor.probe_set_episodes,
-                               monitor.probe_set_max_episode_steps)
+        sets = RandomProbeSets(
+            TaskEnvs.from_config(cfg),
+            monitor.probe_set_size,
+            monitor.probe_set_episodes,
+            monitor.probe_set_max_episode_steps,
+        )
         walls, cpus = [], []
         for task, name in enumerate(sets.task_envs.task_names):
             wall, cpu = time.perf_counter(), time.process_time()
             sets.arrays(task)
             walls.append(time.perf_counter() - wall)
             cpus.append(time.process_time() - cpu)
-            print(f"  {preset:40s} {name:22s} wall {walls[-1]:6.2f} s  CPU {cpus[-1]:6.2f} s  "
-                  f"({sets.episodes[task]} episodes)")
-        print(f"  {preset:40s} median per task: wall {statistics.median(walls):.2f} s, CPU {statistics.median(cpus):.2f} s")
+            print(
+                f"  {preset:40s} {name:22s} wall {walls[-1]:6.2f} s  CPU {cpus[-1]:6.2f} s  "
+                f"({sets.episodes[task]} episodes)"
+            )
+        wall, cpu = statistics.median(walls), statistics.median(cpus)
+        print(f"  {preset:40s} median per task: wall {wall:.2f} s, CPU {cpu:.2f} s")
 
 
 def eval_share(steps: int) -> None:
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = load_config(ROOT / "configs/study/permuted_breakout.yaml",
-                          [f"total_steps={steps}", "monitor.enabled=false", "checkpoint.every=null",
-                           "logging.save_model=false", f"logging.root_dir={tmp}", "threads=1"])
+        cfg = load_config(
+            ROOT / "configs/study/permuted_breakout.yaml",
+            [
+                f"total_steps={steps}",
+                "monitor.enabled=false",
+                "checkpoint.every=null",
+                "logging.save_model=false",
+                f"logging.root_dir={tmp}",
+                "threads=1",
+            ],
+        )
         every = cfg.eval.every or cfg.env.switch_every // 10
-        print(f"\nPart 2: evaluation in {steps} steps of configs/study/permuted_breakout.yaml (eval.tasks="
-              f"{cfg.eval.tasks}, {cfg.eval.episodes} episodes, every {every} steps and at switches)")
+        print(
+            f"\nPart 2: evaluation in {steps} steps of configs/study/permuted_breakout.yaml (eval.tasks="
+            f"{cfg.eval.tasks}, {cfg.eval.episodes} episodes, every {every} steps and at switches)"
+        )
         results = []
         original = Evaluator.evaluate
 
@@ -85,9 +104,11 @@ def eval_share(steps: int) -> None:
         rest = cpu - spent[0]
         played = sum(sum(r.lengths) for r in results)
         print(f"  train(): wall {wall:.1f} s, CPU {cpu:.1f} s (steps/s of CPU: {steps / rest:.0f} without evaluation)")
-        print(f"  inside evaluation: CPU {spent[0]:.2f} s over {len(results)} task evaluations, {played} env steps "
-              f"(mean episode {played / max(1, sum(len(r.lengths) for r in results)):.0f} steps; "
-              f"{spent[0] / max(played, 1) * 1e6:.0f} us of CPU per evaluation step)")
+        print(
+            f"  inside evaluation: CPU {spent[0]:.2f} s over {len(results)} task evaluations, {played} env steps "
+            f"(mean episode {played / max(1, sum(len(r.lengths) for r in results)):.0f} steps; "
+            f"{spent[0] / max(played, 1) * 1e6:.0f} us of CPU per evaluation step)"
+        )
         print(f"  evaluation / rest of training (CPU): {spent[0] / rest:.3f}")
 
 

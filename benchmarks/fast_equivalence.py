@@ -56,8 +56,16 @@ def final_return(episodes: list[tuple[int, float]], steps: int, tail: float) -> 
 
 def run(preset: Path, seed: int, steps: int, fast: bool, tail: float) -> tuple[float, float]:
     """(final return, wall seconds) of one run of ``preset`` on one path."""
-    cfg = load_config(preset, [f"seed={seed}", f"total_steps={steps}", f"agent.fast={str(fast).lower()}",
-                               "monitor.enabled=false", "checkpoint.every=null"])
+    cfg = load_config(
+        preset,
+        [
+            f"seed={seed}",
+            f"total_steps={steps}",
+            f"agent.fast={str(fast).lower()}",
+            "monitor.enabled=false",
+            "checkpoint.every=null",
+        ],
+    )
     env = build_env(cfg)
     agent = build_agent(cfg, env)
     returns = EpisodeReturns()
@@ -98,8 +106,10 @@ def main() -> None:
             csv.writer(f).writerows([("seed", "path", "final_return", "seconds"), *rows])
 
     summary = {path: interval([v for _, p, v, _ in rows if p == path]) for path in ("stock", "fast")}
-    print(f"\n{args.preset.name}, {args.steps} steps, seeds {args.seeds}, final return = mean training return "
-          f"of the last {args.tail:.0%} of steps")
+    print(
+        f"\n{args.preset.name}, {args.steps} steps, seeds {args.seeds}, final return = mean training return "
+        f"of the last {args.tail:.0%} of steps"
+    )
     print("| path | final return (mean) | 95% CI | mean wall s/run |\n|---|---|---|---|")
     for path, (mean, low, high) in summary.items():
         seconds = statistics.fmean([s for _, p, _, s in rows if p == path])

@@ -50,7 +50,7 @@ def alternate(stock: Callable[[], object], fast: Callable[[], object], reps: int
             f()
     times: tuple[list[float], list[float]] = ([], [])
     for r in range(rounds):
-        for i in ((0, 1) if r % 2 == 0 else (1, 0)):
+        for i in (0, 1) if r % 2 == 0 else (1, 0):
             f = (stock, fast)[i]
             start = time.process_time()
             for _ in range(reps):
@@ -77,10 +77,24 @@ class ConvWeightGradAsConv(th.autograd.Function):
 
 def build_agent(steps: int) -> PlasticDQN:
     """PlasticDQN (fast path, its optimizer switched per piece) after ``steps`` steps of continual MinAtar."""
-    env = make_vec_env(make_sequence, n_envs=1, vec_env_cls=DummyVecEnv,
-                       env_kwargs=dict(name="continual_minatar", switch_every=100_000, seed=0))
-    agent = PlasticDQN("MlpPolicy", env, learning_rate=3e-4, buffer_size=10_000, learning_starts=steps // 2,
-                       batch_size=32, policy_kwargs=minatar_policy_kwargs("dqn"), device="cpu", seed=0, fast=True)
+    env = make_vec_env(
+        make_sequence,
+        n_envs=1,
+        vec_env_cls=DummyVecEnv,
+        env_kwargs=dict(name="continual_minatar", switch_every=100_000, seed=0),
+    )
+    agent = PlasticDQN(
+        "MlpPolicy",
+        env,
+        learning_rate=3e-4,
+        buffer_size=10_000,
+        learning_starts=steps // 2,
+        batch_size=32,
+        policy_kwargs=minatar_policy_kwargs("dqn"),
+        device="cpu",
+        seed=0,
+        fast=True,
+    )
     agent.learn(steps)
     return agent
 
@@ -105,25 +119,38 @@ def main() -> None:
             for group in optimizer.param_groups:
                 group["fused"] = fused
             optimizer.step()
+
         return step
 
     rows["adam"] = alternate(set_fused(False), set_fused(True), args.reps, args.rounds)
-    rows["clip"] = alternate(lambda: th.nn.utils.clip_grad_norm_(policy.parameters(), 10.0),
-                             lambda: fast_dqn.clip_grad_norm([p.grad for p in params], 10.0), args.reps, args.rounds)
-    rows["sample"] = alternate(lambda: agent.replay_buffer.sample(32), lambda: state.sample(agent, 32),
-                               args.reps, args.rounds)
+    rows["clip"] = alternate(
+        lambda: th.nn.utils.clip_grad_norm_(policy.parameters(), 10.0),
+        lambda: fast_dqn.clip_grad_norm([p.grad for p in params], 10.0),
+        args.reps,
+        args.rounds,
+    )
+    rows["sample"] = alternate(
+        lambda: agent.replay_buffer.sample(32), lambda: state.sample(agent, 32), args.reps, args.rounds
+    )
     rows["train_mode"] = alternate(lambda: policy.set_training_mode(True), lambda: None, args.reps, args.rounds)
     obs = agent.get_env().reset()  # type: ignore[union-attr]
     agent.exploration_rate = 0.0
-    rows["act"] = alternate(lambda: super(PlasticDQN, agent).predict(obs), lambda: fast_dqn.predict(agent, obs, False),
-                            args.reps, args.rounds)
+    rows["act"] = alternate(
+        lambda: super(PlasticDQN, agent).predict(obs),
+        lambda: fast_dqn.predict(agent, obs, False),
+        args.reps,
+        args.rounds,
+    )
 
     conv = agent.q_net.features_extractor.cnn[0]
     x = batch.observations
     grad = th.ones(32, conv.out_channels, 8, 8)
-    rows["conv"] = alternate(lambda: conv(x).backward(grad),
-                             lambda: ConvWeightGradAsConv.apply(x, conv.weight, conv.bias).backward(grad),
-                             args.reps, args.rounds)
+    rows["conv"] = alternate(
+        lambda: conv(x).backward(grad),
+        lambda: ConvWeightGradAsConv.apply(x, conv.weight, conv.bias).backward(grad),
+        args.reps,
+        args.rounds,
+    )
 
     q_net, obs_s, obs_next = agent.q_net, batch.observations, batch.next_observations
 
@@ -141,9 +168,12 @@ def main() -> None:
 
     if not args.skip_compile:
         compiled = th.compile(q_net)
-        rows["compile"] = alternate(lambda: F.smooth_l1_loss(q_net(obs_s), th.zeros(32, q_net.action_space.n)).backward(),
-                                    lambda: F.smooth_l1_loss(compiled(obs_s), th.zeros(32, q_net.action_space.n)).backward(),
-                                    args.reps, args.rounds)
+        rows["compile"] = alternate(
+            lambda: F.smooth_l1_loss(q_net(obs_s), th.zeros(32, q_net.action_space.n)).backward(),
+            lambda: F.smooth_l1_loss(compiled(obs_s), th.zeros(32, q_net.action_space.n)).backward(),
+            args.reps,
+            args.rounds,
+        )
 
     print(f"{'lever':26s} {'stock ms':>9s} {'fast ms':>9s} {'saved ms':>9s} {'fast/stock':>10s}")
     for name, (stock, fast) in rows.items():

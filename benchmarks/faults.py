@@ -86,9 +86,11 @@ class Outcome:
 
 # -- processes and run directories -------------------------------------------------------------------------
 
+
 def start(cwd: Path, *args: str) -> subprocess.Popen:
-    return subprocess.Popen([RLP, "train", *args], cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True)
+    return subprocess.Popen(
+        [RLP, "train", *args], cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
 
 
 def run_dir_of(root: Path) -> Path | None:
@@ -126,9 +128,9 @@ def best_valid_step(run_dir: Path) -> int:
 
 def resume(cwd: Path, run_dir: Path) -> tuple[int, str, int | None]:
     """``rlp train --resume`` in a new process: exit status, stderr, the step it resumed from."""
-    done = subprocess.run([RLP, "train", "--resume", str(run_dir)], check=False, cwd=cwd, capture_output=True,
-                          text=True,
-                          timeout=900)
+    done = subprocess.run(
+        [RLP, "train", "--resume", str(run_dir)], check=False, cwd=cwd, capture_output=True, text=True, timeout=900
+    )
     step = None
     for line in done.stderr.splitlines():
         if line.startswith(f"rlp: resuming {run_dir} from step_"):
@@ -146,16 +148,21 @@ def kill(proc: subprocess.Popen) -> None:
 
 # -- comparing with the reference ----------------------------------------------------------------------------
 
+
 def scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
     acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
     acc.Reload()
-    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]
-            if not tag.startswith("time/")}
+    return {
+        tag: [(e.step, e.value) for e in acc.Scalars(tag)]
+        for tag in acc.Tags()["scalars"]
+        if not tag.startswith("time/")
+    }
 
 
 def same_values(a: list[tuple[int, float]], b: list[tuple[int, float]]) -> bool:
-    return len(a) == len(b) and all(s == t and (v == w or (math.isnan(v) and math.isnan(w)))
-                                    for (s, v), (t, w) in zip(a, b))
+    return len(a) == len(b) and all(
+        s == t and (v == w or (math.isnan(v) and math.isnan(w))) for (s, v), (t, w) in zip(a, b)
+    )
 
 
 class Reference:
@@ -177,14 +184,19 @@ class Reference:
             if any(not th.equal(params["policy.optimizer"]["state"][p][k], v) for k, v in state.items()):
                 return False
         got = scalars(run_dir)
-        return (got.keys() == self.scalars.keys() and all(same_values(got[t], self.scalars[t]) for t in got)
-                and (run_dir / "task_summary.csv").read_text() == self.summary)
+        return (
+            got.keys() == self.scalars.keys()
+            and all(same_values(got[t], self.scalars[t]) for t in got)
+            and (run_dir / "task_summary.csv").read_text() == self.summary
+        )
 
 
 # -- the faults --------------------------------------------------------------------------------------------
 
-def finish(cwd: Path, run_dir: Path, ref: Reference, told: bool | None, expect: str | None = None,
-           note: str = "") -> Outcome:
+
+def finish(
+    cwd: Path, run_dir: Path, ref: Reference, told: bool | None, expect: str | None = None, note: str = ""
+) -> Outcome:
     """Resume after a fault to the end; exact? lost steps? (``expect``: a line the resume must print)."""
     best = best_valid_step(run_dir)
     code, err, step = resume(cwd, run_dir)
@@ -256,12 +268,17 @@ def second_writer(cwd: Path, ref: Reference, rng: random.Random) -> Outcome:
         assert run_dir is not None
         proc.send_signal(signal.SIGSTOP)
         before = snapshot(run_dir)
-        intruder = subprocess.run([RLP, "train", "--resume", str(run_dir)], check=False, cwd=cwd,
-                                  capture_output=True, text=True,
-                                  timeout=300)
+        intruder = subprocess.run(
+            [RLP, "train", "--resume", str(run_dir)], check=False, cwd=cwd, capture_output=True, text=True, timeout=300
+        )
         lines = intruder.stderr.strip().splitlines()
-        told = (intruder.returncode == 2 and len(lines) == 1 and f"PID {proc.pid}" in lines[0]
-                and str(run_dir) in lines[0] and snapshot(run_dir) == before)
+        told = (
+            intruder.returncode == 2
+            and len(lines) == 1
+            and f"PID {proc.pid}" in lines[0]
+            and str(run_dir) in lines[0]
+            and snapshot(run_dir) == before
+        )
         proc.send_signal(signal.SIGCONT)
         code = proc.wait(timeout=900)
     finally:
@@ -272,8 +289,11 @@ def second_writer(cwd: Path, ref: Reference, rng: random.Random) -> Outcome:
 
 
 def snapshot(folder: Path) -> dict[str, tuple[int, int]]:
-    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns)
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns)
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 def _truncate(path: Path) -> None:
@@ -335,8 +355,11 @@ def full_disk(cwd: Path, ref: Reference, rng: random.Random) -> Outcome:
         assert run_dir is not None
         line = err.strip().splitlines()[-1] if err.strip() else ""
         kept = CheckpointStore(run_dir).latest()
-        told = (proc.returncode == 4 and line.startswith("rlp: error: cannot write ")
-                and f"last good checkpoint: {kept} (intact)" in line)
+        told = (
+            proc.returncode == 4
+            and line.startswith("rlp: error: cannot write ")
+            and f"last good checkpoint: {kept} (intact)" in line
+        )
         filler.unlink()
         return finish(cwd, run_dir, ref, told)
     finally:
@@ -345,11 +368,16 @@ def full_disk(cwd: Path, ref: Reference, rng: random.Random) -> Outcome:
 
 # -- the table ---------------------------------------------------------------------------------------------
 
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--trials", type=int, default=None,
-                        help="trials of each kind (default: 10 random kills, 10 kills in writes, 3 second "
-                        "writers, 6 damaged checkpoints, 4 full disks)")
+    parser.add_argument(
+        "--trials",
+        type=int,
+        default=None,
+        help="trials of each kind (default: 10 random kills, 10 kills in writes, 3 second "
+        "writers, 6 damaged checkpoints, 4 full disks)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--keep", action="store_true", help="keep the work folder")
     args = parser.parse_args()
@@ -392,9 +420,12 @@ def main() -> None:
                 print(f"  {name}: skipped ({exc})", flush=True)
                 break
             outcomes.append(outcome)
-            print(f"  {name} #{i + 1}: {'exact' if outcome.exact else 'NOT EXACT'}, lost {outcome.lost}"
-                  + ("" if outcome.told is None else f", told {'yes' if outcome.told else 'NO'}")
-                  + (f" ({outcome.note})" if outcome.note else ""), flush=True)
+            print(
+                f"  {name} #{i + 1}: {'exact' if outcome.exact else 'NOT EXACT'}, lost {outcome.lost}"
+                + ("" if outcome.told is None else f", told {'yes' if outcome.told else 'NO'}")
+                + (f" ({outcome.note})" if outcome.note else ""),
+                flush=True,
+            )
             if not args.keep:
                 shutil.rmtree(cwd, ignore_errors=True)
         if outcomes:
@@ -402,8 +433,15 @@ def main() -> None:
             notes = sorted({o.note for o in outcomes if o.note in ("inside", "just after")})
             extra = ", ".join(f"{sum(o.note == k for o in outcomes)} {k}" for k in notes)
             extra = f" ({extra})" if extra else ""
-            rows.append((name + extra, len(outcomes), sum(o.exact for o in outcomes),
-                         f"{sum(told)}/{len(told)}" if told else "-", sum(o.lost for o in outcomes)))
+            rows.append(
+                (
+                    name + extra,
+                    len(outcomes),
+                    sum(o.exact for o in outcomes),
+                    f"{sum(told)}/{len(told)}" if told else "-",
+                    sum(o.lost for o in outcomes),
+                )
+            )
 
     width = max(len(r[0]) for r in rows)
     print(f"\n| {'fault':<{width}} | trials | exact resumes | refused with a clear line | lost steps |")

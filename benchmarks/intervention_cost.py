@@ -29,6 +29,7 @@ import os
 import time
 
 import torch as th
+from _timing import clock_cpu  # benchmarks/ is on sys.path when a script here runs
 from stable_baselines3.common.env_util import make_vec_env
 from stable_baselines3.common.vec_env import DummyVecEnv
 
@@ -36,20 +37,32 @@ from agents import POLICIES, PlasticDQN, minatar_policy_kwargs
 from envs import make_sequence
 from rl_plasticity.interventions import INTERVENTIONS, build_interventions
 
-from _timing import clock_cpu  # benchmarks/ is on sys.path when a script here runs
-
 TARGETS = {"kfac_rank": 1.5, "l2": 1.05, "l2_init": 1.05}
 
 
 def build(names: list[str], switch_every: int, learning_starts: int) -> PlasticDQN:
     """A fresh env and agent with the named interventions (seed 0, as every arm)."""
-    env = make_vec_env(make_sequence, n_envs=1, vec_env_cls=DummyVecEnv,
-                       env_kwargs=dict(name="continual_minatar", switch_every=switch_every, seed=0))
+    env = make_vec_env(
+        make_sequence,
+        n_envs=1,
+        vec_env_cls=DummyVecEnv,
+        env_kwargs=dict(name="continual_minatar", switch_every=switch_every, seed=0),
+    )
     return PlasticDQN(
-        POLICIES["dqn"], env, interventions=build_interventions(names, {}), double_q=True, learning_rate=3e-4,
-        buffer_size=50_000, learning_starts=learning_starts, batch_size=32, train_freq=1,
-        target_update_interval=1_000, exploration_final_eps=0.1, policy_kwargs=minatar_policy_kwargs("dqn"),
-        device="cpu", seed=0,
+        POLICIES["dqn"],
+        env,
+        interventions=build_interventions(names, {}),
+        double_q=True,
+        learning_rate=3e-4,
+        buffer_size=50_000,
+        learning_starts=learning_starts,
+        batch_size=32,
+        train_freq=1,
+        target_update_interval=1_000,
+        exploration_final_eps=0.1,
+        policy_kwargs=minatar_policy_kwargs("dqn"),
+        device="cpu",
+        seed=0,
     )
 
 
@@ -79,8 +92,10 @@ def main() -> None:
         parser.error(f"unknown interventions {unknown}; valid: {', '.join(sorted(INTERVENTIONS))}")
     arms = ["none", *names]
     switch = learning_starts + steps // 2
-    print(f"continual_minatar DDQN: {steps} timed steps per arm in turns of {chunk}, after learning_starts="
-          f"{learning_starts}; task switch at step {switch}; torch threads=1, device=cpu")
+    print(
+        f"continual_minatar DDQN: {steps} timed steps per arm in turns of {chunk}, after learning_starts="
+        f"{learning_starts}; task switch at step {switch}; torch threads=1, device=cpu"
+    )
 
     agents = {arm: build([] if arm == "none" else [arm], switch, learning_starts) for arm in arms}
     for agent in agents.values():  # untimed: fill the buffer up to the first update
@@ -104,22 +119,35 @@ def main() -> None:
     for agent in agents.values():
         agent.get_env().close()
     cores = os.cpu_count() or 1
-    print(f"load average (1 min): {min(loads):.1f}-{max(loads):.1f} on {cores} cores"
-          + ("; other processes shared the cores (the turns still share the slowdown)" if max(loads) > cores - 0.5 else ""))
+    print(
+        f"load average (1 min): {min(loads):.1f}-{max(loads):.1f} on {cores} cores"
+        + (
+            "; other processes shared the cores (the turns still share the slowdown)"
+            if max(loads) > cores - 0.5
+            else ""
+        )
+    )
 
     print(f"none: {wall['none']:.2f} s wall, {cpu['none']:.2f} s cpu ({turns * chunk / wall['none']:.0f} steps/s)")
     episodes = {arm: agents[arm]._episode_num - episodes_before[arm] for arm in arms}
-    print("episodes in the timed steps (the env's share of the time depends on them): "
-          + "  ".join(f"{arm} {n}" for arm, n in episodes.items()))
-    print("cpu in train() (the updates, interventions included): "
-          + "  ".join(f"{arm} {in_train[arm][0]:.1f}s" for arm in arms)
-          + "; the rest of learn(): " + "  ".join(f"{arm} {cpu[arm] - in_train[arm][0]:.1f}s" for arm in arms))
+    print(
+        "episodes in the timed steps (the env's share of the time depends on them): "
+        + "  ".join(f"{arm} {n}" for arm, n in episodes.items())
+    )
+    print(
+        "cpu in train() (the updates, interventions included): "
+        + "  ".join(f"{arm} {in_train[arm][0]:.1f}s" for arm in arms)
+        + "; the rest of learn(): "
+        + "  ".join(f"{arm} {cpu[arm] - in_train[arm][0]:.1f}s" for arm in arms)
+    )
     for arm in names:
         ratios = wall[arm] / wall["none"], cpu[arm] / cpu["none"]
         target = TARGETS.get(arm)
         verdicts = ["" if target is None else (" OK" if r < target else " ABOVE") for r in ratios]
-        print(f"{arm:<22} ratio wall {ratios[0]:.3f}{verdicts[0]}, cpu {ratios[1]:.3f}{verdicts[1]}"
-              + ("" if target is None else f" (target < {target})"))
+        print(
+            f"{arm:<22} ratio wall {ratios[0]:.3f}{verdicts[0]}, cpu {ratios[1]:.3f}{verdicts[1]}"
+            + ("" if target is None else f" (target < {target})")
+        )
 
 
 if __name__ == "__main__":

@@ -27,7 +27,8 @@ settings with equal digests ran bit-identical training.
   that changed ``native``: with oneDNN off it must not change the digest;
 - the speed ratio against ``native`` is the cost.
 
-    .venv/bin/python benchmarks/portable_kernels.py               # 3 rounds x 4000 env steps (about 35 min on a busy 2-core VM)
+    .venv/bin/python benchmarks/portable_kernels.py               # 3 rounds x 4000 env steps (about 35 min on a busy
+    2-core VM)
     .venv/bin/python benchmarks/portable_kernels.py --quick       # smoke run
 """
 
@@ -80,9 +81,18 @@ def child(steps: int) -> None:
     if os.environ.get(MKLDNN_OFF):
         th.backends.mkldnn.enabled = False
     root = Path(__file__).resolve().parents[1]
-    cfg = load_config(root / "configs" / "study" / "permuted_breakout.yaml",
-                      ["seed=0", "interventions=[]", "threads=1", "monitor.enabled=false",
-                       f"total_steps={steps}", f"env.switch_every={steps // 2}", "agent.learning_starts=500"])
+    cfg = load_config(
+        root / "configs" / "study" / "permuted_breakout.yaml",
+        [
+            "seed=0",
+            "interventions=[]",
+            "threads=1",
+            "monitor.enabled=false",
+            f"total_steps={steps}",
+            f"env.switch_every={steps // 2}",
+            "agent.learning_starts=500",
+        ],
+    )
     env = build_env(cfg)
     agent = build_agent(cfg, env)
     start = time.process_time()  # CPU time: other processes on a shared machine slow the wall clock, not this
@@ -93,8 +103,15 @@ def child(steps: int) -> None:
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
     env.close()
-    print(json.dumps({"steps_per_s": steps / seconds, "digest": digest.hexdigest()[:16],
-                      "capability": th.backends.cpu.get_cpu_capability()}))
+    print(
+        json.dumps(
+            {
+                "steps_per_s": steps / seconds,
+                "digest": digest.hexdigest()[:16],
+                "capability": th.backends.cpu.get_cpu_capability(),
+            }
+        )
+    )
 
 
 def run(setting: str, steps: int) -> dict:
@@ -102,8 +119,9 @@ def run(setting: str, steps: int) -> dict:
     for key in KNOBS:
         if key not in SETTINGS[setting]:
             env.pop(key, None)
-    out = subprocess.run([sys.executable, __file__, "--child", str(steps)], env=env, capture_output=True, text=True,
-                         check=True)
+    out = subprocess.run(
+        [sys.executable, __file__, "--child", str(steps)], env=env, capture_output=True, text=True, check=True
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -124,7 +142,7 @@ def main() -> None:
     digests: dict[str, set[str]] = {name: set() for name in names}
     capability: dict[str, str] = {}
     for i in range(rounds):
-        for name in (names if i % 2 == 0 else names[::-1]):  # alternate the order against drift
+        for name in names if i % 2 == 0 else names[::-1]:  # alternate the order against drift
             result = run(name, steps)
             speeds[name].append(result["steps_per_s"])
             digests[name].add(result["digest"])

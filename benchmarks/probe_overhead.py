@@ -11,7 +11,8 @@ a visit cut short, does not run). Every arm gets the same SB3 TensorBoard logger
 ``rlp train``; the arms differ only in the monitor:
 
 - ``off``: no monitor;
-- ``on``: the default ``monitor:`` section (a probe round every ``monitor.probe_every`` gradient steps on the fixed probe
+- ``on``: the default ``monitor:`` section (a probe round every ``monitor.probe_every`` gradient steps on the fixed
+probe
   set and on the training batch; at the switch the heavy probes, Hessian order 100, Gram of 256 and
   trainability of 200 steps, on the finished task's 1024-sample random-policy probe set, built when the task
   is first probed);
@@ -22,7 +23,8 @@ One short untimed warm-up of each arm, then ``--rounds`` rounds of one run per a
 round. In a real run the switch comes every ``env.switch_every`` steps (100k by default, 2M in the preset),
 so the heavy probes are amortised over far more steps than in this window.
 
-Part 2, per-probe cost. For each feature width (128, 512, 2048) and batch size (32, 256, 1024) it builds a PlasticDQN with that width, fills an SB3 ``ReplayBufferSamples`` with random MinAtar-shaped
+Part 2, per-probe cost. For each feature width (128, 512, 2048) and batch size (32, 256, 1024) it builds a PlasticDQN
+with that width, fills an SB3 ``ReplayBufferSamples`` with random MinAtar-shaped
 data, and times each probe called exactly as ``rl_plasticity.probing.probe_batch`` calls it, plus
 ``probe_batch`` itself for a light and a heavy round, in CPU time (median of a few calls after a warm-up; a
 call over 1 s is timed once, cold). With the default single torch thread CPU time is what the wall time
@@ -101,6 +103,7 @@ SLOW_S = 1.0  # a probe call slower than this is timed once (cold), not repeated
 
 # -- part 1: monitor on/off ---------------------------------------------------------------------------
 
+
 def run_config(arm: str, switch_every: int, learning_starts: int, threads: int, width: int = 128) -> RunConfig:
     """The preset with a 50k buffer, an early start, the given switch period and width, and the arm's monitor."""
     data: dict[str, Any] = yaml.safe_load(PRESET.read_text())
@@ -116,8 +119,12 @@ def run_config(arm: str, switch_every: int, learning_starts: int, threads: int, 
 def _clock_monitor(monitor: MonitorCallback) -> list[float]:
     """CPU seconds spent inside every entry point of ``monitor`` (its callback hooks and its in-``train()``
     observer), adding up in the returned one-element list."""
-    return clock_cpu([(monitor, ("_init_callback", "_on_step", "_on_rollout_end", "_on_training_end")),
-                      (monitor._observer, ("loss_terms", "on_update"))])
+    return clock_cpu(
+        [
+            (monitor, ("_init_callback", "_on_step", "_on_rollout_end", "_on_training_end")),
+            (monitor._observer, ("loss_terms", "on_update")),
+        ]
+    )
 
 
 def timed_run(arm: str, steps: int, learning_starts: int, threads: int) -> tuple[float, float, float]:
@@ -163,9 +170,11 @@ def overhead(steps: int, rounds: int, learning_starts: int, threads: int, warm_u
         f"(one switch, at the last step of each window), torch threads={th.get_num_threads()}, device=cpu"
     )
     every = run_config("on", steps, learning_starts, threads).monitor.probe_every
-    print(f"monitor on: {(steps - learning_starts) // every} probe rounds (every {every} gradient steps) + 1 round at "
-          "the switch (with the heavy probes in arm 'on', without them in 'on-noswitch'); times are seconds of "
-          "learn(): wall, and cpu = CPU time of this process (the fair measure when the machine is shared)")
+    print(
+        f"monitor on: {(steps - learning_starts) // every} probe rounds (every {every} gradient steps) + 1 round at "
+        "the switch (with the heavy probes in arm 'on', without them in 'on-noswitch'); times are seconds of "
+        "learn(): wall, and cpu = CPU time of this process (the fair measure when the machine is shared)"
+    )
     if warm_up:  # first-use costs (imports, allocator, MinAtar init, probe code paths) land outside the rounds
         for arm in ARMS:
             timed_run(arm, learning_starts + 300, learning_starts, threads)
@@ -195,33 +204,48 @@ def overhead(steps: int, rounds: int, learning_starts: int, threads: int, warm_u
         light = med["on-noswitch"] / med["off"]
         # A default-length task: the per-step cost of the rounds carries over, the switch is paid once per task.
         task_s = med["off"] / steps * DEFAULT_SWITCH_EVERY
-        results[kind] = dict(light=light, window=med["on"] / med["off"], switch=switch_s, task=task_s,
-                             estimate=light + switch_s / task_s)
-        print(f"median {kind} s: " + "  ".join(f"{arm} {value:.2f}" for arm, value in med.items())
-              + f"  (off: {steps / med['off']:.0f} steps/s)")
+        results[kind] = dict(
+            light=light, window=med["on"] / med["off"], switch=switch_s, task=task_s, estimate=light + switch_s / task_s
+        )
+        print(
+            f"median {kind} s: "
+            + "  ".join(f"{arm} {value:.2f}" for arm, value in med.items())
+            + f"  (off: {steps / med['off']:.0f} steps/s)"
+        )
     w, c = results["wall"], results["cpu"]
     print(f"target: ratio < {TARGET_RATIO}")
-    print(f"ratio on-noswitch/off (probe rounds only, monitor.switch_probes=[]): wall {w['light']:.3f} "
-          f"{verdict(w['light'])}, cpu {c['light']:.3f} {verdict(c['light'])}")
-    print(f"ratio on/off (this window: 1 switch per {steps} steps, {DEFAULT_SWITCH_EVERY // steps}x the default rate; "
-          f"information): wall {w['window']:.3f}, cpu {c['window']:.3f}")
-    print(f"switch probes: wall {w['switch']:.2f} s, cpu {c['switch']:.2f} s per switch "
-          "(median over rounds of on - on-noswitch)")
-    print(f"estimated ratio on/off at env.switch_every={DEFAULT_SWITCH_EVERY} (the default; one switch per "
-          f"{w['task']:.0f} s wall, {c['task']:.0f} s cpu of training): wall {w['estimate']:.3f} "
-          f"{verdict(w['estimate'])}, cpu {c['estimate']:.3f} {verdict(c['estimate'])}")
+    print(
+        f"ratio on-noswitch/off (probe rounds only, monitor.switch_probes=[]): wall {w['light']:.3f} "
+        f"{verdict(w['light'])}, cpu {c['light']:.3f} {verdict(c['light'])}"
+    )
+    print(
+        f"ratio on/off (this window: 1 switch per {steps} steps, {DEFAULT_SWITCH_EVERY // steps}x the default rate; "
+        f"information): wall {w['window']:.3f}, cpu {c['window']:.3f}"
+    )
+    print(
+        f"switch probes: wall {w['switch']:.2f} s, cpu {c['switch']:.2f} s per switch "
+        "(median over rounds of on - on-noswitch)"
+    )
+    print(
+        f"estimated ratio on/off at env.switch_every={DEFAULT_SWITCH_EVERY} (the default; one switch per "
+        f"{w['task']:.0f} s wall, {c['task']:.0f} s cpu of training): wall {w['estimate']:.3f} "
+        f"{verdict(w['estimate'])}, cpu {c['estimate']:.3f} {verdict(c['estimate'])}"
+    )
     # The monitor changes nothing in training, so its whole cost is the time spent inside its own code: a
     # measure that other processes on the machine barely disturb, unlike a difference of two noisy runs.
     own = {arm: statistics.median(m / (t - m) for m, t in zip(inside[arm], cpu[arm])) for arm in ("on", "on-noswitch")}
     switch_cpu = statistics.median(a - b for a, b in zip(inside["on"], inside["on-noswitch"]))
     accounted = 1 + own["on-noswitch"] + switch_cpu / c["task"]
-    print(f"cpu inside the monitor's code: {statistics.median(inside['on-noswitch']):.2f} s per window without "
-          f"switch probes, {switch_cpu:.2f} s per switch; ratio (learn cpu) / (learn cpu - monitor cpu): "
-          f"on-noswitch {1 + own['on-noswitch']:.3f} {verdict(1 + own['on-noswitch'])}, "
-          f"estimate at env.switch_every={DEFAULT_SWITCH_EVERY} {accounted:.3f} {verdict(accounted)}")
+    print(
+        f"cpu inside the monitor's code: {statistics.median(inside['on-noswitch']):.2f} s per window without "
+        f"switch probes, {switch_cpu:.2f} s per switch; ratio (learn cpu) / (learn cpu - monitor cpu): "
+        f"on-noswitch {1 + own['on-noswitch']:.3f} {verdict(1 + own['on-noswitch'])}, "
+        f"estimate at env.switch_every={DEFAULT_SWITCH_EVERY} {accounted:.3f} {verdict(accounted)}"
+    )
 
 
 # -- part 2: per-probe cost ---------------------------------------------------------------------------------
+
 
 def random_batch(n: int, seed: int = 0) -> ReplayBufferSamples:
     """``n`` random MinAtar-shaped transitions as the replay buffer returns them (binary uint8 planes)."""
@@ -236,8 +260,9 @@ def random_batch(n: int, seed: int = 0) -> ReplayBufferSamples:
     )
 
 
-def probe_calls(agent: Any, batch: ReplayBufferSamples, cfg: RunConfig, init: dict[str, th.Tensor]
-                ) -> dict[str, Callable[[], Any]]:
+def probe_calls(
+    agent: Any, batch: ReplayBufferSamples, cfg: RunConfig, init: dict[str, th.Tensor]
+) -> dict[str, Callable[[], Any]]:
     """Each probe as ``probe_batch`` calls it, as zero-argument callables (the shared forward pass done once)."""
     module, obs, mon = agent.q_net, batch.observations, cfg.monitor
 
@@ -287,11 +312,11 @@ def probe_calls(agent: Any, batch: ReplayBufferSamples, cfg: RunConfig, init: di
         "update+grad stats": updates,
         "probe_batch light": lambda: probe_batch(agent, batch, mon.probes, settings),
         "  light w/o kfac": lambda: probe_batch(agent, batch, no_kfac, settings),
-        "hessian (100 x 4 vec)": lambda: hessian_spectrum(module, lambda: agent.training_loss(batch)[0],
-                                                          order=mon.hessian_order, num_vectors=mon.hessian_vectors),
+        "hessian (100 x 4 vec)": lambda: hessian_spectrum(
+            module, lambda: agent.training_loss(batch)[0], order=mon.hessian_order, num_vectors=mon.hessian_vectors
+        ),
         "gram (n<=256)": gram,
-        "trainability (200)": lambda: trainability(module, obs, steps=mon.trainability_steps,
-                                                   lr=mon.trainability_lr),
+        "trainability (200)": lambda: trainability(module, obs, steps=mon.trainability_steps, lr=mon.trainability_lr),
         "probe_batch heavy": lambda: probe_batch(agent, batch, [*mon.probes, *mon.switch_probes], settings),
     }
 
@@ -314,11 +339,14 @@ def time_ms(fn: Callable[[], Any], repeats: int) -> tuple[float, bool]:
     return statistics.median(times) * 1e3, False
 
 
-def probe_costs(widths: tuple[int, ...], batches: tuple[int, ...], light_batches: tuple[int, ...],
-                repeats: int, threads: int) -> None:
-    print(f"\n== part 2: cost of each probe in ms of process CPU time (median of {repeats} calls after a warm-up; "
-          f"* = one cold call, over {SLOW_S:.0f} s), PlasticDQN MinAtar net, random batches, torch threads="
-          f"{th.get_num_threads()} (with one thread, CPU time = wall time on an idle machine)")
+def probe_costs(
+    widths: tuple[int, ...], batches: tuple[int, ...], light_batches: tuple[int, ...], repeats: int, threads: int
+) -> None:
+    print(
+        f"\n== part 2: cost of each probe in ms of process CPU time (median of {repeats} calls after a warm-up; "
+        f"* = one cold call, over {SLOW_S:.0f} s), PlasticDQN MinAtar net, random batches, torch threads="
+        f"{th.get_num_threads()} (with one thread, CPU time = wall time on an idle machine)"
+    )
     columns = [(w, b) for w in widths for b in sorted(set(batches) | set(light_batches))]
     table: dict[str, dict[tuple[int, int], str]] = {}
     params: dict[int, int] = {}
@@ -350,9 +378,11 @@ def probe_costs(widths: tuple[int, ...], batches: tuple[int, ...], light_batches
     for name, row in table.items():
         print(f"{name:<21}" + "".join(f"{row.get(c, '-'):>12}" for c in columns))
     print("parameters of the Q-network: " + ", ".join(f"w{w}: {n:,}" for w, n in params.items()))
-    print("weight_stats and update+grad stats do not depend on the batch; gram uses at most monitor.gram_size=256 "
-          "samples; a training probe round = probe_batch light at b1024 (probe set) + at b32 (training batch), "
-          "plus weights; a switch adds the heavy probes at b1024")
+    print(
+        "weight_stats and update+grad stats do not depend on the batch; gram uses at most monitor.gram_size=256 "
+        "samples; a training probe round = probe_batch light at b1024 (probe set) + at b32 (training batch), "
+        "plus weights; a switch adds the heavy probes at b1024"
+    )
 
 
 def main() -> None:
@@ -365,8 +395,11 @@ def main() -> None:
     parser.add_argument("--widths", type=int, nargs="+", default=[128, 512, 2048], help="part 2 feature widths")
     parser.add_argument("--skip-overhead", action="store_true", help="only the per-probe table")
     parser.add_argument("--skip-table", action="store_true", help="only the on/off overhead")
-    parser.add_argument("--quick", action="store_true",
-                        help="smoke run: 2 rounds of 1100 steps, no warm-up; table at width 128, batch 32, 1 call each")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke run: 2 rounds of 1100 steps, no warm-up; table at width 128, batch 32, 1 call each",
+    )
     args = parser.parse_args()
     steps, rounds, learning_starts, repeats = args.steps, args.rounds, args.learning_starts, args.repeats
     widths, batches, light_batches = tuple(args.widths), (32, 256, 1024), (32, 256, 1024)

@@ -39,10 +39,15 @@ TARGET = 1.7
 
 def plan(sweep_dir: Path, switch_every: int) -> SweepPlan:
     """The 4 trials, in ``sweep_dir``."""
-    overrides = [f"env.switch_every={switch_every}", "monitor.probe_every=500", "monitor.switch_probes=[]",
-                 "checkpoint.replay_buffer=false"]
-    return build_plan(CONFIG, overrides, ["interventions=[[],[l2]]"], [], ARMS, False, parse_seeds("0-1"),
-                      sweep_dir, cpus_per_trial=1)
+    overrides = [
+        f"env.switch_every={switch_every}",
+        "monitor.probe_every=500",
+        "monitor.switch_probes=[]",
+        "checkpoint.replay_buffer=false",
+    ]
+    return build_plan(
+        CONFIG, overrides, ["interventions=[[],[l2]]"], [], ARMS, False, parse_seeds("0-1"), sweep_dir, cpus_per_trial=1
+    )
 
 
 def timed(label: str, sweep_dir: Path, switch_every: int, **kwargs: object) -> tuple[float, list[float]]:
@@ -56,28 +61,39 @@ def timed(label: str, sweep_dir: Path, switch_every: int, **kwargs: object) -> t
         raise SystemExit(f"{label}: not every trial finished:\n" + "\n".join(lines))
     trials = json.loads((sweep_dir / "sweep.json").read_text())["trials"].values()
     seconds = [float(t["seconds"]) for t in trials]
-    print(f"{label:<22} wall {wall:6.1f} s   {len(seconds) / wall:.4f} trials/s   per trial "
-          + " ".join(f"{s:.1f}" for s in seconds) + " s")
+    print(
+        f"{label:<22} wall {wall:6.1f} s   {len(seconds) / wall:.4f} trials/s   per trial "
+        + " ".join(f"{s:.1f}" for s in seconds)
+        + " s"
+    )
     return wall, seconds
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--switch-every", type=int, default=6_000,
-                        help="env steps per task (3 tasks per trial); 6000 gives ~45 s trials here")
+    parser.add_argument(
+        "--switch-every",
+        type=int,
+        default=6_000,
+        help="env steps per task (3 tasks per trial); 6000 gives ~45 s trials here",
+    )
     args = parser.parse_args()
 
-    print(f"{os.cpu_count()} CPUs, load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}; "
-          f"4 trials of {3 * args.switch_every} env steps ({CONFIG.name}, monitor on, 1 thread each)")
+    print(
+        f"{os.cpu_count()} CPUs, load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}; "
+        f"4 trials of {3 * args.switch_every} env steps ({CONFIG.name}, monitor on, 1 thread each)"
+    )
     with tempfile.TemporaryDirectory(prefix="sweep_bench_") as tmp:
-        seq_wall, seq_trials = timed("one after another", Path(tmp) / "sequential", args.switch_every,
-                                     sequential=True)
+        seq_wall, seq_trials = timed("one after another", Path(tmp) / "sequential", args.switch_every, sequential=True)
         ray_wall, ray_trials = timed("Ray, 2 workers", Path(tmp) / "ray", args.switch_every, num_cpus=2)
     ratio = seq_wall / ray_wall
-    print(f"median trial: alone {statistics.median(seq_trials):.1f} s, side by side "
-          f"{statistics.median(ray_trials):.1f} s")
-    print(f"throughput ratio (Ray, 2 workers / one after another): {ratio:.2f}x "
-          f"(target >= {TARGET}x: {'met' if ratio >= TARGET else 'NOT met'})")
+    print(
+        f"median trial: alone {statistics.median(seq_trials):.1f} s, side by side {statistics.median(ray_trials):.1f} s"
+    )
+    print(
+        f"throughput ratio (Ray, 2 workers / one after another): {ratio:.2f}x "
+        f"(target >= {TARGET}x: {'met' if ratio >= TARGET else 'NOT met'})"
+    )
 
 
 if __name__ == "__main__":

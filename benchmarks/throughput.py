@@ -41,8 +41,8 @@ import gc
 import statistics
 import tempfile
 import time
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch as th
@@ -182,18 +182,26 @@ def main() -> None:
     parser.add_argument("--chunk", type=int, default=1_000, help="env steps per turn (default 1000)")
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1)")
     parser.add_argument("--learning-starts", type=int, default=1_000, help="default 1000")
-    parser.add_argument("--monitor-steps", type=int, default=6_000,
-                        help="steps of the run with the monitor (0: skip it; default 6000)")
+    parser.add_argument(
+        "--monitor-steps", type=int, default=6_000, help="steps of the run with the monitor (0: skip it; default 6000)"
+    )
     parser.add_argument("--quick", action="store_true", help="smoke run: 2 rounds of 300 steps, short monitor run")
     args = parser.parse_args()
     rounds, chunk, learning_starts, warmup, monitor_steps = (
-        args.rounds, args.chunk, args.learning_starts, 500, args.monitor_steps)
+        args.rounds,
+        args.chunk,
+        args.learning_starts,
+        500,
+        args.monitor_steps,
+    )
     if args.quick:
         rounds, chunk, learning_starts, warmup, monitor_steps = 2, 300, 200, 0, min(monitor_steps, 1_000)
 
     th.set_num_threads(args.threads)
-    print(f"{SEQUENCE}: {rounds} rounds x {chunk} steps per agent after {learning_starts + warmup} untimed, "
-          f"train_freq 1, batch 32, torch threads={th.get_num_threads()}, device=cpu")
+    print(
+        f"{SEQUENCE}: {rounds} rounds x {chunk} steps per agent after {learning_starts + warmup} untimed, "
+        f"train_freq 1, batch 32, torch threads={th.get_num_threads()}, device=cpu"
+    )
     times = side_by_side(rounds, chunk, learning_starts, warmup)
     for name, values in times.items():
         wall, cpu = (sum(v[i] for v in values) for i in (0, 1))
@@ -201,8 +209,10 @@ def main() -> None:
     for name in FACTORIES:
         if name != "stock":
             target = f" (target >= {TARGETS[name]})" if name in TARGETS else " (information)"
-            print(f"{name}/stock: CPU {paired_ratio(times, name, 1):.3f}  wall {paired_ratio(times, name, 0):.3f}"
-                  + target)
+            print(
+                f"{name}/stock: CPU {paired_ratio(times, name, 1):.3f}  wall {paired_ratio(times, name, 0):.3f}"
+                + target
+            )
 
     if monitor_steps:
         run = monitor_run(monitor_steps, learning_starts)
@@ -210,9 +220,11 @@ def main() -> None:
             steady = monitor_steps / (run[clock] - run[f"heavy_{clock}"])
             per_heavy = run[f"heavy_{clock}"] / max(run["heavy_rounds"], 1)
             hours = (PROTOCOL_STEPS / steady + PROTOCOL_HEAVY_ROUNDS * per_heavy) / 3600
-            print(f"fast-ddqn + monitor (defaults), {clock}: {steady:.1f} steps/s outside the "
-                  f"{run['heavy_rounds']:.0f} heavy probe rounds, {per_heavy:.1f} s per heavy round; full protocol "
-                  f"({PROTOCOL_STEPS:,} steps) projected {hours:.2f} h (target <= 3 h, >= 556 steps/s)")
+            print(
+                f"fast-ddqn + monitor (defaults), {clock}: {steady:.1f} steps/s outside the "
+                f"{run['heavy_rounds']:.0f} heavy probe rounds, {per_heavy:.1f} s per heavy round; full protocol "
+                f"({PROTOCOL_STEPS:,} steps) projected {hours:.2f} h (target <= 3 h, >= 556 steps/s)"
+            )
     print(f"ratios: plain/stock={paired_ratio(times, 'plain', 1):.2f} fast/stock={paired_ratio(times, 'fast', 1):.2f}")
 
 

@@ -52,7 +52,11 @@ class LowReturnCutoff(gym.Wrapper):
         obs, reward, terminated, truncated, info = self.env.step(action)
         self._episode_steps += 1
         self._episode_return += float(reward)
-        if not (terminated or truncated) and self._episode_steps >= self.steps and self._episode_return < self.min_return:
+        if (
+            not (terminated or truncated)
+            and self._episode_steps >= self.steps
+            and self._episode_return < self.min_return
+        ):
             info = dict(info)  # never mutate a dict the wrapped env might keep
             info["low_return_cutoff"] = True
             truncated = True
@@ -80,7 +84,9 @@ def check_cutoff(value: Any, known_games: Sequence[str]) -> dict[str, Any] | Non
         raise ValueError(f"{where} must be null or a mapping with keys {', '.join(CUTOFF_KEYS)}, got {value!r}.")
     unknown = sorted(set(value) - set(CUTOFF_KEYS))
     if unknown:
-        raise ValueError(f"{where} has unknown key(s) {', '.join(map(str, unknown))}; valid keys: {', '.join(CUTOFF_KEYS)}.")
+        raise ValueError(
+            f"{where} has unknown key(s) {', '.join(map(str, unknown))}; valid keys: {', '.join(CUTOFF_KEYS)}."
+        )
     steps, min_return, games = value.get("steps"), value.get("min_return"), value.get("games")
     if not (isinstance(steps, int) and not isinstance(steps, bool) and steps > 0):
         raise ValueError(f"{where}: steps must be a positive integer, got {steps!r}.")

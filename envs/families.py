@@ -57,9 +57,7 @@ def observation_permutation(
     return pos_perm, chan_perm
 
 
-def _flat_permutation_index(
-    shape: tuple[int, ...], pos_perm: np.ndarray, chan_perm: np.ndarray | None
-) -> np.ndarray:
+def _flat_permutation_index(shape: tuple[int, ...], pos_perm: np.ndarray, chan_perm: np.ndarray | None) -> np.ndarray:
     """Index array ``idx`` of ``shape`` such that ``permuted = obs.ravel()[idx]``.
 
     Folding both permutations into one flat index makes applying them a single fancy-indexing
@@ -120,9 +118,7 @@ class PermuteObservation(TransformObservation):
         self.chan_perm = None if chan_perm is None else np.array(chan_perm, copy=True)
         index = _flat_permutation_index(space.shape, self.pos_perm, self.chan_perm)
         # Bounds are permuted too, so the space stays exact for non-uniform bounds.
-        permuted_space = spaces.Box(
-            low=space.low.ravel()[index], high=space.high.ravel()[index], dtype=space.dtype
-        )
+        permuted_space = spaces.Box(low=space.low.ravel()[index], high=space.high.ravel()[index], dtype=space.dtype)
         TransformObservation.__init__(self, env, lambda obs: obs.ravel()[index], permuted_space)
 
     def invert(self, obs: np.ndarray) -> np.ndarray:
@@ -241,9 +237,7 @@ def make_cartpole(param: str, value: float) -> gym.Env:
     :return: the CartPole env
     """
     if param not in CARTPOLE_PARAMS:
-        raise ValueError(
-            f"Unknown CartPole parameter {param!r}; valid parameters are {', '.join(CARTPOLE_PARAMS)}."
-        )
+        raise ValueError(f"Unknown CartPole parameter {param!r}; valid parameters are {', '.join(CARTPOLE_PARAMS)}.")
     if not (math.isfinite(value) and value > 0):
         raise ValueError(f"CartPole {param} must be finite and positive, got {value}.")
     env = gym.make("CartPole-v1")
@@ -252,4 +246,3 @@ def make_cartpole(param: str, value: float) -> gym.Env:
     cartpole.total_mass = cartpole.masspole + cartpole.masscart
     cartpole.polemass_length = cartpole.masspole * cartpole.length
     return env
-

@@ -104,9 +104,7 @@ def _channel_first_padder(n_channels: int) -> Callable[[np.ndarray], np.ndarray]
     return convert
 
 
-def make_minatar_game(
-    game: str, sticky_action_prob: float = 0.1, difficulty_ramping: bool = True
-) -> gym.Env:
+def make_minatar_game(game: str, sticky_action_prob: float = 0.1, difficulty_ramping: bool = True) -> gym.Env:
     """Create a MinAtar game with the padded channel-first observation and the full action set.
 
     The env is constructed directly rather than through ``gym.make`` to keep the env checker and

@@ -64,9 +64,7 @@ def _shuffled_game(
     return shuffle_actions(make_minatar_game(game, sticky_action_prob, difficulty_ramping), seed, task_index)
 
 
-def _scaled_game(
-    game: str, scale: float, sticky_action_prob: float, difficulty_ramping: bool
-) -> gym.Env:
+def _scaled_game(game: str, scale: float, sticky_action_prob: float, difficulty_ramping: bool) -> gym.Env:
     return scale_reward(make_minatar_game(game, sticky_action_prob, difficulty_ramping), scale)
 
 
@@ -121,10 +119,7 @@ def build_minatar_games(
         raise ValueError(f"games must be a non-empty list of game names from {', '.join(MINATAR_GAMES)}.")
     for game in games:
         check_minatar_game(game)
-    return [
-        Task(game, partial(make_minatar_game, game, sticky_action_prob, difficulty_ramping))
-        for game in games
-    ]
+    return [Task(game, partial(make_minatar_game, game, sticky_action_prob, difficulty_ramping)) for game in games]
 
 
 def _fixed_games(games: tuple[str, ...], doc: str) -> Callable[..., list[Task]]:
@@ -208,20 +203,13 @@ def build_reward_flip_minatar(
     ]
 
 
-def build_cartpole_shift(
-    *, param: str = "length", values: Sequence[float] = (0.5, 1.5, 0.25)
-) -> list[Task]:
+def build_cartpole_shift(*, param: str = "length", values: Sequence[float] = (0.5, 1.5, 0.25)) -> list[Task]:
     """CartPole-v1 with ``param`` set to each of ``values`` in turn (the fast-test family)."""
     if param not in CARTPOLE_PARAMS:
-        raise ValueError(
-            f"Unknown CartPole parameter {param!r}; valid parameters are {', '.join(CARTPOLE_PARAMS)}."
-        )
+        raise ValueError(f"Unknown CartPole parameter {param!r}; valid parameters are {', '.join(CARTPOLE_PARAMS)}.")
     if len(values) == 0:
         raise ValueError("values must not be empty.")
-    return [
-        Task(f"cartpole/{param}={float(value):g}", partial(make_cartpole, param, float(value)))
-        for value in values
-    ]
+    return [Task(f"cartpole/{param}={float(value):g}", partial(make_cartpole, param, float(value))) for value in values]
 
 
 # --- Registry ----------------------------------------------------------------------------------
@@ -334,10 +322,7 @@ def make_sequence(
     valid = _option_names(spec.build) + list(COMMON_OPTIONS)
     for option in options:
         if option not in valid:
-            raise ValueError(
-                f"Unknown option {option!r} for sequence {name!r}; valid options are "
-                f"{', '.join(valid)}."
-            )
+            raise ValueError(f"Unknown option {option!r} for sequence {name!r}; valid options are {', '.join(valid)}.")
     cutoff = check_cutoff(options.pop("low_return_cutoff", None), GAMES)
     _check_options(name, spec.build, options)
     if "seed" in inspect.signature(spec.build).parameters:
@@ -346,12 +331,11 @@ def make_sequence(
     if cutoff is not None:
         tasks = [
             Task(task.name, partial(with_cutoff, task.make, cutoff["steps"], cutoff["min_return"]))
-            if cutoff["games"] is None or task_game(task.name) in cutoff["games"] else task
+            if cutoff["games"] is None or task_game(task.name) in cutoff["games"]
+            else task
             for task in tasks
         ]
-    return TaskSequenceEnv(
-        tasks, switch_every, order=order, task_order=task_order, seed=seed, num_envs=num_envs
-    )
+    return TaskSequenceEnv(tasks, switch_every, order=order, task_order=task_order, seed=seed, num_envs=num_envs)
 
 
 def register_sequences() -> None:

@@ -119,9 +119,7 @@ class TaskSequenceEnv(gym.Env):
         self._tasks_to_seed: set[int] = set()
 
     @staticmethod
-    def _check_task_order(
-        order: str, task_order: Sequence[int] | None, num_tasks: int
-    ) -> tuple[int, ...]:
+    def _check_task_order(order: str, task_order: Sequence[int] | None, num_tasks: int) -> tuple[int, ...]:
         """Validate ``task_order`` against ``order`` and return it as a tuple."""
         if order != "explicit":
             if task_order is not None:
@@ -132,8 +130,7 @@ class TaskSequenceEnv(gym.Env):
         for index in task_order:
             if not (isinstance(index, (int, np.integer)) and 0 <= index < num_tasks):
                 raise ValueError(
-                    f"task_order entry {index!r} is not a task index; valid indices are "
-                    f"0..{num_tasks - 1}."
+                    f"task_order entry {index!r} is not a task index; valid indices are 0..{num_tasks - 1}."
                 )
         return tuple(int(index) for index in task_order)
 
@@ -260,9 +257,7 @@ class TaskSequenceEnv(gym.Env):
             self._envs[task_id] = env
         return env
 
-    def reset(
-        self, *, seed: int | None = None, options: dict[str, Any] | None = None
-    ) -> tuple[Any, dict[str, Any]]:
+    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[Any, dict[str, Any]]:
         """Start an episode of the current task, first taking a pending task switch.
 
         :param seed: if given, every task env is seeded at its next reset with
@@ -299,8 +294,7 @@ class TaskSequenceEnv(gym.Env):
         """
         if not self._episode_active:
             raise RuntimeError(
-                "Call reset() before step(): no episode is running (after a task switch, "
-                "set_state() or at the start)."
+                "Call reset() before step(): no episode is running (after a task switch, set_state() or at the start)."
             )
         task_id = self._current_task
         obs, reward, terminated, truncated, info = self._envs[task_id].step(action)

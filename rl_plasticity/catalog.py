@@ -49,5 +49,7 @@ def catalog() -> dict[str, list[tuple[str, str]]]:
         "sequences": sequences,
         "interventions": [(name, _intervention_summary(spec)) for name, spec in sorted(INTERVENTIONS.items())],
         "probes": [(name, _probe_summary(spec)) for name, spec in PROBES.items()],
-        "configs": [(f"configs/{p.relative_to(CONFIGS_DIR)}", _config_summary(p)) for p in sorted(CONFIGS_DIR.rglob("*.yaml"))],
+        "configs": [
+            (f"configs/{p.relative_to(CONFIGS_DIR)}", _config_summary(p)) for p in sorted(CONFIGS_DIR.rglob("*.yaml"))
+        ],
     }

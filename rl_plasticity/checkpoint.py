@@ -56,7 +56,8 @@ What a checkpoint holds, and how each piece is restored
     flight continues; nothing is reset.
   - every intervention's ``state_dict()``, by name and in order;
   - the monitor's state (:meth:`~rl_plasticity.monitor.MonitorCallback.state_dict`: the first-visit probe
-    sets, frozen and partial (the random-policy probe sets are rebuilt, identically), the initial weights, the probe schedule, visit counters and the visit in progress with its
+    sets, frozen and partial (the random-policy probe sets are rebuilt, identically), the initial weights, the probe
+    schedule, visit counters and the visit in progress with its
     returns, ``task_summary.csv``'s header and length, the latest training batch); the task logger's switch
     count; the evaluation's schedule and latest results (its episodes are seeded, so no env state);
   - the values recorded in SB3's logger since its last dump (so the next dump writes what the uninterrupted
@@ -118,10 +119,22 @@ _DELETING = ".tmp-deleting-"  # an old checkpoint on its way out
 
 #: SB3 and agent attributes a checkpoint restores (those an agent does not have are skipped).
 AGENT_ATTRS = (
-    "num_timesteps", "_episode_num", "_n_updates", "_current_progress_remaining", "_last_obs",
-    "_last_episode_starts", "_last_original_obs", "ep_info_buffer", "ep_success_buffer", "num_gradient_steps",
-    "last_grad_norm", "_term_logs", "_n_calls", "exploration_rate",
-    "_visit_steps", "_exploration_count",  # PlasticDQN: random steps per visit, the exploration_steps schedule
+    "num_timesteps",
+    "_episode_num",
+    "_n_updates",
+    "_current_progress_remaining",
+    "_last_obs",
+    "_last_episode_starts",
+    "_last_original_obs",
+    "ep_info_buffer",
+    "ep_success_buffer",
+    "num_gradient_steps",
+    "last_grad_norm",
+    "_term_logs",
+    "_n_calls",
+    "exploration_rate",
+    "_visit_steps",
+    "_exploration_count",  # PlasticDQN: random steps per visit, the exploration_steps schedule
 )
 #: Arrays of SB3's ``ReplayBuffer`` (``next_observations`` is ``None`` with ``optimize_memory_usage``).
 REPLAY_ARRAYS = ("observations", "next_observations", "actions", "rewards", "dones", "timeouts")
@@ -133,8 +146,7 @@ class CheckpointError(Exception):
 
 #: ``errno`` values of a write the storage cannot take: full disk or quota, read-only filesystem, no permission,
 #: too large, a device error.
-STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG,
-                            errno.EIO})
+STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG, errno.EIO})
 
 
 class StorageError(Exception):
@@ -146,8 +158,9 @@ class StorageError(Exception):
     :param removed: the unfinished checkpoint folder removed on the way out (it held the failed write).
     """
 
-    def __init__(self, path: Path | str, reason: str, checkpoint: Path | None = None,
-                 removed: Path | None = None) -> None:
+    def __init__(
+        self, path: Path | str, reason: str, checkpoint: Path | None = None, removed: Path | None = None
+    ) -> None:
         path = os.fsdecode(path) if isinstance(path, bytes) else path  # some writers name files in bytes
         self.path, self.reason, self.checkpoint, self.removed = path, reason, checkpoint, removed
         self.run_dir: Path | None = None
@@ -157,10 +170,15 @@ class StorageError(Exception):
         removed = f"; removed the unfinished checkpoint {self.removed}" if self.removed is not None else ""
         if self.checkpoint is None:
             return f"cannot write {self.path} ({self.reason}); training stopped{removed}; no checkpoint was written yet"
-        resume = (f"; make room (or make it writable), then: rlp train --resume {self.run_dir}"
-                  if self.run_dir is not None else "")
-        return (f"cannot write {self.path} ({self.reason}); training stopped{removed}; "
-                f"last good checkpoint: {self.checkpoint} (intact){resume}")
+        resume = (
+            f"; make room (or make it writable), then: rlp train --resume {self.run_dir}"
+            if self.run_dir is not None
+            else ""
+        )
+        return (
+            f"cannot write {self.path} ({self.reason}); training stopped{removed}; "
+            f"last good checkpoint: {self.checkpoint} (intact){resume}"
+        )
 
 
 class TrainingInterrupted(Exception):
@@ -172,8 +190,9 @@ class TrainingInterrupted(Exception):
     :param immediate: a second signal stopped it without writing a checkpoint.
     """
 
-    def __init__(self, signum: int, env_step: int | None = None, checkpoint: Path | None = None,
-                 immediate: bool = False) -> None:
+    def __init__(
+        self, signum: int, env_step: int | None = None, checkpoint: Path | None = None, immediate: bool = False
+    ) -> None:
         self.signum, self.env_step, self.checkpoint, self.immediate = signum, env_step, checkpoint, immediate
         self.run_dir: Path | None = None
         super().__init__(signal.Signals(signum).name)
@@ -220,6 +239,7 @@ class Checkpoint:
 
 
 # -- capture and restore ---------------------------------------------------------------------------------
+
 
 def rng_state(agent: BaseAlgorithm) -> dict[str, Any]:
     """Every RNG training draws from (see the module docstring)."""
@@ -299,8 +319,14 @@ def save_replay_buffer(buffer: Any, folder: Path) -> dict[str, Any]:
             os.fsync(f.fileno())
         arrays.append(name)
         nbytes += array[:filled].nbytes
-    return {"pos": int(buffer.pos), "full": bool(buffer.full), "filled": int(filled),
-            "transitions": int(filled * buffer.n_envs), "bytes": int(nbytes), "arrays": arrays}
+    return {
+        "pos": int(buffer.pos),
+        "full": bool(buffer.full),
+        "filled": int(filled),
+        "transitions": int(filled * buffer.n_envs),
+        "bytes": int(nbytes),
+        "arrays": arrays,
+    }
 
 
 def load_replay_buffer(buffer: Any, folder: Path, info: dict[str, Any]) -> None:
@@ -332,8 +358,9 @@ def restore(run: Trainee, ckpt: Checkpoint, learning_starts: int) -> None:
     agent, state, path = run.agent, ckpt.state, ckpt.path
     state_file = path / "state.pt"
     if state["algo"] != type(agent).__name__:
-        raise CheckpointError(f"{state_file}: a checkpoint of {state['algo']}, "
-                              f"but the config builds {type(agent).__name__}")
+        raise CheckpointError(
+            f"{state_file}: a checkpoint of {state['algo']}, but the config builds {type(agent).__name__}"
+        )
 
     names = [name for name, _ in state["interventions"]]
     if names != [iv.name for iv in run.interventions]:
@@ -345,8 +372,10 @@ def restore(run: Trainee, ckpt: Checkpoint, learning_starts: int) -> None:
     try:
         agent.set_parameters(str(path / "model.zip"), exact_match=True, device=agent.device)
     except Exception as exc:  # noqa: BLE001 - anything that stops the load means the file does not fit
-        raise CheckpointError(f"{path / 'model.zip'}: cannot be loaded into this config's agent "
-                              f"({type(exc).__name__}: {' '.join(str(exc).split())[:300]})") from None
+        raise CheckpointError(
+            f"{path / 'model.zip'}: cannot be loaded into this config's agent "
+            f"({type(exc).__name__}: {' '.join(str(exc).split())[:300]})"
+        ) from None
 
     buffer = _replay_buffer(agent)
     info = state.get("replay_buffer")
@@ -355,8 +384,12 @@ def restore(run: Trainee, ckpt: Checkpoint, learning_starts: int) -> None:
             load_replay_buffer(buffer, path / "replay_buffer", info)
         else:
             agent.learning_starts = int(state["agent"]["num_timesteps"]) + learning_starts
-            print(f"rlp: the checkpoint holds no replay buffer: refilling it for {learning_starts} env steps "
-                  f"(agent.learning_starts) before training goes on", file=sys.stderr, flush=True)
+            print(
+                f"rlp: the checkpoint holds no replay buffer: refilling it for {learning_starts} env steps "
+                f"(agent.learning_starts) before training goes on",
+                file=sys.stderr,
+                flush=True,
+            )
 
     for name, value in state["agent"].items():
         current = getattr(agent, name)
@@ -372,8 +405,9 @@ def restore(run: Trainee, ckpt: Checkpoint, learning_starts: int) -> None:
 
     copies, schedules = state["env"]["copies"], state["env"]["schedule"]
     if len(copies) != run.env.num_envs:
-        raise CheckpointError(f"{state_file}: holds {len(copies)} env copies, "
-                              f"the config has env.n_envs={run.env.num_envs}")
+        raise CheckpointError(
+            f"{state_file}: holds {len(copies)} env copies, the config has env.n_envs={run.env.num_envs}"
+        )
     for i, (blob, schedule) in enumerate(zip(copies, schedules)):
         fresh = run.env.envs[i]
         try:
@@ -400,11 +434,13 @@ def check_parameters(agent: BaseAlgorithm) -> None:
         return
     name, tensor = next((n, t) for n, t in tensors if not bool(th.isfinite(t).all()))
     bad = tensor[~th.isfinite(tensor)].flatten()[0].item()
-    raise NonFiniteError(f"parameters/{name}", bad, int(agent.num_timesteps),
-                         getattr(agent, "num_gradient_steps", None))
+    raise NonFiniteError(
+        f"parameters/{name}", bad, int(agent.num_timesteps), getattr(agent, "num_gradient_steps", None)
+    )
 
 
 # -- on disk -------------------------------------------------------------------------------------------------
+
 
 def _fsync(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
@@ -467,9 +503,13 @@ class CheckpointStore:
             if not path.name.startswith(".tmp"):
                 continue
             shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
-            what = ("the rest of an old checkpoint whose deletion was cut short" if path.name.startswith(_DELETING)
-                    else f"an unfinished update of {LATEST}" if path.name.startswith(f".tmp-{LATEST}-")
-                    else "an unfinished checkpoint write (its process stopped before the checkpoint was complete)")
+            what = (
+                "the rest of an old checkpoint whose deletion was cut short"
+                if path.name.startswith(_DELETING)
+                else f"an unfinished update of {LATEST}"
+                if path.name.startswith(f".tmp-{LATEST}-")
+                else "an unfinished checkpoint write (its process stopped before the checkpoint was complete)"
+            )
             _say(f"removed {path}: {what}")
         if keep_up_to is None:
             return
@@ -534,8 +574,10 @@ class CheckpointStore:
                 "agent": type(agent).__name__,
                 "written": time.strftime("%Y-%m-%d %H:%M:%S"),
                 "replay_buffer": (
-                    None if buffer is None else
-                    {"saved": False, "note": "checkpoint.replay_buffer=false: refilled on resume"} if rb_info is None
+                    None
+                    if buffer is None
+                    else {"saved": False, "note": "checkpoint.replay_buffer=false: refilled on resume"}
+                    if rb_info is None
                     else {"saved": True, "transitions": rb_info["transitions"], "bytes": rb_info["bytes"]}
                 ),
                 "files": {str(p.relative_to(tmp)): p.stat().st_size for p in files},
@@ -558,8 +600,12 @@ class CheckpointStore:
             complete = final is not None and final.is_dir()  # renamed into place: a good checkpoint
             if tmp is not None and not complete:
                 shutil.rmtree(tmp, ignore_errors=True)  # frees the space it took; the line says so
-            raise StorageError(at, exc.strerror or str(exc), final if complete else self.latest(),
-                               removed=None if complete or tmp is None else tmp) from None
+            raise StorageError(
+                at,
+                exc.strerror or str(exc),
+                final if complete else self.latest(),
+                removed=None if complete or tmp is None else tmp,
+            ) from None
 
         for old in self.checkpoints()[: -cfg.keep]:
             if old != final:
@@ -601,8 +647,9 @@ class CheckpointStore:
             for key in ("algo", "agent", "env", "interventions", "task_log", "monitor", "logger", "rng"):
                 state[key]  # noqa: B018 - presence check
         except Exception as exc:  # noqa: BLE001 - any failure to read it means the file is corrupt
-            raise CheckpointError(f"{state_file}: corrupt checkpoint ({type(exc).__name__}: "
-                                  f"{' '.join(str(exc).split())[:200]})") from None
+            raise CheckpointError(
+                f"{state_file}: corrupt checkpoint ({type(exc).__name__}: {' '.join(str(exc).split())[:200]})"
+            ) from None
         return Checkpoint(path, state, meta)
 
     def read(self) -> Checkpoint:
@@ -617,8 +664,10 @@ class CheckpointStore:
         found = self.checkpoints()[::-1]
         if not found:
             if pointer.is_file():
-                raise CheckpointError(f"{pointer}: names {pointer.read_text().strip()[:60]!r}, which is not there, "
-                                      "and there is no other checkpoint to resume from")
+                raise CheckpointError(
+                    f"{pointer}: names {pointer.read_text().strip()[:60]!r}, which is not there, "
+                    "and there is no other checkpoint to resume from"
+                )
             unfinished = self.root.is_dir() and any(p.name.startswith(".tmp-") for p in self.root.iterdir())
             why = " (the run stopped inside its first checkpoint write: start it anew)" if unfinished else ""
             raise CheckpointError(f"no checkpoint to resume from: {pointer} not found{why}")
@@ -645,14 +694,19 @@ class CheckpointStore:
         if not pointer.is_file():
             _say(f"{pointer} is missing: resuming from the newest complete checkpoint, {ckpt.path}")
         elif named is None or not named.is_dir():
-            _say(f"{pointer} names {pointer.read_text().strip()[:60]!r}, which is not there: resuming from the "
-                 f"newest complete checkpoint, {ckpt.path}")
+            _say(
+                f"{pointer} names {pointer.read_text().strip()[:60]!r}, which is not there: resuming from the "
+                f"newest complete checkpoint, {ckpt.path}"
+            )
         elif _sort_key(named) < _sort_key(ckpt.path):
-            _say(f"{ckpt.path} is complete and newer than {named.name}, which {pointer} names (a write was stopped "
-                 "before latest moved on): resuming from it")
+            _say(
+                f"{ckpt.path} is complete and newer than {named.name}, which {pointer} names (a write was stopped "
+                "before latest moved on): resuming from it"
+            )
 
 
 # -- during training ----------------------------------------------------------------------------------------
+
 
 class SignalGuard:
     """SIGINT/SIGTERM handlers while training: the first signal asks for a checkpoint and a clean stop at the
@@ -679,8 +733,12 @@ class SignalGuard:
     def _handle(self, signum: int, frame: object) -> None:
         if self.received is None:
             self.received = signum
-            print(f"rlp: {signal.Signals(signum).name} received: finishing the current rollout, then writing a "
-                  "checkpoint (send it again to stop at once)", file=sys.stderr, flush=True)
+            print(
+                f"rlp: {signal.Signals(signum).name} received: finishing the current rollout, then writing a "
+                "checkpoint (send it again to stop at once)",
+                file=sys.stderr,
+                flush=True,
+            )
             return
         self.__exit__()
         raise TrainingInterrupted(signum, immediate=True)
@@ -690,8 +748,15 @@ def write_checkpoint(store: CheckpointStore, run: Trainee, cfg: CheckpointConfig
     """:meth:`CheckpointStore.write`, and one line on stderr with the path and the replay buffer's size."""
     path = store.write(run, cfg)
     rb = json.loads((path / "meta.json").read_text())["replay_buffer"]
-    size = "" if rb is None else (f" (replay buffer: {rb['transitions']} transitions, {rb['bytes']:,} bytes)"
-                                  if rb["saved"] else " (without the replay buffer)")
+    size = (
+        ""
+        if rb is None
+        else (
+            f" (replay buffer: {rb['transitions']} transitions, {rb['bytes']:,} bytes)"
+            if rb["saved"]
+            else " (without the replay buffer)"
+        )
+    )
     print(f"rlp: checkpoint at env step {run.agent.num_timesteps}: {path}{size}", file=sys.stderr, flush=True)
     return path
 
@@ -703,8 +768,14 @@ class CheckpointCallback(BaseCallback):
     Put it after the other callbacks, so that its rollout-start runs last.
     """
 
-    def __init__(self, store: CheckpointStore, run: Trainee, cfg: CheckpointConfig, guard: SignalGuard,
-                 resume: Checkpoint | None = None) -> None:
+    def __init__(
+        self,
+        store: CheckpointStore,
+        run: Trainee,
+        cfg: CheckpointConfig,
+        guard: SignalGuard,
+        resume: Checkpoint | None = None,
+    ) -> None:
         super().__init__()
         self.store, self.run, self.cfg, self.guard = store, run, cfg, guard
         self._resume = resume
@@ -717,9 +788,11 @@ class CheckpointCallback(BaseCallback):
         if self._resume is not None:
             state = self._resume.state
             logger = self.logger
-            for store, saved in ((logger.name_to_value, state["logger"]["values"]),
-                                 (logger.name_to_count, state["logger"]["counts"]),
-                                 (logger.name_to_excluded, state["logger"]["excluded"])):
+            for store, saved in (
+                (logger.name_to_value, state["logger"]["values"]),
+                (logger.name_to_count, state["logger"]["counts"]),
+                (logger.name_to_excluded, state["logger"]["excluded"]),
+            ):
                 store.clear()
                 store.update(saved)
             set_rng_state(self.model, state["rng"])

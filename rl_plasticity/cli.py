@@ -4,8 +4,8 @@
 from __future__ import annotations
 
 import sys
-from typing import Any
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -35,8 +35,14 @@ class OneLineErrors(click.Group):
     """The ``rlp`` group: click's own usage errors (an unknown option, a value out of range) end like every
     other bad input here, with one line on stderr and exit status 2, instead of click's usage block."""
 
-    def main(self, args: Any = None, prog_name: str | None = None, complete_var: str | None = None,
-             standalone_mode: bool = True, **extra: Any) -> Any:
+    def main(
+        self,
+        args: Any = None,
+        prog_name: str | None = None,
+        complete_var: str | None = None,
+        standalone_mode: bool = True,
+        **extra: Any,
+    ) -> Any:
         if not standalone_mode:
             return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         try:
@@ -75,12 +81,18 @@ def cli() -> None:
 )
 @click.argument("config", required=False)
 @click.argument("overrides", nargs=-1)
-@click.option("--resume", "resume_dir", metavar="RUN_DIR", default=None,
-              help="Continue the run in RUN_DIR from its latest checkpoint (CONFIG is then optional).")
+@click.option(
+    "--resume",
+    "resume_dir",
+    metavar="RUN_DIR",
+    default=None,
+    help="Continue the run in RUN_DIR from its latest checkpoint (CONFIG is then optional).",
+)
 @click.option("--force", is_flag=True, help="With --resume: accept a config that differs from RUN_DIR/config.yaml.")
 @click.option("--progress/--no-progress", default=None, help="Show the progress bar (default: logging.progress_bar).")
-def train_cmd(config: str | None, overrides: tuple[str, ...], resume_dir: str | None, force: bool,
-              progress: bool | None) -> None:
+def train_cmd(
+    config: str | None, overrides: tuple[str, ...], resume_dir: str | None, force: bool, progress: bool | None
+) -> None:
     """Train on CONFIG (a YAML file or a preset name from configs/), with key=value OVERRIDES.
 
     The run goes to <logging.root_dir>/<name>/<date-time>_seed<k>/: config.yaml, provenance.json
@@ -234,27 +246,72 @@ Exit status:
 @click.argument("config")
 @click.argument("overrides", nargs=-1)
 @click.option("--seeds", default=None, metavar="SEEDS", help="Seeds: 0-4, 0,2,5 or 0-2,7 (default: the config's seed).")
-@click.option("--grid", "grids", multiple=True, metavar="KEY=[V1,...]",
-              help="A grid axis: one trial per value (repeatable: cartesian product).")
+@click.option(
+    "--grid",
+    "grids",
+    multiple=True,
+    metavar="KEY=[V1,...]",
+    help="A grid axis: one trial per value (repeatable: cartesian product).",
+)
 @click.option("--arms", default=None, metavar="NAMES", help="Named arms of --arms-file, comma-separated.")
-@click.option("--arms-file", type=click.Path(path_type=Path), default=None, metavar="FILE",
-              help="YAML with 'arms: {name: [override, ...]}' (default: configs/arms.yaml).")
+@click.option(
+    "--arms-file",
+    type=click.Path(path_type=Path),
+    default=None,
+    metavar="FILE",
+    help="YAML with 'arms: {name: [override, ...]}' (default: configs/arms.yaml).",
+)
 @click.option("--fresh", is_flag=True, help="Add the fresh-network arm (see below).")
-@click.option("--out", type=click.Path(path_type=Path), default=None, metavar="DIR",
-              help="The sweep directory (default: <logging.root_dir>/<name>_sweep of CONFIG).")
-@click.option("--address", default=None, metavar="ADDRESS",
-              help="Join this Ray cluster (auto, HOST:6379, ray://HOST:10001); default: start a local Ray.")
-@click.option("--num-cpus", type=click.IntRange(min=1), default=None,
-              help="CPUs of the local Ray (default: all of this machine's).")
-@click.option("--cpus-per-trial", type=click.IntRange(min=1), default=1, show_default=True,
-              help="CPUs Ray reserves for each trial; its torch threads are set to match (threads=N).")
-@click.option("--max-concurrent", type=click.IntRange(min=1), default=None,
-              help="At most this many trials at once (default: as many as the CPUs allow).")
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path),
+    default=None,
+    metavar="DIR",
+    help="The sweep directory (default: <logging.root_dir>/<name>_sweep of CONFIG).",
+)
+@click.option(
+    "--address",
+    default=None,
+    metavar="ADDRESS",
+    help="Join this Ray cluster (auto, HOST:6379, ray://HOST:10001); default: start a local Ray.",
+)
+@click.option(
+    "--num-cpus",
+    type=click.IntRange(min=1),
+    default=None,
+    help="CPUs of the local Ray (default: all of this machine's).",
+)
+@click.option(
+    "--cpus-per-trial",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="CPUs Ray reserves for each trial; its torch threads are set to match (threads=N).",
+)
+@click.option(
+    "--max-concurrent",
+    type=click.IntRange(min=1),
+    default=None,
+    help="At most this many trials at once (default: as many as the CPUs allow).",
+)
 @click.option("--sequential", is_flag=True, help="Run the trials one after another without Ray.")
 @click.option("--dry-run", is_flag=True, help="List the trials (and what a run would do) and stop.")
-def sweep_cmd(config: str, overrides: tuple[str, ...], seeds: str | None, grids: tuple[str, ...], arms: str | None,
-              arms_file: Path | None, fresh: bool, out: Path | None, address: str | None, num_cpus: int | None,
-              cpus_per_trial: int, max_concurrent: int | None, sequential: bool, dry_run: bool) -> None:
+def sweep_cmd(
+    config: str,
+    overrides: tuple[str, ...],
+    seeds: str | None,
+    grids: tuple[str, ...],
+    arms: str | None,
+    arms_file: Path | None,
+    fresh: bool,
+    out: Path | None,
+    address: str | None,
+    num_cpus: int | None,
+    cpus_per_trial: int,
+    max_concurrent: int | None,
+    sequential: bool,
+    dry_run: bool,
+) -> None:
     """Run CONFIG (a YAML file or a preset name) over a grid of arms and seeds, each trial an ordinary
     `rlp train` run with the trial's overrides on top of OVERRIDES, side by side on Ray.
 
@@ -266,20 +323,39 @@ def sweep_cmd(config: str, overrides: tuple[str, ...], seeds: str | None, grids:
     from rl_plasticity.sweep.trial import trial_state
 
     try:
-        plan = build_plan(resolve_config(config), overrides, grids,
-                          [a.strip() for a in arms.split(",") if a.strip()] if arms else [],
-                          arms_file or CONFIGS_DIR / "arms.yaml", fresh, parse_seeds(seeds) if seeds else None,
-                          out, cpus_per_trial)
+        plan = build_plan(
+            resolve_config(config),
+            overrides,
+            grids,
+            [a.strip() for a in arms.split(",") if a.strip()] if arms else [],
+            arms_file or CONFIGS_DIR / "arms.yaml",
+            fresh,
+            parse_seeds(seeds) if seeds else None,
+            out,
+            cpus_per_trial,
+        )
         if dry_run:
             click.echo(f"sweep: {len(plan.trials)} trials in {plan.sweep_dir} (dry run: nothing is written)")
             for trial in plan.trials:
                 state = trial_state(plan.sweep_dir, trial.label, trial.seed)
-                what = ("start" if state is None else "skip (finished)" if state.complete
-                        else f"resume ({state.describe()})")
+                what = (
+                    "start"
+                    if state is None
+                    else "skip (finished)"
+                    if state.complete
+                    else f"resume ({state.describe()})"
+                )
                 click.echo(f"  {trial.id:<32} {what:<16} {' '.join(trial.overrides)}")
             return
-        summary = run_sweep(plan, ["rlp", *sys.argv[1:]] if sys.argv else [], sequential=sequential,
-                            address=address, num_cpus=num_cpus, max_concurrent=max_concurrent, echo=click.echo)
+        summary = run_sweep(
+            plan,
+            ["rlp", *sys.argv[1:]] if sys.argv else [],
+            sequential=sequential,
+            address=address,
+            num_cpus=num_cpus,
+            max_concurrent=max_concurrent,
+            echo=click.echo,
+        )
     except SweepError as exc:
         fail(str(exc))
     sys.exit(summary.exit_status)
@@ -287,12 +363,27 @@ def sweep_cmd(config: str, overrides: tuple[str, ...], seeds: str | None, grids:
 
 @cli.command("report")
 @click.argument("runs_dir", type=click.Path(path_type=Path))
-@click.option("--out", type=click.Path(path_type=Path), default=None, metavar="DIR",
-              help="Where the report goes (default: RUNS_DIR/report).")
-@click.option("--points", type=click.IntRange(min=2), default=200, show_default=True,
-              help="Steps of the common grid the curves are interpolated onto.")
-@click.option("--resamples", type=click.IntRange(min=100), default=10_000, show_default=True,
-              help="Bootstrap resamples per table cell (curves: at most 2000 per point).")
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path),
+    default=None,
+    metavar="DIR",
+    help="Where the report goes (default: RUNS_DIR/report).",
+)
+@click.option(
+    "--points",
+    type=click.IntRange(min=2),
+    default=200,
+    show_default=True,
+    help="Steps of the common grid the curves are interpolated onto.",
+)
+@click.option(
+    "--resamples",
+    type=click.IntRange(min=100),
+    default=10_000,
+    show_default=True,
+    help="Bootstrap resamples per table cell (curves: at most 2000 per point).",
+)
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the bootstrap.")
 def report_cmd(runs_dir: Path, out: Path | None, points: int, resamples: int, seed: int) -> None:
     """Tables, plots and CSV files over the runs under RUNS_DIR (a sweep directory, or any folder of runs).
@@ -327,8 +418,10 @@ def report_cmd(runs_dir: Path, out: Path | None, points: int, resamples: int, se
     except ReportError as exc:
         fail(str(exc))
     incomplete = report.incomplete
-    click.echo(f"report: {len(report.runs)} runs, {len(incomplete)} incomplete"
-               + (": " + ", ".join(str(r.path) for r in incomplete) if incomplete else ""))
+    click.echo(
+        f"report: {len(report.runs)} runs, {len(incomplete)} incomplete"
+        + (": " + ", ".join(str(r.path) for r in incomplete) if incomplete else "")
+    )
     if report.provenance is not None and report.provenance.warning() is not None:
         click.echo(report.provenance.warning())
     for path in report.files:

@@ -44,7 +44,9 @@ class DQNConfig(_Section):
     """
 
     algo: Literal["dqn"] = Field("dqn", description="Agent: 'dqn' (PlasticDQN) or 'ppo' (PlasticPPO).")
-    double_q: bool = Field(False, description="Double-DQN target: the online net picks a', the target net evaluates it.")
+    double_q: bool = Field(
+        False, description="Double-DQN target: the online net picks a', the target net evaluates it."
+    )
     fast: bool = Field(
         False,
         description="Fast path (agents/fast_dqn.py): the same DQN maths with less overhead (fused Adam, one "
@@ -60,16 +62,19 @@ class DQNConfig(_Section):
     gradient_steps: PositiveInt = Field(1, description="Gradient steps per update.")
     target_update_interval: PositiveInt = Field(10_000, description="Env steps between target network updates.")
     exploration_fraction: Fraction | None = Field(
-        0.1, description="Fraction of total_steps over which epsilon decays (SB3's schedule; null with exploration_steps).",
+        0.1,
+        description="Fraction of total_steps over which epsilon decays (SB3's schedule; null with exploration_steps).",
     )
     exploration_steps: PositiveInt | None = Field(
         None,
         validate_default=True,  # so that a null exploration_fraction without it is an error too
         description="Env steps over which epsilon decays, whatever total_steps is (so a run on one task alone decays "
-        "as a sequence's first task); not counting random_steps_per_task. Replaces exploration_fraction (null: use it).",
+        "as a sequence's first task); not counting random_steps_per_task. Replaces exploration_fraction "
+        "(null: use it).",
     )
     exploration_reset_on_switch: bool = Field(
-        False, description="Restart the epsilon decay at every task switch (needs exploration_steps).",
+        False,
+        description="Restart the epsilon decay at every task switch (needs exploration_steps).",
     )
     exploration_initial_eps: Fraction = Field(1.0, description="Initial epsilon.")
     exploration_final_eps: Fraction = Field(0.05, description="Final epsilon.")
@@ -80,7 +85,8 @@ class DQNConfig(_Section):
     )
     td_loss: Literal["huber", "mse"] = Field("huber", description="TD loss: huber (SB3) or mse (C-CHAIN).")
     max_grad_norm: Annotated[float, Field(gt=0)] | None = Field(
-        10.0, description="Gradient clipping norm (null: no clipping, as C-CHAIN).",
+        10.0,
+        description="Gradient clipping norm (null: no clipping, as C-CHAIN).",
     )
 
     @model_validator(mode="before")
@@ -97,8 +103,10 @@ class DQNConfig(_Section):
     def _one_schedule(cls, value: int | None, info: Any) -> int | None:
         fraction = info.data.get("exploration_fraction")
         if value is not None and fraction is not None:
-            raise ValueError(f"give one exploration schedule: exploration_steps or exploration_fraction "
-                             f"(it is {fraction}); set agent.exploration_fraction=null to use exploration_steps")
+            raise ValueError(
+                f"give one exploration schedule: exploration_steps or exploration_fraction "
+                f"(it is {fraction}); set agent.exploration_fraction=null to use exploration_steps"
+            )
         if value is None and fraction is None and "exploration_fraction" in info.data:
             raise ValueError("no exploration schedule: give agent.exploration_steps or agent.exploration_fraction")
         return value
@@ -107,8 +115,9 @@ class DQNConfig(_Section):
     @classmethod
     def _reset_needs_steps(cls, value: bool, info: Any) -> bool:
         if value and info.data.get("exploration_steps") is None:
-            raise ValueError("needs agent.exploration_steps (the decay it restarts; exploration_fraction's follows "
-                             "total_steps)")
+            raise ValueError(
+                "needs agent.exploration_steps (the decay it restarts; exploration_fraction's follows total_steps)"
+            )
         return value
 
 
@@ -128,7 +137,9 @@ class PPOConfig(_Section):
     ent_coef: Annotated[float, Field(ge=0)] = Field(0.0, description="Entropy bonus coefficient.")
     vf_coef: Annotated[float, Field(ge=0)] = Field(0.5, description="Value loss coefficient.")
     max_grad_norm: Annotated[float, Field(gt=0)] = Field(0.5, description="Gradient clipping norm.")
-    target_kl: Annotated[float, Field(gt=0)] | None = Field(None, description="Early-stop epochs above this KL (null: off).")
+    target_kl: Annotated[float, Field(gt=0)] | None = Field(
+        None, description="Early-stop epochs above this KL (null: off)."
+    )
 
 
 AgentConfig = Annotated[DQNConfig | PPOConfig, Field(discriminator="algo")]
@@ -166,8 +177,10 @@ class NetConfig(_Section):
             for key in keys:
                 size = info.data.get(key)
                 if size is not None and size % 2:
-                    raise ValueError(f"crelu keeps the width by halving the units before it, so net.{key} "
-                                     f"must be even (it is {size})")
+                    raise ValueError(
+                        f"crelu keeps the width by halving the units before it, so net.{key} "
+                        f"must be even (it is {size})"
+                    )
         return value
 
 
@@ -203,7 +216,9 @@ class LoggingConfig(_Section):
 
     root_dir: str = Field("runs", description="Runs go to <root_dir>/<name>/<date-time>_seed<k>/.")
     progress_bar: bool = Field(True, description="Show a progress bar.")
-    log_interval: PositiveInt | None = Field(None, description="SB3 log interval (null: SB3's: 4 episodes DQN, 1 rollout PPO).")
+    log_interval: PositiveInt | None = Field(
+        None, description="SB3 log interval (null: SB3's: 4 episodes DQN, 1 rollout PPO)."
+    )
     save_model: bool = Field(True, description="Save the final model (SB3 zip) as model.zip.")
 
 
@@ -225,8 +240,10 @@ def _check_probe_names(names: list[str], kind: str, info: ValidationInfo) -> lis
             continue
         if name in kinds:
             other = "switch_probes" if kinds[name] == "heavy" else "probes or monitor.batch_probes"
-            raise ValueError(f"'{name}' is a {kinds[name]} probe: it goes in monitor.{other}; "
-                             f"valid {kind} probes: {', '.join(valid)}")
+            raise ValueError(
+                f"'{name}' is a {kinds[name]} probe: it goes in monitor.{other}; "
+                f"valid {kind} probes: {', '.join(valid)}"
+            )
         close = difflib.get_close_matches(name, valid, n=1)
         hint = f" (did you mean '{close[0]}'?)" if close else ""
         raise ValueError(f"'{name}' is not a {kind} probe{hint}; valid: {', '.join(valid)} (rlp list probes)")
@@ -255,29 +272,36 @@ class MonitorConfig(_Section):
         description="Probes run on the training batch (K-FAC is left to the probe set: it is most of the cost).",
     )
     probe_set_size: Annotated[int, Field(ge=2)] = Field(
-        1024, description="Samples in each task's probe set (@probe_set): transitions of a seeded uniform-random "
+        1024,
+        description="Samples in each task's probe set (@probe_set): transitions of a seeded uniform-random "
         "policy on a separate copy of the task, the same for every arm and network with the same seed.",
     )
     probe_set_episodes: PositiveInt = Field(
-        10, description="Episodes the random policy plays at least for a probe set (it plays at least 4x "
+        10,
+        description="Episodes the random policy plays at least for a probe set (it plays at least 4x "
         "probe_set_size transitions, then subsamples).",
     )
     probe_set_max_episode_steps: PositiveInt = Field(
         1000, description="Steps after which a random-policy episode of a probe set is cut (it bootstraps)."
     )
     first_visit: bool = Field(
-        False, description="Also probe a second set per task (@first_visit): the run's own first samples of "
+        False,
+        description="Also probe a second set per task (@first_visit): the run's own first samples of "
         "the task on its first visit (depends on the arm: a continual network's are its previous policy's).",
     )
     first_visit_size: Annotated[int, Field(ge=2)] = Field(256, description="Samples in each @first_visit set.")
     dormant_tau: Annotated[float, Field(ge=0)] = Field(0.025, description="Dormancy threshold tau (Sokar et al. 2023).")
-    hessian_order: PositiveInt = Field(100, description="Lanczos order of the Hessian spectrum (docs/reference/metrics.md).")
+    hessian_order: PositiveInt = Field(
+        100, description="Lanczos order of the Hessian spectrum (docs/reference/metrics.md)."
+    )
     hessian_vectors: PositiveInt = Field(
         4, description="Start vectors the Hessian spectrum (SLQ) averages over; each costs hessian_order HVPs."
     )
     gram_size: Annotated[int, Field(ge=2)] = Field(256, description="Probe samples in the Gram matrix.")
     trainability_steps: PositiveInt = Field(200, description="Adam steps of the trainability probe.")
-    trainability_lr: Annotated[float, Field(gt=0)] = Field(1e-3, description="Adam learning rate of the trainability probe.")
+    trainability_lr: Annotated[float, Field(gt=0)] = Field(
+        1e-3, description="Adam learning rate of the trainability probe."
+    )
     histograms: bool = Field(True, description="Log histograms of feature singular values and K-FAC eigenvalues.")
 
     @field_validator("probes", "batch_probes")
@@ -301,14 +325,17 @@ class EvalConfig(_Section):
 
     enabled: bool = Field(True, description="Evaluate the policy during training (eval/<task>/mean_return).")
     every: PositiveInt | None = Field(
-        None, description="Env steps between evaluations (null: env.switch_every / 10); also at the start and "
+        None,
+        description="Env steps between evaluations (null: env.switch_every / 10); also at the start and "
         "at the end of every task visit.",
     )
     episodes: PositiveInt = Field(10, description="Episodes per task and evaluation (played side by side).")
-    epsilon: Fraction = Field(0.0, description="Epsilon of the evaluation policy (0: greedy; PPO: its "
-                              "deterministic action).")
+    epsilon: Fraction = Field(
+        0.0, description="Epsilon of the evaluation policy (0: greedy; PPO: its deterministic action)."
+    )
     tasks: Literal["current", "all"] = Field(
-        "current", description="current: the task being trained; all: every task of the sequence each time "
+        "current",
+        description="current: the task being trained; all: every task of the sequence each time "
         "(a task-by-task matrix: forgetting and forward transfer).",
     )
     seed: NonNegInt | None = Field(None, description="Seed of the evaluation episodes (null: seed x 1234, as C-CHAIN).")
@@ -331,7 +358,8 @@ class CheckpointConfig(_Section):
         "without it a resumed run refills it for agent.learning_starts steps and is no longer exact.",
     )
     keep: PositiveInt = Field(
-        1, description="Checkpoints kept in <run dir>/checkpoints/, newest first; a new one replaces the "
+        1,
+        description="Checkpoints kept in <run dir>/checkpoints/, newest first; a new one replaces the "
         "previous one only once it is complete.",
     )
 
@@ -340,7 +368,8 @@ class RunConfig(_Section):
     """One training run."""
 
     name: str = Field(
-        "run", pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$",
+        "run",
+        pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$",
         description="Run name: the folder under logging.root_dir (letters, digits, _ . -).",
     )
     seed: NonNegInt = Field(0, description="Seed of the agent, the env and (by default) the task family.")
@@ -350,7 +379,8 @@ class RunConfig(_Section):
     device: str = Field("auto", description="Torch device: auto, cpu, cuda or cuda:N.")
     threads: PositiveInt | None = Field(None, description="torch.set_num_threads (null: torch's default).")
     cpu_kernels: Literal["native", "portable"] = Field(
-        "native", description="CPU kernels: native (each library picks for this CPU) or portable (the same kernels "
+        "native",
+        description="CPU kernels: native (each library picks for this CPU) or portable (the same kernels "
         "on any x86-64 CPU with AVX2, about 20% slower; needs threads; README, Provenance).",
     )
     agent: AgentConfig = Field(default_factory=DQNConfig, description="The agent and its SB3 hyperparameters.")
@@ -379,15 +409,21 @@ class RunConfig(_Section):
             if spec is None:
                 close = difflib.get_close_matches(name, list(INTERVENTIONS), n=1)
                 hint = f" (did you mean '{close[0]}'?)" if close else ""
-                raise ValueError(f"interventions[{i}]: '{name}' is not an intervention{hint}; valid: {valid_intervention_names()}")
+                raise ValueError(
+                    f"interventions[{i}]: '{name}' is not an intervention{hint}; valid: {valid_intervention_names()}"
+                )
             if self.agent.algo not in spec.algos:
-                raise ValueError(f"interventions[{i}]: '{name}' does not support agent '{self.agent.algo}': {spec.why_not}")
+                raise ValueError(
+                    f"interventions[{i}]: '{name}' does not support agent '{self.agent.algo}': {spec.why_not}"
+                )
         if len(set(self.interventions)) != len(self.interventions):
             raise ValueError(f"interventions: each may appear once, got {self.interventions}")
         for name, values in self.intervention_params.items():
             spec = INTERVENTIONS.get(name)
             if spec is None:
-                raise ValueError(f"intervention_params.{name}: not an intervention; valid: {valid_intervention_names()}")
+                raise ValueError(
+                    f"intervention_params.{name}: not an intervention; valid: {valid_intervention_names()}"
+                )
             try:
                 spec.params.model_validate(values)
             except ValidationError as exc:
@@ -397,16 +433,20 @@ class RunConfig(_Section):
                     valid = list(spec.params.model_fields)
                     close = difflib.get_close_matches(key, valid, n=1)
                     hint = f" (did you mean '{close[0]}'?)" if close else ""
-                    raise ValueError(f"unknown config key 'intervention_params.{name}.{key}'{hint}; "
-                                     f"valid keys for {name}: {', '.join(valid) or '(none)'}") from None
+                    raise ValueError(
+                        f"unknown config key 'intervention_params.{name}.{key}'{hint}; "
+                        f"valid keys for {name}: {', '.join(valid) or '(none)'}"
+                    ) from None
                 raise ValueError(f"intervention_params.{name}.{key}: {err['msg']} (got {err.get('input')!r})") from None
         return self
 
     @model_validator(mode="after")
     def _check_cpu_kernels(self) -> RunConfig:
         if self.cpu_kernels == "portable" and self.threads is None:
-            raise ValueError("cpu_kernels: 'portable' needs threads set (e.g. threads=1): the thread count decides "
-                             "how sums are split, so it must not follow the machine")
+            raise ValueError(
+                "cpu_kernels: 'portable' needs threads set (e.g. threads=1): the thread count decides "
+                "how sums are split, so it must not follow the machine"
+            )
         return self
 
     @field_validator("device")
@@ -419,6 +459,7 @@ class RunConfig(_Section):
 
 
 # -- loading ---------------------------------------------------------------------------------------
+
 
 def _models_at(loc: tuple[Any, ...], data: dict[str, Any]) -> list[type[BaseModel]]:
     """The schema section(s) that a pydantic error location points into."""
@@ -454,7 +495,8 @@ def _format_error(err: dict[str, Any], data: dict[str, Any]) -> str:
     if err["type"] == "missing":
         return f"config key '{key}' is required"
     if err["type"] == "union_tag_invalid":
-        return f"{key}.algo: '{err['input'].get('algo') if isinstance(err['input'], dict) else err['input']}' is not an agent; valid: dqn, ppo"
+        given = err["input"].get("algo") if isinstance(err["input"], dict) else err["input"]
+        return f"{key}.algo: '{given}' is not an agent; valid: dqn, ppo"
     msg = err["msg"].removeprefix("Value error, ")
     if not key:  # a whole-config check, whose message names its own keys
         return msg

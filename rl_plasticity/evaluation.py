@@ -12,7 +12,8 @@ the end of every task visit (the switch step, and the end of training), :class:`
 - ``eval/mean_return``: the current task's (at a switch step, the task that just ended).
 
 A round at step ``t`` plays the network the agent acts with at step ``t``, as the monitor's probes do (at the
-last step of training, the update that follows it is not in it). The policy is the agent's own: SB3's ``policy.predict(obs, deterministic=True)`` (DQN: the greedy action;
+last step of training, the update that follows it is not in it). The policy is the agent's own: SB3's
+``policy.predict(obs, deterministic=True)`` (DQN: the greedy action;
 PPO: the distribution's mode), with probability ``eval.epsilon`` replaced by a uniform random action, as
 SB3's epsilon-greedy rule does. The episodes of one task are played side by side, one forward pass per step.
 
@@ -68,8 +69,9 @@ class EvalResult:
         return float(np.mean(self.lengths))
 
 
-def play_episodes(agent: BaseAlgorithm, envs: list[gym.Env], seeds: list[int], epsilon: float = 0.0,
-                  max_episode_steps: int = 10_000) -> tuple[np.ndarray, np.ndarray]:
+def play_episodes(
+    agent: BaseAlgorithm, envs: list[gym.Env], seeds: list[int], epsilon: float = 0.0, max_episode_steps: int = 10_000
+) -> tuple[np.ndarray, np.ndarray]:
     """One episode on each env, side by side, with the agent's deterministic policy (epsilon-greedy if asked).
 
     :param envs: gymnasium envs of one task (the same spaces); each plays one episode.
@@ -166,13 +168,18 @@ class EvalCallback(BaseCallback):
     # -- checkpoints --------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """The schedule and the latest results (the episodes are seeded, so nothing else is needed)."""
-        return {"next_due": self.next_due, "last_step": self.last_step,
-                "latest": {task: asdict(result) for task, result in self.latest.items()}}
+        return {
+            "next_due": self.next_due,
+            "last_step": self.last_step,
+            "latest": {task: asdict(result) for task, result in self.latest.items()},
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.next_due, self.last_step = int(state["next_due"]), state["last_step"]
-        self.latest = {int(task): EvalResult(**{**r, "returns": tuple(r["returns"]), "lengths": tuple(r["lengths"])})
-                       for task, r in state["latest"].items()}
+        self.latest = {
+            int(task): EvalResult(**{**r, "returns": tuple(r["returns"]), "lengths": tuple(r["lengths"])})
+            for task, r in state["latest"].items()
+        }
         self._resumed = True
 
     # -- training -------------------------------------------------------------------------------------

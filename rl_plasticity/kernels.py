@@ -56,12 +56,16 @@ def check(choice: str) -> None:
     wrong = {key: os.environ.get(key) for key, value in PORTABLE_ENV.items() if os.environ.get(key) != value}
     if wrong:
         needed = " ".join(f"{key}={value}" for key, value in PORTABLE_ENV.items())
-        raise ConfigError(f"cpu_kernels: 'portable' needs {needed} in the environment before torch starts (rlp train "
-                          f"sets them; from Python, export them before importing torch); got {wrong}")
+        raise ConfigError(
+            f"cpu_kernels: 'portable' needs {needed} in the environment before torch starts (rlp train "
+            f"sets them; from Python, export them before importing torch); got {wrong}"
+        )
     capability = th.backends.cpu.get_cpu_capability()
     if capability != PORTABLE_CAPABILITY:
-        raise ConfigError(f"cpu_kernels: 'portable' runs ATen's AVX2 kernels, but torch runs {capability} kernels here "
-                          "(a CPU without AVX2, or torch computed before the pin was set); valid here: native")
+        raise ConfigError(
+            f"cpu_kernels: 'portable' runs ATen's AVX2 kernels, but torch runs {capability} kernels here "
+            "(a CPU without AVX2, or torch computed before the pin was set); valid here: native"
+        )
 
 
 @contextlib.contextmanager

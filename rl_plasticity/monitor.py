@@ -133,8 +133,14 @@ class MonitorCallback(BaseCallback):
         visit's row in ``task_summary.csv`` takes its evaluation at the visit's end.
     """
 
-    def __init__(self, cfg: MonitorConfig, run_dir: Path, task_envs: TaskEnvs, final_episodes: int = 10,
-                 evaluation: Any | None = None) -> None:
+    def __init__(
+        self,
+        cfg: MonitorConfig,
+        run_dir: Path,
+        task_envs: TaskEnvs,
+        final_episodes: int = 10,
+        evaluation: Any | None = None,
+    ) -> None:
         super().__init__()
         self.cfg = cfg
         self.run_dir = Path(run_dir)
@@ -142,8 +148,9 @@ class MonitorCallback(BaseCallback):
         self.task_names = list(task_envs.task_names)
         self.final_episodes = final_episodes
         self.evaluation = evaluation
-        self.probe_sets = RandomProbeSets(task_envs, cfg.probe_set_size, cfg.probe_set_episodes,
-                                          cfg.probe_set_max_episode_steps)
+        self.probe_sets = RandomProbeSets(
+            task_envs, cfg.probe_set_size, cfg.probe_set_episodes, cfg.probe_set_max_episode_steps
+        )
         self.next_probe = cfg.probe_every
         self.nc_undefined = 0
         self.visits: dict[int, int] = {}
@@ -164,8 +171,9 @@ class MonitorCallback(BaseCallback):
         batch = observer.last_batch
         summary = self.run_dir / SUMMARY_FILE
         return {
-            "first_visit": None if sets is None else {**sets.state_dict(), "parts": sets._parts,
-                                                      "counts": sets._counts},
+            "first_visit": None
+            if sets is None
+            else {**sets.state_dict(), "parts": sets._parts, "counts": sets._counts},
             "probe_set_tasks": [task for task in range(len(self.task_names)) if self.probe_sets.built(task)],
             "init_params": {name: value.detach().cpu() for name, value in self.init_params.items()},
             "next_probe": self.next_probe,
@@ -221,8 +229,11 @@ class MonitorCallback(BaseCallback):
     def _init_callback(self) -> None:
         agent = self.model
         self.uses_replay = agent.uses_replay
-        self.first_visit_sets = (ProbeSets(self.cfg.first_visit_size, DQN_FIELDS if self.uses_replay else PPO_FIELDS)
-                                 if self.cfg.first_visit else None)
+        self.first_visit_sets = (
+            ProbeSets(self.cfg.first_visit_size, DQN_FIELDS if self.uses_replay else PPO_FIELDS)
+            if self.cfg.first_visit
+            else None
+        )
         self.init_params = snapshot(probed_module(agent))
         agent.interventions.append(self._observer)
         if self._resume is not None:
@@ -439,12 +450,18 @@ def tensorboard_layout() -> dict[str, dict[str, list[Any]]]:
     """Custom Scalars layout: returns per task (training and evaluation), then each registered probe's charts
     by its group (ranks, dormancy, collapse, curvature, weights, ...)."""
     return {
-        "returns": {"episode return per task": ["Multiline", [r"task/.*/episode_return"]],
-                    "task id": ["Multiline", [r"task/id"]]},
-        "eval": {title: ["Multiline", [regex]] for title, regex in (
-            ("evaluation return per task", r"eval/.+/mean_return"),
-            ("evaluation return of the current task", r"eval/mean_return"),
-            ("evaluation return std per task", r"eval/.*/std_return"),
-            ("evaluation episode length per task", r"eval/.*/mean_length"))},
+        "returns": {
+            "episode return per task": ["Multiline", [r"task/.*/episode_return"]],
+            "task id": ["Multiline", [r"task/id"]],
+        },
+        "eval": {
+            title: ["Multiline", [regex]]
+            for title, regex in (
+                ("evaluation return per task", r"eval/.+/mean_return"),
+                ("evaluation return of the current task", r"eval/mean_return"),
+                ("evaluation return std per task", r"eval/.*/std_return"),
+                ("evaluation episode length per task", r"eval/.*/mean_length"),
+            )
+        },
         **layout_groups(prefix="plasticity/"),
     }

@@ -43,8 +43,9 @@ PROBE_SET_STREAM = 11
 POOL_FACTOR = 4
 
 
-def random_policy_transitions(env: gym.Env, size: int, seed: int, min_episodes: int = 10,
-                              max_episode_steps: int = 1000) -> tuple[dict[str, np.ndarray], int]:
+def random_policy_transitions(
+    env: gym.Env, size: int, seed: int, min_episodes: int = 10, max_episode_steps: int = 1000
+) -> tuple[dict[str, np.ndarray], int]:
     """``size`` transitions of a uniform-random policy on ``env``, subsampled from whole episodes.
 
     It plays episodes (each reset with a seed drawn from ``seed``, and cut after ``max_episode_steps``)
@@ -66,11 +67,16 @@ def random_policy_transitions(env: gym.Env, size: int, seed: int, min_episodes: 
     episodes = 0
     while episodes < min_episodes or len(columns["rewards"]) < POOL_FACTOR * size:
         obs, _ = env.reset(seed=derived_seed(seed, 2, episodes))
-        for t in range(max_episode_steps):
+        for _ in range(max_episode_steps):
             action = space.sample()
             next_obs, reward, terminated, truncated, _ = env.step(action)
-            for name, value in (("observations", obs), ("actions", action), ("next_observations", next_obs),
-                                ("dones", float(terminated)), ("rewards", float(reward))):
+            for name, value in (
+                ("observations", obs),
+                ("actions", action),
+                ("next_observations", next_obs),
+                ("dones", float(terminated)),
+                ("rewards", float(reward)),
+            ):
                 columns[name].append(value)
             obs = next_obs
             if terminated or truncated:
@@ -120,7 +126,8 @@ class RandomProbeSets:
             env = self.task_envs.make(task_id)
             try:
                 self._sets[task_id], self.episodes[task_id] = random_policy_transitions(
-                    env, self.size, self.seed(task_id), self.min_episodes, self.max_episode_steps)
+                    env, self.size, self.seed(task_id), self.min_episodes, self.max_episode_steps
+                )
             finally:
                 env.close()
             self.build_seconds[task_id] = time.perf_counter() - start
@@ -135,10 +142,16 @@ class RandomProbeSets:
 
     def save(self, path: Path) -> None:
         """Write the sets built so far atomically (temporary file, then rename)."""
-        state = {"source": "random_policy", "size": self.size, "min_episodes": self.min_episodes,
-                 "max_episode_steps": self.max_episode_steps, "sets": self._sets,
-                 "seeds": {task: self.seed(task) for task in self._sets}, "episodes": dict(self.episodes),
-                 "task_names": list(self.task_envs.task_names)}
+        state = {
+            "source": "random_policy",
+            "size": self.size,
+            "min_episodes": self.min_episodes,
+            "max_episode_steps": self.max_episode_steps,
+            "sets": self._sets,
+            "seeds": {task: self.seed(task) for task in self._sets},
+            "episodes": dict(self.episodes),
+            "task_names": list(self.task_envs.task_names),
+        }
         save_atomic(state, path)
 
 
@@ -164,15 +177,19 @@ def rollout_samples(agent: BaseAlgorithm, transitions: ReplayBufferSamples) -> R
     makes of them is the network's, as in training.
     """
     policy = agent.policy
-    actions = transitions.actions.long().flatten() if isinstance(agent.action_space, gym.spaces.Discrete) \
+    actions = (
+        transitions.actions.long().flatten()
+        if isinstance(agent.action_space, gym.spaces.Discrete)
         else transitions.actions
+    )
     with th.no_grad():
         values, log_prob, _ = policy.evaluate_actions(transitions.observations, actions)
         next_values = policy.predict_values(transitions.next_observations)
     values, next_values = values.flatten(), next_values.flatten()
     returns = transitions.rewards.flatten() + agent.gamma * (1.0 - transitions.dones.flatten()) * next_values
-    return RolloutBufferSamples(transitions.observations, transitions.actions.float(), values, log_prob,
-                                returns - values, returns)
+    return RolloutBufferSamples(
+        transitions.observations, transitions.actions.float(), values, log_prob, returns - values, returns
+    )
 
 
 class ProbeSets:

@@ -63,8 +63,15 @@ def probe_batch(
         return _gram_inputs(agent, type(batch)(*(x[:n] if isinstance(x, th.Tensor) else x for x in batch)))
 
     inputs = ProbeInputs(
-        module=module, observations=obs, features=features, activations=acts, labels=labels, classifier=classifier,
-        batch=batch, loss=lambda b: agent.training_loss(b)[0], gram_inputs=gram_inputs,
+        module=module,
+        observations=obs,
+        features=features,
+        activations=acts,
+        labels=labels,
+        classifier=classifier,
+        batch=batch,
+        loss=lambda b: agent.training_loss(b)[0],
+        gram_inputs=gram_inputs,
         value_model=agent.value_model,
     )
     return run_probes(inputs, probes, settings)

@@ -38,12 +38,39 @@ UNKNOWN = "unknown"
 #: Distributions (as ``importlib.metadata`` names them) whose versions decide a run's numbers.
 PACKAGES = ("torch", "stable-baselines3", "gymnasium", "MinAtar", "numpy", "rl-plasticity")
 #: Environment variables that change kernel choice or threading, recorded when set.
-KERNEL_ENV_VARS = ("ATEN_CPU_CAPABILITY", "MKL_CBWR", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "OMP_NUM_THREADS",
-                   "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NPY_DISABLE_CPU_FEATURES", "CUBLAS_WORKSPACE_CONFIG",
-                   "PYTHONHASHSEED")
+KERNEL_ENV_VARS = (
+    "ATEN_CPU_CAPABILITY",
+    "MKL_CBWR",
+    "ONEDNN_MAX_CPU_ISA",
+    "DNNL_MAX_CPU_ISA",
+    "OMP_NUM_THREADS",
+    "MKL_NUM_THREADS",
+    "OPENBLAS_NUM_THREADS",
+    "NPY_DISABLE_CPU_FEATURES",
+    "CUBLAS_WORKSPACE_CONFIG",
+    "PYTHONHASHSEED",
+)
 #: ``/proc/cpuinfo`` flags of the instruction sets ATen, MKL and oneDNN choose kernels by.
-ISA_FLAGS = ("sse4_1", "sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512dq", "avx512bw", "avx512vl",
-             "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8", "asimd", "sve")
+ISA_FLAGS = (
+    "sse4_1",
+    "sse4_2",
+    "avx",
+    "avx2",
+    "fma",
+    "f16c",
+    "avx512f",
+    "avx512dq",
+    "avx512bw",
+    "avx512vl",
+    "avx512_vnni",
+    "avx512_bf16",
+    "avx512_fp16",
+    "amx_tile",
+    "amx_bf16",
+    "amx_int8",
+    "asimd",
+    "sve",
+)
 #: The project's source root (the folder holding ``rl_plasticity/``; a git checkout when run from one).
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 _GIT_TIMEOUT_S = 10.0
@@ -62,8 +89,9 @@ def git_state(root: Path = PROJECT_ROOT) -> dict[str, Any]:
 
     def git(*args: str) -> str | None:
         try:
-            out = subprocess.run(["git", "-C", str(root), *args], capture_output=True, timeout=_GIT_TIMEOUT_S,
-                                 check=False)
+            out = subprocess.run(
+                ["git", "-C", str(root), *args], capture_output=True, timeout=_GIT_TIMEOUT_S, check=False
+            )
         except (OSError, subprocess.SubprocessError):
             return None
         return out.stdout.decode(errors="replace") if out.returncode == 0 else None
@@ -111,15 +139,22 @@ def cpu_info(cpuinfo: Path = Path("/proc/cpuinfo")) -> dict[str, Any]:
     except OSError:
         pass
     flags = fields["flags"].split() if "flags" in fields else None
-    return {"cpu": fields.get("model name") or platform.processor() or UNKNOWN,
-            "cpu_vendor": fields.get("vendor_id", UNKNOWN),
-            "cpu_flags": UNKNOWN if flags is None else [f for f in ISA_FLAGS if f in flags]}
+    return {
+        "cpu": fields.get("model name") or platform.processor() or UNKNOWN,
+        "cpu_vendor": fields.get("vendor_id", UNKNOWN),
+        "cpu_flags": UNKNOWN if flags is None else [f for f in ISA_FLAGS if f in flags],
+    }
 
 
 def machine_info() -> dict[str, Any]:
     """CPU (:func:`cpu_info`), logical CPU count, OS and architecture, host name."""
-    return {**cpu_info(), "cpu_count": os.cpu_count(), "platform": platform.platform(),
-            "machine": platform.machine(), "hostname": socket.gethostname()}
+    return {
+        **cpu_info(),
+        "cpu_count": os.cpu_count(),
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "hostname": socket.gethostname(),
+    }
 
 
 def torch_info() -> dict[str, Any]:
@@ -151,14 +186,18 @@ def numpy_info() -> dict[str, Any]:
     except TypeError:  # an older numpy: no dict mode
         return {}
     deps = config.get("Build Dependencies", {})
-    libs = {name: f"{deps[name].get('name', UNKNOWN)} {deps[name].get('version', '')}".strip()
-            for name in ("blas", "lapack") if isinstance(deps.get(name), dict)}
+    libs = {
+        name: f"{deps[name].get('name', UNKNOWN)} {deps[name].get('version', '')}".strip()
+        for name in ("blas", "lapack")
+        if isinstance(deps.get(name), dict)
+    }
     simd = config.get("SIMD Extensions", {})
     return {**libs, "simd_baseline": simd.get("baseline"), "simd_found": simd.get("found")}
 
 
-def collect_session(kind: str, resumed_at: int | None = None, argv: list[str] | None = None,
-                    cpu_kernels: str = "native") -> dict[str, Any]:
+def collect_session(
+    kind: str, resumed_at: int | None = None, argv: list[str] | None = None, cpu_kernels: str = "native"
+) -> dict[str, Any]:
     """One session's provenance (see the module docstring).
 
     :param kind: ``"train"`` (a new run) or ``"resume"``.
@@ -174,7 +213,7 @@ def collect_session(kind: str, resumed_at: int | None = None, argv: list[str] | 
     if resumed_at is not None:
         session["resumed_at"] = int(resumed_at)
     session.update(
-        started=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        started=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         command=list(sys.argv if argv is None else argv),
         cwd=os.getcwd(),
         code=git_state(),

@@ -18,7 +18,8 @@ from torch.utils.hooks import RemovableHandle
 
 from agents import CReLU
 
-#: Activation modules whose outputs the dormancy probes read (the post-activation values H of docs/reference/metrics.md).
+#: Activation modules whose outputs the dormancy probes read (the post-activation values H of
+#: docs/reference/metrics.md).
 #: A CReLU output has two entries per linear unit (its positive and negative parts); each counts as a unit.
 ACTIVATIONS = (nn.ReLU, nn.Tanh, CReLU)
 

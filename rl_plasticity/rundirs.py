@@ -33,8 +33,11 @@ class RunProgress:
     def complete(self) -> bool:
         """The run reached its ``total_steps``: a run always writes a checkpoint when training ends, so a
         final checkpoint at ``total_steps`` is what marks a finished run (``model.zip`` comes after it)."""
-        return (self.checkpoint_step is not None and self.total_steps is not None
-                and self.checkpoint_step >= self.total_steps)
+        return (
+            self.checkpoint_step is not None
+            and self.total_steps is not None
+            and self.checkpoint_step >= self.total_steps
+        )
 
     @property
     def resumable(self) -> bool:

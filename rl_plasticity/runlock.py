@@ -79,8 +79,10 @@ def run_lock(run_dir: Path) -> Iterator[None]:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise RunInUse(f"{run_dir} is being written by {holder(run_dir)} (rlp train); one writer per run: "
-                           "wait for it to end or stop it, then resume") from None
+            raise RunInUse(
+                f"{run_dir} is being written by {holder(run_dir)} (rlp train); one writer per run: "
+                "wait for it to end or stop it, then resume"
+            ) from None
         try:
             os.ftruncate(fd, 0)
             os.write(fd, f"{os.getpid()} {socket.gethostname()}\n".encode())

@@ -53,8 +53,8 @@ from rl_plasticity.kernels import check as check_kernels
 from rl_plasticity.kernels import kernels
 from rl_plasticity.monitor import MonitorCallback
 from rl_plasticity.provenance import record_session
-from rl_plasticity.task_envs import TaskEnvs
 from rl_plasticity.runlock import run_lock
+from rl_plasticity.task_envs import TaskEnvs
 from rl_plasticity.task_logging import TaskLogCallback
 
 
@@ -75,8 +75,9 @@ def build_env(cfg: RunConfig) -> VecEnv:
         make_sequence(env_cfg.sequence, **kwargs).close()
     except ValueError as exc:
         raise ConfigError(f"env: {exc}") from None
-    return make_vec_env(make_sequence, n_envs=env_cfg.n_envs, env_kwargs=dict(name=env_cfg.sequence, **kwargs),
-                        vec_env_cls=DummyVecEnv)
+    return make_vec_env(
+        make_sequence, n_envs=env_cfg.n_envs, env_kwargs=dict(name=env_cfg.sequence, **kwargs), vec_env_cls=DummyVecEnv
+    )
 
 
 def policy_kwargs(cfg: RunConfig, env: VecEnv) -> dict[str, Any]:
@@ -88,10 +89,17 @@ def policy_kwargs(cfg: RunConfig, env: VecEnv) -> dict[str, Any]:
     if kind == "minatar":
         if not image_like:
             raise ConfigError(f"net.kind: 'minatar' needs (C, H, W) observations, got {env.observation_space.shape}")
-        return minatar_policy_kwargs(cfg.agent.algo, width=net.width, depth=net.depth, channels=net.channels,
-                                     activation_fn=activation, layer_norm=net.layer_norm)
-    return mlp_policy_kwargs(cfg.agent.algo, width=net.width, depth=net.depth, activation_fn=activation,
-                             layer_norm=net.layer_norm)
+        return minatar_policy_kwargs(
+            cfg.agent.algo,
+            width=net.width,
+            depth=net.depth,
+            channels=net.channels,
+            activation_fn=activation,
+            layer_norm=net.layer_norm,
+        )
+    return mlp_policy_kwargs(
+        cfg.agent.algo, width=net.width, depth=net.depth, activation_fn=activation, layer_norm=net.layer_norm
+    )
 
 
 def resolve_device(device: str) -> str:
@@ -137,8 +145,10 @@ def flat_config(cfg: RunConfig) -> dict[str, Any]:
 def flat_hparams(cfg: RunConfig) -> dict[str, bool | str | float | int | None]:
     """The config flattened to ``section.key`` -> scalar, for TensorBoard's HPARAMS tab."""
     # Lists and None as strings: TensorBoard takes scalars and strings only.
-    return {key: value if isinstance(value, (bool, int, float, str)) else str(value)
-            for key, value in flat_config(cfg).items()}
+    return {
+        key: value if isinstance(value, (bool, int, float, str)) else str(value)
+        for key, value in flat_config(cfg).items()
+    }
 
 
 def make_run_dir(cfg: RunConfig) -> Path:
@@ -193,9 +203,11 @@ class _Logger(Logger):
     def dump(self, step: int = 0) -> None:
         if step != self._dumped_step:
             self._dumped_step, self._dumped_keys = step, set()
-        held = {key: (self.name_to_value.pop(key), self.name_to_count.pop(key, None),
-                      self.name_to_excluded.pop(key, None))
-                for key in list(self.name_to_value) if key in self._dumped_keys}
+        held = {
+            key: (self.name_to_value.pop(key), self.name_to_count.pop(key, None), self.name_to_excluded.pop(key, None))
+            for key in list(self.name_to_value)
+            if key in self._dumped_keys
+        }
         self._dumped_keys.update(self.name_to_value)
         super().dump(step)
         for key, (value, count, excluded) in held.items():
@@ -290,12 +302,16 @@ def config_diff(old: RunConfig, new: RunConfig) -> dict[str, tuple[Any, Any]]:
     """``key -> (old, new)`` for every flattened config key whose value differs."""
     a, b = flat_config(old), flat_config(new)
     missing = "(unset)"
-    return {key: (a.get(key, missing), b.get(key, missing))
-            for key in sorted(set(a) | set(b)) if a.get(key, missing) != b.get(key, missing)}
+    return {
+        key: (a.get(key, missing), b.get(key, missing))
+        for key in sorted(set(a) | set(b))
+        if a.get(key, missing) != b.get(key, missing)
+    }
 
 
-def resume(run_dir: str | Path, cfg: RunConfig | None = None, force: bool = False,
-           progress_bar: bool | None = None) -> Path:
+def resume(
+    run_dir: str | Path, cfg: RunConfig | None = None, force: bool = False, progress_bar: bool | None = None
+) -> Path:
     """Continue the run in ``run_dir`` from its latest checkpoint, to its ``total_steps``.
 
     :param cfg: the config to resume with (default: the run's ``config.yaml``). If it differs from the
@@ -338,32 +354,51 @@ def _resume(run_dir: Path, cfg: RunConfig | None, force: bool, progress_bar: boo
         fixed = [k for k in diff if k in FIXED_KEYS or k.startswith(tuple(p for p in FIXED_KEYS if p.endswith(".")))]
         if fixed:
             env.close()
-            raise ConfigError(f"cannot resume {run_dir} with a different {', '.join(fixed)}: the checkpoint fixes "
-                              f"{'it' if len(fixed) == 1 else 'them'}, even with --force (changed: {listed})")
+            raise ConfigError(
+                f"cannot resume {run_dir} with a different {', '.join(fixed)}: the checkpoint fixes "
+                f"{'it' if len(fixed) == 1 else 'them'}, even with --force (changed: {listed})"
+            )
         if not force:
             env.close()
-            raise ConfigError(f"the config differs from {saved_file} at: {listed}; "
-                              "pass --force to resume with the new values")
+            raise ConfigError(
+                f"the config differs from {saved_file} at: {listed}; pass --force to resume with the new values"
+            )
         print(f"rlp: resuming with changed config keys (--force): {listed}", file=sys.stderr, flush=True)
     if ckpt.step >= new.total_steps:  # type: ignore[operator]
         env.close()
-        print(f"rlp: {run_dir} is complete ({ckpt.step} of total_steps={new.total_steps} env steps); nothing to do",
-              file=sys.stderr, flush=True)
+        print(
+            f"rlp: {run_dir} is complete ({ckpt.step} of total_steps={new.total_steps} env steps); nothing to do",
+            file=sys.stderr,
+            flush=True,
+        )
         final = run_dir / "model.zip"
         if new.logging.save_model and not final.is_file():
             # Killed between its final checkpoint and model.zip: the checkpoint's model is that very save.
             shutil.copyfile(ckpt.path / "model.zip", final)
-            print(f"rlp: {final} was missing (stopped before it was saved): copied from {ckpt.path}",
-                  file=sys.stderr, flush=True)
+            print(
+                f"rlp: {final} was missing (stopped before it was saved): copied from {ckpt.path}",
+                file=sys.stderr,
+                flush=True,
+            )
         return run_dir
     agent = build_agent(new, env)
-    print(f"rlp: resuming {run_dir} from {ckpt.path.name} (env step {ckpt.step} of {new.total_steps})",
-          file=sys.stderr, flush=True)
+    print(
+        f"rlp: resuming {run_dir} from {ckpt.path.name} (env step {ckpt.step} of {new.total_steps})",
+        file=sys.stderr,
+        flush=True,
+    )
     return _learn(new, env, agent, run_dir, progress_bar, resume_from=ckpt, rewrite_config=bool(diff))
 
 
-def _learn(cfg: RunConfig, env: VecEnv, agent: BaseAlgorithm, run_dir: Path, progress_bar: bool | None,
-           resume_from: Checkpoint | None = None, rewrite_config: bool = False) -> Path:
+def _learn(
+    cfg: RunConfig,
+    env: VecEnv,
+    agent: BaseAlgorithm,
+    run_dir: Path,
+    progress_bar: bool | None,
+    resume_from: Checkpoint | None = None,
+    rewrite_config: bool = False,
+) -> Path:
     """Callbacks, checkpoints, signal handling and ``learn()`` for a new or a resumed run.
 
     :param rewrite_config: a forced resume: write the new ``config.yaml`` once the checkpoint has loaded.
@@ -372,8 +407,7 @@ def _learn(cfg: RunConfig, env: VecEnv, agent: BaseAlgorithm, run_dir: Path, pro
     task_log = TaskLogCallback(flat_hparams(cfg), task_names)
     task_envs = TaskEnvs.from_config(cfg)
     evaluation = EvalCallback(cfg.eval, task_envs, cfg.env.switch_every) if cfg.eval.enabled else None
-    monitor = (MonitorCallback(cfg.monitor, run_dir, task_envs, evaluation=evaluation)
-               if cfg.monitor.enabled else None)
+    monitor = MonitorCallback(cfg.monitor, run_dir, task_envs, evaluation=evaluation) if cfg.monitor.enabled else None
     trainee = Trainee(agent, env, list(agent.interventions), task_log, monitor, evaluation)  # type: ignore[arg-type]
     store = CheckpointStore(run_dir)
     if resume_from is not None:
@@ -465,8 +499,11 @@ def _after_earlier_events_files(run_dir: Path, longest: float = 2.0) -> None:
     in, then the host and the PID. A process killed within the same second as its resume started would
     otherwise be read after it, and its steps past the checkpoint would escape the resume's ``purge_step``.
     """
-    seconds = [int(p.name.split(".")[3]) for p in run_dir.glob("events.out.tfevents.*")
-               if len(p.name.split(".")) > 3 and p.name.split(".")[3].isdigit()]
+    seconds = [
+        int(p.name.split(".")[3])
+        for p in run_dir.glob("events.out.tfevents.*")
+        if len(p.name.split(".")) > 3 and p.name.split(".")[3].isdigit()
+    ]
     deadline = time.monotonic() + longest
     while seconds and int(time.time()) <= max(seconds) and time.monotonic() < deadline:
         time.sleep(0.05)

@@ -66,5 +66,12 @@ class TaskEnvs:
 
     def make(self, task_id: int) -> TaskSequenceEnv:
         """A new copy of task ``task_id`` (gymnasium env; ``reset(seed=...)`` before stepping)."""
-        return make_sequence(self.sequence, switch_every=_NEVER, order="explicit", task_order=[task_id],
-                             seed=self.sequence_seed, num_envs=1, **self.options)
+        return make_sequence(
+            self.sequence,
+            switch_every=_NEVER,
+            order="explicit",
+            task_order=[task_id],
+            seed=self.sequence_seed,
+            num_envs=1,
+            **self.options,
+        )

@@ -18,8 +18,16 @@ from agents.plastic import NonFiniteError
 from envs import make_sequence
 from rl_plasticity.task_logging import TaskLogCallback
 
-DQN_KW = dict(learning_starts=64, batch_size=16, train_freq=1, target_update_interval=50,
-              buffer_size=1_000, policy_kwargs=dict(net_arch=[32]), seed=3, device="cpu")
+DQN_KW = dict(
+    learning_starts=64,
+    batch_size=16,
+    train_freq=1,
+    target_update_interval=50,
+    buffer_size=1_000,
+    policy_kwargs=dict(net_arch=[32]),
+    seed=3,
+    device="cpu",
+)
 PPO_KW = dict(n_steps=64, batch_size=32, n_epochs=2, policy_kwargs=dict(net_arch=[32]), seed=3, device="cpu")
 
 
@@ -152,7 +160,12 @@ def test_extra_loss_changes_gradient_by_exactly_its_own_gradient(algo):
     kw["policy_kwargs"] = dict(net_arch=[32], optimizer_class=th.optim.SGD)
     kw.update(learning_rate=1.0, max_grad_norm=1e9)
     if algo is PlasticDQN:
-        agent = algo("MlpPolicy", "CartPole-v1", learning_starts=10_000, **{k: v for k, v in kw.items() if k != "learning_starts"})
+        agent = algo(
+            "MlpPolicy",
+            "CartPole-v1",
+            learning_starts=10_000,
+            **{k: v for k, v in kw.items() if k != "learning_starts"},
+        )
         agent.learn(100)  # fills the replay buffer, no training yet
     else:
         kw.update(n_epochs=1, batch_size=64)  # one minibatch = the whole rollout, in buffer order
@@ -190,7 +203,6 @@ def test_extra_loss_changes_gradient_by_exactly_its_own_gradient(algo):
     assert checked >= 2  # the term really reached the layers below the head
 
 
-
 class GradientSquare(Intervention):
     """Adds the gradient ``coef * theta`` of ``coef * ||theta||^2 / 2`` straight to every ``.grad``."""
 
@@ -214,7 +226,12 @@ def test_gradient_term_is_added_before_clipping_and_logged(algo, clip):
     kw["policy_kwargs"] = dict(net_arch=[32], optimizer_class=th.optim.SGD)
     kw.update(learning_rate=1.0, max_grad_norm=0.01 if clip else 1e9)
     if algo is PlasticDQN:
-        agent = algo("MlpPolicy", "CartPole-v1", learning_starts=10_000, **{k: v for k, v in kw.items() if k != "learning_starts"})
+        agent = algo(
+            "MlpPolicy",
+            "CartPole-v1",
+            learning_starts=10_000,
+            **{k: v for k, v in kw.items() if k != "learning_starts"},
+        )
         agent.learn(100)
     else:
         kw.update(n_epochs=1, batch_size=64)
@@ -230,8 +247,11 @@ def test_gradient_term_is_added_before_clipping_and_logged(algo, clip):
     loss = agent.training_loss(batch)[0] if algo is PlasticDQN else agent.loss_parts(batch, 0.2, None).loss
     loss.backward()
     online = {id(p) for p in agent.online_network().parameters()}  # DQN: not the target network
-    grads = {n: (p.grad if p.grad is not None else th.zeros_like(p)) + coef * p.detach()
-             for n, p in agent.policy.named_parameters() if id(p) in online}
+    grads = {
+        n: (p.grad if p.grad is not None else th.zeros_like(p)) + coef * p.detach()
+        for n, p in agent.policy.named_parameters()
+        if id(p) in online
+    }
     names = list(grads)
     norm = th.linalg.vector_norm(th.stack([th.linalg.vector_norm(g) for g in grads.values()])).item()
     scale = min(1.0, kw["max_grad_norm"] / (norm + 1e-6))
@@ -313,15 +333,26 @@ def test_logged_values_are_recorded_by_the_task_loggers_dump_and_nan_guarded():
 # -- on the task sequences -------------------------------------------------------------------------
 
 
-
 def sequence_env(name: str, n_envs: int, switch_every: int, **options):
-    return make_vec_env(make_sequence, n_envs=n_envs, vec_env_cls=DummyVecEnv,
-                        env_kwargs=dict(name=name, switch_every=switch_every, num_envs=n_envs, **options))
+    return make_vec_env(
+        make_sequence,
+        n_envs=n_envs,
+        vec_env_cls=DummyVecEnv,
+        env_kwargs=dict(name=name, switch_every=switch_every, num_envs=n_envs, **options),
+    )
 
 
 def test_dqn_equals_stock_on_minatar_sequence_with_switches():
-    kw = dict(learning_starts=100, batch_size=16, train_freq=1, target_update_interval=100, buffer_size=2_000,
-              policy_kwargs=minatar_policy_kwargs("dqn", width=32), seed=5, device="cpu")
+    kw = dict(
+        learning_starts=100,
+        batch_size=16,
+        train_freq=1,
+        target_update_interval=100,
+        buffer_size=2_000,
+        policy_kwargs=minatar_policy_kwargs("dqn", width=32),
+        seed=5,
+        device="cpu",
+    )
     ours = PlasticDQN("MlpPolicy", sequence_env("continual_minatar", 1, 150), **kw).learn(450)
     stock = DQN("MlpPolicy", sequence_env("continual_minatar", 1, 150), **kw).learn(450)
     assert isinstance(ours.policy.q_net.features_extractor, MinAtarCNN)
@@ -329,15 +360,20 @@ def test_dqn_equals_stock_on_minatar_sequence_with_switches():
 
 
 def test_minatar_network_shape_matches_the_paper():
-    agent = PlasticDQN("MlpPolicy", sequence_env("continual_minatar", 1, 100),
-                       policy_kwargs=minatar_policy_kwargs("dqn"), device="cpu")
+    agent = PlasticDQN(
+        "MlpPolicy", sequence_env("continual_minatar", 1, 100), policy_kwargs=minatar_policy_kwargs("dqn"), device="cpu"
+    )
     conv = agent.q_net.features_extractor.cnn[0]
     assert (conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride) == (10, 16, (3, 3), (1, 1))
     hidden, head = agent.q_net.q_net[0], agent.value_head
     assert (hidden.in_features, hidden.out_features) == (1024, 128)
     assert (head.in_features, head.out_features) == (128, 6)
-    deeper = PlasticPPO("MlpPolicy", sequence_env("continual_minatar", 1, 100),
-                        policy_kwargs=minatar_policy_kwargs("ppo", width=64, depth=2, channels=8), device="cpu")
+    deeper = PlasticPPO(
+        "MlpPolicy",
+        sequence_env("continual_minatar", 1, 100),
+        policy_kwargs=minatar_policy_kwargs("ppo", width=64, depth=2, channels=8),
+        device="cpu",
+    )
     assert deeper.value_head.in_features == 64 and deeper.policy.features_extractor.features_dim == 8 * 8 * 8
     assert len([m for m in deeper.policy.mlp_extractor.value_net if isinstance(m, th.nn.Linear)]) == 2
 
@@ -376,5 +412,5 @@ def test_constructor_shows_every_sb3_argument_with_sb3_default(ours: type, stock
     assert list(mine)[: len(theirs)] == list(theirs)
     for name, p in theirs.items():
         assert (mine[name].kind, mine[name].default) == (p.kind, p.default), name
-    assert all(p.kind is inspect.Parameter.KEYWORD_ONLY for p in list(mine.values())[len(theirs):])
+    assert all(p.kind is inspect.Parameter.KEYWORD_ONLY for p in list(mine.values())[len(theirs) :])
     assert "interventions" in mine

@@ -50,11 +50,18 @@ def envs() -> dict[str, gym.Env]:
 
 def build(algo: str, kind: str, env: gym.Env, layer_norm: bool, crelu: bool, seed: int = 0):
     """An agent built as ``rlp train`` builds it: config -> runner.policy_kwargs -> POLICIES[algo]."""
-    net = dict(kind=kind, width=WIDTH, depth=DEPTH, channels=CHANNELS, layer_norm=layer_norm,
-               activation="crelu" if crelu else "relu")
+    net = dict(
+        kind=kind,
+        width=WIDTH,
+        depth=DEPTH,
+        channels=CHANNELS,
+        layer_norm=layer_norm,
+        activation="crelu" if crelu else "relu",
+    )
     cfg = validate_config(dict(agent=dict(algo=algo), net=net))
-    return AGENTS[algo](POLICIES[algo], env, policy_kwargs=policy_kwargs(cfg, env), device="cpu", seed=seed,
-                        **SMALL[algo])
+    return AGENTS[algo](
+        POLICIES[algo], env, policy_kwargs=policy_kwargs(cfg, env), device="cpu", seed=seed, **SMALL[algo]
+    )
 
 
 def sample_obs(env: gym.Env, n: int = 7) -> th.Tensor:
@@ -246,9 +253,16 @@ env: {sequence: continual_minatar, switch_every: 128}
 monitor: {switch_probes: [hessian, trainability]}
 """,
 }
-SMALL_OVERRIDES = ["logging.progress_bar=false", "monitor.probe_every=100", "monitor.probe_set_size=32",
-                   "monitor.gram_size=16", "monitor.hessian_order=8", "monitor.trainability_steps=5",
-                   "eval.episodes=2", "eval.max_episode_steps=100"]
+SMALL_OVERRIDES = [
+    "logging.progress_bar=false",
+    "monitor.probe_every=100",
+    "monitor.probe_set_size=32",
+    "monitor.gram_size=16",
+    "monitor.hessian_order=8",
+    "monitor.trainability_steps=5",
+    "eval.episodes=2",
+    "eval.max_episode_steps=100",
+]
 
 
 @pytest.mark.parametrize("preset", list(PRESETS))

@@ -65,6 +65,7 @@ interventions: [l2]
 
 # -- helpers -------------------------------------------------------------------------------------------------
 
+
 def cli_run(*args: str):
     return CliRunner().invoke(cli, list(args), catch_exceptions=False)
 
@@ -77,8 +78,9 @@ def scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
 
 
 def same(a: list[tuple[int, float]], b: list[tuple[int, float]]) -> bool:
-    return len(a) == len(b) and all(s == t and (v == w or (math.isnan(v) and math.isnan(w)))
-                                    for (s, v), (t, w) in zip(a, b))
+    return len(a) == len(b) and all(
+        s == t and (v == w or (math.isnan(v) and math.isnan(w))) for (s, v), (t, w) in zip(a, b)
+    )
 
 
 def assert_same_logs(run: Path, reference: Path, monitored: bool = True) -> None:
@@ -179,16 +181,19 @@ def wait_for(proc: subprocess.Popen, condition, what: str, timeout: float = 120.
 
 # -- the tests -------------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("path", ["stock", "fast"])
-def test_sigterm_mid_task_and_after_switch_then_resume_equals_uninterrupted(tmp_path: Path, path: str,
-                                                                            request: pytest.FixtureRequest):
+def test_sigterm_mid_task_and_after_switch_then_resume_equals_uninterrupted(
+    tmp_path: Path, path: str, request: pytest.FixtureRequest
+):
     dqn_reference = request.getfixturevalue("dqn_reference" if path == "stock" else "fast_dqn_reference")
     (tmp_path / "dqn.yaml").write_text(DQN if path == "stock" else DQN.replace("fast: false", "fast: true"))
     out = tmp_path / "out"
 
     # 1. Killed during the first task, as soon as its first checkpoint is there.
-    first = subprocess.Popen([RLP, "train", "dqn.yaml"], cwd=tmp_path, stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True)
+    first = subprocess.Popen(
+        [RLP, "train", "dqn.yaml"], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     wait_for(first, lambda: latest_step_under(out / "dqn") > 0, "a checkpoint")
     first.send_signal(signal.SIGTERM)
     _, err = first.communicate(timeout=120)
@@ -197,13 +202,20 @@ def test_sigterm_mid_task_and_after_switch_then_resume_equals_uninterrupted(tmp_
     stopped = latest_step(run_dir)
     assert 0 < stopped < 1500 and "Traceback" not in err
     printed = Path("out") / "dqn" / run_dir.name
-    assert err.strip().splitlines()[-1] == (f"rlp: stopped by SIGTERM at env step {stopped}; checkpoint written to "
-                                            f"{printed / 'checkpoints' / f'step_{stopped:012d}'}; "
-                                            f"resume with: rlp train --resume {printed}")
+    assert err.strip().splitlines()[-1] == (
+        f"rlp: stopped by SIGTERM at env step {stopped}; checkpoint written to "
+        f"{printed / 'checkpoints' / f'step_{stopped:012d}'}; "
+        f"resume with: rlp train --resume {printed}"
+    )
 
     # 2. Resumed, and killed again just after the first task switch (step 500).
-    second = subprocess.Popen([RLP, "train", "--resume", str(run_dir)], cwd=tmp_path, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True)
+    second = subprocess.Popen(
+        [RLP, "train", "--resume", str(run_dir)],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     wait_for(second, lambda: latest_step(run_dir) >= max(500, stopped + 1), "the switch")
     second.send_signal(signal.SIGTERM)
     _, err = second.communicate(timeout=120)
@@ -255,8 +267,13 @@ def test_ppo_resume_equals_uninterrupted(tmp_path: Path, sigterm_intervention: N
     reference = train(load_config(tmp_path / "ppo.yaml", [f"logging.root_dir={tmp_path / 'ref'}"]))
     # The same run with a SIGTERM to this process during the update at step 640 (in task 1); PPO stops at
     # the next rollout boundary, right after that update, with an empty rollout buffer.
-    result = cli_run("train", str(tmp_path / "ppo.yaml"), f"logging.root_dir={tmp_path / 'out'}",
-                     "interventions=[l2,_sigterm_test]", "intervention_params._sigterm_test.at_step=640")
+    result = cli_run(
+        "train",
+        str(tmp_path / "ppo.yaml"),
+        f"logging.root_dir={tmp_path / 'out'}",
+        "interventions=[l2,_sigterm_test]",
+        "intervention_params._sigterm_test.at_step=640",
+    )
     assert result.exit_code == 143, result.output
     run_dir = only_run(tmp_path / "out" / "ppo")
     assert latest_step(run_dir) == 640 and "stopped by SIGTERM at env step 640" in result.stderr
@@ -266,12 +283,18 @@ def test_ppo_resume_equals_uninterrupted(tmp_path: Path, sigterm_intervention: N
     assert (run_dir / "task_summary.csv").read_text() == (reference / "task_summary.csv").read_text()
 
 
-def test_dqn_without_replay_buffer_refills_it(tmp_path: Path, dqn_reference: Path, sigterm_intervention: None,
-                                              monkeypatch: pytest.MonkeyPatch):
+def test_dqn_without_replay_buffer_refills_it(
+    tmp_path: Path, dqn_reference: Path, sigterm_intervention: None, monkeypatch: pytest.MonkeyPatch
+):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "dqn.yaml").write_text(DQN)
-    result = cli_run("train", str(tmp_path / "dqn.yaml"), "checkpoint.replay_buffer=false",
-                     "interventions=[reset,l2,_sigterm_test]", "intervention_params._sigterm_test.at_step=700")
+    result = cli_run(
+        "train",
+        str(tmp_path / "dqn.yaml"),
+        "checkpoint.replay_buffer=false",
+        "interventions=[reset,l2,_sigterm_test]",
+        "intervention_params._sigterm_test.at_step=700",
+    )
     assert result.exit_code == 143, result.output
     run_dir = only_run(tmp_path / "out" / "dqn")
     ckpt = CheckpointStore(run_dir).read()
@@ -287,9 +310,11 @@ def test_dqn_without_replay_buffer_refills_it(tmp_path: Path, dqn_reference: Pat
     reference = final_state(dqn_reference)["agent"]["num_gradient_steps"]
     assert state["agent"]["num_gradient_steps"] == reference - 25
     rows = (run_dir / "task_summary.csv").read_text().splitlines()
-    assert [r.split(",")[:3] for r in rows[1:]] == [["0", "cartpole/length=0.5", "1"],
-                                                     ["1", "cartpole/length=1.5", "1"],
-                                                     ["2", "cartpole/length=0.25", "1"]]
+    assert [r.split(",")[:3] for r in rows[1:]] == [
+        ["0", "cartpole/length=0.5", "1"],
+        ["1", "cartpole/length=1.5", "1"],
+        ["2", "cartpole/length=0.25", "1"],
+    ]
     for tag, points in scalars(run_dir).items():
         assert len({s for s, _ in points}) == len(points), tag
     assert [s for s, _ in scalars(run_dir)["task/id"] if s in (500, 1000)] == [500, 1000]
@@ -310,8 +335,9 @@ def test_changed_config_refused_unless_force(tmp_path: Path, dqn_reference: Path
     assert result.exit_code == 2 and "env.switch_every" in result.stderr and "even with --force" in result.stderr
 
     # The same config as a file (total_steps resolved the same way): accepted; the run is complete already.
-    result = cli_run("train", "--resume", str(run_dir), str(tmp_path / "dqn.yaml"),
-                     f"logging.root_dir={dqn_reference.parents[1]}")
+    result = cli_run(
+        "train", "--resume", str(run_dir), str(tmp_path / "dqn.yaml"), f"logging.root_dir={dqn_reference.parents[1]}"
+    )
     assert result.exit_code == 0 and "nothing to do" in result.stderr, result.output
 
     # --force extends a finished run: the schedule continues into a second pass, the summary is appended.
@@ -332,9 +358,10 @@ def test_changed_config_refused_unless_force(tmp_path: Path, dqn_reference: Path
 CORRUPTIONS = {
     "not a run directory": (lambda run: (run / "config.yaml").unlink(), "config.yaml"),
     "no checkpoint": (lambda run: shutil.rmtree(run / "checkpoints"), "checkpoints/latest"),
-    "latest names nothing": (lambda run: (shutil.rmtree(_ckpt(run)),
-                                          (run / "checkpoints" / "latest").write_text("step_000000000999\n")),
-                             "'step_000000000999', which is not there"),
+    "latest names nothing": (
+        lambda run: (shutil.rmtree(_ckpt(run)), (run / "checkpoints" / "latest").write_text("step_000000000999\n")),
+        "'step_000000000999', which is not there",
+    ),
     "truncated state": (lambda run: _truncate(run, "state.pt"), "state.pt"),
     "garbage state": (lambda run: _scramble(run, "state.pt"), "state.pt"),
     "garbage model": (lambda run: _scramble(run, "model.zip"), "model.zip"),

@@ -73,8 +73,15 @@ def test_train_writes_config_model_and_tagged_events(tiny: Path):
 
 def test_train_resolves_preset_name_and_one_pass_total(tiny: Path):
     # total_steps null -> one pass over the 3 tasks.
-    result = run("train", str(tiny), "total_steps=null", "env.switch_every=100", "logging.root_dir=out",
-                 "logging.save_model=false", "--no-progress")
+    result = run(
+        "train",
+        str(tiny),
+        "total_steps=null",
+        "env.switch_every=100",
+        "logging.root_dir=out",
+        "logging.save_model=false",
+        "--no-progress",
+    )
     assert result.exit_code == 0, result.output
     (run_dir,) = (tiny.parent / "out" / "tiny").iterdir()
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["total_steps"] == 300
@@ -84,21 +91,48 @@ def test_train_resolves_preset_name_and_one_pass_total(tiny: Path):
 def test_list_shows_every_registry():
     result = run("list")
     assert result.exit_code == 0
-    for word in ("agents:", "dqn", "ppo", "sequences:", "continual_minatar", "rlp/ContinualMinAtar-v0",
-                 "cartpole_shift", "interventions:", "configs:", "configs/quickstart.yaml"):
+    for word in (
+        "agents:",
+        "dqn",
+        "ppo",
+        "sequences:",
+        "continual_minatar",
+        "rlp/ContinualMinAtar-v0",
+        "cartpole_shift",
+        "interventions:",
+        "configs:",
+        "configs/quickstart.yaml",
+    ):
         assert word in result.output
     only = run("list", "sequences").output
     assert "agents:" not in only and "permuted_minatar" in only
 
 
 def test_train_help_documents_every_field():
-    from rl_plasticity.config import (CheckpointConfig, DQNConfig, EnvConfig, EvalConfig, LoggingConfig,
-                                      MonitorConfig, NetConfig, PPOConfig, RunConfig)
+    from rl_plasticity.config import (
+        CheckpointConfig,
+        DQNConfig,
+        EnvConfig,
+        EvalConfig,
+        LoggingConfig,
+        MonitorConfig,
+        NetConfig,
+        PPOConfig,
+        RunConfig,
+    )
 
     text = run("train", "--help").output
-    for prefix, model in [("", RunConfig), ("agent.", DQNConfig), ("agent.", PPOConfig), ("net.", NetConfig),
-                          ("env.", EnvConfig), ("logging.", LoggingConfig), ("monitor.", MonitorConfig),
-                          ("eval.", EvalConfig), ("checkpoint.", CheckpointConfig)]:
+    for prefix, model in [
+        ("", RunConfig),
+        ("agent.", DQNConfig),
+        ("agent.", PPOConfig),
+        ("net.", NetConfig),
+        ("env.", EnvConfig),
+        ("logging.", LoggingConfig),
+        ("monitor.", MonitorConfig),
+        ("eval.", EvalConfig),
+        ("checkpoint.", CheckpointConfig),
+    ]:
         for field in model.model_fields:
             if not prefix and field in ("agent", "net", "env", "logging", "monitor", "eval", "checkpoint"):
                 continue
@@ -185,13 +219,16 @@ def test_console_script_and_module_exit_2_without_traceback(tiny: Path):
     assert not (tiny.parent / "runs").exists()
 
 
-@pytest.mark.parametrize("argv,words", [
-    (["train", "--bogus"], ["rlp train: error:", "--bogus", "rlp train --help"]),
-    (["sweep", "quickstart", "--num-cpus", "0"], ["rlp sweep: error:", "--num-cpus", "x>=1"]),
-    (["report"], ["rlp report: error:", "RUNS_DIR"]),
-    (["list", "nothing"], ["rlp list: error:", "'nothing'", "interventions"]),
-    (["nosuch"], ["rlp: error:", "nosuch"]),
-])
+@pytest.mark.parametrize(
+    "argv,words",
+    [
+        (["train", "--bogus"], ["rlp train: error:", "--bogus", "rlp train --help"]),
+        (["sweep", "quickstart", "--num-cpus", "0"], ["rlp sweep: error:", "--num-cpus", "x>=1"]),
+        (["report"], ["rlp report: error:", "RUNS_DIR"]),
+        (["list", "nothing"], ["rlp list: error:", "'nothing'", "interventions"]),
+        (["nosuch"], ["rlp: error:", "nosuch"]),
+    ],
+)
 def test_click_usage_errors_are_one_line_exit_2(argv: list[str], words: list[str]):
     result = CliRunner().invoke(cli, argv, prog_name="rlp")
     assert result.exit_code == 2

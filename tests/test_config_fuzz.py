@@ -40,22 +40,45 @@ VALID = {
     "env.switch_every": st.integers(1, 500).map(str),
     "env.order": st.sampled_from(["cyclic", "random"]),
     "env.options.param": st.sampled_from(["length", "gravity", "masspole"]),
-    "interventions": st.lists(st.sampled_from(sorted(INTERVENTIONS)), unique=True, max_size=3)
-    .map(lambda names: "[" + ",".join(names) + "]"),
+    "interventions": st.lists(st.sampled_from(sorted(INTERVENTIONS)), unique=True, max_size=3).map(
+        lambda names: "[" + ",".join(names) + "]"
+    ),
     "monitor.probe_every": st.integers(1, 5000).map(str),
 }
 
 # Invalid overrides: each breaks exactly one rule.
 INVALID = st.one_of(
-    st.sampled_from(["seed=-1", "total_steps=0", "env.switch_every=-3", "agent.gamma=1.5", "agent.algo=sac",
-                     "env.order=sideways", "net.kind=resnet", "agent.td_loss=l1", "agent.exploration_fraction=null", "device=tpu", "interventions=[nope]",
-                     "monitor.probes=[nope]", "env.options.values=5", "agent.learning_rate=fast",
-                     "env.sequence=nowhere", "net.width=0", "checkpoint.every=0", "name=../x", "seed",
-                     "=3", "agent.batch_size=[1", "intervention_params.nope.x=1"]),
+    st.sampled_from(
+        [
+            "seed=-1",
+            "total_steps=0",
+            "env.switch_every=-3",
+            "agent.gamma=1.5",
+            "agent.algo=sac",
+            "env.order=sideways",
+            "net.kind=resnet",
+            "agent.td_loss=l1",
+            "agent.exploration_fraction=null",
+            "device=tpu",
+            "interventions=[nope]",
+            "monitor.probes=[nope]",
+            "env.options.values=5",
+            "agent.learning_rate=fast",
+            "env.sequence=nowhere",
+            "net.width=0",
+            "checkpoint.every=0",
+            "name=../x",
+            "seed",
+            "=3",
+            "agent.batch_size=[1",
+            "intervention_params.nope.x=1",
+        ]
+    ),
     # an unknown key anywhere
-    st.tuples(st.sampled_from(["", "agent.", "env.", "net.", "monitor.", "logging."]),
-              st.text("abcdefghijklmnopqrstuvwxyz_", min_size=3, max_size=12))
-    .map(lambda t: f"{t[0]}{t[1]}zz=1"),
+    st.tuples(
+        st.sampled_from(["", "agent.", "env.", "net.", "monitor.", "logging."]),
+        st.text("abcdefghijklmnopqrstuvwxyz_", min_size=3, max_size=12),
+    ).map(lambda t: f"{t[0]}{t[1]}zz=1"),
 )
 
 FUZZ = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -68,8 +91,11 @@ def base_file(tmp_path: Path) -> Path:
 
 
 @FUZZ
-@given(overrides=st.dictionaries(st.sampled_from(sorted(VALID)), st.none(), max_size=5).flatmap(
-    lambda keys: st.tuples(*[VALID[k].map(lambda v, k=k: f"{k}={v}") for k in keys])))
+@given(
+    overrides=st.dictionaries(st.sampled_from(sorted(VALID)), st.none(), max_size=5).flatmap(
+        lambda keys: st.tuples(*[VALID[k].map(lambda v, k=k: f"{k}={v}") for k in keys])
+    )
+)
 def test_valid_configs_build_env_and_agent(tmp_path_factory, overrides):
     path = base_file(tmp_path_factory.mktemp("valid"))
     try:

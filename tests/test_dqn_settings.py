@@ -27,14 +27,27 @@ from rl_plasticity.cli import cli
 from rl_plasticity.config import CONFIGS_DIR, load_config, validate_config
 from rl_plasticity.runner import build_agent, build_env, policy_kwargs, resume, train
 
-KW = dict(learning_starts=0, batch_size=8, train_freq=1, target_update_interval=10, buffer_size=1_000,
-          exploration_final_eps=0.05, policy_kwargs=dict(net_arch=[16]), seed=5, device="cpu")
+KW = dict(
+    learning_starts=0,
+    batch_size=8,
+    train_freq=1,
+    target_update_interval=10,
+    buffer_size=1_000,
+    exploration_final_eps=0.05,
+    policy_kwargs=dict(net_arch=[16]),
+    seed=5,
+    device="cpu",
+)
 SWITCH = 50  # env steps per task of the CartPole sequences below (3 tasks)
 
 
 def sequence_env(**kwargs: Any) -> DummyVecEnv:
-    return make_vec_env(make_sequence, n_envs=1, vec_env_cls=DummyVecEnv,
-                        env_kwargs=dict(name="cartpole_shift", switch_every=SWITCH, **kwargs))
+    return make_vec_env(
+        make_sequence,
+        n_envs=1,
+        vec_env_cls=DummyVecEnv,
+        env_kwargs=dict(name="cartpole_shift", switch_every=SWITCH, **kwargs),
+    )
 
 
 class StepLog(BaseCallback):
@@ -69,6 +82,7 @@ def linear_eps(steps: int, decay: int, start: float = 1.0, end: float = 0.05) ->
 
 # -- exploration ------------------------------------------------------------------------------------------
 
+
 def test_exploration_steps_are_absolute_so_a_fresh_run_explores_as_the_first_task():
     continual = run(3 * SWITCH, exploration_steps=40, exploration_fraction=None)[1].eps
     fresh = run(SWITCH, dict(order="explicit", task_order=[0]), exploration_steps=40, exploration_fraction=None)[1].eps
@@ -96,11 +110,18 @@ def test_agent_rejects_a_restart_without_exploration_steps():
 
 # -- random steps at the start of each task visit -----------------------------------------------------------
 
+
 def test_random_steps_per_task_act_uniformly_without_updates_at_every_visit():
     random_steps, decay = 20, 40
     # Epsilon 0 otherwise, so the action space's RNG is drawn from on the random steps only.
-    agent = PlasticDQN("MlpPolicy", sequence_env(), random_steps_per_task=random_steps, exploration_steps=decay,
-                       exploration_fraction=None, **{**KW, "exploration_initial_eps": 0.0, "exploration_final_eps": 0.0})
+    agent = PlasticDQN(
+        "MlpPolicy",
+        sequence_env(),
+        random_steps_per_task=random_steps,
+        exploration_steps=decay,
+        exploration_fraction=None,
+        **{**KW, "exploration_initial_eps": 0.0, "exploration_final_eps": 0.0},
+    )
     space = copy.deepcopy(agent.action_space)
     log = StepLog()
     agent.learn(3 * SWITCH, callback=log)
@@ -122,7 +143,9 @@ def test_random_steps_do_not_advance_epsilon():
     log = run(3 * SWITCH, random_steps_per_task=20, exploration_steps=40, exploration_fraction=None)[1]
     counted = np.cumsum([0] + [not r for r in log.random])[:-1]
     assert log.eps == pytest.approx([linear_eps(int(c), 40) for c in counted], abs=1e-12)
-    assert log.eps[SWITCH + 19] == log.eps[SWITCH] == pytest.approx(linear_eps(30, 40))  # frozen in task 2's random steps
+    assert (
+        log.eps[SWITCH + 19] == log.eps[SWITCH] == pytest.approx(linear_eps(30, 40))
+    )  # frozen in task 2's random steps
     # SB3's fractional schedule follows the run's progress, random steps or not.
     with_random = run(3 * SWITCH, random_steps_per_task=20, exploration_fraction=0.5)[1].eps
     assert with_random == run(3 * SWITCH, exploration_fraction=0.5)[1].eps
@@ -131,12 +154,17 @@ def test_random_steps_do_not_advance_epsilon():
 
 # -- TD loss and clipping ---------------------------------------------------------------------------------
 
+
 def _batch(n: int = 8) -> ReplayBufferSamples:
     rng = np.random.default_rng(1)
     t = lambda a: th.as_tensor(a, dtype=th.float32)  # noqa: E731
-    return ReplayBufferSamples(observations=t(rng.normal(size=(n, 4))), actions=th.as_tensor(rng.integers(0, 2, (n, 1))),
-                               next_observations=t(rng.normal(size=(n, 4))), dones=t(rng.integers(0, 2, (n, 1))),
-                               rewards=t(rng.normal(scale=3.0, size=(n, 1))))
+    return ReplayBufferSamples(
+        observations=t(rng.normal(size=(n, 4))),
+        actions=th.as_tensor(rng.integers(0, 2, (n, 1))),
+        next_observations=t(rng.normal(size=(n, 4))),
+        dones=t(rng.integers(0, 2, (n, 1))),
+        rewards=t(rng.normal(scale=3.0, size=(n, 1))),
+    )
 
 
 @pytest.mark.parametrize("td_loss", ["huber", "mse"])
@@ -174,8 +202,11 @@ def test_no_clipping_trains_as_without_the_clip_call(monkeypatch: pytest.MonkeyP
     unclipped = train(math.inf)
     clipped = train(1e-3)
     # The same run with clip_grad_norm_ replaced by "compute the norm, scale nothing".
-    monkeypatch.setattr(th.nn.utils, "clip_grad_norm_",
-                        lambda params, max_norm: th.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]))
+    monkeypatch.setattr(
+        th.nn.utils,
+        "clip_grad_norm_",
+        lambda params, max_norm: th.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]),
+    )
     plain = train(1e-3)
     assert all(th.equal(unclipped[k], plain[k]) for k in plain)
     assert not all(th.equal(clipped[k], plain[k]) for k in plain)
@@ -183,29 +214,55 @@ def test_no_clipping_trains_as_without_the_clip_call(monkeypatch: pytest.MonkeyP
 
 # -- the config, and SB3 with every default ---------------------------------------------------------------
 
-TINY = dict(name="t", total_steps=300, agent=dict(algo="dqn", learning_starts=50, buffer_size=500, batch_size=8),
-            net=dict(kind="mlp", width=16, depth=1), env=dict(sequence="cartpole_shift", switch_every=100),
-            logging=dict(progress_bar=False), monitor=dict(enabled=False))
+TINY = dict(
+    name="t",
+    total_steps=300,
+    agent=dict(algo="dqn", learning_starts=50, buffer_size=500, batch_size=8),
+    net=dict(kind="mlp", width=16, depth=1),
+    env=dict(sequence="cartpole_shift", switch_every=100),
+    logging=dict(progress_bar=False),
+    monitor=dict(enabled=False),
+)
 
 
 def test_default_config_builds_a_stock_sb3_dqn():
     cfg = validate_config(TINY)
     env = build_env(cfg)
     ours = build_agent(cfg, env).learn(300)
-    hyper = cfg.agent.model_dump(exclude={"algo", "double_q", "td_loss", "exploration_steps",
-                                          "exploration_reset_on_switch", "random_steps_per_task", "fast"})
+    hyper = cfg.agent.model_dump(
+        exclude={
+            "algo",
+            "double_q",
+            "td_loss",
+            "exploration_steps",
+            "exploration_reset_on_switch",
+            "random_steps_per_task",
+            "fast",
+        }
+    )
     stock_env = build_env(cfg)
-    stock = DQN(POLICIES["dqn"], stock_env, seed=cfg.seed, device="cpu", policy_kwargs=policy_kwargs(cfg, stock_env),
-                **hyper).learn(300)
+    stock = DQN(
+        POLICIES["dqn"], stock_env, seed=cfg.seed, device="cpu", policy_kwargs=policy_kwargs(cfg, stock_env), **hyper
+    ).learn(300)
     assert ours._n_updates == stock._n_updates > 0
     sa, sb = ours.policy.state_dict(), stock.policy.state_dict()
     assert all(th.equal(sa[k], sb[k]) for k in sb)
 
 
 def test_config_passes_the_options_to_the_agent():
-    cfg = validate_config({**TINY, "agent": {**TINY["agent"], "td_loss": "mse", "max_grad_norm": None,
-                                              "exploration_steps": 70, "exploration_reset_on_switch": True,
-                                              "random_steps_per_task": 30}})
+    cfg = validate_config(
+        {
+            **TINY,
+            "agent": {
+                **TINY["agent"],
+                "td_loss": "mse",
+                "max_grad_norm": None,
+                "exploration_steps": 70,
+                "exploration_reset_on_switch": True,
+                "random_steps_per_task": 30,
+            },
+        }
+    )
     assert cfg.agent.exploration_fraction is None  # exploration_steps alone replaces it
     agent = build_agent(cfg, build_env(cfg))
     assert (agent.td_loss, agent.max_grad_norm, agent.exploration_steps) == ("mse", math.inf, 70)
@@ -242,16 +299,21 @@ def test_bad_values_one_line_exit_2_nothing_written(tmp_path: Path, override: st
 
 # -- presets ------------------------------------------------------------------------------------------------
 
+
 def test_cchain_preset_runs_what_the_cchain_code_runs():
     agent = load_config(CONFIGS_DIR / "dqn_minatar_cycle.yaml").agent
     assert (agent.buffer_size, agent.exploration_steps, agent.exploration_fraction) == (100_000, 100_000, None)
     assert (agent.exploration_initial_eps, agent.exploration_final_eps) == (1.0, 0.1)
-    assert (agent.random_steps_per_task, agent.learning_starts, agent.train_freq, agent.gradient_steps) == (10_000,) * 2 + (1, 1)
+    assert (agent.random_steps_per_task, agent.learning_starts, agent.train_freq, agent.gradient_steps) == (
+        10_000,
+    ) * 2 + (1, 1)
     assert (agent.td_loss, agent.max_grad_norm, agent.learning_rate, agent.batch_size) == ("mse", None, 3e-4, 32)
     assert (agent.target_update_interval, agent.double_q, agent.gamma) == (1_000, True, 0.99)
     env = load_config(CONFIGS_DIR / "dqn_minatar_cycle.yaml").env
-    assert env.options == {"sticky_action_prob": 0.1,
-                           "low_return_cutoff": {"steps": 1000, "min_return": 0.1, "games": ["seaquest"]}}
+    assert env.options == {
+        "sticky_action_prob": 0.1,
+        "low_return_cutoff": {"steps": 1000, "min_return": 0.1, "games": ["seaquest"]},
+    }
 
 
 @pytest.mark.parametrize("preset,tasks", [("continual_minatar", 3), ("permuted_breakout", 6)])
@@ -304,7 +366,14 @@ def test_resume_inside_a_visits_random_steps_equals_the_uninterrupted_run(tmp_pa
     got, want = load_from_zip_file(run_dir / "model.zip")[1], load_from_zip_file(reference / "model.zip")[1]
     assert all(th.equal(got["policy"][k], want["policy"][k]) for k in want["policy"])
     final, ref = CheckpointStore(run_dir).read().state["agent"], CheckpointStore(reference).read().state["agent"]
-    for key in ("num_timesteps", "num_gradient_steps", "_n_calls", "exploration_rate", "_visit_steps", "_exploration_count"):
+    for key in (
+        "num_timesteps",
+        "num_gradient_steps",
+        "_n_calls",
+        "exploration_rate",
+        "_visit_steps",
+        "_exploration_count",
+    ):
         assert final[key] == ref[key], key
     # Per visit, 88 rollouts of train_freq 4 end on a step of the agent's own (visit steps 151, 155, ..., 499).
     assert ref["num_gradient_steps"] == 3 * 88

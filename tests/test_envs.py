@@ -126,9 +126,7 @@ def test_minatar_same_seed_same_trajectory_different_seed_different() -> None:
     obs_c, _ = rollout(make_minatar_game("asterix"), 8, actions)
     assert rew_a == rew_b
     assert all(np.array_equal(a, b) for a, b in zip(obs_a, obs_b, strict=True))
-    assert len(obs_a) != len(obs_c) or any(
-        not np.array_equal(a, c) for a, c in zip(obs_a, obs_c, strict=True)
-    )
+    assert len(obs_a) != len(obs_c) or any(not np.array_equal(a, c) for a, c in zip(obs_a, obs_c, strict=True))
 
 
 def test_minatar_seeded_reset_does_not_depend_on_history() -> None:
@@ -153,9 +151,7 @@ def test_importing_envs_without_seaborn_is_quiet() -> None:
         "assert not logging.getLogger().handlers, logging.getLogger().handlers; "
         "assert logging.getLogger().level == logging.WARNING"
     )
-    result = subprocess.run(
-        [sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, check=False
-    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stderr
     assert "seaborn" not in result.stderr and "WARNING" not in result.stderr
 
@@ -234,9 +230,7 @@ def test_switch_on_terminal_step_is_terminated_not_truncated() -> None:
 
 
 def test_switch_with_dummy_vec_env_counts_steps_over_all_copies() -> None:
-    vec = DummyVecEnv(
-        [lambda: make_sequence("continual_minatar", switch_every=8, num_envs=4) for _ in range(4)]
-    )
+    vec = DummyVecEnv([lambda: make_sequence("continual_minatar", switch_every=8, num_envs=4) for _ in range(4)])
     vec.seed(0)
     vec.reset()
     _, _, dones, infos = vec.step(np.zeros(4, dtype=np.int64))
@@ -425,9 +419,7 @@ def test_sequence_same_reset_seed_same_trajectory_across_switch() -> None:
     obs_c, _ = play(2)
     assert rew_a == rew_b
     assert all(np.array_equal(a, b) for a, b in zip(obs_a, obs_b, strict=True))
-    assert len(obs_a) != len(obs_c) or any(
-        not np.array_equal(a, c) for a, c in zip(obs_a, obs_c, strict=True)
-    )
+    assert len(obs_a) != len(obs_c) or any(not np.array_equal(a, c) for a, c in zip(obs_a, obs_c, strict=True))
 
 
 # --- Registry -----------------------------------------------------------------------------------
@@ -610,22 +602,38 @@ def test_low_return_cutoff_applies_to_the_listed_games_of_every_copy() -> None:
         env = make_sequence("continual_minatar", switch_every=10, low_return_cutoff=cut)
         wrapped = {task.name: isinstance(task.make(), envs.LowReturnCutoff) for task in env._tasks}
         assert wrapped == {"space_invaders": False, "asterix": False, "seaquest": True}
-    permuted = make_sequence("permuted_minatar", switch_every=10, num_tasks=2, game="seaquest",
-                             low_return_cutoff={"steps": 5, "min_return": 1.0})  # games omitted: every task
+    permuted = make_sequence(
+        "permuted_minatar",
+        switch_every=10,
+        num_tasks=2,
+        game="seaquest",
+        low_return_cutoff={"steps": 5, "min_return": 1.0},
+    )  # games omitted: every task
     assert all(isinstance(task.make(), envs.LowReturnCutoff) for task in permuted._tasks)
     assert "low_return_cutoff" in SEQUENCES["cartpole_shift"].defaults  # listed by rlp list sequences
 
 
 def test_low_return_cutoff_ends_a_never_diving_seaquest_episode_in_the_sequence() -> None:
     # A Seaquest submarine that never dives never dies: with the cut, the sequence truncates its episode.
-    env = make_sequence("minatar_games", switch_every=5000, games=["seaquest"], sticky_action_prob=0.0,
-                        low_return_cutoff={"steps": 1000, "min_return": 0.1, "games": ["seaquest"]})
+    env = make_sequence(
+        "minatar_games",
+        switch_every=5000,
+        games=["seaquest"],
+        sticky_action_prob=0.0,
+        low_return_cutoff={"steps": 1000, "min_return": 0.1, "games": ["seaquest"]},
+    )
     env.reset(seed=0)
-    for n in range(1, 1501):
+    for n in range(1, 1501):  # noqa: B007 (n is read after the loop)
         _, _, terminated, truncated, info = env.step(0)
         if terminated or truncated:
             break
-    assert (n, terminated, truncated, info["low_return_cutoff"], info["task_switch"]) == (1000, False, True, True, False)
+    assert (n, terminated, truncated, info["low_return_cutoff"], info["task_switch"]) == (
+        1000,
+        False,
+        True,
+        True,
+        False,
+    )
     plain = make_sequence("minatar_games", switch_every=5000, games=["seaquest"], sticky_action_prob=0.0)
     plain.reset(seed=0)
     assert not any(any(plain.step(0)[2:4]) for _ in range(1500))

@@ -21,14 +21,31 @@ TASKS = ["cartpole/length=0.5", "cartpole/length=1.5", "cartpole/length=0.25"]
 
 
 def tiny_config(tmp_path: Path, algo: str = "dqn", **eval_cfg) -> dict:
-    agent = (dict(algo="dqn", learning_starts=50, buffer_size=1000, batch_size=16, train_freq=1,
-                  target_update_interval=50, double_q=True) if algo == "dqn"
-             else dict(algo="ppo", n_steps=64, batch_size=32, n_epochs=2))
-    return dict(name="ev", seed=2, total_steps=600, agent=agent, net=dict(kind="mlp", width=16, depth=2),
-                env=dict(sequence="cartpole_shift", switch_every=200),
-                logging=dict(root_dir=str(tmp_path / "runs"), progress_bar=False, save_model=False),
-                monitor=dict(probe_every=10_000, probes=["rank"], switch_probes=[], on_batch=False, probe_set_size=16),
-                eval={"episodes": 3, **eval_cfg}, checkpoint=dict(every=None, replay_buffer=False))
+    agent = (
+        dict(
+            algo="dqn",
+            learning_starts=50,
+            buffer_size=1000,
+            batch_size=16,
+            train_freq=1,
+            target_update_interval=50,
+            double_q=True,
+        )
+        if algo == "dqn"
+        else dict(algo="ppo", n_steps=64, batch_size=32, n_epochs=2)
+    )
+    return dict(
+        name="ev",
+        seed=2,
+        total_steps=600,
+        agent=agent,
+        net=dict(kind="mlp", width=16, depth=2),
+        env=dict(sequence="cartpole_shift", switch_every=200),
+        logging=dict(root_dir=str(tmp_path / "runs"), progress_bar=False, save_model=False),
+        monitor=dict(probe_every=10_000, probes=["rank"], switch_probes=[], on_batch=False, probe_set_size=16),
+        eval={"episodes": 3, **eval_cfg},
+        checkpoint=dict(every=None, replay_buffer=False),
+    )
 
 
 def scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
@@ -52,11 +69,13 @@ def test_eval_logs_every_task_and_fills_task_summary(tmp_path: Path):
         own = dict(logged[f"eval/{row['task']}/mean_return"])[end]
         assert float(row["eval_return"]) == pytest.approx(own, rel=1e-6)
         assert float(row["eval_return"]) == pytest.approx(current[end], rel=1e-6)  # the task just ended
-        assert float(row["eval_return_std"]) == pytest.approx(dict(logged[f"eval/{row['task']}/std_return"])[end],
-                                                             rel=1e-6)
+        assert float(row["eval_return_std"]) == pytest.approx(
+            dict(logged[f"eval/{row['task']}/std_return"])[end], rel=1e-6
+        )
         for name in TASKS:
-            assert float(row[f"eval_return/{name}"]) == pytest.approx(dict(logged[f"eval/{name}/mean_return"])[end],
-                                                                     rel=1e-6)
+            assert float(row[f"eval_return/{name}"]) == pytest.approx(
+                dict(logged[f"eval/{name}/mean_return"])[end], rel=1e-6
+            )
         assert row["mean_return"] != ""  # the training return stays
     assert "eval" in tensorboard_layout()
 
@@ -126,20 +145,26 @@ def test_eval_epsilon_changes_the_returns(tmp_path: Path):
     agent = build_agent(cfg, env)
     results = {}
     for epsilon in (0.0, 1.0):
-        callback = EvalCallback(cfg.eval.model_copy(update={"epsilon": epsilon, "episodes": 8}),
-                                TaskEnvs.from_config(cfg), cfg.env.switch_every)
+        callback = EvalCallback(
+            cfg.eval.model_copy(update={"epsilon": epsilon, "episodes": 8}),
+            TaskEnvs.from_config(cfg),
+            cfg.env.switch_every,
+        )
         callback.init_callback(agent)
         results[epsilon] = callback.evaluator.evaluate(agent, 0, step=0).returns
     assert results[0.0] != results[1.0]
     assert np.all(np.asarray(results[1.0]) >= 1)
 
 
-@pytest.mark.parametrize(("override", "message"), [
-    ({"tasks": "every"}, "eval.tasks"),
-    ({"epsilon": 1.5}, "eval.epsilon"),
-    ({"episodes": 0}, "eval.episodes"),
-    ({"evry": 10}, "did you mean 'eval.every'"),
-])
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ({"tasks": "every"}, "eval.tasks"),
+        ({"epsilon": 1.5}, "eval.epsilon"),
+        ({"episodes": 0}, "eval.episodes"),
+        ({"evry": 10}, "did you mean 'eval.every'"),
+    ],
+)
 def test_bad_eval_config_is_one_line(tmp_path: Path, override: dict, message: str):
     with pytest.raises(ConfigError) as info:
         validate_config(tiny_config(tmp_path, **override))

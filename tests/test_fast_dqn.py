@@ -23,20 +23,35 @@ from rl_plasticity.runner import build_agent, build_env
 
 #: Interventions that add loss terms or closed-form gradient terms (they override those hooks).
 TERM_INTERVENTIONS = sorted(
-    name for name, spec in INTERVENTIONS.items()
+    name
+    for name, spec in INTERVENTIONS.items()
     if "dqn" in spec.algos
-    and (spec.cls.loss_terms is not Intervention.loss_terms or spec.cls.gradient_terms is not Intervention.gradient_terms)
+    and (
+        spec.cls.loss_terms is not Intervention.loss_terms or spec.cls.gradient_terms is not Intervention.gradient_terms
+    )
 )
 LEARNING_STARTS = 100
 
 
 def minatar_agent(fast: bool, interventions: list[str] = (), **kwargs: Any) -> PlasticDQN:
     """A PlasticDQN with the MinAtar network on continual MinAtar, its buffer filled with random play."""
-    env = make_vec_env(make_sequence, n_envs=1, vec_env_cls=DummyVecEnv,
-                       env_kwargs=dict(name="continual_minatar", switch_every=100_000, seed=0))
-    kw: dict[str, Any] = dict(learning_rate=3e-4, buffer_size=2_000, learning_starts=LEARNING_STARTS + 1,
-                              batch_size=32, train_freq=1, target_update_interval=25,
-                              policy_kwargs=minatar_policy_kwargs("dqn", width=32, channels=8), device="cpu", seed=0)
+    env = make_vec_env(
+        make_sequence,
+        n_envs=1,
+        vec_env_cls=DummyVecEnv,
+        env_kwargs=dict(name="continual_minatar", switch_every=100_000, seed=0),
+    )
+    kw: dict[str, Any] = dict(
+        learning_rate=3e-4,
+        buffer_size=2_000,
+        learning_starts=LEARNING_STARTS + 1,
+        batch_size=32,
+        train_freq=1,
+        target_update_interval=25,
+        policy_kwargs=minatar_policy_kwargs("dqn", width=32, channels=8),
+        device="cpu",
+        seed=0,
+    )
     kw.update(kwargs)
     agent = PlasticDQN("MlpPolicy", env, fast=fast, interventions=build_interventions(list(interventions), {}), **kw)
     agent.learn(LEARNING_STARTS)  # random actions, no update
@@ -126,12 +141,17 @@ def test_sampler_draws_sb3s_batch(n_envs: int):
 
     buffer = ReplayBuffer(50, space, gym.spaces.Discrete(6), n_envs=n_envs, handle_timeout_termination=True)
     rng = np.random.default_rng(0)
-    for t in range(70):  # wraps around: full
+    for _ in range(70):  # wraps around: full
         done = rng.random(n_envs) < 0.3
         infos = [{"TimeLimit.truncated": bool(rng.random() < 0.5)} for _ in range(n_envs)]
-        buffer.add(rng.integers(0, 2, (n_envs, *space.shape), dtype=np.uint8),
-                   rng.integers(0, 2, (n_envs, *space.shape), dtype=np.uint8),
-                   rng.integers(0, 6, (n_envs, 1)), rng.normal(size=n_envs).astype(np.float32), done, infos)
+        buffer.add(
+            rng.integers(0, 2, (n_envs, *space.shape), dtype=np.uint8),
+            rng.integers(0, 2, (n_envs, *space.shape), dtype=np.uint8),
+            rng.integers(0, 6, (n_envs, 1)),
+            rng.normal(size=n_envs).astype(np.float32),
+            done,
+            infos,
+        )
     assert buffer.full and buffer.timeouts.any()
     sampler = ReplaySampler(buffer)
     for seed in range(5):
@@ -187,9 +207,17 @@ def test_fast_path_uses_fused_adam_and_a_load_follows_the_loading_path(tmp_path)
 
 
 def test_mode_dependent_network_keeps_sb3s_mode_switches():
-    agent = PlasticDQN("MlpPolicy", "CartPole-v1", fast=True, learning_starts=10, batch_size=8, train_freq=1,
-                       policy_kwargs=dict(net_arch=[16], activation_fn=lambda: th.nn.Dropout(0.5)), device="cpu",
-                       seed=0)
+    agent = PlasticDQN(
+        "MlpPolicy",
+        "CartPole-v1",
+        fast=True,
+        learning_starts=10,
+        batch_size=8,
+        train_freq=1,
+        policy_kwargs=dict(net_arch=[16], activation_fn=lambda: th.nn.Dropout(0.5)),
+        device="cpu",
+        seed=0,
+    )
     agent.learn(30)
     assert not agent._fast_state.mode_free
     agent.policy.set_training_mode(False)
@@ -202,8 +230,10 @@ def test_mode_dependent_network_keeps_sb3s_mode_switches():
 
 
 def test_config_switch_reaches_the_agent(tmp_path):
-    (tmp_path / "c.yaml").write_text("agent: {algo: dqn, learning_starts: 10}\nnet: {kind: mlp}\n"
-                                     "env: {sequence: cartpole_shift, switch_every: 100}\n")
+    (tmp_path / "c.yaml").write_text(
+        "agent: {algo: dqn, learning_starts: 10}\nnet: {kind: mlp}\n"
+        "env: {sequence: cartpole_shift, switch_every: 100}\n"
+    )
     for value in (False, True):
         cfg = load_config(tmp_path / "c.yaml", [f"agent.fast={str(value).lower()}"])
         agent = build_agent(cfg, build_env(cfg))

@@ -99,26 +99,43 @@ def assert_same_run(run_dir: Path, reference: Path) -> None:
 
 def snapshot(folder: Path) -> dict[str, tuple[int, int]]:
     """Every file below ``folder``: size and modification time."""
-    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns)
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns)
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 # -- one writer per run ------------------------------------------------------------------------------------
 
+
 def test_a_second_writer_is_refused_while_the_first_lives(workdir: Path, reference: Path):
-    first = subprocess.Popen([RLP, "train", "f.yaml", "total_steps=50000"], cwd=workdir,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    first = subprocess.Popen(
+        [RLP, "train", "f.yaml", "total_steps=50000"],
+        cwd=workdir,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         wait_until(first, lambda: latest_step_under(workdir / "out" / "f") >= 100, "a checkpoint")
         run_dir = only_run(workdir / "out" / "f")
         first.send_signal(signal.SIGSTOP)  # frozen with its lock held: any change now is the second writer's
         before = snapshot(run_dir)
-        second = subprocess.run([RLP, "train", "--resume", str(run_dir)], check=False, cwd=workdir, capture_output=True,
-                                text=True, timeout=120)
+        second = subprocess.run(
+            [RLP, "train", "--resume", str(run_dir)],
+            check=False,
+            cwd=workdir,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert second.returncode == 2, second.stderr
         (line,) = second.stderr.strip().splitlines()
-        assert line == (f"rlp: error: {run_dir} is being written by PID {first.pid} (rlp train); one writer per "
-                        "run: wait for it to end or stop it, then resume")
+        assert line == (
+            f"rlp: error: {run_dir} is being written by PID {first.pid} (rlp train); one writer per "
+            "run: wait for it to end or stop it, then resume"
+        )
         assert snapshot(run_dir) == before  # nothing written
         assert is_locked(run_dir)
         first.send_signal(signal.SIGCONT)
@@ -160,14 +177,18 @@ KILL_POINTS = {
 
 
 @pytest.mark.parametrize("point", list(KILL_POINTS))
-def test_sigkill_inside_a_checkpoint_write_then_resume_equals_uninterrupted(workdir: Path, reference: Path,
-                                                                             point: str):
+def test_sigkill_inside_a_checkpoint_write_then_resume_equals_uninterrupted(workdir: Path, reference: Path, point: str):
     (owner, name, nth), resumed_from, told = KILL_POINTS[point]
     (workdir / "pausing.py").write_text(PAUSING)
     marker = workdir / "paused"
-    proc = subprocess.Popen([sys.executable, "pausing.py", str(marker), owner, name, str(nth), "train", "f.yaml"],
-                            cwd=workdir, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)))
+    proc = subprocess.Popen(
+        [sys.executable, "pausing.py", str(marker), owner, name, str(nth), "train", "f.yaml"],
+        cwd=workdir,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)),
+    )
     try:
         wait_until(proc, marker.exists, "the pause inside the write")
         run_dir = only_run(workdir / "out" / "f")
@@ -196,6 +217,7 @@ def test_sigkill_inside_a_checkpoint_write_then_resume_equals_uninterrupted(work
 
 # -- damaged checkpoint files ------------------------------------------------------------------------------
 
+
 def _truncate(path: Path) -> None:
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
 
@@ -210,15 +232,16 @@ def _flip_last_byte(path: Path) -> None:
 DAMAGES = {
     "truncated model.zip": (lambda c: _truncate(c / "model.zip"), "model.zip: truncated or changed"),
     "truncated state.pt": (lambda c: _truncate(c / "state.pt"), "state.pt: truncated or changed"),
-    "altered replay buffer": (lambda c: _flip_last_byte(c / "replay_buffer" / "observations.npy"),
-                              "observations.npy: altered"),
+    "altered replay buffer": (
+        lambda c: _flip_last_byte(c / "replay_buffer" / "observations.npy"),
+        "observations.npy: altered",
+    ),
     "no meta.json": (lambda c: (c / "meta.json").unlink(), "meta.json: missing or corrupt"),
 }
 
 
 @pytest.mark.parametrize("damage", list(DAMAGES))
-def test_a_damaged_newest_checkpoint_is_named_and_the_resume_falls_back(workdir: Path, reference: Path,
-                                                                         damage: str):
+def test_a_damaged_newest_checkpoint_is_named_and_the_resume_falls_back(workdir: Path, reference: Path, damage: str):
     run_dir = workdir / "run"
     shutil.copytree(reference, run_dir)
     store = CheckpointStore(run_dir)
@@ -231,7 +254,8 @@ def test_a_damaged_newest_checkpoint_is_named_and_the_resume_falls_back(workdir:
     lines = result.stderr.splitlines()
     (told,) = [line for line in lines if words in line]
     assert told.startswith(f"rlp: {newest}/") and told.endswith(
-        f": resuming from the newest complete checkpoint before it, {older}"), told
+        f": resuming from the newest complete checkpoint before it, {older}"
+    ), told
     assert f"rlp: removed {newest}: newer than the checkpoint resumed from, and unusable (see above)" in lines
     assert f"resuming {run_dir} from step_000000001100 (env step 1100 of 1200)" in result.stderr
     assert_same_run(run_dir, reference)
@@ -243,8 +267,10 @@ def test_latest_naming_a_missing_folder_falls_back(workdir: Path, reference: Pat
     shutil.rmtree(run_dir / "checkpoints" / "step_000000001200")
     result = cli_run("train", "--resume", str(run_dir))
     assert result.exit_code == 0, result.output
-    assert (f"rlp: {run_dir / 'checkpoints' / 'latest'} names 'step_000000001200', which is not there: resuming "
-            f"from the newest complete checkpoint, {run_dir / 'checkpoints' / 'step_000000001100'}") in result.stderr
+    assert (
+        f"rlp: {run_dir / 'checkpoints' / 'latest'} names 'step_000000001200', which is not there: resuming "
+        f"from the newest complete checkpoint, {run_dir / 'checkpoints' / 'step_000000001100'}"
+    ) in result.stderr
     assert_same_run(run_dir, reference)
 
 
@@ -260,14 +286,17 @@ def test_no_usable_checkpoint_one_line_exit_2_nothing_removed(workdir: Path, ref
     (line,) = result.stderr.strip().splitlines()
     size = before[f"checkpoints/{newest.name}/state.pt"][0]
     written = (reference / "checkpoints" / newest.name / "state.pt").stat().st_size
-    assert line == (f"rlp: error: {newest / 'state.pt'}: truncated or changed ({size} bytes, {written} written); the "
-                    "1 older one(s) are unusable too; no complete checkpoint to resume from")
+    assert line == (
+        f"rlp: error: {newest / 'state.pt'}: truncated or changed ({size} bytes, {written} written); the "
+        "1 older one(s) are unusable too; no complete checkpoint to resume from"
+    )
     after = snapshot(run_dir)
     after.pop(LOCK_FILE)
     assert after == {k: v for k, v in before.items() if k != LOCK_FILE}  # nothing removed or written
 
 
 # -- a full disk ------------------------------------------------------------------------------------------
+
 
 @pytest.fixture
 def small_disk(workdir: Path):
@@ -277,8 +306,10 @@ def small_disk(workdir: Path):
     mount = ["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(disk)]
     mounted = subprocess.run(mount, check=False, capture_output=True)
     if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here ({mounted.stderr.decode().strip()}); "
-                    "test_a_write_that_fails_for_lack_of_space_keeps_the_checkpoint covers ENOSPC by patching")
+        pytest.skip(
+            f"cannot mount a small tmpfs here ({mounted.stderr.decode().strip()}); "
+            "test_a_write_that_fails_for_lack_of_space_keeps_the_checkpoint covers ENOSPC by patching"
+        )
     try:
         yield disk
     finally:
@@ -297,12 +328,18 @@ def fill(disk: Path) -> Path:
     return filler
 
 
-def test_full_disk_stops_with_exit_4_naming_the_file_and_the_intact_checkpoint(workdir: Path, reference: Path,
-                                                                                small_disk: Path):
+def test_full_disk_stops_with_exit_4_naming_the_file_and_the_intact_checkpoint(
+    workdir: Path, reference: Path, small_disk: Path
+):
     """A real full filesystem: a 16 MB tmpfs, filled by this test while the run trains."""
     root = small_disk / "out"
-    proc = subprocess.Popen([RLP, "train", "f.yaml", f"logging.root_dir={root}"], cwd=workdir,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [RLP, "train", "f.yaml", f"logging.root_dir={root}"],
+        cwd=workdir,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     wait_until(proc, lambda: latest_step_under(root / "f") >= 100, "a checkpoint")
     filler = fill(small_disk)
     _, err = proc.communicate(timeout=120)
@@ -312,8 +349,9 @@ def test_full_disk_stops_with_exit_4_naming_the_file_and_the_intact_checkpoint(w
     assert last.startswith(f"rlp: error: cannot write {run_dir}") and "(No space left on device)" in last, last
     kept = CheckpointStore(run_dir).latest()
     assert kept is not None
-    assert last.endswith(f"last good checkpoint: {kept} (intact); make room (or make it writable), then: "
-                         f"rlp train --resume {run_dir}")
+    assert last.endswith(
+        f"last good checkpoint: {kept} (intact); make room (or make it writable), then: rlp train --resume {run_dir}"
+    )
     CheckpointStore(run_dir).verify(kept)  # every file as written (sizes and SHA-256)
     assert not [p for p in (run_dir / "checkpoints").iterdir() if p.name.startswith(".tmp")]
 
@@ -364,9 +402,11 @@ def test_a_write_that_fails_for_lack_of_space_keeps_the_checkpoint(workdir: Path
     line = result.stderr.strip().splitlines()[-1]
     printed = Path("out") / "f" / run_dir.name  # as the config gives it (logging.root_dir: out)
     tmp = printed / "checkpoints" / f".tmp-step_000000000300-{os.getpid()}"
-    assert line == (f"rlp: error: cannot write {tmp / 'replay_buffer'} (No space left on device); training stopped; "
-                    f"removed the unfinished checkpoint {tmp}; last good checkpoint: "
-                    f"{printed / 'checkpoints' / 'step_000000000200'} (intact); make room (or make it writable), "
-                    f"then: rlp train --resume {printed}")
+    assert line == (
+        f"rlp: error: cannot write {tmp / 'replay_buffer'} (No space left on device); training stopped; "
+        f"removed the unfinished checkpoint {tmp}; last good checkpoint: "
+        f"{printed / 'checkpoints' / 'step_000000000200'} (intact); make room (or make it writable), "
+        f"then: rlp train --resume {printed}"
+    )
     assert not (workdir / tmp).exists() and latest_step(run_dir) == 200
     CheckpointStore(run_dir).verify(run_dir / "checkpoints" / "step_000000000200")

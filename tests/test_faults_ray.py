@@ -38,8 +38,14 @@ def test_a_killed_ray_worker_is_reported_and_its_trial_resumes_exactly(tmp_path:
     pytest.importorskip("ray")
     (tmp_path / "tiny.yaml").write_text(TINY)
     args = ["sweep", "tiny.yaml", "--num-cpus", "1", "total_steps=1200", "checkpoint.every=100"]
-    sweep = subprocess.Popen([RLP, *args, "--out", "sweep"], cwd=tmp_path, stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True, env=_env())
+    sweep = subprocess.Popen(
+        [RLP, *args, "--out", "sweep"],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=_env(),
+    )
     try:
         deadline = time.monotonic() + 180
         while (state := trial_state(tmp_path / "sweep", "tiny", 0)) is None or state.checkpoint_step < 200:
@@ -64,14 +70,28 @@ def test_a_killed_ray_worker_is_reported_and_its_trial_resumes_exactly(tmp_path:
 
     # The same command again: the trial continues from its checkpoint (its run got SIGTERM when the worker died
     # and wrote one; the sweep waits for it to let go of the run) ...
-    again = subprocess.run([RLP, *args, "--out", "sweep"], check=False, cwd=tmp_path, capture_output=True, text=True,
-                           env=_env(), timeout=300)
+    again = subprocess.run(
+        [RLP, *args, "--out", "sweep"],
+        check=False,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env=_env(),
+        timeout=300,
+    )
     assert again.returncode == 0, again.stdout + again.stderr
     assert "tiny/seed0 resumed, finished" in again.stdout
     assert [p.name for p in (tmp_path / "sweep" / "tiny").iterdir()] == [run_dir.name]
     # ... and ends as the same trial run without a fault.
-    reference = subprocess.run([RLP, *args, "--out", "reference", "--sequential"], check=False, cwd=tmp_path,
-                               capture_output=True, text=True, env=_env(), timeout=300)
+    reference = subprocess.run(
+        [RLP, *args, "--out", "reference", "--sequential"],
+        check=False,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env=_env(),
+        timeout=300,
+    )
     assert reference.returncode == 0, reference.stdout + reference.stderr
     (reference_run,) = (tmp_path / "reference" / "tiny").iterdir()
     assert_same_model(run_dir, reference_run)
@@ -86,8 +106,13 @@ def _free_port() -> int:
 
 def _start(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
     """``ray start ... --block``, waited for until its node is up (stopped by SIGTERM to it)."""
-    proc = subprocess.Popen([RAY, "start", *args, "--disable-usage-stats", "--block"], env=env,
-                            stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+        [RAY, "start", *args, "--disable-usage-stats", "--block"],
+        env=env,
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     deadline = time.monotonic() + 120
     while "block forever" not in log.read_text():
         assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-2000:]
@@ -118,18 +143,36 @@ def token_cluster(tmp_path: Path) -> Iterator[tuple[str, dict[str, str], str]]:
     home = tmp_path / "home"
     home.mkdir()
     env = _env(HOME=str(home))
-    made = subprocess.run([RAY, "get-auth-token", "--generate"], check=False, env=env, capture_output=True, text=True,
-                          timeout=60)
+    made = subprocess.run(
+        [RAY, "get-auth-token", "--generate"], check=False, env=env, capture_output=True, text=True, timeout=60
+    )
     assert made.returncode == 0, made.stderr
     token = (home / ".ray" / "auth_token").read_text().strip()
     port = _free_port()
     temp = tempfile.mkdtemp(prefix="rlpray", dir="/tmp")  # short: Ray's socket paths have a length limit
     nodes = []
     try:
-        nodes.append(_start(["--head", f"--port={port}", "--node-ip-address=127.0.0.1", "--num-cpus=1",
-                             "--include-dashboard=false", f"--temp-dir={temp}"], env, tmp_path / "head.log"))
-        nodes.append(_start([f"--address=127.0.0.1:{port}", "--node-ip-address=127.0.0.1", "--num-cpus=1"],
-                            {**env, "RAY_AUTH_MODE": "token"}, tmp_path / "worker.log"))
+        nodes.append(
+            _start(
+                [
+                    "--head",
+                    f"--port={port}",
+                    "--node-ip-address=127.0.0.1",
+                    "--num-cpus=1",
+                    "--include-dashboard=false",
+                    f"--temp-dir={temp}",
+                ],
+                env,
+                tmp_path / "head.log",
+            )
+        )
+        nodes.append(
+            _start(
+                [f"--address=127.0.0.1:{port}", "--node-ip-address=127.0.0.1", "--num-cpus=1"],
+                {**env, "RAY_AUTH_MODE": "token"},
+                tmp_path / "worker.log",
+            )
+        )
         yield f"127.0.0.1:{port}", env, token
     finally:
         for node in reversed(nodes):
@@ -146,15 +189,23 @@ def test_sweep_joins_a_two_node_cluster_with_token_authentication(tmp_path: Path
     refused = subprocess.run(args, check=False, cwd=tmp_path, capture_output=True, text=True, env=env, timeout=300)
     assert refused.returncode == 2, refused.stdout + refused.stderr
     line = refused.stderr.strip().splitlines()[-1]
-    assert line.startswith(f"rlp: error: --address: cannot join Ray at {address}: the cluster uses token "
-                           "authentication"), line
+    assert line.startswith(
+        f"rlp: error: --address: cannot join Ray at {address}: the cluster uses token authentication"
+    ), line
     assert "set RAY_AUTH_MODE=token" in line and "RAY_AUTH_TOKEN" in line and "~/.ray/auth_token" in line
     assert not (tmp_path / "sweep").exists()
 
     # With it (the token from ~/.ray/auth_token, or as RAY_AUTH_TOKEN): the two trials run, one on each node
     # (one CPU each), side by side.
-    joined = subprocess.run(args, check=False, cwd=tmp_path, capture_output=True, text=True, timeout=300,
-                            env={**env, "HOME": str(tmp_path), "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token})
+    joined = subprocess.run(
+        args,
+        check=False,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**env, "HOME": str(tmp_path), "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token},
+    )
     assert joined.returncode == 0, joined.stdout + joined.stderr
     assert f"2 to run on the Ray cluster at {address}" in joined.stdout
     trials = manifest(tmp_path / "sweep")["trials"]

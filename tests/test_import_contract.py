@@ -34,8 +34,15 @@ CONCRETE_AGENT_ALLOWED = ("benchmarks",)
 
 #: Modules below the runner (prefixes): none of them may import ``rl_plasticity.config``.
 BELOW_RUNNER = (
-    "agents", "envs", "rl_plasticity.probes", "rl_plasticity.interventions", "rl_plasticity.probing",
-    "rl_plasticity.recording", "rl_plasticity.monitor", "rl_plasticity.checkpoint", "rl_plasticity.evaluation",
+    "agents",
+    "envs",
+    "rl_plasticity.probes",
+    "rl_plasticity.interventions",
+    "rl_plasticity.probing",
+    "rl_plasticity.recording",
+    "rl_plasticity.monitor",
+    "rl_plasticity.checkpoint",
+    "rl_plasticity.evaluation",
     "rl_plasticity.kernels",
 )
 #: Known exceptions to the config rule, each with why it is still there (issue 14, section 3, removes them).
@@ -126,8 +133,7 @@ def source_files() -> list[Path]:
 def test_the_tree_keeps_the_layer_rules() -> None:
     files = source_files()
     assert len(files) > 50  # the walk found the tree
-    found = [v for path in files
-             for v in violations(path.read_text(), module_name(path), path.name == "__init__.py")]
+    found = [v for path in files for v in violations(path.read_text(), module_name(path), path.name == "__init__.py")]
     assert found == []
 
 
@@ -143,8 +149,11 @@ def test_config_exceptions_are_still_needed() -> None:
     [
         ("from agents import AGENTS\n", "envs.sequence", "envs imports nothing"),
         ("import rl_plasticity.runner\n", "envs.minatar", "envs imports nothing"),
-        ("from stable_baselines3.common.buffers import ReplayBufferSamples\n", "rl_plasticity.probes.gram",
-         "no stable_baselines3"),
+        (
+            "from stable_baselines3.common.buffers import ReplayBufferSamples\n",
+            "rl_plasticity.probes.gram",
+            "no stable_baselines3",
+        ),
         ("from rl_plasticity.recording import activation_outputs\n", "rl_plasticity.probes.rank", "outside itself"),
         ("from ..recording import activation_outputs\n", "rl_plasticity.probes.rank", "outside itself"),
         ("from agents import PlasticDQN\n", "rl_plasticity.monitor", "concrete agent"),
@@ -164,7 +173,10 @@ def test_each_rule_flags_a_violation(source: str, module: str, rule: str) -> Non
     [
         ("from envs.registry import ENVS\nimport numpy\n", "envs.sequence"),
         ("from rl_plasticity.probes._checks import check\nimport torch\n", "rl_plasticity.probes.rank"),
-        ("from . import registry\n", "rl_plasticity.probes", ),
+        (
+            "from . import registry\n",
+            "rl_plasticity.probes",
+        ),
         ("from agents import AGENTS\nfrom agents.hooks import PlasticAgent\n", "rl_plasticity.runner"),
         ("from agents import PlasticDQN\n", "agents.fast_dqn"),
         ("from rl_plasticity.config import RunConfig\n", "rl_plasticity.runner"),

@@ -19,16 +19,30 @@ FAST = {"redo": {"every": 20}, "cbp": {"replacement_rate": 0.05, "maturity_thres
 @pytest.mark.parametrize("fast", [False, True], ids=["stock", "fast"])
 @pytest.mark.parametrize("name", sorted(INTERVENTIONS))
 def test_intervention_runs_and_logs_its_tags(tmp_path: Path, name: str, fast: bool):
-    cfg = validate_config(dict(
-        name="e2e", seed=1, total_steps=600,
-        agent=dict(algo="dqn", learning_starts=50, buffer_size=1000, batch_size=16, train_freq=1,
-                   target_update_interval=50, double_q=True, fast=fast),
-        net=dict(kind="mlp", width=16, depth=2), env=dict(sequence="cartpole_shift", switch_every=200),
-        logging=dict(root_dir=str(tmp_path), progress_bar=False, save_model=False),
-        monitor=dict(probe_every=100, probe_set_size=32, hessian_order=3, gram_size=16, trainability_steps=3),
-        checkpoint=dict(every=None, replay_buffer=False),
-        interventions=[name], intervention_params={name: FAST[name]} if name in FAST else {},
-    ))
+    cfg = validate_config(
+        dict(
+            name="e2e",
+            seed=1,
+            total_steps=600,
+            agent=dict(
+                algo="dqn",
+                learning_starts=50,
+                buffer_size=1000,
+                batch_size=16,
+                train_freq=1,
+                target_update_interval=50,
+                double_q=True,
+                fast=fast,
+            ),
+            net=dict(kind="mlp", width=16, depth=2),
+            env=dict(sequence="cartpole_shift", switch_every=200),
+            logging=dict(root_dir=str(tmp_path), progress_bar=False, save_model=False),
+            monitor=dict(probe_every=100, probe_set_size=32, hessian_order=3, gram_size=16, trainability_steps=3),
+            checkpoint=dict(every=None, replay_buffer=False),
+            interventions=[name],
+            intervention_params={name: FAST[name]} if name in FAST else {},
+        )
+    )
     run_dir = train(cfg)
     (events,) = run_dir.glob("events.out.tfevents.*")
     acc = EventAccumulator(str(events), size_guidance={"scalars": 0})

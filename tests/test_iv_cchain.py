@@ -20,8 +20,15 @@ from rl_plasticity.interventions.kfac_rank import KFACRank
 from rl_plasticity.runner import train
 
 # A tiny Q-network (4 -> 8 -> 2) whose gradients are easy to write out by hand.
-KW = dict(learning_starts=100, batch_size=16, buffer_size=1_000, train_freq=1, target_update_interval=50,
-          policy_kwargs=dict(net_arch=[8]), device="cpu")
+KW = dict(
+    learning_starts=100,
+    batch_size=16,
+    buffer_size=1_000,
+    train_freq=1,
+    target_update_interval=50,
+    policy_kwargs=dict(net_arch=[8]),
+    device="cpu",
+)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -62,8 +69,12 @@ def hand_q_and_grads(params: dict[str, np.ndarray], x: np.ndarray, prev_q: np.nd
     q = h @ w2.T + b2
     dq = 2 * coef * (q - prev_q) / q.size  # d term / dQ, (B, A)
     dz = (dq @ w2) * (z > 0)
-    grads = {"q_net.0.weight": dz.T @ x, "q_net.0.bias": dz.sum(0), "q_net.2.weight": dq.T @ h,
-             "q_net.2.bias": dq.sum(0)}
+    grads = {
+        "q_net.0.weight": dz.T @ x,
+        "q_net.0.bias": dz.sum(0),
+        "q_net.2.weight": dq.T @ h,
+        "q_net.2.bias": dq.sum(0),
+    }
     return q, coef * np.mean((q - prev_q) ** 2), grads
 
 
@@ -78,7 +89,9 @@ def test_registered_for_dqn_only_with_a_clear_error_for_ppo():
     with pytest.raises(ValueError, match="cchain supports DQN only"):
         PlasticPPO("MlpPolicy", "CartPole-v1", interventions=[CChain()], n_steps=64, batch_size=32, device="cpu")
     with pytest.raises(ValueError, match="intervention_params.cchain.ref_batch_size"):
-        validate_config(dict(name="x", interventions=["cchain"], intervention_params=dict(cchain=dict(ref_batch_size=0))))
+        validate_config(
+            dict(name="x", interventions=["cchain"], intervention_params=dict(cchain=dict(ref_batch_size=0)))
+        )
 
 
 def test_churn_is_zero_while_the_network_has_not_changed():
@@ -212,6 +225,7 @@ def test_automatic_coefficient_starts_after_update_auto_after():
 def test_hook_recorders_see_only_the_training_forward_pass_in_any_order(order: str):
     """kfac_rank records the training forward pass by forward hooks; cchain's own forward pass comes after every
     loss_terms, so with cchain at coefficient 0 training is kfac_rank's alone, bit for bit, in either order."""
+
     def trained(names: list[str]) -> PlasticDQN:
         ivs = [CChain(CChainParams(coef=0.0)) if n == "cchain" else KFACRank() for n in names]
         return PlasticDQN("MlpPolicy", "CartPole-v1", interventions=ivs, seed=3, **KW).learn(300)
@@ -225,7 +239,7 @@ def test_window_mean_over_the_last_values():
     for i, v in enumerate(values, 1):
         window.push(float(v))
         assert len(window) == min(i, 7)
-        assert window.mean() == pytest.approx(values[max(0, i - 7):i].mean(), rel=1e-12)
+        assert window.mean() == pytest.approx(values[max(0, i - 7) : i].mean(), rel=1e-12)
     assert np.isnan(WindowMean(3).mean())
 
 
@@ -241,10 +255,17 @@ def test_resume_equals_uninterrupted(tmp_path: Path, sigterm_intervention: None)
     parameters, optimizer state and logs as a run that was never stopped."""
     (tmp_path / "dqn.yaml").write_text(DQN)
     cchain = ["intervention_params.cchain.auto_after=100", "intervention_params.cchain.window=64"]
-    reference = train(load_config(tmp_path / "dqn.yaml", [f"logging.root_dir={tmp_path / 'ref'}",
-                                                          "interventions=[cchain]", *cchain]))
-    result = cli_run("train", str(tmp_path / "dqn.yaml"), f"logging.root_dir={tmp_path / 'out'}",
-                     "interventions=[cchain,_sigterm_test]", *cchain, "intervention_params._sigterm_test.at_step=900")
+    reference = train(
+        load_config(tmp_path / "dqn.yaml", [f"logging.root_dir={tmp_path / 'ref'}", "interventions=[cchain]", *cchain])
+    )
+    result = cli_run(
+        "train",
+        str(tmp_path / "dqn.yaml"),
+        f"logging.root_dir={tmp_path / 'out'}",
+        "interventions=[cchain,_sigterm_test]",
+        *cchain,
+        "intervention_params._sigterm_test.at_step=900",
+    )
     assert result.exit_code == 143, result.output
     run_dir = only_run(tmp_path / "out" / "dqn")
     assert latest_step(run_dir) == 900

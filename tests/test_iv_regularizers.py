@@ -90,8 +90,11 @@ def base_and_term_grads(agent, iv, term_name: str):
 
 def layer_params(agent) -> dict[str, tuple[str, th.Tensor]]:
     """Parameter path -> (kind, parameter) for the Linear/Conv2d layers of the online network."""
-    return {f"{name}.{kind}": (kind, getattr(layer, kind)) for name, layer in agent.parametrized_layers()
-            for kind in ("weight", "bias")}
+    return {
+        f"{name}.{kind}": (kind, getattr(layer, kind))
+        for name, layer in agent.parametrized_layers()
+        for kind in ("weight", "bias")
+    }
 
 
 def test_registered_for_both_agents():
@@ -305,9 +308,17 @@ def minatar_agents():
     agents = {}
     for name, ivs in (("kfac_rank", [KFACRank()]),):
         agents[name] = PlasticDQN(
-            "MlpPolicy", make_sequence("continual_minatar", switch_every=10_000), interventions=ivs,
-            policy_kwargs=minatar_policy_kwargs("dqn"), learning_starts=100, batch_size=32, train_freq=1,
-            buffer_size=1_000, double_q=True, device="cpu", seed=0,
+            "MlpPolicy",
+            make_sequence("continual_minatar", switch_every=10_000),
+            interventions=ivs,
+            policy_kwargs=minatar_policy_kwargs("dqn"),
+            learning_starts=100,
+            batch_size=32,
+            train_freq=1,
+            buffer_size=1_000,
+            double_q=True,
+            device="cpu",
+            seed=0,
         ).learn(100)
     return agents
 

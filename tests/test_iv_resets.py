@@ -29,8 +29,15 @@ from rl_plasticity.interventions.shrink_perturb import ShrinkPerturb
 from rl_plasticity.interventions.surgery import forget_optimizer_state
 
 SWITCH = TaskSwitch(num_timesteps=0, from_task=0, to_task=1, from_name="a")
-DQN_KW = dict(learning_starts=32, batch_size=16, train_freq=1, buffer_size=1_000, target_update_interval=10_000,
-              device="cpu", seed=0)
+DQN_KW = dict(
+    learning_starts=32,
+    batch_size=16,
+    train_freq=1,
+    buffer_size=1_000,
+    target_update_interval=10_000,
+    device="cpu",
+    seed=0,
+)
 PPO_KW = dict(n_steps=64, batch_size=32, n_epochs=2, device="cpu", seed=0)
 PPO_GAINS = {"action_net": 0.01, "value_net": 1.0}
 
@@ -38,14 +45,24 @@ PPO_GAINS = {"action_net": 0.01, "value_net": 1.0}
 def dqn(interventions=(), width: int = 32, depth: int = 2, steps: int = 64, **kw) -> PlasticDQN:
     """A DQN whose weights, target network and Adam state have moved away from the initialisation."""
     kw = {**DQN_KW, **kw}
-    agent = PlasticDQN("MlpPolicy", "CartPole-v1", policy_kwargs=dict(net_arch=[width] * depth),
-                       interventions=list(interventions), **kw)
+    agent = PlasticDQN(
+        "MlpPolicy",
+        "CartPole-v1",
+        policy_kwargs=dict(net_arch=[width] * depth),
+        interventions=list(interventions),
+        **kw,
+    )
     return agent.learn(steps)
 
 
 def ppo(interventions=(), steps: int = 64, **kw) -> PlasticPPO:
-    agent = PlasticPPO("MlpPolicy", "CartPole-v1", policy_kwargs=dict(net_arch=[32, 32]),
-                       interventions=list(interventions), **{**PPO_KW, **kw})
+    agent = PlasticPPO(
+        "MlpPolicy",
+        "CartPole-v1",
+        policy_kwargs=dict(net_arch=[32, 32]),
+        interventions=list(interventions),
+        **{**PPO_KW, **kw},
+    )
     return agent.learn(steps)
 
 
@@ -157,8 +174,19 @@ def test_reset_head_ppo():
         ("dqn", "last_k", 2, {"q_net.2", "q_net.4"}),
         ("dqn", "all", 1, {"q_net.0", "q_net.2", "q_net.4"}),
         ("ppo", "last_k", 3, {"mlp_extractor.value_net.2", "action_net", "value_net"}),
-        ("ppo", "all", 1, {"mlp_extractor.policy_net.0", "mlp_extractor.policy_net.2", "mlp_extractor.value_net.0",
-                           "mlp_extractor.value_net.2", "action_net", "value_net"}),
+        (
+            "ppo",
+            "all",
+            1,
+            {
+                "mlp_extractor.policy_net.0",
+                "mlp_extractor.policy_net.2",
+                "mlp_extractor.value_net.0",
+                "mlp_extractor.value_net.2",
+                "action_net",
+                "value_net",
+            },
+        ),
     ],
 )
 def test_reset_layers_variants(algo, layers, k, expected):
@@ -181,8 +209,13 @@ def test_reset_layers_variants(algo, layers, k, expected):
 
 def test_reset_rejects_k_larger_than_the_network():
     with pytest.raises(ValueError, match="only 3 parametrised layers"):
-        PlasticDQN("MlpPolicy", "CartPole-v1", policy_kwargs=dict(net_arch=[32, 32]),
-                   interventions=[Reset(Reset.Params(layers="last_k", k=4))], device="cpu")
+        PlasticDQN(
+            "MlpPolicy",
+            "CartPole-v1",
+            policy_kwargs=dict(net_arch=[32, 32]),
+            interventions=[Reset(Reset.Params(layers="last_k", k=4))],
+            device="cpu",
+        )
 
 
 class FiredRecorder(Intervention):
@@ -269,7 +302,8 @@ def test_soft_shrink_perturb_fires_after_every_update():
     params = ShrinkPerturb.Params(soft=True)
     assert (params.alpha, params.sigma, params.at, params.every) == (0.999999, 1e-6, "every", 1)
     assert ShrinkPerturb.Params(soft=True, every=10, sigma=0.0).model_dump() == dict(
-        soft=True, alpha=0.999999, sigma=0.0, at="every", every=10)
+        soft=True, alpha=0.999999, sigma=0.0, at="every", every=10
+    )
 
     # Soft mode with visible alpha/sigma and learning rate 0, so that each update changes the weights by
     # exactly one shrink-and-perturb step.
@@ -290,9 +324,13 @@ def test_soft_shrink_perturb_fires_after_every_update():
 # -- plasticity injection ------------------------------------------------------------------------------
 def minatar_dqn(interventions=(), steps: int = 64, **kw) -> PlasticDQN:
     """A MinAtar DQN (conv encoder, head Linear(1024, 32) -> ReLU -> Linear(32, 6)) that has trained a little."""
-    agent = PlasticDQN(POLICIES["dqn"], make_sequence("continual_minatar", switch_every=500),
-                       policy_kwargs=minatar_policy_kwargs("dqn", width=32), interventions=list(interventions),
-                       **{**DQN_KW, "target_update_interval": 10_000, **kw})
+    agent = PlasticDQN(
+        POLICIES["dqn"],
+        make_sequence("continual_minatar", switch_every=500),
+        policy_kwargs=minatar_policy_kwargs("dqn", width=32),
+        interventions=list(interventions),
+        **{**DQN_KW, "target_update_interval": 10_000, **kw},
+    )
     return agent.learn(steps)
 
 
@@ -311,8 +349,10 @@ def test_injection_keeps_outputs_and_injects_into_the_whole_mlp_head(kind):
     iv = PlasticityInjection()
     agent = injection_agent(kind, [iv])
     obs = th.as_tensor(agent.replay_buffer.sample(64).observations if kind.startswith("dqn") else th.randn(64, 4))
-    heads_before = {name: [(m.weight.detach().clone(), m.bias.detach().clone()) for m in linears(head)]
-                    for name, head in agent.mlp_heads().items()}
+    heads_before = {
+        name: [(m.weight.detach().clone(), m.bias.detach().clone()) for m in linears(head)]
+        for name, head in agent.mlp_heads().items()
+    }
     head_params = {id(p) for head in agent.mlp_heads().values() for p in head.parameters()}
     encoder = {n: p.detach().clone() for n, p in agent.online_network().named_parameters() if id(p) not in head_params}
     groups = [list(g["params"]) for g in agent.optimizer.param_groups]
@@ -341,8 +381,9 @@ def test_injection_keeps_outputs_and_injects_into_the_whole_mlp_head(kind):
         if kind == "ppo":  # SB3's orthogonal init: gain sqrt(2) in the hidden layers, the head's gain at the end
             gains = [math.sqrt(2)] * (len(new) - 1) + [PPO_GAINS[name]]
             for m, gain in zip(new, gains):
-                th.testing.assert_close(th.linalg.svdvals(m.weight), th.full((min(m.weight.shape),), gain),
-                                        rtol=1e-5, atol=1e-6)
+                th.testing.assert_close(
+                    th.linalg.svdvals(m.weight), th.full((min(m.weight.shape),), gain), rtol=1e-5, atol=1e-6
+                )
                 assert th.all(m.bias == 0)
         else:  # PyTorch's default: U(-1/sqrt(fan_in), 1/sqrt(fan_in))
             assert all(m.weight.abs().max() <= 1 / math.sqrt(m.in_features) for m in new)
@@ -355,7 +396,8 @@ def test_injection_keeps_outputs_and_injects_into_the_whole_mlp_head(kind):
     logged = agent.logger.name_to_value
     assert logged["interventions/plasticity_injection/heads"] == len(heads)
     assert logged["interventions/plasticity_injection/params"] == sum(
-        p.numel() for head in heads.values() for p in head.new.parameters())
+        p.numel() for head in heads.values() for p in head.new.parameters()
+    )
 
     frozen = {name: {k: v.clone() for k, v in head.named_buffers()} for name, head in heads.items()}
     net_before = params_of(agent.online_network())
@@ -373,8 +415,13 @@ def test_injection_with_layer_norm_and_crelu():
     from rl_plasticity.interventions.plasticity_injection import FrozenLayerNorm
 
     iv = PlasticityInjection()
-    agent = PlasticDQN(POLICIES["dqn"], "CartPole-v1", interventions=[iv],
-                       policy_kwargs=dict(net_arch=[32], layer_norm=True, activation_fn=CReLU), **DQN_KW).learn(64)
+    agent = PlasticDQN(
+        POLICIES["dqn"],
+        "CartPole-v1",
+        interventions=[iv],
+        policy_kwargs=dict(net_arch=[32], layer_norm=True, activation_fn=CReLU),
+        **DQN_KW,
+    ).learn(64)
     norm = agent.q_net.q_net[1]
     with th.no_grad():  # a trained-looking LayerNorm
         norm.weight.uniform_(0.5, 1.5)
@@ -577,8 +624,9 @@ def test_injection_resume(tmp_path, injections):
 
     # State loaded into an intervention that is already attached: same rebuild.
     late = PlasticityInjection(params)
-    fresh = PlasticDQN("MlpPolicy", "CartPole-v1", policy_kwargs=dict(net_arch=[32, 32]), interventions=[late],
-                       **DQN_KW)
+    fresh = PlasticDQN(
+        "MlpPolicy", "CartPole-v1", policy_kwargs=dict(net_arch=[32, 32]), interventions=[late], **DQN_KW
+    )
     late.load_state_dict(state)
     fresh.policy.load_state_dict(agent.policy.state_dict())
     fresh.optimizer.load_state_dict(agent.optimizer.state_dict())
@@ -620,8 +668,9 @@ def test_fresh_parameters_use_the_ppo_head_gains():
 
     from rl_plasticity.interventions.surgery import fresh_parameters
 
-    agent = PlasticPPO("MlpPolicy", make_vec_env("CartPole-v1", n_envs=1), policy_kwargs=dict(net_arch=[64, 64]),
-                       device="cpu", seed=0)
+    agent = PlasticPPO(
+        "MlpPolicy", make_vec_env("CartPole-v1", n_envs=1), policy_kwargs=dict(net_arch=[64, 64]), device="cpu", seed=0
+    )
     before = {k: v.clone() for k, v in agent.policy.state_dict().items()}
     for layer, gain in [(agent.policy.action_net, 0.01), (agent.policy.value_net, 1.0)]:
         weight = fresh_parameters(agent, layer)["weight"]
@@ -631,12 +680,14 @@ def test_fresh_parameters_use_the_ppo_head_gains():
         assert th.equal(value, before[key]), key  # the live layers are left as they were
 
 
-@pytest.mark.parametrize("layers, k, reset_norms", [("all", 1, {"q_net.1", "q_net.4"}), ("last_k", 2, {"q_net.4"}),
-                                                    ("head", 1, set())])
+@pytest.mark.parametrize(
+    "layers, k, reset_norms", [("all", 1, {"q_net.1", "q_net.4"}), ("last_k", 2, {"q_net.4"}), ("head", 1, set())]
+)
 def test_reset_also_resets_the_layer_norm_of_a_reset_layer(layers, k, reset_norms):
     # Linear -> LayerNorm -> ReLU per hidden layer: q_net.0, .1 (norm), .2 | q_net.3, .4 (norm), .5 | head q_net.6
-    agent = PlasticDQN(POLICIES["dqn"], "CartPole-v1", policy_kwargs=dict(net_arch=[32, 32], layer_norm=True),
-                       **DQN_KW).learn(64)
+    agent = PlasticDQN(
+        POLICIES["dqn"], "CartPole-v1", policy_kwargs=dict(net_arch=[32, 32], layer_norm=True), **DQN_KW
+    ).learn(64)
     net = agent.online_network()
     norms = {name: m for name, m in net.named_modules() if isinstance(m, nn.LayerNorm)}
     assert set(norms) == {"q_net.1", "q_net.4"}
@@ -656,5 +707,6 @@ def test_reset_also_resets_the_layer_norm_of_a_reset_layer(layers, k, reset_norm
             assert th.equal(after[f"{name}.weight"], before[f"{name}.weight"]), name
             assert not th.equal(target[name].weight, th.ones(32)), name
     touched = sum(p.numel() for n, p in after.items() if layer_of(n) in reset_norms) + sum(
-        p.numel() for n, p in after.items() if not th.equal(p, before[n]) and layer_of(n) not in reset_norms)
+        p.numel() for n, p in after.items() if not th.equal(p, before[n]) and layer_of(n) not in reset_norms
+    )
     assert agent.logger.name_to_value["interventions/reset/params"] == touched

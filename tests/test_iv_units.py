@@ -27,16 +27,24 @@ POSITIONS = 64
 #: Per agent: hidden layer -> (its activation module, the layers it feeds), written out by hand.
 EXPECTED_MAPS = {
     "dqn_mlp": {"q_net.0": ("q_net.1", ["q_net.2"]), "q_net.2": ("q_net.3", ["q_net.4"])},
-    "dqn_minatar": {"features_extractor.cnn.0": ("features_extractor.cnn.1", ["q_net.0"]),
-                    "q_net.0": ("q_net.1", ["q_net.2"])},
-    "ppo_mlp": {"mlp_extractor.policy_net.0": ("mlp_extractor.policy_net.1", ["mlp_extractor.policy_net.2"]),
-                "mlp_extractor.policy_net.2": ("mlp_extractor.policy_net.3", ["action_net"]),
-                "mlp_extractor.value_net.0": ("mlp_extractor.value_net.1", ["mlp_extractor.value_net.2"]),
-                "mlp_extractor.value_net.2": ("mlp_extractor.value_net.3", ["value_net"])},
-    "ppo_minatar": {"features_extractor.cnn.0": ("features_extractor.cnn.1",
-                                                 ["mlp_extractor.policy_net.0", "mlp_extractor.value_net.0"]),
-                    "mlp_extractor.policy_net.0": ("mlp_extractor.policy_net.1", ["action_net"]),
-                    "mlp_extractor.value_net.0": ("mlp_extractor.value_net.1", ["value_net"])},
+    "dqn_minatar": {
+        "features_extractor.cnn.0": ("features_extractor.cnn.1", ["q_net.0"]),
+        "q_net.0": ("q_net.1", ["q_net.2"]),
+    },
+    "ppo_mlp": {
+        "mlp_extractor.policy_net.0": ("mlp_extractor.policy_net.1", ["mlp_extractor.policy_net.2"]),
+        "mlp_extractor.policy_net.2": ("mlp_extractor.policy_net.3", ["action_net"]),
+        "mlp_extractor.value_net.0": ("mlp_extractor.value_net.1", ["mlp_extractor.value_net.2"]),
+        "mlp_extractor.value_net.2": ("mlp_extractor.value_net.3", ["value_net"]),
+    },
+    "ppo_minatar": {
+        "features_extractor.cnn.0": (
+            "features_extractor.cnn.1",
+            ["mlp_extractor.policy_net.0", "mlp_extractor.value_net.0"],
+        ),
+        "mlp_extractor.policy_net.0": ("mlp_extractor.policy_net.1", ["action_net"]),
+        "mlp_extractor.value_net.0": ("mlp_extractor.value_net.1", ["value_net"]),
+    },
 }
 
 
@@ -54,13 +62,24 @@ def make_agent(kind: str, seed: int = 0):
     if kind.startswith("dqn"):
         env = make_sequence("continual_minatar", switch_every=500) if kind == "dqn_minatar" else "CartPole-v1"
         kwargs = minatar_policy_kwargs("dqn", width=32) if kind == "dqn_minatar" else dict(net_arch=[32, 32])
-        agent = PlasticDQN("MlpPolicy", env, policy_kwargs=kwargs, learning_starts=48, batch_size=32, train_freq=1,
-                           buffer_size=500, target_update_interval=1000, device="cpu", seed=seed)
+        agent = PlasticDQN(
+            "MlpPolicy",
+            env,
+            policy_kwargs=kwargs,
+            learning_starts=48,
+            batch_size=32,
+            train_freq=1,
+            buffer_size=500,
+            target_update_interval=1000,
+            device="cpu",
+            seed=seed,
+        )
     else:
         env = make_sequence("continual_minatar", switch_every=500) if kind == "ppo_minatar" else "CartPole-v1"
         kwargs = minatar_policy_kwargs("ppo", width=32) if kind == "ppo_minatar" else dict(net_arch=[32, 32])
-        agent = PlasticPPO("MlpPolicy", env, policy_kwargs=kwargs, n_steps=64, batch_size=32, n_epochs=2,
-                           device="cpu", seed=seed)
+        agent = PlasticPPO(
+            "MlpPolicy", env, policy_kwargs=kwargs, n_steps=64, batch_size=32, n_epochs=2, device="cpu", seed=seed
+        )
     return agent.learn(64)
 
 
@@ -112,8 +131,10 @@ def snapshot(agent) -> tuple[dict[str, th.Tensor], dict[str, dict[str, th.Tensor
     """Parameters and Adam moments by parameter name (copies)."""
     params = {n: p.detach().clone() for n, p in agent.online_network().named_parameters()}
     state = agent.optimizer.state
-    adam = {n: {k: v.clone() for k, v in state[p].items() if k in ("exp_avg", "exp_avg_sq")}
-            for n, p in agent.online_network().named_parameters()}
+    adam = {
+        n: {k: v.clone() for k, v in state[p].items() if k in ("exp_avg", "exp_avg_sq")}
+        for n, p in agent.online_network().named_parameters()
+    }
     return params, adam
 
 
@@ -200,8 +221,10 @@ def test_redo_recycles_exactly_the_dead_units(kind):
     batch = sample(agent)
     acts = activations(agent, batch)
     # With tau = 0, exactly the units that are zero on every sample (and position) are dormant.
-    dead = {layer: th.nonzero(per_unit_mean_abs(acts[act]) == 0).flatten().tolist()
-            for layer, (act, _) in expected_map.items()}
+    dead = {
+        layer: th.nonzero(per_unit_mean_abs(acts[act]) == 0).flatten().tolist()
+        for layer, (act, _) in expected_map.items()
+    }
     assert all({1, 5} <= set(units) for units in dead.values())
     target_before = copy.deepcopy(agent.q_net_target.state_dict()) if kind.startswith("dqn") else None
     output_before = network_output(agent, batch)
@@ -233,13 +256,23 @@ def test_redo_recycles_exactly_the_dead_units(kind):
 
 
 def test_redo_with_crelu_and_layer_norm():
-    agent = PlasticDQN(POLICIES["dqn"], make_sequence("continual_minatar", switch_every=500),
-                       policy_kwargs=minatar_policy_kwargs("dqn", width=32, activation_fn=CReLU, layer_norm=True),
-                       learning_starts=48, batch_size=32, train_freq=1, buffer_size=500, device="cpu", seed=10)
+    agent = PlasticDQN(
+        POLICIES["dqn"],
+        make_sequence("continual_minatar", switch_every=500),
+        policy_kwargs=minatar_policy_kwargs("dqn", width=32, activation_fn=CReLU, layer_norm=True),
+        learning_starts=48,
+        batch_size=32,
+        train_freq=1,
+        buffer_size=500,
+        device="cpu",
+        seed=10,
+    )
     agent.learn(64)
     hidden, _ = trace_hidden_layers(agent, sample(agent))
-    assert [(h.name, h.units, h.expansion, h.norm is not None) for h in hidden] == \
-        [("features_extractor.cnn.0", 8, 2, False), ("q_net.0", 16, 2, True)]
+    assert [(h.name, h.units, h.expansion, h.norm is not None) for h in hidden] == [
+        ("features_extractor.cnn.0", 8, 2, False),
+        ("q_net.0", 16, 2, True),
+    ]
     assert hidden[1].norm is agent.q_net.q_net[1]
     # Kill filter 3: both CReLU outputs of it (channels 3 and 3 + 8) are zero, so it is dead.
     kill_units(agent, "features_extractor.cnn.0", [3])
@@ -277,8 +310,10 @@ def test_redo_tau_selects_by_score_and_only_drops_their_contribution():
         agent.q_net.q_net[0].weight[weak] *= 0.01
         agent.q_net.q_net[0].bias[weak] *= 0.01
     acts = activations(agent, batch)
-    dormant = {layer: th.nonzero(unit_scores(acts[act]) <= 0.1).flatten().tolist()
-               for layer, (act, _) in EXPECTED_MAPS["dqn_mlp"].items()}
+    dormant = {
+        layer: th.nonzero(unit_scores(acts[act]) <= 0.1).flatten().tolist()
+        for layer, (act, _) in EXPECTED_MAPS["dqn_mlp"].items()
+    }
     assert set(weak) <= set(dormant["q_net.0"])
     assert per_unit_mean_abs(acts["q_net.1"])[weak].min() > 0  # not dead: the output will move a little
     # Oracle: the old network with the dormant units' outgoing weights zeroed.
@@ -297,8 +332,18 @@ def test_redo_tau_selects_by_score_and_only_drops_their_contribution():
 
 def test_redo_fires_every_n_updates_during_training():
     redo = ReDo(ReDoParams(every=10))
-    agent = PlasticDQN("MlpPolicy", "CartPole-v1", policy_kwargs=dict(net_arch=[16]), learning_starts=20,
-                       batch_size=16, train_freq=1, buffer_size=500, device="cpu", seed=0, interventions=[redo])
+    agent = PlasticDQN(
+        "MlpPolicy",
+        "CartPole-v1",
+        policy_kwargs=dict(net_arch=[16]),
+        learning_starts=20,
+        batch_size=16,
+        train_freq=1,
+        buffer_size=500,
+        device="cpu",
+        seed=0,
+        interventions=[redo],
+    )
     agent.learn(125)
     assert agent.num_gradient_steps == 105
     assert redo.fired == 10
@@ -511,8 +556,10 @@ def test_cbp_replacement_surgery(kind):
     cbp = ContinualBackprop(CBPParams(replacement_rate=1 / 16, maturity_threshold=0))
     cbp.attach(agent)
     c = contributions(agent, batch, expected_map)
-    chosen = {layer: th.argsort(c[layer], stable=True)[: 1 if layer.startswith("features") else 2].tolist()
-              for layer in expected_map}
+    chosen = {
+        layer: th.argsort(c[layer], stable=True)[: 1 if layer.startswith("features") else 2].tolist()
+        for layer in expected_map
+    }
     expected_output = output_without(agent, batch, chosen, expected_map)
     output_before = network_output(agent, batch)
     fill_adam(agent)
@@ -520,8 +567,9 @@ def test_cbp_replacement_surgery(kind):
 
     drive(agent, cbp, batch, 1)
 
-    assert {layer: sorted(th.nonzero(cbp.age[layer] == 0).flatten().tolist()) for layer in expected_map} == \
-        {layer: sorted(units) for layer, units in chosen.items()}
+    assert {layer: sorted(th.nonzero(cbp.age[layer] == 0).flatten().tolist()) for layer in expected_map} == {
+        layer: sorted(units) for layer, units in chosen.items()
+    }
     check_surgery(agent, before, chosen, expected_map)
     assert th.allclose(network_output(agent, batch), expected_output, atol=1e-5)
     if kind == "dqn_minatar":
@@ -564,8 +612,11 @@ def test_cbp_state_dict_round_trip_resumes_exactly():
     th.save(cbp.state_dict(), buffer)
     buffer.seek(0)
     saved_iv = th.load(buffer, weights_only=True)
-    saved_agent = (copy.deepcopy(agent.policy.state_dict()), copy.deepcopy(agent.optimizer.state_dict()),
-                   th.get_rng_state())
+    saved_agent = (
+        copy.deepcopy(agent.policy.state_dict()),
+        copy.deepcopy(agent.optimizer.state_dict()),
+        th.get_rng_state(),
+    )
 
     def run_on(iv) -> tuple:
         for t in range(7, 12):

@@ -21,13 +21,30 @@ MONITOR = dict(probe_every=50, probe_set_size=64, hessian_order=5, gram_size=32,
 
 
 def tiny_config(tmp_path: Path, algo: str = "dqn", **monitor) -> dict:
-    agent = (dict(algo="dqn", learning_starts=50, buffer_size=1000, batch_size=16, train_freq=1,
-                  target_update_interval=50, double_q=True) if algo == "dqn"
-             else dict(algo="ppo", n_steps=64, batch_size=32, n_epochs=2))
-    return dict(name="mon", seed=2, total_steps=600, agent=agent, net=dict(kind="mlp", width=16, depth=2),
-                env=dict(sequence="cartpole_shift", switch_every=200),
-                logging=dict(root_dir=str(tmp_path / "runs"), progress_bar=False, save_model=False),
-                monitor={**MONITOR, **monitor}, eval=dict(enabled=False))
+    agent = (
+        dict(
+            algo="dqn",
+            learning_starts=50,
+            buffer_size=1000,
+            batch_size=16,
+            train_freq=1,
+            target_update_interval=50,
+            double_q=True,
+        )
+        if algo == "dqn"
+        else dict(algo="ppo", n_steps=64, batch_size=32, n_epochs=2)
+    )
+    return dict(
+        name="mon",
+        seed=2,
+        total_steps=600,
+        agent=agent,
+        net=dict(kind="mlp", width=16, depth=2),
+        env=dict(sequence="cartpole_shift", switch_every=200),
+        logging=dict(root_dir=str(tmp_path / "runs"), progress_bar=False, save_model=False),
+        monitor={**MONITOR, **monitor},
+        eval=dict(enabled=False),
+    )
 
 
 def read_events(run_dir: Path) -> EventAccumulator:
@@ -69,8 +86,11 @@ def test_monitor_logs_probes_summary_and_probe_sets(tmp_path: Path, algo: str):
     assert len(acc.Scalars("plasticity/erank/value_head@batch")) >= 3
 
     rows = list(csv.DictReader((run_dir / "task_summary.csv").open()))
-    visits = [("cartpole/length=0.5", "1", "0", "200", "True"), ("cartpole/length=1.5", "1", "200", "400", "True"),
-              ("cartpole/length=0.25", "1", "400", "600", "True")]
+    visits = [
+        ("cartpole/length=0.5", "1", "0", "200", "True"),
+        ("cartpole/length=1.5", "1", "200", "400", "True"),
+        ("cartpole/length=0.25", "1", "400", "600", "True"),
+    ]
     if algo == "ppo":  # the cut-short revisit of task 0 gets its row, marked incomplete
         visits.append(("cartpole/length=0.5", "2", "600", "640", "False"))
     assert [(r["task"], r["visit"], r["start_step"], r["end_step"], r["complete"]) for r in rows] == visits
@@ -145,10 +165,13 @@ def test_probe_sets_fill_then_freeze():
 def test_monitor_leaves_ppo_minatar_training_unchanged(tmp_path: Path):
     # The shared conv torso is aliased three times in SB3's PPO policy: a probe that broke the aliases
     # would stop the conv from training, which only a conv network shows.
-    cfg = validate_config(dict(
-        tiny_config(tmp_path, "ppo", probe_every=4, hessian_order=3, gram_size=8, probe_set_size=16),
-        net=dict(kind="minatar", width=8, channels=4), env=dict(sequence="continual_minatar", switch_every=128),
-    ))
+    cfg = validate_config(
+        dict(
+            tiny_config(tmp_path, "ppo", probe_every=4, hessian_order=3, gram_size=8, probe_set_size=16),
+            net=dict(kind="minatar", width=8, channels=4),
+            env=dict(sequence="continual_minatar", switch_every=128),
+        )
+    )
     params = []
     for with_monitor in (True, False):
         env = build_env(cfg)
@@ -167,12 +190,18 @@ def test_random_policy_transitions_span_episodes_and_are_real_transitions():
     env = TaskEnvs("cartpole_shift", {}, sequence_seed=0, run_seed=0).make(1)
     arrays, episodes = random_policy_transitions(env, size=64, seed=5, min_episodes=10)
     assert episodes >= 10
-    assert {k: v.shape for k, v in arrays.items()} == {"observations": (64, 4), "actions": (64, 1),
-                                                       "next_observations": (64, 4), "dones": (64, 1),
-                                                       "rewards": (64, 1)}
+    assert {k: v.shape for k, v in arrays.items()} == {
+        "observations": (64, 4),
+        "actions": (64, 1),
+        "next_observations": (64, 4),
+        "dones": (64, 1),
+        "rewards": (64, 1),
+    }
     assert arrays["actions"].dtype == np.int64 and set(arrays["actions"].ravel()) <= {0, 1}
     assert len({o.tobytes() for o in arrays["observations"]}) == 64
-    fell = (np.abs(arrays["next_observations"][:, 0]) > 2.4) | (np.abs(arrays["next_observations"][:, 2]) > 12 * 2 * np.pi / 360)
+    fell = (np.abs(arrays["next_observations"][:, 0]) > 2.4) | (
+        np.abs(arrays["next_observations"][:, 2]) > 12 * 2 * np.pi / 360
+    )
     np.testing.assert_array_equal(arrays["dones"].ravel(), fell.astype(np.float32))
     assert fell.any() and not fell.all()
     np.testing.assert_array_equal(arrays["rewards"], 1.0)
@@ -183,15 +212,34 @@ def test_random_policy_transitions_span_episodes_and_are_real_transitions():
 
 
 def _probe_set_run(tmp_path: Path, name: str, seed: int = 3, **over) -> Path:
-    cfg = dict(name=name, seed=seed, total_steps=None,
-               agent=dict(algo="dqn", learning_starts=50, buffer_size=1000, batch_size=16, train_freq=1,
-                          target_update_interval=50, exploration_fraction=0.1),
-               net=dict(kind="minatar", width=8, channels=4),
-               env=dict(sequence="permuted_minatar", switch_every=100, options=dict(num_tasks=2)),
-               logging=dict(root_dir=str(tmp_path), progress_bar=False, save_model=False),
-               monitor=dict(probe_every=10_000, probes=["rank"], switch_probes=[], on_batch=False,
-                            probe_set_size=32, first_visit=True, first_visit_size=32),
-               eval=dict(enabled=False), checkpoint=dict(every=None, replay_buffer=False))
+    cfg = dict(
+        name=name,
+        seed=seed,
+        total_steps=None,
+        agent=dict(
+            algo="dqn",
+            learning_starts=50,
+            buffer_size=1000,
+            batch_size=16,
+            train_freq=1,
+            target_update_interval=50,
+            exploration_fraction=0.1,
+        ),
+        net=dict(kind="minatar", width=8, channels=4),
+        env=dict(sequence="permuted_minatar", switch_every=100, options=dict(num_tasks=2)),
+        logging=dict(root_dir=str(tmp_path), progress_bar=False, save_model=False),
+        monitor=dict(
+            probe_every=10_000,
+            probes=["rank"],
+            switch_probes=[],
+            on_batch=False,
+            probe_set_size=32,
+            first_visit=True,
+            first_visit_size=32,
+        ),
+        eval=dict(enabled=False),
+        checkpoint=dict(every=None, replay_buffer=False),
+    )
     for key, value in over.items():
         cfg[key] = {**cfg[key], **value} if isinstance(value, dict) else value
     run_dir = train(validate_config(cfg))
@@ -202,14 +250,24 @@ def test_probe_sets_are_the_same_for_every_arm_and_for_the_fresh_arm(tmp_path: P
     # Permuted Breakout: the tasks themselves come from the seed too. Two arms with different interventions
     # and networks, and the fresh-network arm (rlp sweep --fresh: one run per task) with the same seed.
     plain = _probe_set_run(tmp_path, "plain")
-    other = _probe_set_run(tmp_path, "other", interventions=["reset"],
-                           net=dict(kind="minatar", width=16, channels=4, layer_norm=True))
-    fresh = {k: _probe_set_run(tmp_path, f"fresh{k}", interventions=[],
-                               env=dict(order="explicit", task_order=[k])) for k in (0, 1)}
+    other = _probe_set_run(
+        tmp_path, "other", interventions=["reset"], net=dict(kind="minatar", width=16, channels=4, layer_norm=True)
+    )
+    fresh = {
+        k: _probe_set_run(tmp_path, f"fresh{k}", interventions=[], env=dict(order="explicit", task_order=[k]))
+        for k in (0, 1)
+    }
     reseeded = _probe_set_run(tmp_path, "reseeded", seed=4)
-    sets = {name: th.load(d / "probe_sets.pt", weights_only=False)["sets"]
-            for name, d in (("plain", plain), ("other", other), ("fresh0", fresh[0]), ("fresh1", fresh[1]),
-                            ("reseeded", reseeded))}
+    sets = {
+        name: th.load(d / "probe_sets.pt", weights_only=False)["sets"]
+        for name, d in (
+            ("plain", plain),
+            ("other", other),
+            ("fresh0", fresh[0]),
+            ("fresh1", fresh[1]),
+            ("reseeded", reseeded),
+        )
+    }
     assert sorted(sets["plain"]) == sorted(sets["other"]) == [0, 1]
     assert sorted(sets["fresh0"]) == [0] and sorted(sets["fresh1"]) == [1]
     for task in (0, 1):
@@ -220,8 +278,10 @@ def test_probe_sets_are_the_same_for_every_arm_and_for_the_fresh_arm(tmp_path: P
         assert sets["reseeded"][task]["observations"].tobytes() != sets["plain"][task]["observations"].tobytes()
     # The first-visit sets, played by each run's own policy, differ between the arms: the data that moved
     # the probes before.
-    first = {name: th.load(d / "first_visit_sets.pt", weights_only=False)["frozen"] for name, d in
-             (("plain", plain), ("other", other))}
+    first = {
+        name: th.load(d / "first_visit_sets.pt", weights_only=False)["frozen"]
+        for name, d in (("plain", plain), ("other", other))
+    }
     assert first["plain"][1]["actions"].tobytes() != first["other"][1]["actions"].tobytes()
     rows = list(csv.DictReader((plain / "task_summary.csv").open()))
     assert rows[0]["erank/value_head"] != "" and rows[0]["erank/value_head@first_visit"] != ""

@@ -65,8 +65,9 @@ def nan_intervention():
 
 
 @pytest.mark.parametrize("fast", ["false", "true"], ids=["stock", "fast"])
-def test_nan_loss_term_stops_the_run_naming_step_term_and_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                                       nan_intervention: None, fast: str):
+def test_nan_loss_term_stops_the_run_naming_step_term_and_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, nan_intervention: None, fast: str
+):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "nan.yaml").write_text(TINY.replace("FAST", fast))
     result = CliRunner().invoke(cli, ["train", "nan.yaml"], catch_exceptions=False)
@@ -75,8 +76,10 @@ def test_nan_loss_term_stops_the_run_naming_step_term_and_checkpoint(tmp_path: P
     (run_dir,) = (tmp_path / "out" / "nan").iterdir()
     ckpt = Path("out") / "nan" / run_dir.name / "checkpoints" / "step_000000000500"
     (line,) = result.stderr.strip().splitlines()[-1:]
-    assert line == (f"rlp: error: non-finite interventions/_nan_test/bad = nan at env step 580 (gradient step 120); "
-                    f"training stopped, logs flushed; last good checkpoint: {ckpt}")
+    assert line == (
+        f"rlp: error: non-finite interventions/_nan_test/bad = nan at env step 580 (gradient step 120); "
+        f"training stopped, logs flushed; last good checkpoint: {ckpt}"
+    )
     assert "Traceback" not in result.output
     assert not (run_dir / "model.zip").exists()  # no model saved from a diverged state
 

@@ -48,8 +48,13 @@ def numpy_neural_collapse(h: np.ndarray, y: np.ndarray, w: np.ndarray) -> dict[s
     n, C = len(h), len(classes)
     mu = np.stack([h[y == c].mean(axis=0) for c in classes])
     mu_g = h.mean(axis=0)
-    sigma_w = sum(np.outer(h[i] - mu[np.searchsorted(classes, y[i])], h[i] - mu[np.searchsorted(classes, y[i])])
-                  for i in range(n)) / n
+    sigma_w = (
+        sum(
+            np.outer(h[i] - mu[np.searchsorted(classes, y[i])], h[i] - mu[np.searchsorted(classes, y[i])])
+            for i in range(n)
+        )
+        / n
+    )
     sigma_b = sum(np.outer(mu[c] - mu_g, mu[c] - mu_g) for c in range(C)) / C
     nc1 = np.trace(sigma_w @ np.linalg.pinv(sigma_b, hermitian=True, rtol=1e-10)) / C
     M = mu - mu_g
@@ -214,8 +219,12 @@ def test_differentiable_nc1_matches_and_gradient_is_correct():
 
 def _coinciding_pair() -> tuple[th.Tensor, th.Tensor]:
     """Three classes, the means of classes 0 and 1 equal: Sigma_B has rank 1, the class-mean Gram is singular."""
-    h, y = samples_around(th.tensor([[1.0, 2.0, 0.0, 0.0], [1.0, 2.0, 0.0, 0.0], [-3.0, 0.0, 1.0, 0.0]], dtype=F64),
-                          per_class=4, noise=0.3, seed=5)
+    h, y = samples_around(
+        th.tensor([[1.0, 2.0, 0.0, 0.0], [1.0, 2.0, 0.0, 0.0], [-3.0, 0.0, 1.0, 0.0]], dtype=F64),
+        per_class=4,
+        noise=0.3,
+        seed=5,
+    )
     return h, y
 
 
@@ -232,4 +241,3 @@ def test_differentiable_nc1_gradient_finite_when_rank_deficient(case):
     value.backward()
     assert th.isfinite(value) and h.grad is not None and th.isfinite(h.grad).all()
     assert value.item() == pytest.approx(neural_collapse(h, y)["nc1"], rel=1e-6)
-

@@ -107,8 +107,17 @@ def test_return_types_and_input_untouched():
 
 @pytest.mark.parametrize(
     "bad",
-    [th.ones(5), th.ones(2, 3, 4), th.ones(0, 3), th.ones(2, 0), th.ones(0, 3, 2, 2), th.ones(2, 3, 0, 2),
-     th.tensor([[1.0, float("nan")]]), th.tensor([[float("inf"), 1.0]]), [[1.0, 2.0]]],
+    [
+        th.ones(5),
+        th.ones(2, 3, 4),
+        th.ones(0, 3),
+        th.ones(2, 0),
+        th.ones(0, 3, 2, 2),
+        th.ones(2, 3, 0, 2),
+        th.tensor([[1.0, float("nan")]]),
+        th.tensor([[float("inf"), 1.0]]),
+        [[1.0, 2.0]],
+    ],
 )
 def test_bad_input_raises(bad):
     for probe in (unit_scores, dormant_fraction, active_fraction, mean_active_fraction):

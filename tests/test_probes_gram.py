@@ -120,8 +120,12 @@ def test_value_output_with_tensor_inputs_and_model_untouched():
     rng = th.get_rng_state()
     out = gram_spectrum(net, obs, lambda m, x: m(x).squeeze(-1))
     assert th.equal(th.get_rng_state(), rng)
-    J = th.stack([th.cat([g.reshape(-1) for g in th.autograd.grad(net(obs[i : i + 1]).sum(), list(net.parameters()))])
-                  for i in range(10)])
+    J = th.stack(
+        [
+            th.cat([g.reshape(-1) for g in th.autograd.grad(net(obs[i : i + 1]).sum(), list(net.parameters()))])
+            for i in range(10)
+        ]
+    )
     th.testing.assert_close(out["eigs_K"], th.linalg.eigvalsh(J @ J.T / 10).clamp_min(0).flip(0), rtol=1e-9, atol=1e-12)
     for k, p in net.named_parameters():
         assert th.equal(p.detach(), before[k])
@@ -219,17 +223,27 @@ def test_dqn_loss_weighted_gram_is_the_gauss_newton_matrix_of_its_td_loss(td_los
     from agents import PlasticDQN
     from rl_plasticity.probing import _gram_inputs
 
-    agent = PlasticDQN("MlpPolicy", "CartPole-v1", policy_kwargs=dict(net_arch=[6]), learning_starts=20,
-                       batch_size=8, buffer_size=200, device="cpu", seed=0)
+    agent = PlasticDQN(
+        "MlpPolicy",
+        "CartPole-v1",
+        policy_kwargs=dict(net_arch=[6]),
+        learning_starts=20,
+        batch_size=8,
+        buffer_size=200,
+        device="cpu",
+        seed=0,
+    )
     agent.learn(40)
     agent.td_loss = td_loss  # the probe reads the agent's TD loss from this attribute
     n = 10
     batch = agent.replay_buffer.sample(n)
     # Rewards spread over [-3, 3], so that some residuals are outside Huber's |r| < 1 (D = 0) and some inside.
-    batch = ReplayBufferSamples(*(
-        th.linspace(-3.0, 3.0, n).reshape(-1, 1) if field == "rewards" else value
-        for field, value in zip(ReplayBufferSamples._fields, batch)
-    ))
+    batch = ReplayBufferSamples(
+        *(
+            th.linspace(-3.0, 3.0, n).reshape(-1, 1) if field == "rewards" else value
+            for field, value in zip(ReplayBufferSamples._fields, batch)
+        )
+    )
     with th.no_grad():
         greedy = agent.q_net(batch.observations).argmax(dim=1)
     assert bool((greedy != batch.actions.reshape(-1)).any())  # the greedy action is not the stored one

@@ -115,10 +115,16 @@ def test_averaging_start_vectors_shrinks_the_error_of_the_eps_rank():
     exact = 8 / 12
 
     def errors(num_vectors: int) -> th.Tensor:
-        return th.tensor([
-            hessian_spectrum(model, model.loss, order=12, seed=s, num_vectors=num_vectors)["eps_hessian_rank"]
-            for s in range(300)
-        ], dtype=DT) - exact
+        return (
+            th.tensor(
+                [
+                    hessian_spectrum(model, model.loss, order=12, seed=s, num_vectors=num_vectors)["eps_hessian_rank"]
+                    for s in range(300)
+                ],
+                dtype=DT,
+            )
+            - exact
+        )
 
     one, four = errors(1), errors(4)
     # Both are unbiased; one vector's spread is the Beta law's, four vectors' is half of it (variance / 4).

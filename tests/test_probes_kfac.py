@@ -88,13 +88,13 @@ def test_single_linear_layer_is_exact_empirical_fisher_for_one_sample():
     th.manual_seed(0)
     layer = nn.Linear(3, 2).to(DT)
     x, y = make_batch(1)
-    (A, G), = kfac_factors(layer, (x, y), mse_loss_fn).values()
+    ((A, G),) = kfac_factors(layer, (x, y), mse_loss_fn).values()
     J = per_sample_vec_grads(layer, x, y)
     th.testing.assert_close(th.kron(A, G), J.T @ J, rtol=1e-12, atol=1e-14)
 
     x_same = x.expand(6, 3).clone()
     _, y6 = make_batch(6)
-    (A, G), = kfac_factors(layer, (x_same, y6), mse_loss_fn).values()
+    ((A, G),) = kfac_factors(layer, (x_same, y6), mse_loss_fn).values()
     J = per_sample_vec_grads(layer, x_same, y6)
     th.testing.assert_close(th.kron(A, G), J.T @ J / 6, rtol=1e-12, atol=1e-14)
 
@@ -105,7 +105,7 @@ def test_single_linear_layer_general_batch_error_is_the_cross_covariance_term():
     th.manual_seed(0)
     layer = nn.Linear(3, 2).to(DT)
     x, y = make_batch(16)
-    (A, G), = kfac_factors(layer, (x, y), mse_loss_fn).values()
+    ((A, G),) = kfac_factors(layer, (x, y), mse_loss_fn).values()
     J = per_sample_vec_grads(layer, x, y)
     ef = J.T @ J / 16
     cross = th.zeros_like(ef)
@@ -125,8 +125,9 @@ class UnfoldedConv(nn.Module):
     def __init__(self, conv: nn.Conv2d, out_hw: tuple[int, int], pad: tuple[int, int, int, int]) -> None:
         super().__init__()
         self.conv = conv
-        self.lin = nn.Linear(conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1], conv.out_channels,
-                             bias=conv.bias is not None).to(DT)
+        self.lin = nn.Linear(
+            conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1], conv.out_channels, bias=conv.bias is not None
+        ).to(DT)
         with th.no_grad():
             self.lin.weight.copy_(conv.weight.reshape(conv.out_channels, -1))
             if conv.bias is not None:
@@ -134,8 +135,9 @@ class UnfoldedConv(nn.Module):
         self.out_hw, self.pad = out_hw, pad
 
     def forward(self, x: th.Tensor) -> th.Tensor:
-        patches = F.unfold(F.pad(x, self.pad), self.conv.kernel_size, dilation=self.conv.dilation,
-                           stride=self.conv.stride).transpose(1, 2)
+        patches = F.unfold(
+            F.pad(x, self.pad), self.conv.kernel_size, dilation=self.conv.dilation, stride=self.conv.stride
+        ).transpose(1, 2)
         s = self.lin(patches)  # (n, T, C_out)
         return s.transpose(1, 2).reshape(x.shape[0], -1, *self.out_hw)
 

@@ -14,8 +14,8 @@ from rl_plasticity.probes.rank import (
     approx_rank,
     effective_rank,
     effective_rank_differentiable,
-    effective_rank_psd_differentiable,
     effective_rank_from_spectrum,
+    effective_rank_psd_differentiable,
     epsilon_rank,
     lyle_feature_rank,
     singular_values,
@@ -175,20 +175,39 @@ def test_effective_rank_from_spectrum():
 
 @pytest.mark.parametrize(
     "bad",
-    [th.ones(5), th.ones(2, 3, 4), th.ones(0, 3), th.ones(3, 0), th.tensor([[1.0, float("nan")], [0.0, 1.0]]),
-     th.tensor([[float("inf"), 1.0]]), np.ones((3, 3))],
+    [
+        th.ones(5),
+        th.ones(2, 3, 4),
+        th.ones(0, 3),
+        th.ones(3, 0),
+        th.tensor([[1.0, float("nan")], [0.0, 1.0]]),
+        th.tensor([[float("inf"), 1.0]]),
+        np.ones((3, 3)),
+    ],
 )
 def test_bad_input_raises(bad):
-    for probe in (singular_values, effective_rank, srank, approx_rank, epsilon_rank, lyle_feature_rank,
-                  effective_rank_differentiable):
+    for probe in (
+        singular_values,
+        effective_rank,
+        srank,
+        approx_rank,
+        epsilon_rank,
+        lyle_feature_rank,
+        effective_rank_differentiable,
+    ):
         with pytest.raises(ValueError):
             probe(bad)
 
 
 def test_bad_thresholds_raise():
     F = th.eye(3)
-    for call in (lambda: srank(F, -0.1), lambda: srank(F, 1.5), lambda: approx_rank(F, 2.0),
-                 lambda: epsilon_rank(F, -1.0), lambda: lyle_feature_rank(F, -1e-3)):
+    for call in (
+        lambda: srank(F, -0.1),
+        lambda: srank(F, 1.5),
+        lambda: approx_rank(F, 2.0),
+        lambda: epsilon_rank(F, -1.0),
+        lambda: lyle_feature_rank(F, -1e-3),
+    ):
         with pytest.raises(ValueError):
             call()
 
@@ -206,12 +225,16 @@ def test_differentiable_matches_and_keeps_graph():
 @pytest.mark.parametrize("case", ["duplicated_columns", "rank_deficient", "repeated_nonzero", "all_zero"])
 def test_differentiable_gradient_finite_when_rank_deficient(case):
     xz = orthonormal(8, 2, seed=4)
-    F = {
-        "duplicated_columns": th.stack([xz[:, 0], xz[:, 0], xz[:, 1], xz[:, 1]], dim=1),
-        "rank_deficient": with_singular_values([3.0, 1.0], n=10, d=6, seed=7),
-        "repeated_nonzero": with_singular_values([2.0, 2.0, 2.0], n=6, d=5, seed=8),
-        "all_zero": th.zeros(5, 4, dtype=th.float64),
-    }[case].clone().requires_grad_(True)
+    F = (
+        {
+            "duplicated_columns": th.stack([xz[:, 0], xz[:, 0], xz[:, 1], xz[:, 1]], dim=1),
+            "rank_deficient": with_singular_values([3.0, 1.0], n=10, d=6, seed=7),
+            "repeated_nonzero": with_singular_values([2.0, 2.0, 2.0], n=6, d=5, seed=8),
+            "all_zero": th.zeros(5, 4, dtype=th.float64),
+        }[case]
+        .clone()
+        .requires_grad_(True)
+    )
     value = effective_rank_differentiable(F)
     value.backward()
     assert value.item() == pytest.approx(effective_rank(F), rel=1e-9, abs=1e-12)
@@ -235,11 +258,15 @@ def test_psd_differentiable_matches_the_svd_form_on_gram_matrices():
 
 @pytest.mark.parametrize("case", ["rank_deficient", "repeated_nonzero", "all_zero"])
 def test_psd_differentiable_gradient_finite_when_rank_deficient(case):
-    X = {
-        "rank_deficient": with_singular_values([3.0, 1.0], n=10, d=6, seed=7),
-        "repeated_nonzero": with_singular_values([2.0, 2.0, 2.0], n=6, d=5, seed=8),
-        "all_zero": th.zeros(5, 4, dtype=th.float64),
-    }[case].clone().requires_grad_(True)
+    X = (
+        {
+            "rank_deficient": with_singular_values([3.0, 1.0], n=10, d=6, seed=7),
+            "repeated_nonzero": with_singular_values([2.0, 2.0, 2.0], n=6, d=5, seed=8),
+            "all_zero": th.zeros(5, 4, dtype=th.float64),
+        }[case]
+        .clone()
+        .requires_grad_(True)
+    )
     value = effective_rank_psd_differentiable(X @ X.T)
     value.backward()
     assert value.item() == pytest.approx(effective_rank(X @ X.T), rel=1e-9, abs=1e-12)

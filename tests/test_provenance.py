@@ -62,6 +62,7 @@ def tiny_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 # -- the git state -------------------------------------------------------------------------------------------
 
+
 @needs_git
 def test_git_state_commit_dirty_and_unknown(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     repo = tmp_path / "repo"
@@ -92,16 +93,22 @@ def test_git_state_commit_dirty_and_unknown(tmp_path: Path, monkeypatch: pytest.
 
 def test_cpu_info_parses_the_first_processor(tmp_path: Path):
     fake = tmp_path / "cpuinfo"
-    fake.write_text("processor\t: 0\nvendor_id\t: GenuineIntel\nmodel name\t: Intel(R) Xeon(R) Gold 6230 CPU\n"
-                    "flags\t\t: fpu sse4_1 sse4_2 avx avx2 fma avx512f avx512bw\n\n"
-                    "processor\t: 1\nmodel name\t: Something Else\n")
-    assert cpu_info(fake) == {"cpu": "Intel(R) Xeon(R) Gold 6230 CPU", "cpu_vendor": "GenuineIntel",
-                              "cpu_flags": ["sse4_1", "sse4_2", "avx", "avx2", "fma", "avx512f", "avx512bw"]}
+    fake.write_text(
+        "processor\t: 0\nvendor_id\t: GenuineIntel\nmodel name\t: Intel(R) Xeon(R) Gold 6230 CPU\n"
+        "flags\t\t: fpu sse4_1 sse4_2 avx avx2 fma avx512f avx512bw\n\n"
+        "processor\t: 1\nmodel name\t: Something Else\n"
+    )
+    assert cpu_info(fake) == {
+        "cpu": "Intel(R) Xeon(R) Gold 6230 CPU",
+        "cpu_vendor": "GenuineIntel",
+        "cpu_flags": ["sse4_1", "sse4_2", "avx", "avx2", "fma", "avx512f", "avx512bw"],
+    }
     missing = cpu_info(tmp_path / "none")
     assert missing["cpu"] == (platform.processor() or "unknown") and missing["cpu_flags"] == "unknown"
 
 
 # -- a run's provenance.json ------------------------------------------------------------------------------------
+
 
 def test_run_records_its_provenance(tiny_run: Path):
     (session,) = read_sessions(tiny_run)
@@ -164,19 +171,33 @@ def test_resume_from_a_corrupt_checkpoint_records_nothing(tiny_run: Path):
 
 # -- rlp report ---------------------------------------------------------------------------------------------
 
-def fake_session(commit: str, cpu: str, torch_version: str = "2.13.0", capability: str = "AVX2",
-                 dirty: bool = False, env: dict | None = None) -> dict:
-    return {"kind": "train", "started": "2026-01-01T00:00:00+00:00", "code": {"commit": commit, "dirty": dirty},
-            "versions": {"torch": torch_version}, "machine": {"cpu": cpu, "hostname": "h"},
-            "torch": {"cpu_capability": capability}, "env": env or {}}
+
+def fake_session(
+    commit: str,
+    cpu: str,
+    torch_version: str = "2.13.0",
+    capability: str = "AVX2",
+    dirty: bool = False,
+    env: dict | None = None,
+) -> dict:
+    return {
+        "kind": "train",
+        "started": "2026-01-01T00:00:00+00:00",
+        "code": {"commit": commit, "dirty": dirty},
+        "versions": {"torch": torch_version},
+        "machine": {"cpu": cpu, "hostname": "h"},
+        "torch": {"cpu_capability": capability},
+        "env": env or {},
+    }
 
 
 def fake_run(root: Path, name: str, seed: int, sessions: list[dict] | None) -> Path:
     """A run directory with only what the report needs: a config (no visits logged yet) and provenance."""
     run_dir = root / name
     run_dir.mkdir(parents=True)
-    (run_dir / "config.yaml").write_text(f"seed: {seed}\ntotal_steps: 100\ninterventions: []\n"
-                                         "env: {sequence: cartpole_shift, switch_every: 100}\n")
+    (run_dir / "config.yaml").write_text(
+        f"seed: {seed}\ntotal_steps: 100\ninterventions: []\nenv: {{sequence: cartpole_shift, switch_every: 100}}\n"
+    )
     if sessions is not None:
         (run_dir / PROVENANCE_FILE).write_text(json.dumps({"format": 1, "sessions": sessions}))
     return run_dir
@@ -185,8 +206,15 @@ def fake_run(root: Path, name: str, seed: int, sessions: list[dict] | None) -> P
 def test_report_lists_commits_and_machines_and_warns_when_they_differ(tmp_path: Path):
     root = tmp_path / "runs"
     fake_run(root, "a_seed0", 0, [fake_session("aaa", "Intel Xeon", dirty=True)])
-    fake_run(root, "b_seed1", 1, [fake_session("bbb", "AMD EPYC", capability="AVX512"),
-                                  fake_session("bbb", "Intel Xeon", env={"MKL_CBWR": "COMPATIBLE"})])
+    fake_run(
+        root,
+        "b_seed1",
+        1,
+        [
+            fake_session("bbb", "AMD EPYC", capability="AVX512"),
+            fake_session("bbb", "Intel Xeon", env={"MKL_CBWR": "COMPATIBLE"}),
+        ],
+    )
     fake_run(root, "c_seed2", 2, None)  # an old run: no provenance.json
 
     report = make_report(root, tmp_path / "out", points=5, n_resamples=200)
@@ -195,15 +223,21 @@ def test_report_lists_commits_and_machines_and_warns_when_they_differ(tmp_path: 
     assert summary.counts["machine"] == {"Intel Xeon, torch 2.13.0": 2, "AMD EPYC, torch 2.13.0": 1, "unknown": 1}
     assert summary.counts["kernels"] == {"AVX2": 1, "AVX512": 1, "AVX2 (MKL_CBWR=COMPATIBLE)": 1, "unknown": 1}
     assert summary.mixed_runs == ["b_seed1"]  # resumed on another machine
-    assert summary.warning() == ("warning: the runs come from 3 commits and 3 machines and 4 kernel choices "
-                                 "(see Provenance in report.md): they agree statistically, not bit for bit")
+    assert summary.warning() == (
+        "warning: the runs come from 3 commits and 3 machines and 4 kernel choices "
+        "(see Provenance in report.md): they agree statistically, not bit for bit"
+    )
     md = (tmp_path / "out" / "report.md").read_text()
     section = md.split("## Provenance")[1].split("## Files")[0]
     assert "**Warning**" in section and "| `aaa+dirty` | 1 |" in section and "| `unknown` | 1 |" in section
     assert "| `AMD EPYC, torch 2.13.0` | 1 |" in section and "`b_seed1`" in section
     frame = pd.read_csv(tmp_path / "out" / "provenance.csv")
-    assert frame[["run", "session", "commit"]].values.tolist() == [["a_seed0", 0, "aaa+dirty"], ["b_seed1", 0, "bbb"],
-                                                                   ["b_seed1", 1, "bbb"], ["c_seed2", 0, "unknown"]]
+    assert frame[["run", "session", "commit"]].values.tolist() == [
+        ["a_seed0", 0, "aaa+dirty"],
+        ["b_seed1", 0, "bbb"],
+        ["b_seed1", 1, "bbb"],
+        ["c_seed2", 0, "unknown"],
+    ]
 
     result = cli_run("report", str(root), "--out", str(tmp_path / "out2"), "--points", "5", "--resamples", "200")
     assert result.exit_code == 0, result.output
@@ -259,20 +293,29 @@ def rlp_subprocess(folder: Path, *args: str, env: dict[str, str] | None = None) 
     """``rlp train mini.yaml ARGS`` in a fresh process (no kernel pin inherited unless given) -> its run directory."""
     clean = {k: v for k, v in os.environ.items() if k not in PINS}
     root = folder / f"out{len(list(folder.glob('out*')))}"
-    subprocess.run([str(Path(sys.executable).with_name("rlp")), "train", "mini.yaml", f"logging.root_dir={root}", *args],
-                   cwd=folder, env={**clean, **(env or {})}, check=True, capture_output=True)
+    subprocess.run(
+        [str(Path(sys.executable).with_name("rlp")), "train", "mini.yaml", f"logging.root_dir={root}", *args],
+        cwd=folder,
+        env={**clean, **(env or {})},
+        check=True,
+        capture_output=True,
+    )
     (run_dir,) = (root / "mini").iterdir()
     return run_dir
 
 
-@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64") or not th.backends.mkl.is_available(),
-                    reason="portable kernels are x86-64 with MKL")
+@pytest.mark.skipif(
+    platform.machine() not in ("x86_64", "AMD64") or not th.backends.mkl.is_available(),
+    reason="portable kernels are x86-64 with MKL",
+)
 def test_portable_kernels_through_rlp_equal_pins_set_before_the_process(tmp_path: Path):
     (tmp_path / "mini.yaml").write_text(MINATAR)
     native = rlp_subprocess(tmp_path)
     portable = rlp_subprocess(tmp_path, "cpu_kernels=portable")
     # The pins exported by the shell before Python starts: what rlp's own export must amount to.
-    shell = rlp_subprocess(tmp_path, "cpu_kernels=portable", env={"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "COMPATIBLE"})
+    shell = rlp_subprocess(
+        tmp_path, "cpu_kernels=portable", env={"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "COMPATIBLE"}
+    )
 
     got, want, other = final_parameters(portable), final_parameters(shell), final_parameters(native)
     assert all(th.equal(got[k], want[k]) for k in want)
@@ -287,8 +330,7 @@ def test_portable_kernels_through_rlp_equal_pins_set_before_the_process(tmp_path
     assert not set(PINS) & set(session["env"])
 
 
-def test_portable_kernels_refused_without_threads_or_without_the_pins(tmp_path: Path,
-                                                                     monkeypatch: pytest.MonkeyPatch):
+def test_portable_kernels_refused_without_threads_or_without_the_pins(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "tiny.yaml").write_text(TINY)
     result = cli_run("train", "tiny.yaml", "cpu_kernels=portable", "threads=null")

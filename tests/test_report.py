@@ -25,15 +25,37 @@ A, B = "cartpole/length=0.5", "cartpole/length=1.5"
 SWITCH = 100
 
 
-def write_run(run_dir: Path, *, seed: int, interventions: list[str], total: int, checkpoint: int | None,
-              rows: list[dict] | None, scalars: dict[str, list[tuple[int, float]]], task_order: list[int] | None = None,
-              layer_norm: bool = False) -> Path:
+def write_run(
+    run_dir: Path,
+    *,
+    seed: int,
+    interventions: list[str],
+    total: int,
+    checkpoint: int | None,
+    rows: list[dict] | None,
+    scalars: dict[str, list[tuple[int, float]]],
+    task_order: list[int] | None = None,
+    layer_norm: bool = False,
+) -> Path:
     """A run directory as `rlp train` leaves it, with only what the report reads."""
     run_dir.mkdir(parents=True)
-    env = {"sequence": "cartpole_shift", "switch_every": SWITCH, "order": "explicit" if task_order else "cyclic",
-           "task_order": task_order, "n_envs": 1, "sequence_seed": None, "options": {"values": [0.5, 1.5]}}
-    config = {"name": "synthetic", "seed": seed, "total_steps": total, "env": env, "interventions": interventions,
-              "net": {"kind": "mlp", "layer_norm": layer_norm, "activation": "relu"}}
+    env = {
+        "sequence": "cartpole_shift",
+        "switch_every": SWITCH,
+        "order": "explicit" if task_order else "cyclic",
+        "task_order": task_order,
+        "n_envs": 1,
+        "sequence_seed": None,
+        "options": {"values": [0.5, 1.5]},
+    }
+    config = {
+        "name": "synthetic",
+        "seed": seed,
+        "total_steps": total,
+        "env": env,
+        "interventions": interventions,
+        "net": {"kind": "mlp", "layer_norm": layer_norm, "activation": "relu"},
+    }
     (run_dir / "config.yaml").write_text(yaml.safe_dump(config))
     if rows is not None:
         pd.DataFrame(rows).to_csv(run_dir / "task_summary.csv", index=False)
@@ -50,12 +72,33 @@ def write_run(run_dir: Path, *, seed: int, interventions: list[str], total: int,
     return run_dir
 
 
-def row(task: str, visit: int, start: int, mean: float, final: float, erank: float, dormant: tuple[float, float],
-        nc1: float, complete: bool = True) -> dict:
-    return {"task_id": 0 if task == A else 1, "task": task, "visit": visit, "start_step": start,
-            "end_step": start + SWITCH, "episodes": 5, "mean_return": mean, "final_return": final,
-            "complete": complete, "dormant/q_net.1": dormant[0], "dormant/q_net.3": dormant[1],
-            "erank/value_head": erank, "nc1/value_head": nc1, "kfac_eps_rank/q_net.0": 0.5}
+def row(
+    task: str,
+    visit: int,
+    start: int,
+    mean: float,
+    final: float,
+    erank: float,
+    dormant: tuple[float, float],
+    nc1: float,
+    complete: bool = True,
+) -> dict:
+    return {
+        "task_id": 0 if task == A else 1,
+        "task": task,
+        "visit": visit,
+        "start_step": start,
+        "end_step": start + SWITCH,
+        "episodes": 5,
+        "mean_return": mean,
+        "final_return": final,
+        "complete": complete,
+        "dormant/q_net.1": dormant[0],
+        "dormant/q_net.3": dormant[1],
+        "erank/value_head": erank,
+        "nc1/value_head": nc1,
+        "kfac_eps_rank/q_net.0": 0.5,
+    }
 
 
 # Per arm and seed: mean returns of visit 1 (task A) and visit 2 (task B), and the return curve points.
@@ -74,25 +117,50 @@ def runs(tmp_path: Path) -> Path:
     for arm, table, ivs in (("none", NONE, []), ("reset", RESET, ["reset"])):
         for seed, (ra, rb) in table.items():
             nc1 = float("nan") if (arm, seed) == ("none", 2) else 1.0 + seed  # NC1 undefined in one run
-            rows = [row(A, 1, 0, ra, ra + 1, 2.0 + seed, (0.1, 0.3), nc1),
-                    row(B, 1, SWITCH, rb, rb + 1, 3.0 + seed, (0.2, 0.4), 2.0)]
-            scalars = {f"task/{A}/episode_return": curve(seed, 0.0 if arm == "none" else 100.0),
-                       f"task/{B}/episode_return": [(150, 10.0 * seed), (200, 10.0 * seed + 1)],
-                       "task/id": [(10, 0), (100, 1), (150, 1), (200, 0)],
-                       "plasticity/erank/value_head@probe_set": [(100, 2.0 + seed), (200, 3.0 + seed)]}
-            write_run(root / arm / f"20260101-00000{seed}_seed{seed}", seed=seed, interventions=ivs, total=200,
-                      checkpoint=200, rows=rows, scalars=scalars)
+            rows = [
+                row(A, 1, 0, ra, ra + 1, 2.0 + seed, (0.1, 0.3), nc1),
+                row(B, 1, SWITCH, rb, rb + 1, 3.0 + seed, (0.2, 0.4), 2.0),
+            ]
+            scalars = {
+                f"task/{A}/episode_return": curve(seed, 0.0 if arm == "none" else 100.0),
+                f"task/{B}/episode_return": [(150, 10.0 * seed), (200, 10.0 * seed + 1)],
+                "task/id": [(10, 0), (100, 1), (150, 1), (200, 0)],
+                "plasticity/erank/value_head@probe_set": [(100, 2.0 + seed), (200, 3.0 + seed)],
+            }
+            write_run(
+                root / arm / f"20260101-00000{seed}_seed{seed}",
+                seed=seed,
+                interventions=ivs,
+                total=200,
+                checkpoint=200,
+                rows=rows,
+                scalars=scalars,
+            )
     # An incomplete reset run: stopped at step 100, after its first visit.
-    write_run(root / "reset" / "20260101-000003_seed3", seed=3, interventions=["reset"], total=200, checkpoint=100,
-              rows=[row(A, 1, 0, 17.0, 18.0, 5.0, (0.0, 0.2), 4.0),
-                    row(B, 1, SWITCH, 99.0, 99.0, 5.0, (0.0, 0.2), 4.0, complete=False)],  # cut short: left out
-              scalars={f"task/{A}/episode_return": curve(3, 100.0), "task/id": [(10, 0), (100, 0)]})
+    write_run(
+        root / "reset" / "20260101-000003_seed3",
+        seed=3,
+        interventions=["reset"],
+        total=200,
+        checkpoint=100,
+        rows=[
+            row(A, 1, 0, 17.0, 18.0, 5.0, (0.0, 0.2), 4.0),
+            row(B, 1, SWITCH, 99.0, 99.0, 5.0, (0.0, 0.2), 4.0, complete=False),
+        ],  # cut short: left out
+        scalars={f"task/{A}/episode_return": curve(3, 100.0), "task/id": [(10, 0), (100, 0)]},
+    )
     # The fresh arm: task B alone (explicit order [1]) for one switch period.
     for seed, value in FRESH_B.items():
-        write_run(root / "fresh" / f"20260101-00000{seed}_seed{seed}", seed=seed, interventions=[], total=SWITCH,
-                  checkpoint=SWITCH, task_order=[1],
-                  rows=[row(B, 1, 0, value, value + 1, 9.0, (0.0, 0.0), 3.0)],
-                  scalars={f"task/{B}/episode_return": [(50, value), (100, value + 2)], "task/id": [(10, 1)]})
+        write_run(
+            root / "fresh" / f"20260101-00000{seed}_seed{seed}",
+            seed=seed,
+            interventions=[],
+            total=SWITCH,
+            checkpoint=SWITCH,
+            task_order=[1],
+            rows=[row(B, 1, 0, value, value + 1, 9.0, (0.0, 0.0), 3.0)],
+            scalars={f"task/{B}/episode_return": [(50, value), (100, value + 2)], "task/id": [(10, 1)]},
+        )
     return root
 
 
@@ -103,8 +171,9 @@ def stat(frame: pd.DataFrame, index: int, arm: str, metric: str) -> pd.Series:
 
 # -- statistics -----------------------------------------------------------------------------------
 
+
 def test_iqm_is_the_mean_of_the_middle_half():
-    assert iqm(np.arange(1, 9)) == pytest.approx(4.5)          # mean of 3, 4, 5, 6
+    assert iqm(np.arange(1, 9)) == pytest.approx(4.5)  # mean of 3, 4, 5, 6
     assert iqm(np.array([1.0, 2.0, 3.0, 100.0])) == pytest.approx(2.5)
     assert iqm(np.array([5.0, np.nan, 7.0])) == pytest.approx(6.0)  # NaN left out; n=2 trims nothing
 
@@ -140,6 +209,7 @@ def test_interpolation_is_linear_and_never_extrapolates():
 
 
 # -- the report -------------------------------------------------------------------------------------
+
 
 def test_report_tables_match_hand_computed_statistics(runs: Path, tmp_path: Path):
     report = make_report(runs, tmp_path / "out", points=5, n_resamples=4_000)
@@ -196,8 +266,9 @@ def test_report_across_the_sequence_raw_and_relative_to_fresh(runs: Path, tmp_pa
         # The interval resamples the runs and the fresh seeds independently: an independent bootstrap.
         rng = np.random.default_rng(7)
         fresh = np.array(list(FRESH_B.values()))
-        ratios = (later[rng.integers(0, 3, (100_000, 3))].mean(axis=1)
-                  / fresh[rng.integers(0, 3, (100_000, 3))].mean(axis=1))
+        ratios = later[rng.integers(0, 3, (100_000, 3))].mean(axis=1) / fresh[rng.integers(0, 3, (100_000, 3))].mean(
+            axis=1
+        )
         low, high = np.percentile(ratios, [2.5, 97.5])
         assert rel["ci_low"] == pytest.approx(low, abs=0.01) and rel["ci_high"] == pytest.approx(high, abs=0.01)
     # The final return (each visit's last episodes; the fixture's is the mean return + 1) likewise.
@@ -213,10 +284,10 @@ def test_report_across_the_sequence_raw_and_relative_to_fresh(runs: Path, tmp_pa
 
 
 def test_relative_summary_resamples_runs_and_fresh_seeds():
-    returns = np.array([[2.0, 6.0], [4.0, 3.0], [3.0, 9.0]])      # 3 runs x 2 visits
-    tasks = np.array([[0, 1], [1, 0], [0, 1]])                     # run 1 met the tasks the other way round
-    fresh = np.array([[4.0, 6.0], [6.0, 9.0], [2.0, 12.0]])        # 3 fresh seeds x 2 tasks
-    base = np.array([4.0, 9.0])                                    # their mean per task
+    returns = np.array([[2.0, 6.0], [4.0, 3.0], [3.0, 9.0]])  # 3 runs x 2 visits
+    tasks = np.array([[0, 1], [1, 0], [0, 1]])  # run 1 met the tasks the other way round
+    fresh = np.array([[4.0, 6.0], [6.0, 9.0], [2.0, 12.0]])  # 3 fresh seeds x 2 tasks
+    base = np.array([4.0, 9.0])  # their mean per task
     per_run = [(2 / base[0] + 6 / base[1]) / 2, (4 / base[1] + 3 / base[0]) / 2, (3 / base[0] + 9 / base[1]) / 2]
     s = relative_summary(returns, tasks, fresh, n_resamples=4_000, seed=1)
     assert (s.n, s.mean, s.iqm) == (3, pytest.approx(np.mean(per_run)), pytest.approx(np.mean(per_run)))
@@ -240,15 +311,30 @@ def test_sequence_table_drops_each_runs_own_first_visit(tmp_path: Path):
     # Two seeds meet the tasks in opposite orders (a random order per seed): each drops its own first visit.
     root = tmp_path / "runs"
     for seed, order in ((0, (A, B)), (1, (B, A))):
-        rows = [row(task, 1, i * SWITCH, 10.0 * (i + 1) + seed, 0.0, 2.0, (0.1, 0.1), 1.0)
-                for i, task in enumerate(order)]
-        write_run(root / "none" / f"20260101-00000{seed}_seed{seed}", seed=seed, interventions=[], total=200,
-                  checkpoint=200, rows=rows, scalars={"task/id": [(10, 0)]})
+        rows = [
+            row(task, 1, i * SWITCH, 10.0 * (i + 1) + seed, 0.0, 2.0, (0.1, 0.1), 1.0) for i, task in enumerate(order)
+        ]
+        write_run(
+            root / "none" / f"20260101-00000{seed}_seed{seed}",
+            seed=seed,
+            interventions=[],
+            total=200,
+            checkpoint=200,
+            rows=rows,
+            scalars={"task/id": [(10, 0)]},
+        )
     for seed in (0, 1):
         for k, (task, value) in enumerate(((A, 10.0), (B, 40.0))):
-            write_run(root / "fresh" / f"2026010{k}-00000{seed}_seed{seed}", seed=seed, interventions=[],
-                      total=SWITCH, checkpoint=SWITCH, task_order=[k],
-                      rows=[row(task, 1, 0, value + seed, 0.0, 2.0, (0.1, 0.1), 1.0)], scalars={"task/id": [(10, k)]})
+            write_run(
+                root / "fresh" / f"2026010{k}-00000{seed}_seed{seed}",
+                seed=seed,
+                interventions=[],
+                total=SWITCH,
+                checkpoint=SWITCH,
+                task_order=[k],
+                rows=[row(task, 1, 0, value + seed, 0.0, 2.0, (0.1, 0.1), 1.0)],
+                scalars={"task/id": [(10, k)]},
+            )
     make_report(root, tmp_path / "out", points=5, n_resamples=1_000)
     seq = pd.read_csv(tmp_path / "out" / "sequence.csv").set_index(["arm", "metric"])
     # Seed 0's later visit is B with return 20; seed 1's is A with 21. Fresh means: A 10.5, B 40.5.
@@ -289,12 +375,20 @@ def test_report_curves_interpolated_averaged_and_fresh_aligned(runs: Path, tmp_p
 
 def test_report_rebuilds_visits_from_events_without_task_summary(tmp_path: Path):
     root = tmp_path / "runs"
-    write_run(root / "run" / "20260101-000000_seed0", seed=0, interventions=["l2"], total=200, checkpoint=200,
-              rows=None, scalars={
-                  "task/id": [(20, 0), (60, 0), (100, 1), (140, 1), (200, 0)],
-                  f"task/{A}/episode_return": [(20, 1.0), (60, 3.0), (100, 8.0)],
-                  f"task/{B}/episode_return": [(140, 5.0), (200, 7.0)],
-                  "plasticity/dormant/q_net.1@probe_set": [(50, 0.1), (100, 0.2), (200, 0.6)]})
+    write_run(
+        root / "run" / "20260101-000000_seed0",
+        seed=0,
+        interventions=["l2"],
+        total=200,
+        checkpoint=200,
+        rows=None,
+        scalars={
+            "task/id": [(20, 0), (60, 0), (100, 1), (140, 1), (200, 0)],
+            f"task/{A}/episode_return": [(20, 1.0), (60, 3.0), (100, 8.0)],
+            f"task/{B}/episode_return": [(140, 5.0), (200, 7.0)],
+            "plasticity/dormant/q_net.1@probe_set": [(50, 0.1), (100, 0.2), (200, 0.6)],
+        },
+    )
     make_report(root, tmp_path / "out", points=5, n_resamples=1_000)
     visits = pd.read_csv(tmp_path / "out" / "visits_by_run.csv")
     assert visits["arm"].tolist() == ["l2", "l2"] and visits["source"].tolist() == ["events", "events"]
@@ -308,24 +402,77 @@ def test_report_rebuilds_visits_from_events_without_task_summary(tmp_path: Path)
 def test_report_takes_arms_failures_and_pending_trials_from_the_sweep_manifest(tmp_path: Path):
     sweep = tmp_path / "sweep"
     scalars = {"task/id": [(10, 0), (100, 1)], f"task/{A}/episode_return": [(50, 1.0)]}
-    write_run(sweep / "layer_norm" / "20260101-000000_seed0", seed=0, interventions=[], total=200, checkpoint=200,
-              rows=None, scalars=scalars, layer_norm=True)
-    write_run(sweep / "plain" / "20260101-000000_seed0", seed=0, interventions=[], total=200, checkpoint=200,
-              rows=None, scalars=scalars)
+    write_run(
+        sweep / "layer_norm" / "20260101-000000_seed0",
+        seed=0,
+        interventions=[],
+        total=200,
+        checkpoint=200,
+        rows=None,
+        scalars=scalars,
+        layer_norm=True,
+    )
+    write_run(
+        sweep / "plain" / "20260101-000000_seed0",
+        seed=0,
+        interventions=[],
+        total=200,
+        checkpoint=200,
+        rows=None,
+        scalars=scalars,
+    )
     # A running trial has its run directory but no run_dir in the manifest yet (it is set when the trial ends).
-    write_run(sweep / "plain" / "20260101-000000_seed3", seed=3, interventions=[], total=200, checkpoint=100,
-              rows=None, scalars=scalars)
+    write_run(
+        sweep / "plain" / "20260101-000000_seed3",
+        seed=3,
+        interventions=[],
+        total=200,
+        checkpoint=100,
+        rows=None,
+        scalars=scalars,
+    )
     trials = {
-        "layer_norm/seed0": {"label": "layer_norm", "seed": 0, "arm": "layer_norm", "task": None,
-                             "status": "finished", "run_dir": "layer_norm/20260101-000000_seed0"},
-        "plain/seed0": {"label": "plain", "seed": 0, "arm": "baseline", "task": None, "status": "finished",
-                        "run_dir": "plain/20260101-000000_seed0"},
-        "plain/seed1": {"label": "plain", "seed": 1, "arm": "baseline", "task": None, "status": "failed",
-                        "run_dir": None, "error": "rlp: error: something broke (exit 3)"},
-        "plain/seed2": {"label": "plain", "seed": 2, "arm": "baseline", "task": None, "status": "pending",
-                        "run_dir": None},
-        "plain/seed3": {"label": "plain", "seed": 3, "arm": "baseline", "task": None, "status": "pending",
-                        "run_dir": None},
+        "layer_norm/seed0": {
+            "label": "layer_norm",
+            "seed": 0,
+            "arm": "layer_norm",
+            "task": None,
+            "status": "finished",
+            "run_dir": "layer_norm/20260101-000000_seed0",
+        },
+        "plain/seed0": {
+            "label": "plain",
+            "seed": 0,
+            "arm": "baseline",
+            "task": None,
+            "status": "finished",
+            "run_dir": "plain/20260101-000000_seed0",
+        },
+        "plain/seed1": {
+            "label": "plain",
+            "seed": 1,
+            "arm": "baseline",
+            "task": None,
+            "status": "failed",
+            "run_dir": None,
+            "error": "rlp: error: something broke (exit 3)",
+        },
+        "plain/seed2": {
+            "label": "plain",
+            "seed": 2,
+            "arm": "baseline",
+            "task": None,
+            "status": "pending",
+            "run_dir": None,
+        },
+        "plain/seed3": {
+            "label": "plain",
+            "seed": 3,
+            "arm": "baseline",
+            "task": None,
+            "status": "pending",
+            "run_dir": None,
+        },
     }
     (sweep / "sweep.json").write_text(json.dumps({"trials": trials, "arms_order": ["baseline", "layer_norm"]}))
     make_report(sweep, None, points=5, n_resamples=1_000)
@@ -342,10 +489,15 @@ def test_report_on_runs_that_completed_no_visit_yet(tmp_path: Path):
     # A sweep stopped early: each run is inside its first visit, so no visit is complete yet.
     root = tmp_path / "runs"
     for seed in (0, 1):
-        write_run(root / "none" / f"20260101-00000{seed}_seed{seed}", seed=seed, interventions=[], total=200,
-                  checkpoint=60 if seed == 0 else None, rows=None,
-                  scalars={"task/id": [(20, 0), (60, 0)],
-                           f"task/{A}/episode_return": [(20, 5.0 + seed), (60, 7.0 + seed)]})
+        write_run(
+            root / "none" / f"20260101-00000{seed}_seed{seed}",
+            seed=seed,
+            interventions=[],
+            total=200,
+            checkpoint=60 if seed == 0 else None,
+            rows=None,
+            scalars={"task/id": [(20, 0), (60, 0)], f"task/{A}/episode_return": [(20, 5.0 + seed), (60, 7.0 + seed)]},
+        )
     result = CliRunner().invoke(cli, ["report", str(root), "--points", "5", "--resamples", "200"])
     assert result.exit_code == 0, result.output
     assert "report: 2 runs, 2 incomplete" in result.output
@@ -362,8 +514,10 @@ def test_config_arm_without_manifest(tmp_path: Path):
     from rl_plasticity.report.runs import config_arm
 
     assert config_arm({"interventions": []}) == ("none", "continual")
-    assert config_arm({"interventions": ["l2", "reset"], "net": {"layer_norm": True}}) == ("l2+reset+layer_norm",
-                                                                                          "continual")
+    assert config_arm({"interventions": ["l2", "reset"], "net": {"layer_norm": True}}) == (
+        "l2+reset+layer_norm",
+        "continual",
+    )
     assert config_arm({"env": {"order": "explicit", "task_order": [2]}}) == ("fresh", "fresh")
     assert config_arm({"env": {"order": "explicit", "task_order": [0, 1]}})[1] == "continual"
 
@@ -381,8 +535,9 @@ def test_report_bad_input_one_line_exit_2_nothing_written(tmp_path: Path, make: 
 
 
 def test_report_cli_names_incomplete_runs(runs: Path, tmp_path: Path):
-    result = CliRunner().invoke(cli, ["report", str(runs), "--out", str(tmp_path / "out"), "--points", "5",
-                                      "--resamples", "1000"])
+    result = CliRunner().invoke(
+        cli, ["report", str(runs), "--out", str(tmp_path / "out"), "--points", "5", "--resamples", "1000"]
+    )
     assert result.exit_code == 0, result.output
     assert "report: 10 runs, 1 incomplete: " in result.output and "20260101-000003_seed3" in result.output
     assert str(tmp_path / "out" / "report.md") in result.output
@@ -441,21 +596,43 @@ def eval_runs(tmp_path: Path) -> Path:
     root = tmp_path / "eval_runs"
     for arm, table, ivs in (("none", EVAL_NONE, []), ("reset", EVAL_RESET, ["reset"])):
         for seed, (ea, eb) in table.items():
-            rows = [{**row(A, 1, 0, 50.0 + seed, 51.0, 2.0, (0.1, 0.3), 1.0 + seed), "eval_return": ea},
-                    {**row(B, 1, SWITCH, 60.0 + seed, 61.0, 3.0, (0.2, 0.4), 3.0 + ea), "eval_return": eb}]
-            scalars = {f"task/{A}/episode_return": curve(seed, 0.0), "task/id": [(10, 0), (100, 1), (200, 0)],
-                       "eval/mean_return": [(0, 0.0), (100, ea), (200, eb)],
-                       f"eval/{A}/mean_return": [(0, 0.0), (100, ea), (200, ea - 1)],
-                       f"eval/{B}/mean_return": [(0, 1.0), (100, 1.0), (200, eb)]}
-            write_run(root / arm / f"20260101-00000{seed}_seed{seed}", seed=seed, interventions=ivs, total=200,
-                      checkpoint=200, rows=rows, scalars=scalars)
+            rows = [
+                {**row(A, 1, 0, 50.0 + seed, 51.0, 2.0, (0.1, 0.3), 1.0 + seed), "eval_return": ea},
+                {**row(B, 1, SWITCH, 60.0 + seed, 61.0, 3.0, (0.2, 0.4), 3.0 + ea), "eval_return": eb},
+            ]
+            scalars = {
+                f"task/{A}/episode_return": curve(seed, 0.0),
+                "task/id": [(10, 0), (100, 1), (200, 0)],
+                "eval/mean_return": [(0, 0.0), (100, ea), (200, eb)],
+                f"eval/{A}/mean_return": [(0, 0.0), (100, ea), (200, ea - 1)],
+                f"eval/{B}/mean_return": [(0, 1.0), (100, 1.0), (200, eb)],
+            }
+            write_run(
+                root / arm / f"20260101-00000{seed}_seed{seed}",
+                seed=seed,
+                interventions=ivs,
+                total=200,
+                checkpoint=200,
+                rows=rows,
+                scalars=scalars,
+            )
     for seed, value in EVAL_FRESH_B.items():
-        write_run(root / "fresh" / f"20260101-00000{seed}_seed{seed}", seed=seed, interventions=[], total=SWITCH,
-                  checkpoint=SWITCH, task_order=[1],
-                  rows=[{**row(B, 1, 0, 90.0, 91.0, 9.0, (0.0, 0.0), 3.0), "eval_return": value}],
-                  scalars={f"task/{B}/episode_return": [(50, 90.0)], "task/id": [(10, 1)],
-                           "eval/mean_return": [(0, 0.0), (100, value)], f"eval/{B}/mean_return": [(0, 0.0), (100, value)],
-                           f"eval/{A}/mean_return": [(0, 3.0), (100, 3.0)]})
+        write_run(
+            root / "fresh" / f"20260101-00000{seed}_seed{seed}",
+            seed=seed,
+            interventions=[],
+            total=SWITCH,
+            checkpoint=SWITCH,
+            task_order=[1],
+            rows=[{**row(B, 1, 0, 90.0, 91.0, 9.0, (0.0, 0.0), 3.0), "eval_return": value}],
+            scalars={
+                f"task/{B}/episode_return": [(50, 90.0)],
+                "task/id": [(10, 1)],
+                "eval/mean_return": [(0, 0.0), (100, value)],
+                f"eval/{B}/mean_return": [(0, 0.0), (100, value)],
+                f"eval/{A}/mean_return": [(0, 3.0), (100, 3.0)],
+            },
+        )
     return root
 
 
@@ -480,13 +657,18 @@ def test_report_leads_with_evaluation_returns(eval_runs: Path, tmp_path: Path):
     table = pd.read_csv(out / "correlation.csv")
     pooled = table[(table["scope"] == "all visits") & (table["return"] == "eval return")].iloc[0]
     nc1 = [1, 2, 1, 2] + [3 + EVAL_NONE[s][0] for s in (0, 1)] + [3 + EVAL_RESET[s][0] for s in (0, 1)]
-    ret = [EVAL_NONE[0][0], EVAL_NONE[1][0], EVAL_RESET[0][0], EVAL_RESET[1][0]] + \
-        [EVAL_NONE[s][1] for s in (0, 1)] + [EVAL_RESET[s][1] for s in (0, 1)]
+    ret = (
+        [EVAL_NONE[0][0], EVAL_NONE[1][0], EVAL_RESET[0][0], EVAL_RESET[1][0]]
+        + [EVAL_NONE[s][1] for s in (0, 1)]
+        + [EVAL_RESET[s][1] for s in (0, 1)]
+    )
     assert pooled["n"] == 8 and pooled["pearson_r"] == pytest.approx(np.corrcoef(nc1, ret)[0, 1])
     curves = pd.read_csv(out / "curves.csv")
 
     def point(metric: str, arm: str, step: float) -> float:
-        (found,) = [r["mean"] for _, r in curves.iterrows() if (r["metric"], r["arm"], r["step"]) == (metric, arm, step)]
+        (found,) = [
+            r["mean"] for _, r in curves.iterrows() if (r["metric"], r["arm"], r["step"]) == (metric, arm, step)
+        ]
         return found
 
     assert point("eval_return", "reset", 200.0) == pytest.approx(11.0)
@@ -499,9 +681,15 @@ def test_report_leads_with_evaluation_returns(eval_runs: Path, tmp_path: Path):
 
 def test_report_names_runs_without_evaluation(eval_runs: Path, tmp_path: Path):
     # An older run (no eval_return column, no eval tags) beside runs with evaluation.
-    write_run(eval_runs / "none" / "20260101-000009_seed9", seed=9, interventions=[], total=200, checkpoint=200,
-              rows=[row(A, 1, 0, 1.0, 1.0, 2.0, (0.1, 0.3), 1.0), row(B, 1, SWITCH, 1.0, 1.0, 3.0, (0.2, 0.4), 2.0)],
-              scalars={"task/id": [(10, 0), (100, 1)]})
+    write_run(
+        eval_runs / "none" / "20260101-000009_seed9",
+        seed=9,
+        interventions=[],
+        total=200,
+        checkpoint=200,
+        rows=[row(A, 1, 0, 1.0, 1.0, 2.0, (0.1, 0.3), 1.0), row(B, 1, SWITCH, 1.0, 1.0, 3.0, (0.2, 0.4), 2.0)],
+        scalars={"task/id": [(10, 0), (100, 1)]},
+    )
     make_report(eval_runs, tmp_path / "out", points=3, n_resamples=500)
     md = (tmp_path / "out" / "report.md").read_text()
     assert "1 of 7 runs logged no evaluation return" in md and "20260101-000009_seed9" in md

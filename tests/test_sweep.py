@@ -58,14 +58,18 @@ def manifest(sweep: Path) -> dict:
 
 
 def plan_for(tiny: Path, grids=(), arms=(), fresh=False, seeds="0", overrides=(), cpus=1):
-    return build_plan(tiny, list(overrides), list(grids), list(arms), ARMS, fresh, parse_seeds(seeds),
-                      tiny.parent / "sweep", cpus)
+    return build_plan(
+        tiny, list(overrides), list(grids), list(arms), ARMS, fresh, parse_seeds(seeds), tiny.parent / "sweep", cpus
+    )
 
 
 # -- the grid language ----------------------------------------------------------------------------
 
-@pytest.mark.parametrize("text,seeds", [("0-4", [0, 1, 2, 3, 4]), ("0,2,5", [0, 2, 5]), ("3", [3]),
-                                        ("0-2,7,1", [0, 1, 2, 7]), (" 4 , 6-7", [4, 6, 7])])
+
+@pytest.mark.parametrize(
+    "text,seeds",
+    [("0-4", [0, 1, 2, 3, 4]), ("0,2,5", [0, 2, 5]), ("3", [3]), ("0-2,7,1", [0, 1, 2, 7]), (" 4 , 6-7", [4, 6, 7])],
+)
 def test_parse_seeds(text: str, seeds: list[int]):
     assert parse_seeds(text) == seeds
 
@@ -94,26 +98,39 @@ def test_grid_values_reach_the_trial_config_unchanged(tiny: Path):
     # Nested lists, strings that need quoting and nulls survive the trip through an override string.
     _, overrides = parse_grid("env.options.values=[[0.5,1.5],[2.0,0.25,3]]")
     assert [load_config(tiny, [o]).env.options["values"] for o in overrides] == [[0.5, 1.5], [2.0, 0.25, 3]]
-    _, overrides = parse_grid("env.options.note=['a=b', \"x y\", \"it's\"]")
+    _, overrides = parse_grid('env.options.note=[\'a=b\', "x y", "it\'s"]')
     assert overrides == ["env.options.note='a=b'", "env.options.note='x y'", "env.options.note='it''s'"]
     _, overrides = parse_grid("checkpoint.every=[null,1000]")
     assert [load_config(tiny, [o]).checkpoint.every for o in overrides] == [None, 1000]
 
 
 def test_plan_trials_arms_fresh_and_their_full_configs(tiny: Path):
-    plan = plan_for(tiny, grids=["agent.learning_rate=[1e-3,1e-4]"], arms=["none", "reset", "fresh"], seeds="0,2",
-                    overrides=["agent.gamma=0.9", "agent.learning_rate=5e-4"], cpus=2)
+    plan = plan_for(
+        tiny,
+        grids=["agent.learning_rate=[1e-3,1e-4]"],
+        arms=["none", "reset", "fresh"],
+        seeds="0,2",
+        overrides=["agent.gamma=0.9", "agent.learning_rate=5e-4"],
+        cpus=2,
+    )
     ids = [t.id for t in plan.trials]
     # Seed-major: every arm (then the fresh tasks) of seed 0, then of seed 2.
-    assert ids == [trial for s in (0, 2) for trial in
-                   [f"{arm}_{lr}/seed{s}" for arm in ("none", "reset") for lr in ("0.001", "0.0001")]
-                   + [f"fresh_task{k}/seed{s}" for k in range(3)]]
+    assert ids == [
+        trial
+        for s in (0, 2)
+        for trial in [f"{arm}_{lr}/seed{s}" for arm in ("none", "reset") for lr in ("0.001", "0.0001")]
+        + [f"fresh_task{k}/seed{s}" for k in range(3)]
+    ]
     assert plan.tasks == ["cartpole/length=0.5", "cartpole/length=1.5", "cartpole/length=0.25"]
 
     trial = plan.trial("reset_0.0001/seed2")
     assert trial.arm == "reset_0.0001"
-    assert trial.overrides == ("agent.gamma=0.9", "agent.learning_rate=5e-4", "interventions=[reset]",
-                               "agent.learning_rate=0.0001")
+    assert trial.overrides == (
+        "agent.gamma=0.9",
+        "agent.learning_rate=5e-4",
+        "interventions=[reset]",
+        "agent.learning_rate=0.0001",
+    )
     cfg = load_config(tiny, trial.run_overrides(plan.sweep_dir, 2))
     assert (cfg.seed, cfg.name, cfg.threads, cfg.interventions) == (2, "reset_0.0001", 2, ["reset"])
     assert (cfg.agent.learning_rate, cfg.agent.gamma, cfg.logging.root_dir) == (1e-4, 0.9, str(plan.sweep_dir))
@@ -170,8 +187,9 @@ def test_without_ray_one_line_naming_the_extra(tiny: Path, monkeypatch: pytest.M
 
 
 def test_dry_run_lists_trials_and_writes_nothing(tiny: Path):
-    result = run("sweep", str(tiny), "--out", "sweep", "--seeds", "0-1", "--grid", "interventions=[[],[l2]]",
-                 "--dry-run")
+    result = run(
+        "sweep", str(tiny), "--out", "sweep", "--seeds", "0-1", "--grid", "interventions=[[],[l2]]", "--dry-run"
+    )
     assert result.exit_code == 0, result.output
     listed = [line.split()[0] for line in result.output.splitlines()[1:]]
     assert listed == ["none/seed0", "l2/seed0", "none/seed1", "l2/seed1"]
@@ -203,6 +221,7 @@ def test_a_second_driver_on_the_same_sweep_is_refused(tiny: Path):
 
 
 # -- running trials ---------------------------------------------------------------------------------
+
 
 def test_failed_trial_is_reported_others_finish_and_finished_ones_are_skipped(tiny: Path):
     import torch
@@ -246,8 +265,12 @@ def test_interrupted_trial_resumes_from_its_checkpoint(tiny: Path):
     stale.joinpath("config.yaml").write_text("seed: 0\n")
 
     # Start the trial's run as a worker would, and stop it with SIGTERM once it has checkpointed.
-    proc = subprocess.Popen([sys.executable, "-m", "rl_plasticity", "train", job.config, *job.overrides,
-                             "--no-progress"], cwd=tiny.parent, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "rl_plasticity", "train", job.config, *job.overrides, "--no-progress"],
+        cwd=tiny.parent,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     deadline = time.monotonic() + 120
     while trial_state(plan.sweep_dir, trial.label, trial.seed) is None:
         assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.stderr else ""
@@ -299,11 +322,25 @@ def test_a_trial_waits_for_an_earlier_attempt_that_still_holds_its_run(tiny: Pat
 
 # -- a real Ray ---------------------------------------------------------------------------------------
 
+
 @pytest.mark.ray
 def test_ray_sweep_2x2_end_to_end(tiny: Path):
     pytest.importorskip("ray")
-    args = ["sweep", str(tiny), "--out", "sweep", "--seeds", "0-1", "--grid", "interventions=[[],[l2]]",
-            "--num-cpus", "2", "monitor.enabled=true", "monitor.probe_every=100", "monitor.switch_probes=[]"]
+    args = [
+        "sweep",
+        str(tiny),
+        "--out",
+        "sweep",
+        "--seeds",
+        "0-1",
+        "--grid",
+        "interventions=[[],[l2]]",
+        "--num-cpus",
+        "2",
+        "monitor.enabled=true",
+        "monitor.probe_every=100",
+        "monitor.switch_probes=[]",
+    ]
     # A trial that asks for more CPUs than the cluster has: one line, exit 2, nothing written.
     result = run(*args, "--cpus-per-trial", "3")
     assert result.exit_code == 2 and result.stderr.strip().count("\n") == 0
@@ -337,8 +374,9 @@ def test_ray_sweep_2x2_end_to_end(tiny: Path):
     assert (min(end_a, end_b) - max(start_a, start_b)).total_seconds() > 1.0, spans
 
     # The same sweep again: nothing to run.
-    result = run(*args[:-3], "monitor.enabled=true", "monitor.probe_every=100", "monitor.switch_probes=[]",
-                 "--sequential")
+    result = run(
+        *args[:-3], "monitor.enabled=true", "monitor.probe_every=100", "monitor.switch_probes=[]", "--sequential"
+    )
     assert result.exit_code == 0 and "4 finished already (skipped), 0 to run" in result.output
 
     # And its report: both arms, two seeds each, every visit.

@@ -100,7 +100,8 @@ class KFACRank(L2Penalty, PlasticityIntervention):
     ``d_in`` side. The constant scales of A and G (``1/n``, ``1/(nT)``, and the ``n`` of ``n dL/ds``)
     are left out: erank is scale-invariant.
 
-    Defaults: ``coef = 1e-3`` (docs/reference/interventions.md); ``wd = 1e-4``, the same as ``l2_er``'s (docs/reference/interventions.md
+    Defaults: ``coef = 1e-3`` (docs/reference/interventions.md); ``wd = 1e-4``, the same as ``l2_er``'s
+    (docs/reference/interventions.md
     gives no value for this one). Logged under ``interventions/kfac_rank/``: the two terms and
     ``erank_A/<layer>``, ``erank_G/<layer>`` for the layers computed (``kfac_rank``: mean over the updates of
     the last train() call; ``l2``: its value at the dump; the eranks: last value, not in the console table).
@@ -119,22 +120,25 @@ class KFACRank(L2Penalty, PlasticityIntervention):
             self._recorder.remove()
         self._layers = dict(agent.parametrized_layers())
         # Each layer's input (with its graph), output and output version of its last call with gradient tracking.
-        self._recorder = ForwardRecorder(agent.online_network(), names=self._layers, grad_only=True, graph_only=True,
-                                         detach=False, keep_inputs=True)
+        self._recorder = ForwardRecorder(
+            agent.online_network(), names=self._layers, grad_only=True, graph_only=True, detach=False, keep_inputs=True
+        )
 
     def loss_terms(
         self, agent: PlasticAgent, batch: NamedTuple, features: th.Tensor, loss: th.Tensor
     ) -> dict[str, th.Tensor]:
         recorder = self._recorder
         assert recorder is not None, "kfac_rank: attach() first"
-        records = {name: (recorder.inputs[name], out, recorder.versions[name])
-                   for name, out in recorder.outputs.items()}
+        records = {
+            name: (recorder.inputs[name], out, recorder.versions[name]) for name, out in recorder.outputs.items()
+        }
         recorder.clear()
         if not records:
             raise RuntimeError("kfac_rank recorded no layer call in the training forward pass")
         # The layers whose product is computed (see "Layers fed by the observations"), input to output.
         names = [
-            name for name in self._layers
+            name
+            for name in self._layers
             if name in records and (self.params.input_layers or records[name][0].requires_grad)
         ]
         for name in names:

@@ -67,7 +67,8 @@ class L2ER(L2Penalty, PlasticityIntervention):
     * **L2**: the loss term ``wd * sum ||theta||^2 / 2`` over the weights, as :class:`~.l2.L2`.
     * **ER ascent**: ``L_ER = -mean_l erank(F_l)``, with ``F_l`` the post-activation batch of hidden layer
       ``l`` (the output of each activation module of the online network, the same ``H`` as the dormancy
-      probes) and erank the effective rank of its singular values (Roy & Vetterli 2007, docs/reference/metrics.md). It is
+      probes) and erank the effective rank of its singular values (Roy & Vetterli 2007, docs/reference/metrics.md). It
+      is
       minimised by separate plain gradient steps ``theta <- theta - er_lr * grad L_ER`` on all parameters of
       the online network. The step uses ``torch.autograd.grad``: it does not go through the optimizer
       (Adam's moments and step count are untouched), nor through gradient clipping, and it leaves no
@@ -80,7 +81,8 @@ class L2ER(L2Penalty, PlasticityIntervention):
       - PPO: one step at the start of every ``er_every``-th epoch, on the whole rollout, before the
         epoch's minibatches.
 
-    A conv layer's ``(n, C, H, W)`` output is flattened to ``(n, C * H * W)``: docs/reference/metrics.md's feature matrix
+    A conv layer's ``(n, C, H, W)`` output is flattened to ``(n, C * H * W)``: docs/reference/metrics.md's feature
+    matrix
     has one row per *sample*, and this is exactly the matrix the next Linear layer receives. (Treating the
     channels as units would give rows per sample *and* position, an erank of at most ``C``.)
 

@@ -27,7 +27,8 @@ class NCReg(PlasticityIntervention):
     """Anti-collapse term -lambda * min(NC1, clip) on the value-head features (Bonifazi et al. 2024).
 
     Bonifazi, Chalas, Hess & Łucki 2024, "Can We Understand Plasticity Through Neural Collapse?". NC1
-    (Papyan et al. 2020; docs/reference/metrics.md) is ``trace(Sigma_W pinv(Sigma_B)) / C`` of the value-head features of
+    (Papyan et al. 2020; docs/reference/metrics.md) is ``trace(Sigma_W pinv(Sigma_B)) / C`` of the value-head features
+    of
     the training batch (the ``features`` the agent passes to :meth:`loss_terms`), with each sample's class
     its greedy action: for DQN ``argmax_a Q(s, a)`` from the Q head on these features, for PPO the mode of
     the actor's distribution. The labels are computed without gradient; the term's gradient flows through

@@ -113,8 +113,10 @@ def _freeze_children(module: nn.Module) -> None:
         else:
             _freeze_children(child)
     if next(module.parameters(recurse=False), None) is not None:
-        raise TypeError(f"plasticity injection cannot freeze a {type(module).__name__}: only Linear and LayerNorm "
-                        "layers (and modules without parameters) can be in a head")
+        raise TypeError(
+            f"plasticity injection cannot freeze a {type(module).__name__}: only Linear and LayerNorm "
+            "layers (and modules without parameters) can be in a head"
+        )
 
 
 class LinearSum(nn.Module):
@@ -152,8 +154,9 @@ class LinearSum(nn.Module):
     @property
     def weight(self) -> th.Tensor:
         """``(out_features, in_features)``: the layers' weights side by side, each times its sign."""
-        return th.cat([layer.weight if sign > 0 else -layer.weight for layer, sign in zip(self.layers, self.signs)],
-                      dim=1)
+        return th.cat(
+            [layer.weight if sign > 0 else -layer.weight for layer, sign in zip(self.layers, self.signs)], dim=1
+        )
 
     @property
     def bias(self) -> th.Tensor | None:

@@ -307,7 +307,8 @@ class ReDo(PlasticityIntervention):
        256`` in ``google/dopamine``, ``dopamine/labs/redo/recycled_dqn_agents.py``, sampled by
        ``_sample_batch_for_statistics``), not the 32-sample training batch (``batch: train``);
     2. each unit's score is ``s_i = mean|h_i| / mean_k mean|h_k|`` (:func:`~rl_plasticity.probes.unit_scores`,
-       docs/reference/metrics.md; a conv channel is a unit, averaged over positions), and the units with ``s_i <= tau`` are
+       docs/reference/metrics.md; a conv channel is a unit, averaged over positions), and the units with ``s_i <= tau``
+       are
        tau-dormant (``tau = 0.1``, the ReDo code's setting; ``tau = 0`` takes only units that are exactly
        zero on the whole batch);
     3. every dormant unit is recycled (:func:`recycle_units`): incoming weights and bias from a fresh draw
@@ -394,7 +395,9 @@ class ReDo(PlasticityIntervention):
         self.recycled_total += recycled
         units = sum(h.units for h in hidden)
         logged: dict[str, float] = {
-            "recycled": recycled, "fraction": recycled / units, "recycled_total": self.recycled_total
+            "recycled": recycled,
+            "fraction": recycled / units,
+            "recycled_total": self.recycled_total,
         }
         for h, mask in zip(hidden, masks):
             logged[f"recycled/{h.name}"] = int(mask.sum())

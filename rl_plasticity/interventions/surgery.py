@@ -6,7 +6,6 @@ layer's own initialiser" and "forget Adam's moments of what was touched" mean on
 
 from __future__ import annotations
 
-
 import torch as th
 from torch import nn
 

@@ -55,9 +55,7 @@ def _check_labels(labels: th.Tensor, n: int, device: th.device) -> th.Tensor:
     return labels.to(device)
 
 
-def _class_statistics(
-    h: th.Tensor, labels: th.Tensor
-) -> tuple[th.Tensor, th.Tensor, th.Tensor, th.Tensor]:
+def _class_statistics(h: th.Tensor, labels: th.Tensor) -> tuple[th.Tensor, th.Tensor, th.Tensor, th.Tensor]:
     """Classes present (sorted), each sample's class position, the class counts and the class means ``(C, d)``."""
     classes, position, counts = th.unique(labels, sorted=True, return_inverse=True, return_counts=True)
     # Out-of-place index_add keeps the graph for the differentiable NC1.
@@ -204,9 +202,16 @@ def nc1_differentiable(features: th.Tensor, labels: th.Tensor) -> th.Tensor:
     return nc1.to(features.dtype)
 
 
-@register_probe("collapse", "light", ("nc1", "nc2", "nc3", "nc4", "num_classes"), "collapse",
-                charts=tuple((tag, f"{tag}/.*") for tag in ("nc1", "nc2", "nc3", "nc4")),
-                may_be_nan=("nc1", "nc2", "nc3", "nc4"), main=(("nc1", "NC1"),), order=30)
+@register_probe(
+    "collapse",
+    "light",
+    ("nc1", "nc2", "nc3", "nc4", "num_classes"),
+    "collapse",
+    charts=tuple((tag, f"{tag}/.*") for tag in ("nc1", "nc2", "nc3", "nc4")),
+    may_be_nan=("nc1", "nc2", "nc3", "nc4"),
+    main=(("nc1", "NC1"),),
+    order=30,
+)
 def _run(inputs: ProbeInputs) -> ProbeResult:
     """Neural collapse NC1-NC4 of the value-head features, classes = greedy action (DQN) or actor mode (PPO)."""
     nc = neural_collapse(inputs.features, inputs.labels, inputs.classifier)

@@ -3,7 +3,8 @@
 ``H`` is either ``(n, d)`` (a dense layer: ``n`` samples, ``d`` units) or ``(n, C, H, W)`` (a conv layer).
 For a conv layer each channel is one unit, and ``|H|`` is averaged over the spatial positions as well as
 the samples, as ReDo does for conv layers (Sokar et al. 2023); a channel is non-zero on a sample if it is
-non-zero at any of its positions. Definitions follow ``docs/reference/metrics.md#dormant-and-active-units`` ("Dormant and
+non-zero at any of its positions. Definitions follow ``docs/reference/metrics.md#dormant-and-active-units`` ("Dormant
+and
 active units").
 """
 
@@ -105,9 +106,15 @@ def mean_active_fraction(H: th.Tensor) -> float:
     return nonzero.any(dim=2).double().mean().item()
 
 
-@register_probe("dormant", "light", ("dormant", "active_fraction", "mean_active_fraction"), "dormancy",
-                charts=(("dormant fraction", "dormant/.*"), ("active fraction", "(mean_)?active_fraction/.*")),
-                main=(("dormant", "dormant fraction"),), order=20)
+@register_probe(
+    "dormant",
+    "light",
+    ("dormant", "active_fraction", "mean_active_fraction"),
+    "dormancy",
+    charts=(("dormant fraction", "dormant/.*"), ("active fraction", "(mean_)?active_fraction/.*")),
+    main=(("dormant", "dormant fraction"),),
+    order=20,
+)
 def _run(inputs: ProbeInputs, dormant_tau: float = 0.025) -> ProbeResult:
     """Dormant and active fractions of every activation layer (Sokar et al. 2023 tau-dormancy)."""
     scalars: dict[str, float] = {}

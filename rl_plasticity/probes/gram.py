@@ -63,7 +63,8 @@ def _tensor_leaves(tree: Any) -> list[th.Tensor]:
 
 
 def huber_curvature(residuals: th.Tensor, delta: float = 1.0) -> th.Tensor:
-    """Per-sample ``l''`` of the Huber loss: 1 where ``|r| < delta``, else 0 (docs/reference/metrics.md "Gram matrix ...").
+    """Per-sample ``l''`` of the Huber loss: 1 where ``|r| < delta``, else 0 (docs/reference/metrics.md "Gram matrix
+    ...").
 
     SB3's DQN loss ``F.smooth_l1_loss`` is Huber with ``delta = 1``: ``r^2 / 2`` inside, linear outside, so
     the second derivative is exactly 1 inside and 0 outside. Pass the result as ``loss_curvature``.
@@ -185,10 +186,7 @@ def gram_spectrum(
     # aliases its shared features extractor as pi_/vf_features_extractor): plain tensors were left in place
     # of the live Parameters, so the layer silently stopped training. Keep the originals to put them back.
     originals = [
-        (module, key, p)
-        for module in model.modules()
-        for key, p in module._parameters.items()
-        if p is not None
+        (module, key, p) for module in model.modules() for key, p in module._parameters.items() if p is not None
     ]
 
     def f_single(theta_: dict[str, th.Tensor], *sample_leaves: th.Tensor) -> th.Tensor:
@@ -197,8 +195,10 @@ def gram_spectrum(
         batch_of_one = _tree_map(lambda t: next(slices).unsqueeze(0), inputs)
         out = functional_call(wrapper, {f"model.{k}": v for k, v in theta_.items()}, (batch_of_one,))
         if not isinstance(out, th.Tensor) or out.numel() != 1:
-            raise ValueError(f"output_fn must return one scalar per sample, shape (n,); on a batch of one it "
-                             f"returned {tuple(out.shape) if isinstance(out, th.Tensor) else type(out).__name__}")
+            raise ValueError(
+                f"output_fn must return one scalar per sample, shape (n,); on a batch of one it "
+                f"returned {tuple(out.shape) if isinstance(out, th.Tensor) else type(out).__name__}"
+            )
         return out.reshape(())
 
     # Per-sample gradients: one row of J per sample, without a Python loop.
@@ -255,8 +255,14 @@ def gram_spectrum(
 _GRAM_KEYS = ("erank_K", "eps_rank_K", "erank_KL", "eps_rank_KL", "top_eig_K", "top_eig_KL", "frac_zero_curvature")
 
 
-@register_probe("gram", "heavy", tuple(f"gram_{key.lower()}" for key in _GRAM_KEYS), "curvature",
-                charts=(("Gram", "gram_.*"),), order=60)
+@register_probe(
+    "gram",
+    "heavy",
+    tuple(f"gram_{key.lower()}" for key in _GRAM_KEYS),
+    "curvature",
+    charts=(("Gram", "gram_.*"),),
+    order=60,
+)
 def _run(inputs: ProbeInputs, gram_size: int = 256) -> ProbeResult:
     """Empirical NTK Gram matrix K and loss-weighted K_L on the first gram_size samples: ranks, top eigenvalues."""
     model_inputs, output_fn, curvature = inputs.gram_inputs(min(gram_size, len(inputs.observations)))

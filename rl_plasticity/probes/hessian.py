@@ -162,7 +162,8 @@ def hessian_spectrum(
     seed: int = 0,
     num_vectors: int = 4,
 ) -> dict[str, Any]:
-    """Stochastic Lanczos quadrature of the loss Hessian (Prakash et al. 2025; docs/reference/metrics.md "Hessian spectrum").
+    """Stochastic Lanczos quadrature of the loss Hessian (Prakash et al. 2025; docs/reference/metrics.md "Hessian
+    spectrum").
 
     For each of ``num_vectors`` Gaussian unit start vectors (drawn from a local ``torch.Generator(seed)``; the
     global RNG is not used), Lanczos with full re-orthogonalisation runs for ``k = min(order, P)`` steps (fewer
@@ -173,7 +174,8 @@ def hessian_spectrum(
 
     :param model: the network; parameters and ``.grad`` fields are left untouched.
     :param loss_closure: zero-argument callable returning the scalar training loss on the probe batch.
-    :param order: number of Lanczos steps per start vector (default 100, docs/reference/metrics.md), capped at the parameter
+    :param order: number of Lanczos steps per start vector (default 100, docs/reference/metrics.md), capped at the
+        parameter
         count P.
     :param eps: threshold of the epsilon-Hessian-rank on ``|lambda|`` (default 0.1, docs/reference/metrics.md).
     :param seed: seed of the start vectors.
@@ -208,11 +210,18 @@ def hessian_spectrum(
     }
 
 
-@register_probe("hessian", "heavy", ("hessian_eps_rank", "hessian_top_eig"), "curvature",
-                charts=(("Hessian", "hessian_.*"),), order=50)
+@register_probe(
+    "hessian",
+    "heavy",
+    ("hessian_eps_rank", "hessian_top_eig"),
+    "curvature",
+    charts=(("Hessian", "hessian_.*"),),
+    order=50,
+)
 def _run(inputs: ProbeInputs, hessian_order: int = 100, hessian_vectors: int = 4) -> ProbeResult:
     """Hessian spectrum of the agent's loss by stochastic Lanczos quadrature: top eigenvalue, epsilon-rank."""
-    spec = hessian_spectrum(inputs.module, lambda: inputs.loss(inputs.batch), order=hessian_order,
-                            num_vectors=hessian_vectors)
+    spec = hessian_spectrum(
+        inputs.module, lambda: inputs.loss(inputs.batch), order=hessian_order, num_vectors=hessian_vectors
+    )
     scalars = {"hessian_eps_rank/loss": spec["eps_hessian_rank"], "hessian_top_eig/loss": spec["top_eigenvalue"]}
     return ProbeResult(scalars, {"hessian_ritz_values/loss": spec["ritz_values"].float().cpu()})

@@ -63,7 +63,9 @@ def _check_inputs_finite(inputs: Any, name: str = "inputs") -> None:
 
 def _select_layers(model: nn.Module, layers: Iterable[str] | None) -> dict[str, nn.Module]:
     """The named ``nn.Linear`` / ``nn.Conv2d`` modules of ``model`` (all of them, or the ``layers`` subset)."""
-    candidates: dict[str, nn.Module] = {name: m for name, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
+    candidates: dict[str, nn.Module] = {
+        name: m for name, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))
+    }
     if layers is None:
         if not candidates:
             raise ValueError("model has no nn.Linear or nn.Conv2d layer")
@@ -73,8 +75,9 @@ def _select_layers(model: nn.Module, layers: Iterable[str] | None) -> dict[str, 
     selected: dict[str, nn.Module] = {}
     for name in layers:
         if name not in candidates:
-            raise ValueError(f"{name!r} is not an nn.Linear/nn.Conv2d layer of the model; "
-                             f"choices: {sorted(candidates)}")
+            raise ValueError(
+                f"{name!r} is not an nn.Linear/nn.Conv2d layer of the model; choices: {sorted(candidates)}"
+            )
         selected[name] = candidates[name]
     if not selected:
         raise ValueError("layers is empty")
@@ -154,13 +157,17 @@ def kfac_factor_rows(
             handle.remove()
 
     if not isinstance(loss, th.Tensor) or loss.numel() != 1:
-        raise ValueError(f"loss_fn must return a scalar tensor, got {type(loss).__name__}"
-                         + (f" of shape {tuple(loss.shape)}" if isinstance(loss, th.Tensor) else ""))
+        raise ValueError(
+            f"loss_fn must return a scalar tensor, got {type(loss).__name__}"
+            + (f" of shape {tuple(loss.shape)}" if isinstance(loss, th.Tensor) else "")
+        )
     check_finite("loss", loss.detach())
     for name, calls in records.items():
         if len(calls) > 1:
-            raise ValueError(f"layer {name!r} was called {len(calls)} times with gradient tracking; "
-                             "K-FAC for a layer shared across calls is not supported")
+            raise ValueError(
+                f"layer {name!r} was called {len(calls)} times with gradient tracking; "
+                "K-FAC for a layer shared across calls is not supported"
+            )
     used = [name for name, calls in records.items() if calls]
     missing = [name for name in modules if not records[name]]
     if explicit and missing:
@@ -199,7 +206,8 @@ def kfac_factors(
 ) -> dict[str, tuple[th.Tensor, th.Tensor]]:
     """K-FAC factors ``(A, G)`` of every ``nn.Linear`` and ``nn.Conv2d`` layer, for the agent's own loss.
 
-    Martens & Grosse 2015 (Linear) and Grosse & Martens 2016 (KFC, Conv2d); docs/reference/metrics.md "Curvature (K-FAC)"::
+    Martens & Grosse 2015 (Linear) and Grosse & Martens 2016 (KFC, Conv2d); docs/reference/metrics.md "Curvature
+    (K-FAC)"::
 
         A = E[a a^T]  (d_in (+1) square),   G = E[g g^T]  (d_out square),   block ~ A (x) G
 
@@ -300,8 +308,10 @@ def kfac_spectrum_from_rows(a_rows: th.Tensor, g_rows: th.Tensor, eps: float = 1
     """
     check_threshold("eps", eps, 0.0, 1.0)
     if a_rows.dim() != 2 or g_rows.dim() != 2 or a_rows.shape[0] != g_rows.shape[0]:
-        raise ValueError(f"a_rows and g_rows must be (m, d) matrices with the same m, got shapes "
-                         f"{tuple(a_rows.shape)} and {tuple(g_rows.shape)}")
+        raise ValueError(
+            f"a_rows and g_rows must be (m, d) matrices with the same m, got shapes "
+            f"{tuple(a_rows.shape)} and {tuple(g_rows.shape)}"
+        )
     return _block_summary(_gram_eigvals("a_rows", a_rows), _gram_eigvals("g_rows", g_rows), eps)
 
 
@@ -329,10 +339,19 @@ def _block_summary(eigs_A: th.Tensor, eigs_G: th.Tensor, eps: float) -> dict[str
 _KFAC_KEYS = ("top_eig_A", "top_eig_G", "top_eig_product", "erank_A", "erank_G", "kfac_eps_rank")
 
 
-@register_probe("kfac", "light", tuple(f"kfac_{key.removeprefix('kfac_').lower()}" for key in _KFAC_KEYS),
-                "curvature", charts=(("K-FAC epsilon-rank", "kfac_eps_rank/.*"),
-                                     ("K-FAC top eigenvalues", "kfac_top_eig_.*"), ("K-FAC eranks", "kfac_erank_.*")),
-                main=(("kfac_eps_rank", "K-FAC epsilon-rank"),), order=40)
+@register_probe(
+    "kfac",
+    "light",
+    tuple(f"kfac_{key.removeprefix('kfac_').lower()}" for key in _KFAC_KEYS),
+    "curvature",
+    charts=(
+        ("K-FAC epsilon-rank", "kfac_eps_rank/.*"),
+        ("K-FAC top eigenvalues", "kfac_top_eig_.*"),
+        ("K-FAC eranks", "kfac_erank_.*"),
+    ),
+    main=(("kfac_eps_rank", "K-FAC epsilon-rank"),),
+    order=40,
+)
 def _run(inputs: ProbeInputs) -> ProbeResult:
     """K-FAC factor spectra of every Linear and Conv2d layer for the agent's own loss (Martens & Grosse 2015)."""
     # From the factors' rows: the wide first Linear layer's A (side 1025) has rank <= the batch size.

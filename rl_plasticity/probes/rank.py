@@ -218,8 +218,14 @@ def _erank_differentiable(values: th.Tensor) -> th.Tensor:
     return th.where(positive_total, th.exp(-p_log_p.sum()), th.zeros_like(total))
 
 
-@register_probe("rank", "light", ("erank", "srank", "approx_rank", "eps_rank", "lyle_rank"), "ranks",
-                main=(("erank", "effective rank"),), order=10)
+@register_probe(
+    "rank",
+    "light",
+    ("erank", "srank", "approx_rank", "eps_rank", "lyle_rank"),
+    "ranks",
+    main=(("erank", "effective rank"),),
+    order=10,
+)
 def _run(inputs: ProbeInputs) -> ProbeResult:
     """Ranks of the value-head features: effective rank, srank, approx. rank, epsilon-rank, Lyle's feature rank."""
     features = inputs.features

@@ -132,5 +132,11 @@ def trainability(
 @register_probe("trainability", "heavy", ("trainability",), "curvature", order=70)
 def _run(inputs: ProbeInputs, trainability_steps: int = 200, trainability_lr: float = 1e-3) -> ProbeResult:
     """Final MSE of a copy of the value network fitted to random targets for trainability_steps Adam steps."""
-    return ProbeResult({"trainability/value": trainability(inputs.value_model(), inputs.observations,
-                                                           steps=trainability_steps, lr=trainability_lr)}, {})
+    return ProbeResult(
+        {
+            "trainability/value": trainability(
+                inputs.value_model(), inputs.observations, steps=trainability_steps, lr=trainability_lr
+            )
+        },
+        {},
+    )

@@ -1,6 +1,7 @@
 """Weight, update and gradient norms, per parameter tensor and in total.
 
-Definitions follow ``docs/reference/metrics.md#weights-updates-and-gradients`` ("Weights and updates"): per layer and in total,
+Definitions follow ``docs/reference/metrics.md#weights-updates-and-gradients`` ("Weights and updates"): per layer and
+in total,
 the L2 norm of the weights, the mean ``|w|``, the distance from the initial weights, the norm of the last
 update and the gradient norm before clipping. These are the standard plasticity diagnostics of, e.g.,
 Lyle et al. 2023, "Understanding Plasticity in Neural Networks" (parameter norm) and Dohare et al. 2024,
@@ -59,9 +60,7 @@ def snapshot(model: nn.Module) -> dict[str, th.Tensor]:
 
 
 @th.no_grad()
-def weight_stats(
-    model: nn.Module, init_params: dict[str, th.Tensor] | None = None
-) -> dict[str, dict[str, float]]:
+def weight_stats(model: nn.Module, init_params: dict[str, th.Tensor] | None = None) -> dict[str, dict[str, float]]:
     """Norm, mean magnitude and distance from initialisation of the weights.
 
     Per parameter tensor ``w`` (``k`` entries) and for all of them together::
@@ -158,10 +157,19 @@ def grad_stats(model: nn.Module, clip_coef: float = 1.0) -> dict[str, float]:
     return stats
 
 
-add_probe(ProbeSpec(
-    "weights", "Weight norms, distance from init, and update and gradient norms per parameter (the monitor's own)",
-    "light", ("weight_l2_norm", "weight_mean_abs", "weight_dist_from_init", "update_norm", "grad_norm"), "weights",
-    charts=(("weight norms", "weight_l2_norm/.*"), ("distance from init", "weight_dist_from_init/.*"),
-            ("update norms", "update_norm/.*"), ("gradient norms", "grad_norm/.*")),
-    order=80,
-))
+add_probe(
+    ProbeSpec(
+        "weights",
+        "Weight norms, distance from init, and update and gradient norms per parameter (the monitor's own)",
+        "light",
+        ("weight_l2_norm", "weight_mean_abs", "weight_dist_from_init", "update_norm", "grad_norm"),
+        "weights",
+        charts=(
+            ("weight norms", "weight_l2_norm/.*"),
+            ("distance from init", "weight_dist_from_init/.*"),
+            ("update norms", "update_norm/.*"),
+            ("gradient norms", "grad_norm/.*"),
+        ),
+        order=80,
+    )
+)

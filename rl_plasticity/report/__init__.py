@@ -11,5 +11,14 @@
 from rl_plasticity.report.build import Report, ReportError, make_report
 from rl_plasticity.report.stats import Summary, band, interpolate, iqm, relative_summary, summarize
 
-__all__ = ["Report", "ReportError", "Summary", "band", "interpolate", "iqm", "make_report", "relative_summary",
-           "summarize"]
+__all__ = [
+    "Report",
+    "ReportError",
+    "Summary",
+    "band",
+    "interpolate",
+    "iqm",
+    "make_report",
+    "relative_summary",
+    "summarize",
+]

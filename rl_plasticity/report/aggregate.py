@@ -53,11 +53,14 @@ def visit_keys(runs: list[RunData]) -> list[VisitKey]:
     rows = [run.visits.assign(_run=i) for i, run in enumerate(runs) if run.kind == "continual" and len(run.visits)]
     if rows:
         frame = pd.concat(rows, ignore_index=True)
-        grouped = frame.groupby(["task", "visit"], sort=False).agg(start=("start_step", "median"),
-                                                                   end=("end_step", "median"))
+        grouped = frame.groupby(["task", "visit"], sort=False).agg(
+            start=("start_step", "median"), end=("end_step", "median")
+        )
         grouped = grouped.sort_values("start").reset_index()
-        return [VisitKey(i + 1, str(r.task), int(r.visit), int(r.start), int(r.end))
-                for i, r in enumerate(grouped.itertuples())]
+        return [
+            VisitKey(i + 1, str(r.task), int(r.visit), int(r.start), int(r.end))
+            for i, r in enumerate(grouped.itertuples())
+        ]
     tasks: list[str] = []
     for run in runs:
         if run.task is not None and run.task not in tasks:
@@ -76,8 +79,9 @@ def visit_rows(runs: list[RunData]) -> pd.DataFrame:
     frames = []
     for run in runs:
         if len(run.visits):
-            frames.append(run.visits.assign(arm=run.arm, seed=run.seed, kind=run.kind, run=str(run.path),
-                                            source=run.visit_source))
+            frames.append(
+                run.visits.assign(arm=run.arm, seed=run.seed, kind=run.kind, run=str(run.path), source=run.visit_source)
+            )
     if not frames:
         return pd.DataFrame(columns=["arm", "seed", "kind", "run", "task", "visit", "complete"])
     frame = pd.concat(frames, ignore_index=True)
@@ -85,14 +89,25 @@ def visit_rows(runs: list[RunData]) -> pd.DataFrame:
     return frame[[c for c in first if c in frame] + [c for c in frame.columns if c not in first]]
 
 
-def visit_stats(rows: pd.DataFrame, keys: list[VisitKey], arms: list[str], n_resamples: int,
-                seed: int) -> pd.DataFrame:
+def visit_stats(rows: pd.DataFrame, keys: list[VisitKey], arms: list[str], n_resamples: int, seed: int) -> pd.DataFrame:
     """Per visit, arm and metric: ``n, mean, ci_low, ci_high, iqm`` over the runs whose visit is complete.
 
     The fresh arm's row for a visit is its runs on that visit's task (each trained on it alone).
     """
-    columns = ["index", "task", "visit", "start_step", "end_step", "arm", "metric", "n", "mean", "ci_low",
-               "ci_high", "iqm"]
+    columns = [
+        "index",
+        "task",
+        "visit",
+        "start_step",
+        "end_step",
+        "arm",
+        "metric",
+        "n",
+        "mean",
+        "ci_low",
+        "ci_high",
+        "iqm",
+    ]
     out: list[dict[str, object]] = []
     if rows.empty:
         return pd.DataFrame(columns=columns)
@@ -103,21 +118,39 @@ def visit_stats(rows: pd.DataFrame, keys: list[VisitKey], arms: list[str], n_res
             if arm == "fresh":
                 sel = done[(done["arm"] == arm) & (done["task"] == key.task)]
             else:
-                sel = done[(done["arm"] == arm) & (done["kind"] != "fresh") & (done["task"] == key.task)
-                           & (done["visit"] == key.visit)]
+                sel = done[
+                    (done["arm"] == arm)
+                    & (done["kind"] != "fresh")
+                    & (done["task"] == key.task)
+                    & (done["visit"] == key.visit)
+                ]
             if sel.empty:
                 continue
             for metric in metrics:
                 values = pd.to_numeric(sel[metric], errors="coerce").to_numpy(dtype=float)
                 s = summarize(values, n_resamples, seed)
-                out.append({"index": key.index, "task": key.task, "visit": key.visit, "start_step": key.start,
-                            "end_step": key.end, "arm": arm, "metric": metric, "n": s.n, "mean": s.mean,
-                            "ci_low": s.ci_low, "ci_high": s.ci_high, "iqm": s.iqm})
+                out.append(
+                    {
+                        "index": key.index,
+                        "task": key.task,
+                        "visit": key.visit,
+                        "start_step": key.start,
+                        "end_step": key.end,
+                        "arm": arm,
+                        "metric": metric,
+                        "n": s.n,
+                        "mean": s.mean,
+                        "ci_low": s.ci_low,
+                        "ci_high": s.ci_high,
+                        "iqm": s.iqm,
+                    }
+                )
     return pd.DataFrame(out, columns=columns)
 
 
-def sequence_stats(rows: pd.DataFrame, keys: list[VisitKey], arms: list[str], n_resamples: int,
-                   seed: int) -> pd.DataFrame:
+def sequence_stats(
+    rows: pd.DataFrame, keys: list[VisitKey], arms: list[str], n_resamples: int, seed: int
+) -> pd.DataFrame:
     """Per arm, over the visits after the first (those where a network has trained on another task before):
     ``n, mean, ci_low, ci_high, iqm`` over runs of per-run numbers, for each return of :data:`RETURN_METRICS`
     that some run has (the evaluation return at the visit's end, the training mean and final returns).
@@ -147,8 +180,9 @@ def sequence_stats(rows: pd.DataFrame, keys: list[VisitKey], arms: list[str], n_
     return frame.sort_values("arm", key=lambda a: a.map(order), kind="stable").reset_index(drop=True)
 
 
-def _sequence_metric(done: pd.DataFrame, metric: str, keys: list[VisitKey], arms: list[str], n_resamples: int,
-                     seed: int) -> list[dict[str, object]]:
+def _sequence_metric(
+    done: pd.DataFrame, metric: str, keys: list[VisitKey], arms: list[str], n_resamples: int, seed: int
+) -> list[dict[str, object]]:
     """The rows of :func:`sequence_stats` for one per-visit return column (``mean_return``, ``final_return``)."""
     per_arm: dict[str, tuple[list[list[float]], list[list[str]]]] = {}
     continual = done[(done["arm"] != "fresh") & (done["kind"] != "fresh")]
@@ -185,8 +219,18 @@ def _sequence_metric(done: pd.DataFrame, metric: str, keys: list[VisitKey], arms
         else:
             rel = Summary.empty()
         for name, s in ((metric, raw), (f"{metric}/fresh", rel)):
-            out.append({"arm": arm, "metric": name, "visits": returns.shape[1], "n": s.n, "mean": s.mean,
-                        "ci_low": s.ci_low, "ci_high": s.ci_high, "iqm": s.iqm})
+            out.append(
+                {
+                    "arm": arm,
+                    "metric": name,
+                    "visits": returns.shape[1],
+                    "n": s.n,
+                    "mean": s.mean,
+                    "ci_low": s.ci_low,
+                    "ci_high": s.ci_high,
+                    "iqm": s.iqm,
+                }
+            )
     return out
 
 
@@ -205,13 +249,17 @@ def fresh_offsets(runs: list[RunData], keys: list[VisitKey]) -> dict[str, int]:
 def step_grid(runs: list[RunData], offsets: dict[str, int], points: int) -> np.ndarray:
     """``points`` steps from 0 to the longest run (fresh runs counted where they are placed)."""
     ends = [max(run.progress.total_steps or 0, run.last_step) for run in runs if run.kind == "continual"]
-    ends += [offsets.get(run.task or "", 0) + max(run.progress.total_steps or 0, run.last_step)
-             for run in runs if run.kind == "fresh"]
+    ends += [
+        offsets.get(run.task or "", 0) + max(run.progress.total_steps or 0, run.last_step)
+        for run in runs
+        if run.kind == "fresh"
+    ]
     return np.linspace(0, max(ends + [1]), points)
 
 
-def curve_bands(runs: list[RunData], arms: list[str], grid: np.ndarray, offsets: dict[str, int],
-                n_resamples: int, seed: int) -> pd.DataFrame:
+def curve_bands(
+    runs: list[RunData], arms: list[str], grid: np.ndarray, offsets: dict[str, int], n_resamples: int, seed: int
+) -> pd.DataFrame:
     """Per metric and arm, the mean curve over seeds on ``grid`` with its 95% bootstrap band.
 
     Each run is interpolated onto the grid (NaN outside its logged range); a fresh seed's curve is its
@@ -226,9 +274,19 @@ def curve_bands(runs: list[RunData], arms: list[str], grid: np.ndarray, offsets:
                 continue
             b = band(matrix, n_resamples, seed)
             keep = b["n"] > 0
-            out.append(pd.DataFrame({"metric": metric, "arm": arm, "step": grid[keep], "n": b["n"][keep],
-                                     "mean": b["mean"][keep], "ci_low": b["ci_low"][keep],
-                                     "ci_high": b["ci_high"][keep]}))
+            out.append(
+                pd.DataFrame(
+                    {
+                        "metric": metric,
+                        "arm": arm,
+                        "step": grid[keep],
+                        "n": b["n"][keep],
+                        "mean": b["mean"][keep],
+                        "ci_low": b["ci_low"][keep],
+                        "ci_high": b["ci_high"][keep],
+                    }
+                )
+            )
     if not out:
         return pd.DataFrame(columns=["metric", "arm", "step", "n", "mean", "ci_low", "ci_high"])
     return pd.concat(out, ignore_index=True)

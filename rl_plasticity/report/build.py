@@ -28,13 +28,22 @@ from rl_plasticity.report.provenance import ProvenanceSummary, summarize_provena
 from rl_plasticity.report.runs import EVAL_RETURN, EVAL_TASK, MAIN_PROBES, TRAIN_RETURN, RunData, load_run
 from rl_plasticity.rundirs import find_run_dirs
 
-TITLES = {"eval_return": "eval return", "mean_return": "training return", "final_return": "final training return",
-          **MAIN_PROBES}
-PLOTS = {EVAL_RETURN: ("return.png", "Evaluation return of the current task", "mean evaluation return"),
-         TRAIN_RETURN: ("train_return.png", "Training return of the current task", "episode return"),
-         EVAL_TASK: ("eval_tasks.png", "Evaluation return of every task (forgetting, forward transfer)",
-                     "mean evaluation return"),
-         **{p: (f"{p}.png", title, title) for p, title in MAIN_PROBES.items()}}
+TITLES = {
+    "eval_return": "eval return",
+    "mean_return": "training return",
+    "final_return": "final training return",
+    **MAIN_PROBES,
+}
+PLOTS = {
+    EVAL_RETURN: ("return.png", "Evaluation return of the current task", "mean evaluation return"),
+    TRAIN_RETURN: ("train_return.png", "Training return of the current task", "episode return"),
+    EVAL_TASK: (
+        "eval_tasks.png",
+        "Evaluation return of every task (forgetting, forward transfer)",
+        "mean evaluation return",
+    ),
+    **{p: (f"{p}.png", title, title) for p, title in MAIN_PROBES.items()},
+}
 RETURNS_EVAL = (
     "**Returns.** The main return is the evaluation return (`eval_return`): the mean over `eval.episodes` "
     "episodes of the agent's own greedy policy (`eval.epsilon`), on separate env copies whose episodes are "
@@ -42,8 +51,10 @@ RETURNS_EVAL = (
     "episodes at the training exploration, which differs between arms of different lengths) are secondary "
     "columns."
 )
-RETURNS_PARTIAL = "{n} of {total} runs logged no evaluation return (made before evaluation existed, or " \
+RETURNS_PARTIAL = (
+    "{n} of {total} runs logged no evaluation return (made before evaluation existed, or "
     "with `eval.enabled=false`): they are missing from the evaluation columns: {runs}."
+)
 RETURNS_TRAINING = (
     "**Returns.** No run logged an evaluation return (made before evaluation existed, or with "
     "`eval.enabled=false`), so this report falls back to the **training returns** everywhere: the return "
@@ -115,8 +126,9 @@ class Report:
     provenance: ProvenanceSummary | None = None
 
 
-def make_report(runs_dir: Path, out: Path | None = None, points: int = 200, n_resamples: int = 10_000,
-                seed: int = 0) -> Report:
+def make_report(
+    runs_dir: Path, out: Path | None = None, points: int = 200, n_resamples: int = 10_000, seed: int = 0
+) -> Report:
     """Read the runs under ``runs_dir`` and write the report to ``out`` (default ``runs_dir/report``).
 
     :param points: steps of the common grid the curves are interpolated onto.
@@ -142,8 +154,9 @@ def make_report(runs_dir: Path, out: Path | None = None, points: int = 200, n_re
     grid = step_grid(runs, offsets, points)
     curves = curve_bands(runs, arms, grid, offsets, min(n_resamples, 2_000), seed)
 
-    report = Report(Path(out) if out is not None else runs_dir / "report", runs,
-                    [r for r in runs if not r.progress.complete])
+    report = Report(
+        Path(out) if out is not None else runs_dir / "report", runs, [r for r in runs if not r.progress.complete]
+    )
     # The manifest names a trial's run directory once it ends; a running one is found by its label and seed.
     seen = {(r.path.parent.resolve(), r.seed) for r in runs}
     for sweep_dir, manifest in manifests.items():
@@ -167,8 +180,13 @@ def make_report(runs_dir: Path, out: Path | None = None, points: int = 200, n_re
     if correlations["n"].gt(0).any():
         from rl_plasticity.report.plots import plot_nc1_vs_return
 
-        plot_nc1_vs_return(rows, arms, report.out / "nc1_vs_return.png", main,
-                           "eval return at the visit's end" if main == "eval_return" else "mean return over the visit")
+        plot_nc1_vs_return(
+            rows,
+            arms,
+            report.out / "nc1_vs_return.png",
+            main,
+            "eval return at the visit's end" if main == "eval_return" else "mean return over the visit",
+        )
         report.files.append(report.out / "nc1_vs_return.png")
     md = report.out / "report.md"
     md.write_text(_markdown(report, runs_dir, arms, keys, stats, sequence, correlations, main))
@@ -183,13 +201,28 @@ def _rel(path: Path, root: Path) -> str:
         return str(path)
 
 
-def _write_csvs(out: Path, runs: list[RunData], runs_dir: Path, rows: pd.DataFrame, stats: pd.DataFrame,
-                curves: pd.DataFrame) -> list[Path]:
-    table = pd.DataFrame([{"arm": r.arm, "seed": r.seed, "kind": r.kind, "task": r.task,
-                           "run": _rel(r.path, runs_dir), "complete": r.progress.complete,
-                           "status": r.progress.describe(), "checkpoint_step": r.progress.checkpoint_step,
-                           "total_steps": r.progress.total_steps, "last_logged_step": r.last_step,
-                           "visits": len(r.visits), "visit_source": r.visit_source} for r in runs])
+def _write_csvs(
+    out: Path, runs: list[RunData], runs_dir: Path, rows: pd.DataFrame, stats: pd.DataFrame, curves: pd.DataFrame
+) -> list[Path]:
+    table = pd.DataFrame(
+        [
+            {
+                "arm": r.arm,
+                "seed": r.seed,
+                "kind": r.kind,
+                "task": r.task,
+                "run": _rel(r.path, runs_dir),
+                "complete": r.progress.complete,
+                "status": r.progress.describe(),
+                "checkpoint_step": r.progress.checkpoint_step,
+                "total_steps": r.progress.total_steps,
+                "last_logged_step": r.last_step,
+                "visits": len(r.visits),
+                "visit_source": r.visit_source,
+            }
+            for r in runs
+        ]
+    )
     rows = rows.assign(run=[_rel(Path(p), runs_dir) for p in rows["run"]]) if len(rows) else rows
     files = {"runs.csv": table, "visits_by_run.csv": rows, "visits.csv": stats, "curves.csv": curves}
     for name, frame in files.items():
@@ -249,13 +282,28 @@ def _returns_note(runs: list[RunData], runs_dir: Path, main: str) -> list[str]:
     return lines
 
 
-def _markdown(report: Report, runs_dir: Path, arms: list[str], keys: list[VisitKey], stats: pd.DataFrame,
-              sequence: pd.DataFrame, correlations: pd.DataFrame, main: str) -> str:
+def _markdown(
+    report: Report,
+    runs_dir: Path,
+    arms: list[str],
+    keys: list[VisitKey],
+    stats: pd.DataFrame,
+    sequence: pd.DataFrame,
+    correlations: pd.DataFrame,
+    main: str,
+) -> str:
     runs = report.runs
     when = dt.datetime.now().isoformat(timespec="seconds")
-    lines = ["# Plasticity report", "",
-             f"`rlp report {runs_dir}`, {when}: {len(runs)} runs in {len(arms)} arms ({', '.join(arms)}).", "",
-             "## Runs", "", "| arm | runs | seeds | complete |", "|---|---|---|---|"]
+    lines = [
+        "# Plasticity report",
+        "",
+        f"`rlp report {runs_dir}`, {when}: {len(runs)} runs in {len(arms)} arms ({', '.join(arms)}).",
+        "",
+        "## Runs",
+        "",
+        "| arm | runs | seeds | complete |",
+        "|---|---|---|---|",
+    ]
     for arm in arms:
         mine = [r for r in runs if r.arm == arm]
         done = sum(r.progress.complete for r in mine)
@@ -263,8 +311,11 @@ def _markdown(report: Report, runs_dir: Path, arms: list[str], keys: list[VisitK
     lines.append("")
     if report.incomplete:
         lines += ["**Incomplete runs** (their complete visits are used; their curves stop at their last log):", ""]
-        lines += [f"- `{_rel(r.path, runs_dir)}` ({r.arm}, seed {r.seed}): {r.progress.describe()}, "
-                  f"last log at step {r.last_step}" for r in report.incomplete]
+        lines += [
+            f"- `{_rel(r.path, runs_dir)}` ({r.arm}, seed {r.seed}): {r.progress.describe()}, "
+            f"last log at step {r.last_step}"
+            for r in report.incomplete
+        ]
         lines.append("")
     else:
         lines += ["Every run is complete.", ""]
@@ -272,8 +323,10 @@ def _markdown(report: Report, runs_dir: Path, arms: list[str], keys: list[VisitK
         lines += ["**Failed trials** (sweep.json):", ""]
         lines += [f"- `{t}`: {err}" for t, err in sorted(report.failed.items())] + [""]
     if report.not_started:
-        lines += [f"**Trials not started yet** (sweep.json): {', '.join(f'`{t}`' for t in sorted(report.not_started))}",
-                  ""]
+        lines += [
+            f"**Trials not started yet** (sweep.json): {', '.join(f'`{t}`' for t in sorted(report.not_started))}",
+            "",
+        ]
     lines += _returns_note(runs, runs_dir, main)
 
     if len(sequence):
@@ -283,8 +336,14 @@ def _markdown(report: Report, runs_dir: Path, arms: list[str], keys: list[VisitK
         header = ["arm", "n", TITLES[metrics[0]], "IQM", "relative to fresh", "IQM"]
         for metric in metrics[1:]:
             header += [TITLES[metric], "relative to fresh"]
-        lines += ["## Across the sequence", "", SEQUENCE_NOTE.format(tasks=tasks), "",
-                  "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        lines += [
+            "## Across the sequence",
+            "",
+            SEQUENCE_NOTE.format(tasks=tasks),
+            "",
+            "| " + " | ".join(header) + " |",
+            "|" + "---|" * len(header),
+        ]
         for arm in arms:
             cells = {r["metric"]: r for _, r in sequence[sequence["arm"] == arm].iterrows()}
             if not cells:
@@ -330,11 +389,16 @@ def _markdown(report: Report, runs_dir: Path, arms: list[str], keys: list[VisitK
     if usable.empty:
         lines += [f"No complete visit has both NC1 and a {RETURN_NAMES.get(main, main)} yet.", ""]
     else:
-        lines += ["| visits | return | n | Pearson r [95% CI] | p | Spearman rho | p |", "|---|---|---|---|---|---|---|"]
+        lines += [
+            "| visits | return | n | Pearson r [95% CI] | p | Spearman rho | p |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for _, r in usable.iterrows():
-            lines.append(f"| {r['scope']} | {r['return']} | {r['n']} | {_fmt(r['pearson_r'])} [{_fmt(r['ci_low'])}, "
-                         f"{_fmt(r['ci_high'])}] | {_pvalue(r['p_value'])} | {_fmt(r['spearman_rho'])} | "
-                         f"{_pvalue(r['spearman_p'])} |")
+            lines.append(
+                f"| {r['scope']} | {r['return']} | {r['n']} | {_fmt(r['pearson_r'])} [{_fmt(r['ci_low'])}, "
+                f"{_fmt(r['ci_high'])}] | {_pvalue(r['p_value'])} | {_fmt(r['spearman_rho'])} | "
+                f"{_pvalue(r['spearman_p'])} |"
+            )
         lines.append("")
         if (report.out / "nc1_vs_return.png").is_file():
             lines += ["![NC1 against return per task visit](nc1_vs_return.png)", ""]

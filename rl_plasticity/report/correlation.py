@@ -3,7 +3,8 @@
 The seed paper's finding to compare with: in its continual setting NC1 and per-task return correlate
 negatively (r = -0.94). Here each point is one complete task visit of one continual run: NC1 of the
 value-head features on the task's fixed probe set at the end of the visit, against the visit's return: the
-evaluation return at its end when the runs have one, else the mean training return over the visit. Returns of different games have different scales, so besides the pooled correlation the
+evaluation return at its end when the runs have one, else the mean training return over the visit. Returns of different
+games have different scales, so besides the pooled correlation the
 table gives it within each task, and pooled over tasks after dividing each return by the fresh-network
 arm's mean return on that task (when the sweep has that arm).
 
@@ -35,9 +36,15 @@ def correlation_row(scope: str, what: str, nc1: np.ndarray, returns: np.ndarray)
     pearson = stats.pearsonr(x, y)
     interval = pearson.confidence_interval(confidence_level=CONFIDENCE)
     spearman = stats.spearmanr(x, y)
-    return {**row, "pearson_r": float(pearson.statistic), "ci_low": float(interval.low),
-            "ci_high": float(interval.high), "p_value": float(pearson.pvalue),
-            "spearman_rho": float(spearman.statistic), "spearman_p": float(spearman.pvalue)}
+    return {
+        **row,
+        "pearson_r": float(pearson.statistic),
+        "ci_low": float(interval.low),
+        "ci_high": float(interval.high),
+        "p_value": float(pearson.pvalue),
+        "spearman_rho": float(spearman.statistic),
+        "spearman_p": float(spearman.pvalue),
+    }
 
 
 #: How the table names each return column.

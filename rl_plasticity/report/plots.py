@@ -34,8 +34,17 @@ def _switches(ax: plt.Axes, keys: list[VisitKey]) -> None:
         if key.start > 0:
             ax.axvline(key.start, color="grey", linestyle="--", linewidth=0.8, zorder=0)
         if key.end > key.start:
-            ax.text((key.start + key.end) / 2, 1.01, key.task, transform=ax.get_xaxis_transform(),
-                    ha="center", va="bottom", fontsize=7, color="dimgrey", clip_on=False)
+            ax.text(
+                (key.start + key.end) / 2,
+                1.01,
+                key.task,
+                transform=ax.get_xaxis_transform(),
+                ha="center",
+                va="bottom",
+                fontsize=7,
+                color="dimgrey",
+                clip_on=False,
+            )
 
 
 def _draw(ax: plt.Axes, curves: pd.DataFrame, arms: list[str], colors: dict[str, str]) -> None:
@@ -44,13 +53,20 @@ def _draw(ax: plt.Axes, curves: pd.DataFrame, arms: list[str], colors: dict[str,
         if c.empty:
             continue
         n = int(c["n"].max())
-        ax.plot(c["step"], c["mean"], color=colors[arm], linestyle="--" if arm == "fresh" else "-",
-                linewidth=1.3, label=f"{arm} (n={n})")
+        ax.plot(
+            c["step"],
+            c["mean"],
+            color=colors[arm],
+            linestyle="--" if arm == "fresh" else "-",
+            linewidth=1.3,
+            label=f"{arm} (n={n})",
+        )
         ax.fill_between(c["step"], c["ci_low"], c["ci_high"], color=colors[arm], alpha=0.2, linewidth=0)
 
 
-def plot_metric(curves: pd.DataFrame, metrics: list[str], title: str, ylabel: str, arms: list[str],
-                keys: list[VisitKey], path: Path) -> None:
+def plot_metric(
+    curves: pd.DataFrame, metrics: list[str], title: str, ylabel: str, arms: list[str], keys: list[VisitKey], path: Path
+) -> None:
     """One panel per metric (a probe's layers), each with every arm, saved as ``path``."""
     colors = arm_colors(arms)
     cols = min(len(metrics), 2)
@@ -68,8 +84,13 @@ def plot_metric(curves: pd.DataFrame, metrics: list[str], title: str, ylabel: st
     _finish(fig, axes, len(metrics), rows, path, legend_columns=5, legend_space=0.08)
 
 
-def plot_nc1_vs_return(rows: pd.DataFrame, arms: list[str], path: Path, column: str = "mean_return",
-                       ylabel: str = "mean return over the visit") -> None:
+def plot_nc1_vs_return(
+    rows: pd.DataFrame,
+    arms: list[str],
+    path: Path,
+    column: str = "mean_return",
+    ylabel: str = "mean return over the visit",
+) -> None:
     """NC1 at the end of each complete continual task visit against its return (``column``), one panel per task
     (returns of different games do not share a scale), coloured by arm."""
     done = rows[rows["complete"].astype(bool) & (rows["kind"] != "fresh")]
@@ -83,8 +104,14 @@ def plot_nc1_vs_return(rows: pd.DataFrame, arms: list[str], path: Path, column: 
         for arm in arms:
             sel = mine[mine["arm"] == arm]
             if len(sel):
-                ax.scatter(pd.to_numeric(sel["nc1"], errors="coerce"), pd.to_numeric(sel[column], errors="coerce"),
-                           s=18, color=colors[arm], label=arm, alpha=0.8)
+                ax.scatter(
+                    pd.to_numeric(sel["nc1"], errors="coerce"),
+                    pd.to_numeric(sel[column], errors="coerce"),
+                    s=18,
+                    color=colors[arm],
+                    label=arm,
+                    alpha=0.8,
+                )
         ax.set_title(task, fontsize=9)
         ax.set_xlabel("NC1 at the end of the visit")
         ax.set_ylabel(ylabel)
@@ -92,15 +119,17 @@ def plot_nc1_vs_return(rows: pd.DataFrame, arms: list[str], path: Path, column: 
     _finish(fig, axes, len(tasks), fig_rows, path, legend_columns=6, legend_space=0.1)
 
 
-def _finish(fig: plt.Figure, axes: Any, used: int, rows: int, path: Path, legend_columns: int,
-            legend_space: float) -> None:
+def _finish(
+    fig: plt.Figure, axes: Any, used: int, rows: int, path: Path, legend_columns: int, legend_space: float
+) -> None:
     """Blank the unused panels, put the first panel's legend under the figure, lay out, save and close."""
     for ax in list(axes.flat)[used:]:
         ax.axis("off")
     handles, labels = axes.flat[0].get_legend_handles_labels()
     if handles:
-        fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), legend_columns), fontsize=8,
-                   frameon=False)
+        fig.legend(
+            handles, labels, loc="lower center", ncol=min(len(labels), legend_columns), fontsize=8, frameon=False
+        )
     with warnings.catch_warnings():  # a curve of one point leaves tight_layout nothing to fit: harmless
         warnings.simplefilter("ignore", UserWarning)
         fig.tight_layout(rect=(0, legend_space if rows == 1 else 0.05, 1, 1))

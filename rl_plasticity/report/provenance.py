@@ -36,8 +36,14 @@ NOTE = (
 def session_row(session: dict[str, Any] | None) -> dict[str, Any]:
     """One session of ``provenance.json`` as the report's columns (all ``unknown`` for ``None``)."""
     if not session:
-        return {"commit": UNKNOWN, "machine": UNKNOWN, "kernels": UNKNOWN, "host": UNKNOWN, "kind": UNKNOWN,
-                "started": UNKNOWN}
+        return {
+            "commit": UNKNOWN,
+            "machine": UNKNOWN,
+            "kernels": UNKNOWN,
+            "host": UNKNOWN,
+            "kind": UNKNOWN,
+            "started": UNKNOWN,
+        }
     code, versions = session.get("code") or {}, session.get("versions") or {}
     machine, torch_info, env = session.get("machine") or {}, session.get("torch") or {}, session.get("env") or {}
     commit = str(code.get("commit", UNKNOWN))
@@ -46,10 +52,14 @@ def session_row(session: dict[str, Any] | None) -> dict[str, Any]:
     pins = [f"{key}={env[key]}" for key in KERNEL_PINS if key in env]
     pins += ["oneDNN off"] if torch_info.get("mkldnn_enabled") is False else []
     kernels = str(torch_info.get("cpu_capability", UNKNOWN)) + (f" ({', '.join(pins)})" if pins else "")
-    return {"commit": commit,
-            "machine": f"{machine.get('cpu', UNKNOWN)}, torch {versions.get('torch', UNKNOWN)}",
-            "kernels": kernels, "host": machine.get("hostname", UNKNOWN), "kind": session.get("kind", UNKNOWN),
-            "started": session.get("started", UNKNOWN)}
+    return {
+        "commit": commit,
+        "machine": f"{machine.get('cpu', UNKNOWN)}, torch {versions.get('torch', UNKNOWN)}",
+        "kernels": kernels,
+        "host": machine.get("hostname", UNKNOWN),
+        "kind": session.get("kind", UNKNOWN),
+        "started": session.get("started", UNKNOWN),
+    }
 
 
 def provenance_frame(runs: Sequence[Any], runs_dir: Path) -> pd.DataFrame:
@@ -65,8 +75,15 @@ def provenance_frame(runs: Sequence[Any], runs_dir: Path) -> pd.DataFrame:
     for run in runs:
         sessions: list[dict[str, Any] | None] = list(read_sessions(run.path)) or [None]
         for i, session in enumerate(sessions):
-            rows.append({"run": _rel(run.path, runs_dir), "arm": run.arm, "seed": run.seed, "session": i,
-                         **session_row(session)})
+            rows.append(
+                {
+                    "run": _rel(run.path, runs_dir),
+                    "arm": run.arm,
+                    "seed": run.seed,
+                    "session": i,
+                    **session_row(session),
+                }
+            )
     columns = ["run", "arm", "seed", "session", "kind", "started", "commit", "machine", "kernels", "host"]
     return pd.DataFrame(rows, columns=columns)
 
@@ -96,19 +113,27 @@ class ProvenanceSummary:
         """One line for the terminal when the runs' commits, machines or kernels differ, else ``None``."""
         if not self.differing:
             return None
-        return (f"warning: the runs come from {self._differ()} (see Provenance in report.md): they agree "
-                "statistically, not bit for bit")
+        return (
+            f"warning: the runs come from {self._differ()} (see Provenance in report.md): they agree "
+            "statistically, not bit for bit"
+        )
 
     def markdown(self) -> list[str]:
         """The report's ``## Provenance`` section, as lines."""
         lines = ["## Provenance", "", NOTE, ""]
         if self.differing:
-            lines += [f"**Warning**: the runs come from {self._differ()}; runs that differ in these are not "
-                      "bit-identical, only statistically comparable.", ""]
+            lines += [
+                f"**Warning**: the runs come from {self._differ()}; runs that differ in these are not "
+                "bit-identical, only statistically comparable.",
+                "",
+            ]
         if self.mixed_runs:
-            lines += ["Runs whose sessions differ (resumed on another machine or commit): "
-                      + ", ".join(f"`{r}`" for r in self.mixed_runs), ""]
-        for aspect, heading in ASPECTS.items():
+            lines += [
+                "Runs whose sessions differ (resumed on another machine or commit): "
+                + ", ".join(f"`{r}`" for r in self.mixed_runs),
+                "",
+            ]
+        for aspect in ASPECTS:
             lines += [f"| {aspect} | runs |", "|---|---|"]
             lines += [f"| `{value}` | {n} |" for value, n in self.counts[aspect].items()]
             lines.append("")
@@ -124,10 +149,13 @@ class ProvenanceSummary:
 def summarize_provenance(runs: Sequence[Any], runs_dir: Path) -> ProvenanceSummary:
     """The distinct commits, machines and kernel choices of ``runs`` (see :class:`ProvenanceSummary`)."""
     frame = provenance_frame(runs, runs_dir)
-    counts = {aspect: {str(value): int(n) for value, n in
-                       frame.drop_duplicates(["run", aspect]).groupby(aspect, sort=False).size().items()}
-              for aspect in ASPECTS}
+    counts = {
+        aspect: {
+            str(value): int(n)
+            for value, n in frame.drop_duplicates(["run", aspect]).groupby(aspect, sort=False).size().items()
+        }
+        for aspect in ASPECTS
+    }
     per_run = frame.groupby("run", sort=False)[list(ASPECTS)].nunique()
     mixed = per_run[(per_run > 1).any(axis=1)].index.tolist()
     return ProvenanceSummary(frame, counts, mixed)
-

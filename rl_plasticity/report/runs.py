@@ -108,9 +108,15 @@ def _task_names(env_json: str) -> tuple[str, ...]:
     from envs import make_sequence
 
     env = json.loads(env_json)
-    seq = make_sequence(env["sequence"], switch_every=env["switch_every"], order=env.get("order", "cyclic"),
-                        task_order=env.get("task_order"), seed=env["seed"], num_envs=env.get("n_envs", 1),
-                        **(env.get("options") or {}))
+    seq = make_sequence(
+        env["sequence"],
+        switch_every=env["switch_every"],
+        order=env.get("order", "cyclic"),
+        task_order=env.get("task_order"),
+        seed=env["seed"],
+        num_envs=env.get("n_envs", 1),
+        **(env.get("options") or {}),
+    )
     try:
         return tuple(seq.task_names)
     finally:
@@ -153,14 +159,16 @@ def _merge_points(series: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarr
     """Several (steps, values) series as one, in step order; values at the same step are averaged."""
     if not series:
         return np.zeros(0, dtype=np.int64), np.zeros(0)
-    frame = pd.DataFrame({"step": np.concatenate([s for s, _ in series]),
-                          "value": np.concatenate([v for _, v in series])})
+    frame = pd.DataFrame(
+        {"step": np.concatenate([s for s, _ in series]), "value": np.concatenate([v for _, v in series])}
+    )
     merged = frame.groupby("step", sort=True)["value"].mean()
     return merged.index.to_numpy(dtype=np.int64), merged.to_numpy(dtype=float)
 
 
-def curves_from_scalars(scalars: dict[str, tuple[np.ndarray, np.ndarray]],
-                        own_task: str | None = None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+def curves_from_scalars(
+    scalars: dict[str, tuple[np.ndarray, np.ndarray]], own_task: str | None = None
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """The report's curves (see the module docstring).
 
     :param own_task: a fresh run's task: of the per-task evaluation curves it keeps that task's only.
@@ -194,8 +202,9 @@ def visits_from_summary(path: Path) -> pd.DataFrame:
     return frame
 
 
-def visits_from_events(scalars: dict[str, tuple[np.ndarray, np.ndarray]], tasks: list[str],
-                       switch_every: int | None, end_step: int) -> pd.DataFrame:
+def visits_from_events(
+    scalars: dict[str, tuple[np.ndarray, np.ndarray]], tasks: list[str], switch_every: int | None, end_step: int
+) -> pd.DataFrame:
     """Task visits rebuilt from ``task/id`` and the per-task return tags (see the module docstring)."""
     if "task/id" not in scalars:
         return pd.DataFrame()
@@ -213,9 +222,14 @@ def visits_from_events(scalars: dict[str, tuple[np.ndarray, np.ndarray]], tasks:
             continue
         name = tasks[task_id] if task_id < len(tasks) else f"task{task_id}"
         seen[name] = seen.get(name, 0) + 1
-        row: dict[str, Any] = {"task_id": task_id, "task": name, "visit": seen[name], "start_step": start,
-                               "end_step": end,
-                               "complete": switch_every is not None and end - start == switch_every}
+        row: dict[str, Any] = {
+            "task_id": task_id,
+            "task": name,
+            "visit": seen[name],
+            "start_step": start,
+            "end_step": end,
+            "complete": switch_every is not None and end - start == switch_every,
+        }
         if f"eval/{name}/mean_return" in scalars:
             s, v = scalars[f"eval/{name}/mean_return"]
             inside = (s > start) & (s <= end)
@@ -228,7 +242,7 @@ def visits_from_events(scalars: dict[str, tuple[np.ndarray, np.ndarray]], tasks:
             if tag.startswith("plasticity/") and tag.endswith("@probe_set"):
                 inside = (ps > start) & (ps <= end)
                 if inside.any():
-                    row[tag[len("plasticity/"):-len("@probe_set")]] = float(pv[inside][-1])
+                    row[tag[len("plasticity/") : -len("@probe_set")]] = float(pv[inside][-1])
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -269,5 +283,17 @@ def load_run(run_dir: Path, manifests: dict[Path, dict[str, Any] | None]) -> Run
         end = progress.total_steps if progress.complete and progress.total_steps else last_step
         visits, source = visits_from_events(scalars, tasks, switch_every, end), "events"
     visits = add_probe_means(visits) if len(visits) else visits
-    return RunData(run_dir, arm, seed, kind, task, progress, switch_every, tasks, visits,
-                   curves_from_scalars(scalars, task if kind == "fresh" else None), last_step, source)
+    return RunData(
+        run_dir,
+        arm,
+        seed,
+        kind,
+        task,
+        progress,
+        switch_every,
+        tasks,
+        visits,
+        curves_from_scalars(scalars, task if kind == "fresh" else None),
+        last_step,
+        source,
+    )

@@ -48,8 +48,9 @@ def summarize(values: np.ndarray, n_resamples: int = 10_000, seed: int = 0) -> S
     return Summary(len(x), float(np.mean(x)), float(low[0]), float(high[0]), iqm(x))
 
 
-def relative_summary(returns: np.ndarray, tasks: np.ndarray, fresh: np.ndarray, n_resamples: int = 10_000,
-                     seed: int = 0) -> Summary:
+def relative_summary(
+    returns: np.ndarray, tasks: np.ndarray, fresh: np.ndarray, n_resamples: int = 10_000, seed: int = 0
+) -> Summary:
     """:class:`Summary` of each run's mean return relative to a fresh network, over runs.
 
     A run's value is the mean over its visits ``v`` of ``returns[run, v] / b[tasks[run, v]]``, where ``b`` is the
@@ -79,8 +80,16 @@ def relative_summary(returns: np.ndarray, tasks: np.ndarray, fresh: np.ndarray, 
     if len(x) >= 2 and len(x) == len(per_run):
         data = (np.arange(len(returns)),) + ((everyone,) if len(fresh) >= 2 else ())
         statistic = relative if len(fresh) >= 2 else (lambda runs: relative(runs, everyone))
-        result = stats.bootstrap(data, statistic, paired=False, vectorized=False, n_resamples=n_resamples,
-                                 confidence_level=CONFIDENCE, method="percentile", rng=np.random.default_rng(seed))
+        result = stats.bootstrap(
+            data,
+            statistic,
+            paired=False,
+            vectorized=False,
+            n_resamples=n_resamples,
+            confidence_level=CONFIDENCE,
+            method="percentile",
+            rng=np.random.default_rng(seed),
+        )
         low, high = float(result.confidence_interval.low), float(result.confidence_interval.high)
     return Summary(len(x), float(np.mean(x)), low, high, iqm(x))
 
@@ -111,8 +120,16 @@ def _bootstrap(samples: np.ndarray, n_resamples: int, seed: int) -> tuple[np.nda
     """Percentile-bootstrap interval of the mean of each column (samples x columns); NaN with < 2 samples."""
     if samples.shape[0] < 2:
         return np.full(samples.shape[1], np.nan), np.full(samples.shape[1], np.nan)
-    result = stats.bootstrap((samples,), np.mean, axis=0, vectorized=True, n_resamples=n_resamples,
-                             confidence_level=CONFIDENCE, method="percentile", rng=np.random.default_rng(seed))
+    result = stats.bootstrap(
+        (samples,),
+        np.mean,
+        axis=0,
+        vectorized=True,
+        n_resamples=n_resamples,
+        confidence_level=CONFIDENCE,
+        method="percentile",
+        rng=np.random.default_rng(seed),
+    )
     return np.asarray(result.confidence_interval.low), np.asarray(result.confidence_interval.high)
 
 

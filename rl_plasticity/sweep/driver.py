@@ -23,14 +23,18 @@ from rl_plasticity.sweep.grid import SweepError
 from rl_plasticity.sweep.plan import SweepPlan, Trial, check_sweep_dir, new_manifest, write_manifest
 from rl_plasticity.sweep.trial import TrialJob, TrialOutcome, execute_trial, trial_state
 
-INSTALL_HINT = ('Ray is not installed: install it with pip install -c constraints.txt -e ".[distributed]" '
-                '(or run with --sequential)')
+INSTALL_HINT = (
+    'Ray is not installed: install it with pip install -c constraints.txt -e ".[distributed]" '
+    "(or run with --sequential)"
+)
 #: Object store of a local Ray: the tasks pass a few hundred bytes each, so the default (30% of RAM) is waste.
 LOCAL_OBJECT_STORE = 128 * 1024**2
 #: What a client of a cluster with token authentication needs (Ray turns it on for ``ray start --head``
 #: when a token exists, e.g. the one a local ``ray.init()`` wrote to ~/.ray/auth_token).
-TOKEN_HINT = ("set RAY_AUTH_MODE=token and the cluster's token: RAY_AUTH_TOKEN=<token> or the head node's "
-              "~/.ray/auth_token copied to this machine (ray get-auth-token on the head prints it)")
+TOKEN_HINT = (
+    "set RAY_AUTH_MODE=token and the cluster's token: RAY_AUTH_TOKEN=<token> or the head node's "
+    "~/.ray/auth_token copied to this machine (ray get-auth-token on the head prints it)"
+)
 
 
 @dataclass
@@ -70,14 +74,27 @@ def require_ray() -> Any:
 
 def job_for(plan: SweepPlan, trial: Trial) -> TrialJob:
     """The plain-data job a worker runs for ``trial``."""
-    return TrialJob(trial.id, trial.label, trial.seed, str(plan.config),
-                    tuple(trial.run_overrides(plan.sweep_dir, plan.cpus_per_trial)), str(plan.sweep_dir),
-                    plan.cpus_per_trial)
+    return TrialJob(
+        trial.id,
+        trial.label,
+        trial.seed,
+        str(plan.config),
+        tuple(trial.run_overrides(plan.sweep_dir, plan.cpus_per_trial)),
+        str(plan.sweep_dir),
+        plan.cpus_per_trial,
+    )
 
 
-def run_sweep(plan: SweepPlan, command: list[str], *, sequential: bool = False, address: str | None = None,
-              num_cpus: int | None = None, max_concurrent: int | None = None,
-              echo: Callable[[str], None] = print) -> SweepSummary:
+def run_sweep(
+    plan: SweepPlan,
+    command: list[str],
+    *,
+    sequential: bool = False,
+    address: str | None = None,
+    num_cpus: int | None = None,
+    max_concurrent: int | None = None,
+    echo: Callable[[str], None] = print,
+) -> SweepSummary:
     """Run every trial of ``plan`` that is not finished yet, and record each outcome in ``sweep.json``.
 
     :param command: the command line, kept in the manifest.
@@ -107,13 +124,22 @@ def run_sweep(plan: SweepPlan, command: list[str], *, sequential: bool = False, 
             ray.shutdown()
 
 
-def _run(plan: SweepPlan, command: list[str], old: dict[str, Any] | None, ray: Any, summary: SweepSummary,
-         todo: list[Trial], sequential: bool, address: str | None, num_cpus: int | None,
-         max_concurrent: int | None, echo: Callable[[str], None]) -> SweepSummary:
+def _run(
+    plan: SweepPlan,
+    command: list[str],
+    old: dict[str, Any] | None,
+    ray: Any,
+    summary: SweepSummary,
+    todo: list[Trial],
+    sequential: bool,
+    address: str | None,
+    num_cpus: int | None,
+    max_concurrent: int | None,
+    echo: Callable[[str], None],
+) -> SweepSummary:
     plan.sweep_dir.mkdir(parents=True, exist_ok=True)
     with _exclusive(plan.sweep_dir):
-        return _run_locked(plan, command, old, ray, summary, todo, sequential, address, num_cpus, max_concurrent,
-                           echo)
+        return _run_locked(plan, command, old, ray, summary, todo, sequential, address, num_cpus, max_concurrent, echo)
 
 
 @contextlib.contextmanager
@@ -134,27 +160,49 @@ def _exclusive(sweep_dir: Path) -> Iterator[None]:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def _run_locked(plan: SweepPlan, command: list[str], old: dict[str, Any] | None, ray: Any, summary: SweepSummary,
-                todo: list[Trial], sequential: bool, address: str | None, num_cpus: int | None,
-                max_concurrent: int | None, echo: Callable[[str], None]) -> SweepSummary:
+def _run_locked(
+    plan: SweepPlan,
+    command: list[str],
+    old: dict[str, Any] | None,
+    ray: Any,
+    summary: SweepSummary,
+    todo: list[Trial],
+    sequential: bool,
+    address: str | None,
+    num_cpus: int | None,
+    max_concurrent: int | None,
+    echo: Callable[[str], None],
+) -> SweepSummary:
     manifest = new_manifest(plan, old, command)
     for trial_id in summary.skipped:
         state = trial_state(plan.sweep_dir, plan.trial(trial_id).label, plan.trial(trial_id).seed)
-        manifest["trials"][trial_id].update(status="finished", run_dir=_rel(plan, state.run_dir if state else None),
-                                            error=None)
+        manifest["trials"][trial_id].update(
+            status="finished", run_dir=_rel(plan, state.run_dir if state else None), error=None
+        )
     write_manifest(plan.sweep_dir, manifest)
 
-    where = "one after another (--sequential)" if sequential else (
-        f"on the Ray cluster at {address}" if address else
-        f"on a local Ray with {num_cpus or os.cpu_count()} CPUs")
-    echo(f"sweep: {len(plan.trials)} trials in {plan.sweep_dir}; {len(summary.skipped)} finished already (skipped), "
-         f"{len(todo)} to run {where}, {plan.cpus_per_trial} CPU(s) each")
+    where = (
+        "one after another (--sequential)"
+        if sequential
+        else (
+            f"on the Ray cluster at {address}" if address else f"on a local Ray with {num_cpus or os.cpu_count()} CPUs"
+        )
+    )
+    echo(
+        f"sweep: {len(plan.trials)} trials in {plan.sweep_dir}; {len(summary.skipped)} finished already (skipped), "
+        f"{len(todo)} to run {where}, {plan.cpus_per_trial} CPU(s) each"
+    )
 
     def record(outcome: TrialOutcome, done: int) -> None:
         entry = manifest["trials"][outcome.trial_id]
-        entry.update(status=outcome.status, run_dir=_rel(plan, outcome.run_dir), error=outcome.error,
-                     exit_code=outcome.exit_code, seconds=round(outcome.seconds, 1),
-                     attempts=int(entry.get("attempts", 0)) + 1)
+        entry.update(
+            status=outcome.status,
+            run_dir=_rel(plan, outcome.run_dir),
+            error=outcome.error,
+            exit_code=outcome.exit_code,
+            seconds=round(outcome.seconds, 1),
+            attempts=int(entry.get("attempts", 0)) + 1,
+        )
         write_manifest(plan.sweep_dir, manifest)
         if outcome.status == "finished":
             summary.finished.append(outcome.trial_id)
@@ -187,9 +235,11 @@ def _run_locked(plan: SweepPlan, command: list[str], old: dict[str, Any] | None,
                 manifest["trials"][trial_id]["status"] = "interrupted"
             write_manifest(plan.sweep_dir, manifest)
 
-    echo(f"sweep: {len(summary.finished)} finished, {len(summary.failed)} failed, {len(summary.skipped)} skipped"
-         + (f", {len(summary.interrupted)} interrupted" if summary.interrupted else "")
-         + f"; manifest: {plan.sweep_dir / 'sweep.json'}")
+    echo(
+        f"sweep: {len(summary.finished)} finished, {len(summary.failed)} failed, {len(summary.skipped)} skipped"
+        + (f", {len(summary.interrupted)} interrupted" if summary.interrupted else "")
+        + f"; manifest: {plan.sweep_dir / 'sweep.json'}"
+    )
     for outcome in summary.failed:
         echo(f"  failed: {outcome.trial_id}: {outcome.error}")
     if summary.signal is not None:
@@ -234,8 +284,13 @@ def _ray_init(ray: Any, address: str | None, num_cpus: int | None, cpus_per_tria
         else:
             # address="local": a Ray of its own, never one that `ray start` left running (RAY_ADDRESS, or
             # /tmp/ray/ray_current_cluster, would otherwise be joined silently).
-            ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False,
-                     object_store_memory=LOCAL_OBJECT_STORE, **kwargs)
+            ray.init(
+                address="local",
+                num_cpus=num_cpus or os.cpu_count(),
+                include_dashboard=False,
+                object_store_memory=LOCAL_OBJECT_STORE,
+                **kwargs,
+            )
     except (ConnectionError, ValueError, RuntimeError, ray.exceptions.RayError) as exc:
         if not address:
             raise SweepError(f"--num-cpus: cannot start Ray ({' '.join(str(exc).split())[:300]})") from None
@@ -256,15 +311,26 @@ def _join_error(address: str, exc: BaseException) -> str:
     if any(type(e).__name__ == "AuthenticationError" or "InvalidAuthToken" in str(e) for e in chain):
         mode = os.environ.get("RAY_AUTH_MODE")
         now = f"RAY_AUTH_MODE is {mode!r} here" if mode else "RAY_AUTH_MODE is not set here"
-        return (f"--address: cannot join Ray at {address}: the cluster uses token authentication and this "
-                f"client has no matching token ({now}); {TOKEN_HINT}")
+        return (
+            f"--address: cannot join Ray at {address}: the cluster uses token authentication and this "
+            f"client has no matching token ({now}); {TOKEN_HINT}"
+        )
     first = " ".join(str(exc).split())[:300]
-    hint = f"; if the cluster uses token authentication, {TOKEN_HINT}" if os.environ.get("RAY_AUTH_MODE") is None else ""
+    hint = (
+        f"; if the cluster uses token authentication, {TOKEN_HINT}" if os.environ.get("RAY_AUTH_MODE") is None else ""
+    )
     return f"--address: cannot join Ray at {address} ({first}){hint}"
 
 
-def _run_ray(ray: Any, jobs: list[TrialJob], record: Callable[[TrialOutcome, int], None], summary: SweepSummary,
-             max_concurrent: int | None, cpus_per_trial: int, echo: Callable[[str], None]) -> None:
+def _run_ray(
+    ray: Any,
+    jobs: list[TrialJob],
+    record: Callable[[TrialOutcome, int], None],
+    summary: SweepSummary,
+    max_concurrent: int | None,
+    cpus_per_trial: int,
+    echo: Callable[[str], None],
+) -> None:
     """Submit the trials as Ray tasks and record each outcome as it arrives (the caller shuts Ray down)."""
     # max_retries=0: a trial that fails is reported, not rerun (a rerun of the sweep resumes it).
     remote = ray.remote(num_cpus=cpus_per_trial, max_retries=0)(execute_trial)
@@ -294,9 +360,19 @@ def _run_ray(ray: Any, jobs: list[TrialJob], record: Callable[[TrialOutcome, int
         for job in running.values():
             done += 1
             state = trial_state(job.sweep_dir, job.label, job.seed)
-            record(TrialOutcome(job.trial_id, "interrupted", "started", state and str(state.run_dir), None,
-                                f"stopped by {signal.Signals(summary.signal).name} "
-                                f"({state.describe() if state else 'no checkpoint yet'})", 0.0), done)
+            record(
+                TrialOutcome(
+                    job.trial_id,
+                    "interrupted",
+                    "started",
+                    state and str(state.run_dir),
+                    None,
+                    f"stopped by {signal.Signals(summary.signal).name} "
+                    f"({state.describe() if state else 'no checkpoint yet'})",
+                    0.0,
+                ),
+                done,
+            )
 
 
 def _result(ray: Any, ref: Any, job: TrialJob) -> TrialOutcome:
@@ -308,6 +384,12 @@ def _result(ray: Any, ref: Any, job: TrialJob) -> TrialOutcome:
         # Its run got SIGTERM when the worker died (trial.py), so it has a checkpoint to resume from.
         state = trial_state(job.sweep_dir, job.label, job.seed)
         where = f" ({state.describe()})" if state is not None else ""
-        return TrialOutcome(job.trial_id, "failed", "started", state and str(state.run_dir), None,
-                            f"Ray: {type(exc).__name__}: {first}{where}", 0.0)
-
+        return TrialOutcome(
+            job.trial_id,
+            "failed",
+            "started",
+            state and str(state.run_dir),
+            None,
+            f"Ray: {type(exc).__name__}: {first}{where}",
+            0.0,
+        )

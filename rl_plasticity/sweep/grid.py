@@ -39,8 +39,10 @@ def parse_seeds(text: str) -> list[int]:
         part = part.strip()
         match = re.fullmatch(r"(\d+)(?:-(\d+))?", part)
         if match is None:
-            raise SweepError(f"--seeds: '{part}' in '{text}' is not a seed or a range; "
-                             "valid: non-negative integers as 0-4, 0,2,5 or 0-2,7")
+            raise SweepError(
+                f"--seeds: '{part}' in '{text}' is not a seed or a range; "
+                "valid: non-negative integers as 0-4, 0,2,5 or 0-2,7"
+            )
         first = int(match.group(1))
         last = int(match.group(2)) if match.group(2) is not None else first
         if last < first:
@@ -102,8 +104,9 @@ def parse_grid(spec: str) -> tuple[str, list[str]]:
     try:
         values = _parse_value(key, text.strip())
     except (OmegaConfBaseException, yaml.YAMLError, KeyError, TypeError) as exc:
-        raise SweepError(f"--grid '{spec}': does not parse ({' '.join(str(exc).splitlines()[0].split())}); "
-                         f"expected {form}") from None
+        raise SweepError(
+            f"--grid '{spec}': does not parse ({' '.join(str(exc).splitlines()[0].split())}); expected {form}"
+        ) from None
     if not isinstance(values, list) or not values:
         raise SweepError(f"--grid '{spec}': the values must be a non-empty list in brackets; expected {form}")
     overrides = []
@@ -153,8 +156,9 @@ def expand_grid(grids: list[str]) -> list[tuple[str, tuple[str, ...]]]:
         keys.append(key)
         values = [_parse_value(key, o.split("=", 1)[1]) for o in overrides]
         short = key.rsplit(".", 1)[-1]
-        axes.append([(value_label(v) if len(grids) == 1 else f"{short}-{value_label(v)}", o)
-                     for v, o in zip(values, overrides)])
+        axes.append(
+            [(value_label(v) if len(grids) == 1 else f"{short}-{value_label(v)}", o) for v, o in zip(values, overrides)]
+        )
     points = []
     for combo in itertools.product(*axes):
         label = sanitize_label("_".join(part for part, _ in combo)) if combo else ""
@@ -174,8 +178,9 @@ def load_arms(path: Path, names: list[str]) -> list[tuple[str, tuple[str, ...]]]
     except (yaml.YAMLError, UnicodeDecodeError):
         raise SweepError(f"--arms-file: {path} is not valid YAML") from None
     arms = data.get("arms") if isinstance(data, dict) else None
-    if not isinstance(arms, dict) or not all(isinstance(v, list) and all(isinstance(o, str) for o in v)
-                                            for v in arms.values()):
+    if not isinstance(arms, dict) or not all(
+        isinstance(v, list) and all(isinstance(o, str) for o in v) for v in arms.values()
+    ):
         raise SweepError(f"--arms-file: {path} must hold 'arms:' mapping each name to a list of key=value overrides")
     out = []
     for name in names:

@@ -64,8 +64,14 @@ class Trial:
 
     def run_overrides(self, sweep_dir: Path, cpus: int) -> list[str]:
         """Every override of ``rlp train CONFIG ...`` for this trial, the sweep's own keys last."""
-        return [*self.overrides, f"seed={self.seed}", f"name={render_value(self.label)}",
-                f"logging.root_dir={render_value(str(sweep_dir))}", f"threads={cpus}", "logging.progress_bar=false"]
+        return [
+            *self.overrides,
+            f"seed={self.seed}",
+            f"name={render_value(self.label)}",
+            f"logging.root_dir={render_value(str(sweep_dir))}",
+            f"threads={cpus}",
+            "logging.progress_bar=false",
+        ]
 
 
 @dataclass
@@ -115,9 +121,17 @@ def _task_names(cfg: RunConfig) -> list[str]:
         env.close()
 
 
-def build_plan(config: Path, overrides: tuple[str, ...] | list[str], grids: tuple[str, ...] | list[str],
-               arm_names: list[str], arms_file: Path, fresh: bool, seeds: list[int] | None,
-               sweep_dir: Path | None, cpus_per_trial: int) -> SweepPlan:
+def build_plan(
+    config: Path,
+    overrides: tuple[str, ...] | list[str],
+    grids: tuple[str, ...] | list[str],
+    arm_names: list[str],
+    arms_file: Path,
+    fresh: bool,
+    seeds: list[int] | None,
+    sweep_dir: Path | None,
+    cpus_per_trial: int,
+) -> SweepPlan:
     """Expand and validate the sweep: every trial's full config is loaded and checked here, so a bad grid,
     arm or override fails before anything is written.
 
@@ -156,8 +170,9 @@ def build_plan(config: Path, overrides: tuple[str, ...] | list[str], grids: tupl
     labels = [label for label, _ in combos]
     duplicates = sorted({label for label in labels if labels.count(label) > 1})
     if duplicates:
-        raise SweepError(f"--grid/--arms: several trials would be named {', '.join(duplicates)}; "
-                         "give the values distinct names")
+        raise SweepError(
+            f"--grid/--arms: several trials would be named {', '.join(duplicates)}; give the values distinct names"
+        )
 
     try:
         base_tasks = _task_names(base)
@@ -166,8 +181,10 @@ def build_plan(config: Path, overrides: tuple[str, ...] | list[str], grids: tupl
     if fresh:
         changed_env = sorted({override_key(o) for _, ov in combos for o in ov if override_key(o).startswith("env")})
         if changed_env:
-            raise SweepError(f"--fresh: the arms or the grid change {', '.join(changed_env)}; the fresh-network arm "
-                             "needs one task sequence (set env keys as plain overrides)")
+            raise SweepError(
+                f"--fresh: the arms or the grid change {', '.join(changed_env)}; the fresh-network arm "
+                "needs one task sequence (set env keys as plain overrides)"
+            )
     # Seed-major order: a sweep stopped part way (say, at the end of a working session) has whole seeds of
     # every arm done, not every seed of a few arms.
     trials = []
@@ -175,8 +192,13 @@ def build_plan(config: Path, overrides: tuple[str, ...] | list[str], grids: tupl
         trials += [Trial(label, label, seed, (*overrides, *arm_ov)) for label, arm_ov in combos]
         if fresh:
             for k, task in enumerate(base_tasks):
-                fresh_overrides = (*overrides, "interventions=[]", "env.order=explicit", f"env.task_order=[{k}]",
-                                   "total_steps=null")
+                fresh_overrides = (
+                    *overrides,
+                    "interventions=[]",
+                    "env.order=explicit",
+                    f"env.task_order=[{k}]",
+                    "total_steps=null",
+                )
                 trials.append(Trial(f"{FRESH}_task{k}", FRESH, seed, fresh_overrides, task))
 
     configs: dict[str, dict[str, Any]] = {}
@@ -194,11 +216,23 @@ def build_plan(config: Path, overrides: tuple[str, ...] | list[str], grids: tupl
             except ConfigError as exc:
                 raise SweepError(f"trial {trial.id}: {exc}") from None
         configs[trial.id] = flat_config(cfg)
-    return SweepPlan(config, sweep_dir, tuple(overrides), tuple(grids), tuple(arm_names), fresh, list(seeds),
-                     cpus_per_trial, trials, base_tasks, configs)
+    return SweepPlan(
+        config,
+        sweep_dir,
+        tuple(overrides),
+        tuple(grids),
+        tuple(arm_names),
+        fresh,
+        list(seeds),
+        cpus_per_trial,
+        trials,
+        base_tasks,
+        configs,
+    )
 
 
 # -- the manifest ----------------------------------------------------------------------------------
+
 
 def read_manifest(sweep_dir: Path) -> dict[str, Any] | None:
     """``sweep.json`` of ``sweep_dir`` (``None`` if there is none).
@@ -231,8 +265,9 @@ def check_sweep_dir(plan: SweepPlan) -> dict[str, Any] | None:
     old = read_manifest(sweep_dir)
     if old is None:
         if sweep_dir.is_dir() and any(not p.name.startswith(".") for p in sweep_dir.iterdir()):  # .lock is ours
-            raise SweepError(f"--out: {sweep_dir} is not empty and holds no {MANIFEST}: not a sweep directory; "
-                             "choose another --out")
+            raise SweepError(
+                f"--out: {sweep_dir} is not empty and holds no {MANIFEST}: not a sweep directory; choose another --out"
+            )
         return None
     for trial in plan.trials:
         entry = old["trials"].get(trial.id)
@@ -242,10 +277,12 @@ def check_sweep_dir(plan: SweepPlan) -> dict[str, Any] | None:
         diff = [k for k in sorted(set(before) | set(now)) if before.get(k, "(unset)") != now.get(k, "(unset)")]
         if diff:
             key = diff[0]
-            raise SweepError(f"--out: {sweep_dir} ran trial {trial.id} with {key}={before.get(key, '(unset)')!r}, "
-                             f"this sweep has {key}={now.get(key, '(unset)')!r}"
-                             f"{f' (and {len(diff) - 1} more keys)' if len(diff) > 1 else ''}; "
-                             "a sweep re-run must keep every trial's config: choose another --out")
+            raise SweepError(
+                f"--out: {sweep_dir} ran trial {trial.id} with {key}={before.get(key, '(unset)')!r}, "
+                f"this sweep has {key}={now.get(key, '(unset)')!r}"
+                f"{f' (and {len(diff) - 1} more keys)' if len(diff) > 1 else ''}; "
+                "a sweep re-run must keep every trial's config: choose another --out"
+            )
     return old
 
 
@@ -253,10 +290,18 @@ def new_manifest(plan: SweepPlan, old: dict[str, Any] | None, command: list[str]
     """The manifest of this run of the sweep: the plan, and each trial's entry (kept from ``old`` if there)."""
     trials: dict[str, Any] = dict(old["trials"]) if old else {}
     for trial in plan.trials:
-        entry = trials.get(trial.id, {"status": "pending", "run_dir": None, "error": None, "exit_code": None,
-                                      "attempts": 0, "seconds": None})
-        entry.update(label=trial.label, arm=trial.arm, seed=trial.seed, task=trial.task,
-                     overrides=list(trial.overrides), config=plan.configs[trial.id])
+        entry = trials.get(
+            trial.id,
+            {"status": "pending", "run_dir": None, "error": None, "exit_code": None, "attempts": 0, "seconds": None},
+        )
+        entry.update(
+            label=trial.label,
+            arm=trial.arm,
+            seed=trial.seed,
+            task=trial.task,
+            overrides=list(trial.overrides),
+            config=plan.configs[trial.id],
+        )
         trials[trial.id] = entry
     arms = list(dict.fromkeys([*(old or {}).get("arms_order", []), *(t.arm for t in plan.trials)]))
     return {

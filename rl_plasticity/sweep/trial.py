@@ -155,8 +155,9 @@ def execute_trial(job: TrialJob) -> TrialOutcome:
         err_offset = err.tell()
         # preexec_fn only makes one plain libc call, looked up beforehand (safe in a threaded worker).
         death_signal = _die_with_parent if _PRCTL is not None else None
-        proc = subprocess.Popen(cmd, stdout=out, stderr=err, stdin=subprocess.DEVNULL, env=env, cwd=str(sweep_dir),
-                                preexec_fn=death_signal)  # noqa: PLW1509
+        proc = subprocess.Popen(
+            cmd, stdout=out, stderr=err, stdin=subprocess.DEVNULL, env=env, cwd=str(sweep_dir), preexec_fn=death_signal
+        )  # noqa: PLW1509
         interrupted = False
         try:
             code = _wait(proc)

@@ -46,7 +46,7 @@ from rl_plasticity.checkpoint import (
     restore,
     write_checkpoint,
 )
-from rl_plasticity.config import ConfigError, RunConfig, load_config, to_yaml
+from rl_plasticity.config import ConfigError, RunConfig, flat_config, load_config, to_yaml
 from rl_plasticity.evaluation import EvalCallback
 from rl_plasticity.interventions import build_interventions
 from rl_plasticity.kernels import check as check_kernels
@@ -125,21 +125,6 @@ def build_agent(cfg: RunConfig, env: VecEnv) -> BaseAlgorithm:
         interventions=build_interventions(cfg.interventions, cfg.intervention_params),
         **hyper,
     )
-
-
-def flat_config(cfg: RunConfig) -> dict[str, Any]:
-    """The config flattened to ``section.key`` -> value (lists and None kept as they are)."""
-    flat: dict[str, Any] = {}
-
-    def walk(value: Any, prefix: str) -> None:
-        if isinstance(value, dict):
-            for key, sub in value.items():
-                walk(sub, f"{prefix}.{key}" if prefix else key)
-        else:
-            flat[prefix] = value
-
-    walk(cfg.model_dump(mode="json"), "")
-    return flat
 
 
 def flat_hparams(cfg: RunConfig) -> dict[str, bool | str | float | int | None]:

@@ -360,12 +360,7 @@ class PlasticDQN(PlasticMixin, DQN):
             if extra is not None:
                 loss = loss + extra
 
-            self.policy.optimizer.zero_grad()
-            loss.backward()
-            self._gradient_terms()
-            self.last_grad_norm = th.nn.utils.clip_grad_norm_(self.policy.parameters(), self.max_grad_norm)
-            self.policy.optimizer.step()
-            self._after_gradient_step()
+            self._optimizer_step(loss)
         self._check_grad_norms()
 
         self._n_updates += gradient_steps

@@ -210,6 +210,10 @@ def train(agent: PlasticDQN, gradient_steps: int, batch_size: int) -> None:
     optimizer = policy.optimizer
     agent._update_learning_rate(optimizer)
 
+    def clip() -> th.Tensor:
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        return clip_grad_norm(grads, agent.max_grad_norm)
+
     losses = []
     for _ in range(gradient_steps):
         batch = state.sample(agent, batch_size)
@@ -220,13 +224,7 @@ def train(agent: PlasticDQN, gradient_steps: int, batch_size: int) -> None:
         if extra is not None:
             loss = loss + extra
 
-        optimizer.zero_grad()
-        loss.backward()
-        agent._gradient_terms()
-        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-        agent.last_grad_norm = clip_grad_norm(grads, agent.max_grad_norm)
-        optimizer.step()
-        agent._after_gradient_step()
+        agent._optimizer_step(loss, clip)
     agent._check_grad_norms()
 
     agent._n_updates += gradient_steps

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from abc import abstractmethod
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, ClassVar, NamedTuple
 
 import numpy as np
@@ -210,6 +210,29 @@ class PlasticMixin:
     def _before_epoch(self, epoch: int) -> None:
         for iv in self.interventions:
             iv.on_epoch_start(self, epoch)  # type: ignore[arg-type]
+
+    def _optimizer_step(self, loss: th.Tensor, clip: Callable[[], th.Tensor] | None = None) -> None:
+        """One gradient step on ``loss`` as SB3's ``train`` makes it, with the interventions' hooks in place.
+
+        ``zero_grad``, ``backward``, the interventions' gradient terms (:meth:`_gradient_terms`), clipping to
+        ``max_grad_norm``, the optimizer's ``step``, then :meth:`_after_gradient_step`. Shared by DQN's and PPO's
+        ``train`` and DQN's fast path, so the order of these cannot differ between them.
+
+        :param loss: the scalar loss, already with the interventions' loss terms.
+        :param clip: clips the gradients in place and returns their total norm before clipping; default
+            ``torch.nn.utils.clip_grad_norm_`` over ``policy.parameters()``, as SB3.
+        """
+        optimizer = self.policy.optimizer  # type: ignore[attr-defined]
+        optimizer.zero_grad()
+        loss.backward()
+        self._gradient_terms()
+        if clip is None:
+            norm = th.nn.utils.clip_grad_norm_(self.policy.parameters(), self.max_grad_norm)  # type: ignore[attr-defined]
+        else:
+            norm = clip()
+        self.last_grad_norm = norm
+        optimizer.step()
+        self._after_gradient_step()
 
     def _after_gradient_step(self) -> None:
         self.num_gradient_steps += 1

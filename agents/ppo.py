@@ -331,12 +331,7 @@ class PlasticPPO(PlasticMixin, PPO):
                         print(f"Early stopping at step {epoch} due to reaching max kl: {approx_kl_div:.2f}")
                     break
 
-                self.policy.optimizer.zero_grad()
-                loss.backward()
-                self._gradient_terms()
-                self.last_grad_norm = th.nn.utils.clip_grad_norm_(self.policy.parameters(), self.max_grad_norm)
-                self.policy.optimizer.step()
-                self._after_gradient_step()
+                self._optimizer_step(loss)
 
             self._n_updates += 1
             if not continue_training:

@@ -110,9 +110,8 @@ from stable_baselines3.common.vec_env import DummyVecEnv
 from agents import Intervention
 from agents.plastic import NonFiniteError
 from rl_plasticity.config import CheckpointConfig
+from rl_plasticity.layout import CHECKPOINTS_DIR, LATEST, MODEL_FILE
 
-CHECKPOINTS_DIR = "checkpoints"
-LATEST = "latest"
 FORMAT = 1
 _NAME = re.compile(r"^step_(\d+)(?:\.(\d+))?$")
 _DELETING = ".tmp-deleting-"  # an old checkpoint on its way out
@@ -370,10 +369,10 @@ def restore(run: Trainee, ckpt: Checkpoint, learning_starts: int) -> None:
         iv.load_state_dict(iv_state)
 
     try:
-        agent.set_parameters(str(path / "model.zip"), exact_match=True, device=agent.device)
+        agent.set_parameters(str(path / MODEL_FILE), exact_match=True, device=agent.device)
     except Exception as exc:  # noqa: BLE001 - anything that stops the load means the file does not fit
         raise CheckpointError(
-            f"{path / 'model.zip'}: cannot be loaded into this config's agent "
+            f"{path / MODEL_FILE}: cannot be loaded into this config's agent "
             f"({type(exc).__name__}: {' '.join(str(exc).split())[:300]})"
         ) from None
 
@@ -551,7 +550,7 @@ class CheckpointStore:
             at = tmp
             tmp.mkdir()
 
-            at = tmp / "model.zip"
+            at = tmp / MODEL_FILE
             agent.save(at)
             _fsync(at)
             buffer = _replay_buffer(agent)

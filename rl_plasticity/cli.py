@@ -10,6 +10,7 @@ from typing import Any
 import click
 
 from rl_plasticity.config import CONFIGS_DIR, ConfigError, config_help, load_config
+from rl_plasticity.layout import CONFIG_FILE
 
 
 def fail(message: str) -> None:
@@ -142,7 +143,7 @@ def train_cmd(
         else:
             if config is not None and "=" in config and not Path(config).is_file():
                 overrides, config = (config, *overrides), None  # only overrides after --resume RUN_DIR
-            base = resolve_config(config) if config is not None else Path(resume_dir) / "config.yaml"
+            base = resolve_config(config) if config is not None else Path(resume_dir) / CONFIG_FILE
             cfg = load_config(base, overrides) if config is not None or overrides else None
     except ConfigError as exc:
         fail(str(exc))

@@ -602,3 +602,23 @@ def config_help() -> str:
 def to_yaml(cfg: RunConfig) -> str:
     """The resolved config as YAML (what the run directory stores)."""
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def flat_config(cfg: RunConfig, keep_empty: bool = False) -> dict[str, Any]:
+    """The config flattened to ``section.key -> value`` (lists and None kept as they are).
+
+    :param keep_empty: keep an empty mapping (e.g. ``intervention_params: {}``) as a key of its own with the
+        value ``{}``; by default it leaves no key. A sweep keeps them: its manifest records every trial's
+        config this way, and a re-run compares against it.
+    """
+    flat: dict[str, Any] = {}
+
+    def walk(value: Any, prefix: str) -> None:
+        if isinstance(value, dict) and (value or not keep_empty):
+            for key, sub in value.items():
+                walk(sub, f"{prefix}.{key}" if prefix else key)
+        else:
+            flat[prefix] = value
+
+    walk(cfg.model_dump(mode="json"), "")
+    return flat

@@ -37,14 +37,12 @@ from stable_baselines3.common.callbacks import BaseCallback
 
 from rl_plasticity.config import EvalConfig
 from rl_plasticity.task_envs import TaskEnvs, derived_seed
-from rl_plasticity.task_logging import step_events
+from rl_plasticity.task_logging import TB_ONLY, step_events
 
 #: Stream key of the evaluation episodes' seeds (see :func:`~rl_plasticity.task_envs.derived_seed`).
 EVAL_STREAM = 12
 #: C-CHAIN seeds its evaluation env with ``seed * 1234`` (``crl_run_double_dqn.py``).
 C_CHAIN_SEED_FACTOR = 1234
-# Rich values go to TensorBoard only; the text formats cannot show them.
-_TB_ONLY = ("stdout", "log", "json", "csv")
 
 
 @dataclass(frozen=True)
@@ -207,9 +205,9 @@ class EvalCallback(BaseCallback):
         logger = self.logger
         for task, result in self.latest.items():
             name = self.task_names[task]
-            logger.record(f"eval/{name}/mean_return", result.mean, exclude=_TB_ONLY)
-            logger.record(f"eval/{name}/std_return", result.std, exclude=_TB_ONLY)
-            logger.record(f"eval/{name}/mean_length", result.mean_length, exclude=_TB_ONLY)
+            logger.record(f"eval/{name}/mean_return", result.mean, exclude=TB_ONLY)
+            logger.record(f"eval/{name}/std_return", result.std, exclude=TB_ONLY)
+            logger.record(f"eval/{name}/mean_length", result.mean_length, exclude=TB_ONLY)
         logger.record("eval/mean_return", self.latest[current].mean)
         # A plastic agent's interventions log some values only at dumps (stock SB3 agents have none).
         if hasattr(self.model, "record_logged_values"):

@@ -33,20 +33,16 @@ from stable_baselines3.common.logger import TensorBoardOutputFormat
 from agents import Intervention
 from agents.plastic import NonFiniteError
 from rl_plasticity.config import MonitorConfig
+from rl_plasticity.layout import FIRST_VISIT_FILE, PROBE_SETS_FILE, SUMMARY_FILE
 from rl_plasticity.probe_sets import DQN_FIELDS, PPO_FIELDS, ProbeSets, RandomProbeSets
 from rl_plasticity.probes import grad_stats, snapshot, update_stats, weight_stats
 from rl_plasticity.probes.registry import layout_groups, may_be_nan_prefixes
 from rl_plasticity.probing import probe_batch, probed_module
 from rl_plasticity.task_envs import TaskEnvs
-from rl_plasticity.task_logging import step_events
+from rl_plasticity.task_logging import TB_ONLY, step_events
 
-# Rich values and the many plasticity scalars go to TensorBoard only, not to the stdout table.
-TB_ONLY = ("stdout", "log", "json", "csv")
-PROBE_SETS_FILE = "probe_sets.pt"
-FIRST_VISIT_FILE = "first_visit_sets.pt"
 #: The data sources a probe round may probe, in the order it probes them.
 PROBE_SET, FIRST_VISIT, BATCH = "probe_set", "first_visit", "batch"
-SUMMARY_FILE = "task_summary.csv"
 #: Probe values that may be NaN by definition (the registry's, e.g. neural collapse with fewer than two classes,
 #: or no between-class scatter); any other non-finite probe value stops the run (:class:`NonFiniteError`).
 MAY_BE_NAN = may_be_nan_prefixes()

@@ -32,7 +32,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-PROVENANCE_FILE = "provenance.json"
+from rl_plasticity.layout import PROVENANCE_FILE
+
 FORMAT = 1
 UNKNOWN = "unknown"
 #: Distributions (as ``importlib.metadata`` names them) whose versions decide a run's numbers.

@@ -13,8 +13,7 @@ from pathlib import Path
 
 import yaml
 
-CONFIG_FILE = "config.yaml"
-CHECKPOINTS_DIR = "checkpoints"
+from rl_plasticity.layout import CHECKPOINTS_DIR, CONFIG_FILE
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-LOCK_FILE = ".lock"
+from rl_plasticity.layout import LOCK_FILE
 
 
 class RunInUse(Exception):

@@ -46,11 +46,12 @@ from rl_plasticity.checkpoint import (
     restore,
     write_checkpoint,
 )
-from rl_plasticity.config import ConfigError, RunConfig, load_config, to_yaml
+from rl_plasticity.config import ConfigError, RunConfig, flat_config, load_config, to_yaml
 from rl_plasticity.evaluation import EvalCallback
 from rl_plasticity.interventions import build_interventions
 from rl_plasticity.kernels import check as check_kernels
 from rl_plasticity.kernels import kernels
+from rl_plasticity.layout import CONFIG_FILE, MODEL_FILE
 from rl_plasticity.monitor import MonitorCallback
 from rl_plasticity.provenance import record_session
 from rl_plasticity.runlock import run_lock
@@ -125,21 +126,6 @@ def build_agent(cfg: RunConfig, env: VecEnv) -> BaseAlgorithm:
         interventions=build_interventions(cfg.interventions, cfg.intervention_params),
         **hyper,
     )
-
-
-def flat_config(cfg: RunConfig) -> dict[str, Any]:
-    """The config flattened to ``section.key`` -> value (lists and None kept as they are)."""
-    flat: dict[str, Any] = {}
-
-    def walk(value: Any, prefix: str) -> None:
-        if isinstance(value, dict):
-            for key, sub in value.items():
-                walk(sub, f"{prefix}.{key}" if prefix else key)
-        else:
-            flat[prefix] = value
-
-    walk(cfg.model_dump(mode="json"), "")
-    return flat
 
 
 def flat_hparams(cfg: RunConfig) -> dict[str, bool | str | float | int | None]:
@@ -287,7 +273,7 @@ def train(cfg: RunConfig, progress_bar: bool | None = None) -> Path:
 
 
 def _write_config(run_dir: Path, cfg: RunConfig) -> None:
-    path = run_dir / "config.yaml"
+    path = run_dir / CONFIG_FILE
     try:
         path.write_text(to_yaml(cfg))
     except OSError as exc:
@@ -325,7 +311,7 @@ def resume(
     :raises RunInUse: another process is training the run (nothing is written).
     """
     run_dir = Path(run_dir)
-    saved_file = run_dir / "config.yaml"
+    saved_file = run_dir / CONFIG_FILE
     if not saved_file.is_file():
         raise CheckpointError(f"{saved_file} not found: {run_dir} is not a run directory")
     with contextlib.ExitStack() as stack:
@@ -337,7 +323,7 @@ def resume(
 
 
 def _resume(run_dir: Path, cfg: RunConfig | None, force: bool, progress_bar: bool | None) -> Path:
-    saved_file = run_dir / "config.yaml"
+    saved_file = run_dir / CONFIG_FILE
     saved = load_config(saved_file)
     store = CheckpointStore(run_dir)
     ckpt = store.read()
@@ -371,10 +357,10 @@ def _resume(run_dir: Path, cfg: RunConfig | None, force: bool, progress_bar: boo
             file=sys.stderr,
             flush=True,
         )
-        final = run_dir / "model.zip"
+        final = run_dir / MODEL_FILE
         if new.logging.save_model and not final.is_file():
             # Killed between its final checkpoint and model.zip: the checkpoint's model is that very save.
-            shutil.copyfile(ckpt.path / "model.zip", final)
+            shutil.copyfile(ckpt.path / MODEL_FILE, final)
             print(
                 f"rlp: {final} was missing (stopped before it was saved): copied from {ckpt.path}",
                 file=sys.stderr,
@@ -484,7 +470,7 @@ def _learn(
     try:
         agent.logger.close()  # flushes the events file: it may fail too
         if cfg.logging.save_model:
-            agent.save(run_dir / "model.zip")
+            agent.save(run_dir / MODEL_FILE)
     except (StorageError, OSError) as exc:
         raise _storage_error(exc, run_dir, store) from None
     finally:

@@ -9,7 +9,8 @@ from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.logger import HParam
 
 # Rich values go to TensorBoard only; the text formats cannot show them.
-_TB_ONLY = ("stdout", "log", "json", "csv")
+#: The SB3 logger formats a value skips to go to TensorBoard only (rich values, the many plasticity scalars).
+TB_ONLY = ("stdout", "log", "json", "csv")
 
 
 def step_events(infos: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
@@ -56,7 +57,7 @@ class TaskLogCallback(BaseCallback):
         if self._resumed:
             return
         metrics = {"rollout/ep_rew_mean": 0.0, "train/loss": 0.0}
-        self.logger.record("hparams", HParam(self.hparams, metrics), exclude=_TB_ONLY)
+        self.logger.record("hparams", HParam(self.hparams, metrics), exclude=TB_ONLY)
 
     def _on_step(self) -> bool:
         infos = self.locals["infos"]
@@ -71,7 +72,7 @@ class TaskLogCallback(BaseCallback):
             self.num_switches += 1
             to_task = int(switch["next_task_id"])
             self.logger.record("task/id", to_task)
-            self.logger.record("task/switch", f"{switch['task_name']} -> {self.task_names[to_task]}", exclude=_TB_ONLY)
+            self.logger.record("task/switch", f"{switch['task_name']} -> {self.task_names[to_task]}", exclude=TB_ONLY)
             # A plastic agent's interventions log some values only at dumps (stock SB3 agents have none).
             if hasattr(self.model, "record_logged_values"):
                 self.model.record_logged_values()

@@ -167,6 +167,9 @@ BAD = [
     (["intervention_params.reset.layers=some"], ["intervention_params.reset.layers", "head"]),
     (["interventions=[rest]"], ["did you mean 'reset'"]),
     (["seed=[1"], ["override"]),
+    # The L2 coefficient is `coef` (l2, l2_er) or `l2_coef` (kfac_rank, whose `coef` weighs its rank term).
+    (["intervention_params.l2_er.wd=1e-3"], ["intervention_params.l2_er.wd", "coef", "er_lr"]),
+    (["intervention_params.kfac_rank.wd=1e-3"], ["intervention_params.kfac_rank.wd", "l2_coef"]),
 ]
 
 

@@ -22,9 +22,10 @@ from stable_baselines3.common.vec_env import DummyVecEnv
 
 from agents import POLICIES, PlasticDQN
 from envs import make_sequence
-from rl_plasticity.checkpoint import LATEST, CheckpointStore
+from rl_plasticity.checkpoint import CheckpointStore
 from rl_plasticity.cli import cli
 from rl_plasticity.config import CONFIGS_DIR, load_config, validate_config
+from rl_plasticity.layout import LATEST
 from rl_plasticity.runner import build_agent, build_env, policy_kwargs, resume, train
 
 KW = dict(

@@ -21,7 +21,8 @@ from test_checkpoint import assert_same_logs, assert_same_model, latest_step, la
 from rl_plasticity.checkpoint import CheckpointStore
 from rl_plasticity.cli import cli
 from rl_plasticity.config import load_config
-from rl_plasticity.runlock import LOCK_FILE, is_locked, run_lock
+from rl_plasticity.layout import LOCK_FILE
+from rl_plasticity.runlock import is_locked, run_lock
 from rl_plasticity.runner import train
 
 RLP = str(Path(sys.executable).with_name("rlp"))

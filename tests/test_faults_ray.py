@@ -17,7 +17,7 @@ import pytest
 from test_checkpoint import assert_same_logs, assert_same_model
 from test_sweep import TINY, manifest
 
-from rl_plasticity.runlock import LOCK_FILE
+from rl_plasticity.layout import LOCK_FILE
 from rl_plasticity.sweep.trial import trial_state
 
 pytestmark = pytest.mark.ray

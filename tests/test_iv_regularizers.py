@@ -102,7 +102,7 @@ def test_registered_for_both_agents():
         assert INTERVENTIONS[name].algos == ("dqn", "ppo")
     assert INTERVENTIONS["l2"].defaults() == {"coef": 1e-4, "include_biases": False}
     assert INTERVENTIONS["l2_init"].defaults()["coef"] == 1e-2
-    assert INTERVENTIONS["l2_er"].defaults() == {"wd": 1e-4, "er_lr": None, "er_every": 1, "include_biases": False}
+    assert INTERVENTIONS["l2_er"].defaults() == {"coef": 1e-4, "er_lr": None, "er_every": 1, "include_biases": False}
     assert INTERVENTIONS["kfac_rank"].defaults()["coef"] == 1e-3
     assert INTERVENTIONS["nc_reg"].defaults() == {"coef": 0.05, "clip": 200.0}
 
@@ -239,7 +239,7 @@ def test_er_step_bypasses_the_optimizer_and_leaves_no_grad():
 def test_dqn_er_steps_follow_the_td_steps_and_do_not_touch_them():
     """Two train() calls with l2_er equal [TD step with L2, ER step by hand] twice, on the same batches."""
     wd, er_lr = 1e-3, 0.01
-    agent = cartpole_dqn([L2ER(L2ERParams(wd=wd, er_lr=er_lr))])
+    agent = cartpole_dqn([L2ER(L2ERParams(coef=wd, er_lr=er_lr))])
     params0 = copy.deepcopy(agent.q_net.state_dict())
     adam0 = copy.deepcopy(agent.optimizer.state_dict())
     for seed in (5, 6):
@@ -295,7 +295,7 @@ def test_ppo_er_step_once_per_epoch_before_the_minibatches():
 def test_ppo_er_step_does_not_disturb_the_minibatch_order():
     """With both coefficients at 0 the run is bit-identical to no intervention: reading the whole rollout
     draws nothing from the RNG that orders PPO's minibatches."""
-    ours = cartpole_ppo([L2ER(L2ERParams(wd=0.0, er_lr=0.0))]).learn(128)
+    ours = cartpole_ppo([L2ER(L2ERParams(coef=0.0, er_lr=0.0))]).learn(128)
     plain = cartpole_ppo([]).learn(128)
     for key, value in plain.policy.state_dict().items():
         assert th.equal(ours.policy.state_dict()[key], value), key
@@ -373,6 +373,14 @@ def test_kfac_rank_equals_the_kfac_probe_for_ppo():
     batch = next(agent.rollout_buffer.get(32))
     term, _ = kfac_term_and_grads(agent, batch, iv)
     assert term == pytest.approx(-0.5 * np.mean(list(probe_kfac_products(agent, batch).values())), rel=1e-4)
+
+
+def test_kfac_rank_l2_term_is_weighed_by_l2_coef_not_coef():
+    iv = KFACRank(KFACRankParams(coef=0.5, l2_coef=0.25))
+    agent = cartpole_ppo([iv])
+    weights = [p for _, p in regularized_weights(agent, False)]
+    expected = 0.25 * sum(float(p.detach().square().sum()) for p in weights) / 2
+    assert iv.logged_values(agent)["l2"].item() == pytest.approx(expected, rel=1e-5)
 
 
 # -- nc_reg ---------------------------------------------------------------------------------------------

@@ -635,7 +635,7 @@ def test_injection_resume(tmp_path, injections):
 
 
 def test_injection_then_redo_recycles_units_of_the_new_head_only():
-    from rl_plasticity.interventions.redo import trace_hidden_layers
+    from rl_plasticity.interventions.surgery import trace_hidden_layers
 
     iv = PlasticityInjection()
     agent = minatar_dqn([iv])

@@ -17,7 +17,8 @@ import torch as th
 from agents import POLICIES, CReLU, PlasticDQN, PlasticPPO, minatar_policy_kwargs
 from envs import make_sequence
 from rl_plasticity.interventions.cbp import CBPParams, ContinualBackprop
-from rl_plasticity.interventions.redo import ReDo, ReDoParams, recycle_units, trace_hidden_layers
+from rl_plasticity.interventions.redo import ReDo, ReDoParams
+from rl_plasticity.interventions.surgery import recycle_units, trace_hidden_layers
 from rl_plasticity.probes import unit_scores
 from rl_plasticity.recording import activation_outputs
 

@@ -21,7 +21,8 @@ from click.testing import CliRunner
 
 import rl_plasticity.provenance as provenance
 from rl_plasticity.cli import cli
-from rl_plasticity.provenance import PROVENANCE_FILE, cpu_info, git_state, read_sessions
+from rl_plasticity.layout import PROVENANCE_FILE
+from rl_plasticity.provenance import cpu_info, git_state, read_sessions
 from rl_plasticity.report import make_report
 
 TINY = """\

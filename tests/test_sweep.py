@@ -391,3 +391,18 @@ def test_ray_sweep_2x2_end_to_end(tiny: Path):
     assert sorted(set(returns["arm"])) == ["l2", "none"] and set(returns["n"]) == {2}
     assert sorted(set(returns["index"])) == [1, 2, 3]
     assert (sweep / "report" / "return.png").is_file() and (sweep / "report" / "erank.png").is_file()
+
+
+def test_flat_config_keeps_empty_mappings_only_for_a_trial(tiny: Path):
+    """The run's flat config drops an empty mapping; a trial's keeps it (the manifests of older sweeps did)."""
+    from rl_plasticity.config import flat_config
+    from rl_plasticity.sweep.plan import trial_config
+
+    cfg = load_config(tiny, ["intervention_params={}", "agent.gamma=0.9"])
+    run, trial = flat_config(cfg), trial_config(cfg)
+    assert run["agent.gamma"] == trial["agent.gamma"] == 0.9 and run["net.width"] == 16
+    assert not any(k.startswith("intervention_params") for k in run)
+    assert trial["intervention_params"] == {} and "threads" in run and "threads" not in trial
+    assert {k: v for k, v in run.items() if k not in ("threads", "logging.root_dir", "logging.progress_bar")} == {
+        k: v for k, v in trial.items() if v != {}
+    }

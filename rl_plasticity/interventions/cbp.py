@@ -2,7 +2,7 @@
 
 Dohare, Hernandez-Garcia, Lan, Rahman, Mahmood & Sutton 2024, "Loss of plasticity in deep continual
 learning" (Nature 632). Definition: ``docs/reference/interventions.md#cbp``. The unit surgery and the
-hidden-layer map are shared with ReDo (:mod:`rl_plasticity.interventions.redo`).
+hidden-layer map are shared with ReDo (:mod:`rl_plasticity.interventions.surgery`).
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from pydantic import Field
 
 from agents.hooks import PlasticAgent
 from rl_plasticity.interventions.base import Params, PlasticityIntervention
-from rl_plasticity.interventions.redo import HiddenLayer, recycle_units, trace_hidden_layers
 from rl_plasticity.interventions.registry import register
+from rl_plasticity.interventions.surgery import HiddenLayer, recycle_units, trace_hidden_layers
 from rl_plasticity.recording import ForwardRecorder
 
 
@@ -39,7 +39,7 @@ class ContinualBackprop(PlasticityIntervention):
 
     Dohare et al. 2024, "Loss of plasticity in deep continual learning" (Nature), Algorithm 1 and the
     ``GnT``/``ConvGnT`` classes of their code (``shibhansh/loss-of-plasticity``, ``lop/algos``). After every
-    gradient update, for each hidden layer (:class:`~rl_plasticity.interventions.redo.HiddenLayer`; a conv
+    gradient update, for each hidden layer (:class:`~rl_plasticity.interventions.surgery.HiddenLayer`; a conv
     channel is a unit):
 
     1. every unit ages by one update;
@@ -54,7 +54,7 @@ class ContinualBackprop(PlasticityIntervention):
     4. ``int(accumulator)`` mature units with the lowest ``u_hat`` (ties: lowest index) are replaced and the
        accumulator keeps the fraction: their incoming weights and bias are redrawn from the agent's
        initialiser, their outgoing weights zeroed, the Adam moments of those entries zeroed
-       (:func:`~rl_plasticity.interventions.redo.recycle_units`), and their utility and age reset to 0.
+       (:func:`~rl_plasticity.interventions.surgery.recycle_units`), and their utility and age reset to 0.
 
     Zero outgoing weights mean a new unit does not change the output; the output loses the replaced unit's
     old contribution, which is the smallest in its layer by construction.
@@ -87,7 +87,7 @@ class ContinualBackprop(PlasticityIntervention):
     that pass; the outgoing weights are read after the step. Hooks are cheaper than recomputing: the
     utilities need every update's activations, and a recomputation would add a forward pass to each. The
     hidden layers are found once, by tracing the first batch
-    (:func:`~rl_plasticity.interventions.redo.trace_hidden_layers`).
+    (:func:`~rl_plasticity.interventions.surgery.trace_hidden_layers`).
 
     State (:meth:`state_dict`): per hidden layer the raw utilities, the ages and the accumulator, as tensors,
     plus the counters, so a resumed run replaces the same units at the same updates.

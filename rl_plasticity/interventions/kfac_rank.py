@@ -40,7 +40,9 @@ class KFACRankParams(Params):
     """Parameters of :class:`KFACRank`."""
 
     coef: float = Field(1e-3, ge=0, description="Weight of the term -coef * mean_l erank(A_l) * erank(G_l).")
-    wd: float = Field(1e-4, ge=0, description="L2 coefficient: the loss term wd * sum ||theta||^2 / 2 (as l2_er).")
+    l2_coef: float = Field(
+        1e-4, ge=0, description="L2 coefficient: the loss term l2_coef * sum ||theta||^2 / 2 (as l2_er's coef)."
+    )
     include_biases: bool = Field(False, description="Also penalise the biases in the L2 term.")
     input_layers: bool = Field(
         False,
@@ -57,7 +59,7 @@ class KFACRank(L2Penalty, PlasticityIntervention):
     Drives Loss of Plasticity in Deep Continual Learning"); K-FAC factors as in Martens & Grosse 2015 and,
     for Conv2d, Grosse & Martens 2016 (see :mod:`rl_plasticity.probes.kfac` and docs/reference/metrics.md). Loss terms::
 
-        kfac_rank = -coef * mean_l erank(A_l) * stopgrad(erank(G_l))        l2 = wd * sum ||theta||^2 / 2
+        kfac_rank = -coef * mean_l erank(A_l) * stopgrad(erank(G_l))        l2 = l2_coef * sum ||theta||^2 / 2
 
     over every Linear and Conv2d layer ``l`` of the online network, with ``A_l = E[a a^T]`` (``a`` the layer
     input with a 1 appended for the bias; for Conv2d the ``F.unfold`` patches, summed over positions) and
@@ -100,7 +102,7 @@ class KFACRank(L2Penalty, PlasticityIntervention):
     ``d_in`` side. The constant scales of A and G (``1/n``, ``1/(nT)``, and the ``n`` of ``n dL/ds``)
     are left out: erank is scale-invariant.
 
-    Defaults: ``coef = 1e-3`` (docs/reference/interventions.md); ``wd = 1e-4``, the same as ``l2_er``'s
+    Defaults: ``coef = 1e-3`` (docs/reference/interventions.md); ``l2_coef = 1e-4``, the same as ``l2_er``'s ``coef``
     (docs/reference/interventions.md
     gives no value for this one). Logged under ``interventions/kfac_rank/``: the two terms and
     ``erank_A/<layer>``, ``erank_G/<layer>`` for the layers computed (``kfac_rank``: mean over the updates of
@@ -109,6 +111,7 @@ class KFACRank(L2Penalty, PlasticityIntervention):
 
     Params = KFACRankParams
     params: KFACRankParams
+    coef_field = "l2_coef"  # its own ``coef`` weighs the rank term
 
     def __init__(self, params: KFACRankParams | None = None) -> None:
         super().__init__(params)

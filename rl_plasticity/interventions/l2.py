@@ -96,7 +96,7 @@ class L2Penalty:
     #: Name of the logged value.
     penalty_key = "l2"
     #: The field of the intervention's ``params`` that holds ``coef``.
-    coef_field = "wd"
+    coef_field = "coef"
 
     def l2_terms(self, agent: PlasticAgent) -> tuple[list[nn.Parameter], float, list[th.Tensor] | None]:
         """The penalised parameters, ``coef`` and the anchors (``None``: zero).
@@ -135,7 +135,6 @@ class L2(L2Penalty, PlasticityIntervention):
 
     Params = L2Params
     params: L2Params
-    coef_field = "coef"
 
 
 class L2InitParams(Params):

@@ -48,7 +48,7 @@ def rollout_observations(agent: PlasticAgent) -> th.Tensor:
 class L2ERParams(Params):
     """Parameters of :class:`L2ER`."""
 
-    wd: float = Field(1e-4, ge=0, description="L2 coefficient: the loss term wd * sum ||theta||^2 / 2.")
+    coef: float = Field(1e-4, ge=0, description="L2 coefficient: the loss term coef * sum ||theta||^2 / 2.")
     er_lr: float | None = Field(
         None, ge=0, description="Step size of the ER ascent; None = the published one (DQN 1e-4, PPO 1e-6)."
     )
@@ -64,7 +64,7 @@ class L2ER(L2Penalty, PlasticityIntervention):
 
     Prakash et al. 2025, "Spectral Collapse Drives Loss of Plasticity in Deep Continual Learning" (L2-ER).
 
-    * **L2**: the loss term ``wd * sum ||theta||^2 / 2`` over the weights, as :class:`~.l2.L2`.
+    * **L2**: the loss term ``coef * sum ||theta||^2 / 2`` over the weights, as :class:`~.l2.L2`.
     * **ER ascent**: ``L_ER = -mean_l erank(F_l)``, with ``F_l`` the post-activation batch of hidden layer
       ``l`` (the output of each activation module of the online network, the same ``H`` as the dormancy
       probes) and erank the effective rank of its singular values (Roy & Vetterli 2007, docs/reference/metrics.md). It
@@ -90,7 +90,7 @@ class L2ER(L2Penalty, PlasticityIntervention):
     forward pass made for the ER step (:func:`hidden_forward`); the TD/PPO forward is not reused since the
     step comes after that update.
 
-    Defaults: ``wd = 1e-4``; ``er_lr`` 1e-4 for DQN and 1e-6 for PPO (``er_lr = None`` picks the one for the
+    Defaults: ``coef = 1e-4``; ``er_lr`` 1e-4 for DQN and 1e-6 for PPO (``er_lr = None`` picks the one for the
     agent at :meth:`attach`); ``er_every = 1``. Logged under ``interventions/l2_er/``: ``l2`` (the term, at each dump),
     ``er_loss``, ``fired`` (ER steps so far) and ``erank/<activation module>`` (not in the console table).
     """

@@ -29,10 +29,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from rl_plasticity.layout import SUMMARY_FILE
 from rl_plasticity.probes.registry import main_probes
 from rl_plasticity.rundirs import RunProgress, read_config, run_progress
 
-SUMMARY_FILE = "task_summary.csv"
 #: The main probes of the report, as the probe registry declares them: the probe's key in tags and in
 #: task_summary.csv -> title (effective rank, dormant fraction, NC1, K-FAC epsilon-rank).
 MAIN_PROBES: dict[str, str] = main_probes()
@@ -278,7 +278,7 @@ def load_run(run_dir: Path, manifests: dict[Path, dict[str, Any] | None]) -> Run
     last_step = max((int(s[-1]) for s, _ in scalars.values() if len(s)), default=0)
     summary = run_dir / SUMMARY_FILE
     if summary.is_file() and summary.stat().st_size > 0:
-        visits, source = visits_from_summary(summary), "task_summary.csv"
+        visits, source = visits_from_summary(summary), SUMMARY_FILE
     else:
         end = progress.total_steps if progress.complete and progress.total_steps else last_step
         visits, source = visits_from_events(scalars, tasks, switch_every, end), "events"

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from rl_plasticity.layout import LOCK_FILE
 from rl_plasticity.sweep.grid import SweepError
 from rl_plasticity.sweep.plan import SweepPlan, Trial, check_sweep_dir, new_manifest, write_manifest
 from rl_plasticity.sweep.trial import TrialJob, TrialOutcome, execute_trial, trial_state
@@ -149,7 +150,7 @@ def _exclusive(sweep_dir: Path) -> Iterator[None]:
 
     :raises SweepError: another ``rlp sweep`` holds it.
     """
-    with (sweep_dir / ".lock").open("a") as lock:
+    with (sweep_dir / LOCK_FILE).open("a") as lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rl_plasticity.config import ConfigError, RunConfig, load_config
+from rl_plasticity.config import ConfigError, RunConfig, flat_config, load_config
 from rl_plasticity.sweep.grid import (
     SweepError,
     check_not_sweep_key,
@@ -95,19 +95,9 @@ class SweepPlan:
         return next(t for t in self.trials if t.id == trial_id)
 
 
-def flat_config(cfg: RunConfig) -> dict[str, Any]:
-    """The config as ``section.key -> value``, without :data:`VOLATILE_KEYS` (what identifies a trial)."""
-    flat: dict[str, Any] = {}
-
-    def walk(value: Any, prefix: str) -> None:
-        if isinstance(value, dict) and value:
-            for key, sub in value.items():
-                walk(sub, f"{prefix}.{key}" if prefix else key)
-        else:
-            flat[prefix] = value
-
-    walk(cfg.model_dump(mode="json"), "")
-    return {k: v for k, v in flat.items() if k not in VOLATILE_KEYS}
+def trial_config(cfg: RunConfig) -> dict[str, Any]:
+    """The flattened config without :data:`VOLATILE_KEYS`: what identifies a trial (empty mappings kept)."""
+    return {k: v for k, v in flat_config(cfg, keep_empty=True).items() if k not in VOLATILE_KEYS}
 
 
 def _task_names(cfg: RunConfig) -> list[str]:
@@ -215,7 +205,7 @@ def build_plan(
                 _task_names(cfg)
             except ConfigError as exc:
                 raise SweepError(f"trial {trial.id}: {exc}") from None
-        configs[trial.id] = flat_config(cfg)
+        configs[trial.id] = trial_config(cfg)
     return SweepPlan(
         config,
         sweep_dir,

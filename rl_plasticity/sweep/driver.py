@@ -283,8 +283,8 @@ def _ray_init(ray: Any, address: str | None, num_cpus: int | None, cpus_per_tria
         if address:
             ray.init(address=address, **kwargs)
         else:
-            # address="local": a Ray of its own, never one that `ray start` left running (RAY_ADDRESS, or
-            # /tmp/ray/ray_current_cluster, would otherwise be joined silently).
+            # address="local": a Ray of its own, never one that `ray start` left running (RAY_ADDRESS, or Ray's
+            # record of the last cluster started on this machine, would otherwise be joined silently).
             ray.init(
                 address="local",
                 num_cpus=num_cpus or os.cpu_count(),

@@ -642,6 +642,8 @@ def test_report_leads_with_evaluation_returns(eval_runs: Path, tmp_path: Path):
     stats = pd.read_csv(out / "visits.csv")
     assert stat(stats, 2, "reset", "eval_return")["mean"] == pytest.approx(11.0)
     assert stat(stats, 2, "fresh", "eval_return")["mean"] == pytest.approx(12.0)
+    md = (out / "report.md").read_text()
+    assert "## Whole run" in md and md.index("## Whole run") < md.index("## Across the sequence")
     assert stat(stats, 2, "reset", "mean_return")["mean"] == pytest.approx(60.5)  # training return kept
     seq = pd.read_csv(out / "sequence.csv").set_index(["arm", "metric"])
     # Relative to fresh, on evaluation returns: visit 2 (task B) over the fresh arm's mean eval return (12).
@@ -649,18 +651,40 @@ def test_report_leads_with_evaluation_returns(eval_runs: Path, tmp_path: Path):
     assert seq.loc[("none", "eval_return/fresh")]["mean"] == pytest.approx(np.mean([2 / 12, 4 / 12]))
     assert seq.loc[("reset", "eval_return/fresh")]["mean"] == pytest.approx(np.mean([9 / 12, 13 / 12]))
     assert seq.loc[("none", "mean_return/fresh")]["mean"] == pytest.approx(np.mean([60 / 90, 61 / 90]))
+    # eval_mean: the mean of the visit's rounds of its task, both ends included. Task A's visit [0, 100] has
+    # rounds 0 and ea: ea / 2; task B's visit [100, 200] has 1 and eb; the fresh B run [0, 100] has 0 and value.
+    visits = pd.read_csv(out / "visits_by_run.csv")
+    none0 = visits[(visits["arm"] == "none") & (visits["seed"] == 0)].set_index("task")["eval_mean"]
+    assert none0[A] == pytest.approx(EVAL_NONE[0][0] / 2) and none0[B] == pytest.approx((1 + EVAL_NONE[0][1]) / 2)
+    fresh_b = np.mean([v / 2 for v in EVAL_FRESH_B.values()])
+    assert stat(stats, 2, "fresh", "eval_mean")["mean"] == pytest.approx(fresh_b)
+    assert seq.loc[("none", "eval_mean/fresh")]["mean"] == pytest.approx(
+        np.mean([(1 + EVAL_NONE[s][1]) / 2 / fresh_b for s in (0, 1)])
+    )
+    # The whole run (C-CHAIN's Table 4 form): per run the mean of eval_mean over both visits; mean +- s.e.
+    whole = pd.read_csv(out / "whole_run.csv").set_index("arm")
+    per_run = {
+        arm: [np.mean([table[s][0] / 2, (1 + table[s][1]) / 2]) for s in (0, 1)]
+        for arm, table in (("none", EVAL_NONE), ("reset", EVAL_RESET))
+    }
+    for arm, values in per_run.items():
+        assert whole.loc[arm, "mean"] == pytest.approx(np.mean(values))
+        assert whole.loc[arm, "sem"] == pytest.approx(np.std(values, ddof=1) / np.sqrt(2))
+    assert whole.loc["reset", "vs_none"] == pytest.approx(np.mean(per_run["reset"]) / np.mean(per_run["none"]))
+    assert "fresh" not in whole.index  # the fresh arm has task B only: no whole-run value
     md = (out / "report.md").read_text()
-    assert "The main return is the evaluation return" in md and "falls back" not in md
-    assert "| arm | n | eval return | IQM | relative to fresh | IQM | training return | relative to fresh |" in md
-    assert "| arm | n | eval return | IQM | training return | IQM | final training return | IQM |" in md
-    # The NC1 correlation on evaluation returns: NC1 of visit B is 3 + eval return of A, by construction.
+    assert "The main return is the evaluation return over the visit" in md and "falls back" not in md
+    over, end = "eval return over the visit", "eval return at its end"
+    assert f"| arm | n | {over} | IQM | relative to fresh | IQM | {end} | relative to fresh | training return |" in md
+    assert f"| arm | n | {over} | IQM | {end} | IQM | training return | IQM | final training return | IQM |" in md
+    # The NC1 correlation on the main return (eval_mean); NC1 of visit B is 3 + eval return of A, by construction.
     table = pd.read_csv(out / "correlation.csv")
-    pooled = table[(table["scope"] == "all visits") & (table["return"] == "eval return")].iloc[0]
+    pooled = table[(table["scope"] == "all visits") & (table["return"] == over)].iloc[0]
     nc1 = [1, 2, 1, 2] + [3 + EVAL_NONE[s][0] for s in (0, 1)] + [3 + EVAL_RESET[s][0] for s in (0, 1)]
     ret = (
-        [EVAL_NONE[0][0], EVAL_NONE[1][0], EVAL_RESET[0][0], EVAL_RESET[1][0]]
-        + [EVAL_NONE[s][1] for s in (0, 1)]
-        + [EVAL_RESET[s][1] for s in (0, 1)]
+        [EVAL_NONE[0][0] / 2, EVAL_NONE[1][0] / 2, EVAL_RESET[0][0] / 2, EVAL_RESET[1][0] / 2]
+        + [(1 + EVAL_NONE[s][1]) / 2 for s in (0, 1)]
+        + [(1 + EVAL_RESET[s][1]) / 2 for s in (0, 1)]
     )
     assert pooled["n"] == 8 and pooled["pearson_r"] == pytest.approx(np.corrcoef(nc1, ret)[0, 1])
     curves = pd.read_csv(out / "curves.csv")

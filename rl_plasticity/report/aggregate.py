@@ -16,15 +16,17 @@ import pandas as pd
 from rl_plasticity.report.runs import EVAL_RETURN, MAIN_PROBES, TRAIN_RETURN, RunData
 from rl_plasticity.report.stats import Summary, band, interpolate, relative_summary, summarize
 
-#: Per-visit returns: the evaluation return at the visit's end, then the training returns over the visit
-#: (mean over its episodes, and over its last 10).
-RETURN_METRICS = ("eval_return", "mean_return", "final_return")
+#: Per-visit returns: the evaluation return over the visit (mean of its rounds) and at its end, then the
+#: training returns over the visit (mean over its episodes, and over its last 10).
+RETURN_METRICS = ("eval_mean", "eval_return", "mean_return", "final_return")
 
 
 def main_return(rows: pd.DataFrame) -> str:
-    """The report's main return: ``eval_return`` if any run logged one, else the training ``mean_return``."""
-    if "eval_return" in rows and pd.to_numeric(rows["eval_return"], errors="coerce").notna().any():
-        return "eval_return"
+    """The report's main return: the first of :data:`RETURN_METRICS` that some run has (``eval_mean``, the
+    evaluation return over the visit, for runs with evaluation; else the training ``mean_return``)."""
+    for metric in RETURN_METRICS:
+        if metric in rows and pd.to_numeric(rows[metric], errors="coerce").notna().any():
+            return metric
     return "mean_return"
 
 
@@ -178,6 +180,59 @@ def sequence_stats(
     frame = pd.DataFrame(out, columns=columns)
     order = {arm: i for i, arm in enumerate(arms)}
     return frame.sort_values("arm", key=lambda a: a.map(order), kind="stable").reset_index(drop=True)
+
+
+def whole_run_stats(
+    rows: pd.DataFrame, keys: list[VisitKey], arms: list[str], metric: str, n_resamples: int, seed: int
+) -> pd.DataFrame:
+    """Per arm, over runs: each run's mean of ``metric`` over **all** its visits, the first included (every
+    task weighs the same when the visits are equally long). For continual MinAtar with ``metric`` =
+    ``eval_mean`` this is the summary of C-CHAIN's Table 4: the evaluation return over the whole run, averaged
+    over the games. Columns ``arm, metric, visits, n, mean, sem, ci_low, ci_high, iqm, vs_none``: ``sem`` is the
+    standard error over runs (``std(ddof=1) / sqrt(n)``, the paper's "+-"), ``vs_none`` the arm's mean over
+    ``none``'s (1: the same; C-CHAIN's 29.51 / 22.04 = 1.34).
+
+    Only runs with all ``len(keys)`` visits complete count. The fresh arm's value for a seed is the mean, over
+    the keys, of its return on the key's task (a fresh network stands beside every visit of its task); only
+    seeds with a run on every such task count.
+    """
+    columns = ["arm", "metric", "visits", "n", "mean", "sem", "ci_low", "ci_high", "iqm", "vs_none"]
+    if not keys or rows.empty or metric not in rows:
+        return pd.DataFrame(columns=columns)
+    done = rows[rows["complete"].astype(bool)]
+    per_arm: dict[str, list[float]] = {}
+    for _, run in done[(done["arm"] != "fresh") & (done["kind"] != "fresh")].groupby("run"):
+        if len(run) == len(keys):
+            per_arm.setdefault(str(run["arm"].iloc[0]), []).append(float(run[metric].astype(float).mean()))
+    fresh = done[done["arm"] == "fresh"].groupby(["seed", "task"])[metric].mean().unstack("task")
+    wanted = [k.task for k in keys]
+    if len(fresh) and set(wanted) <= set(fresh.columns):
+        per_arm["fresh"] = fresh[wanted].dropna().astype(float).mean(axis=1).tolist()
+    out = []
+    for arm in arms:
+        values = np.array(per_arm.get(arm, []), dtype=float)
+        values = values[np.isfinite(values)]
+        if not len(values):
+            continue
+        s = summarize(values, n_resamples, seed)
+        sem = float(values.std(ddof=1) / np.sqrt(len(values))) if len(values) > 1 else np.nan
+        out.append(
+            {
+                "arm": arm,
+                "metric": metric,
+                "visits": len(keys),
+                "n": s.n,
+                "mean": s.mean,
+                "sem": sem,
+                "ci_low": s.ci_low,
+                "ci_high": s.ci_high,
+                "iqm": s.iqm,
+            }
+        )
+    frame = pd.DataFrame(out, columns=columns)
+    base = frame.loc[frame["arm"] == "none", "mean"]
+    frame["vs_none"] = frame["mean"] / float(base.iloc[0]) if len(base) and base.iloc[0] != 0 else np.nan
+    return frame
 
 
 def _sequence_metric(

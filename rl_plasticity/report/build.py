@@ -22,6 +22,7 @@ from rl_plasticity.report.aggregate import (
     visit_keys,
     visit_rows,
     visit_stats,
+    whole_run_stats,
 )
 from rl_plasticity.report.correlation import RETURN_NAMES, nc1_return_correlations
 from rl_plasticity.report.provenance import ProvenanceSummary, summarize_provenance
@@ -29,7 +30,8 @@ from rl_plasticity.report.runs import EVAL_RETURN, EVAL_TASK, MAIN_PROBES, TRAIN
 from rl_plasticity.rundirs import find_run_dirs
 
 TITLES = {
-    "eval_return": "eval return",
+    "eval_mean": "eval return over the visit",
+    "eval_return": "eval return at its end",
     "mean_return": "training return",
     "final_return": "final training return",
     **MAIN_PROBES,
@@ -45,11 +47,13 @@ PLOTS = {
     **{p: (f"{p}.png", title, title) for p, title in MAIN_PROBES.items()},
 }
 RETURNS_EVAL = (
-    "**Returns.** The main return is the evaluation return (`eval_return`): the mean over `eval.episodes` "
-    "episodes of the agent's own greedy policy (`eval.epsilon`), on separate env copies whose episodes are "
-    "seeded the same in every arm and round, at the end of the visit. Training returns (over the visit's "
-    "episodes at the training exploration, which differs between arms of different lengths) are secondary "
-    "columns."
+    "**Returns.** The main return is the evaluation return over the visit (`eval_mean`): each evaluation round "
+    "plays `eval.episodes` episodes of the agent's own greedy policy (`eval.epsilon`) on separate env copies "
+    "whose episodes are seeded the same in every arm and round; `eval_mean` is the mean of the visit's rounds "
+    "of its task, the round at the switch that starts it included (the area under its evaluation curve: it "
+    "rewards learning fast as well as ending high). The evaluation return at the visit's end (`eval_return`, "
+    "the last round alone) comes next. Training returns (over the visit's episodes at the training "
+    "exploration, which differs between arms of different lengths) are secondary columns."
 )
 RETURNS_PARTIAL = (
     "{n} of {total} runs logged no evaluation return (made before evaluation existed, or "
@@ -80,6 +84,14 @@ SEQUENCE_NOTE = (
     "bootstrap CI; for the relative returns the runs and the fresh seeds are resampled independently] and "
     "IQM; n: runs with every visit complete (for `fresh`: seeds with every task)."
 )
+WHOLE_NOTE = (
+    "Per arm, each run's main return averaged over all its task visits, the first included ({visits} visits; "
+    "each task weighs the same when visits are equally long). For continual MinAtar with evaluation this is "
+    "the summary of C-CHAIN's Table 4 (the evaluation return over the whole run, averaged over the games). "
+    "Mean over runs +- standard error (the paper's form), [95% bootstrap CI], IQM; relative to none: the "
+    "arm's mean over none's. n: runs with every visit complete; `fresh`: per seed, the fresh networks' "
+    "returns on the visits' tasks, averaged the same way (seeds with every task)."
+)
 CURVES_NOTE = (
     "Mean over seeds with a shaded 95% bootstrap band; dashed vertical lines are task switches. Each run "
     "is interpolated linearly onto a common step grid (no extrapolation past its last log). The evaluation "
@@ -93,9 +105,10 @@ FILES_NOTE = """\
 - `visits_by_run.csv`: every run's task visits (`task_summary.csv` rows, or rebuilt from the events for a run
   without the monitor; column `source`);
 - `visits.csv`: the tables above, per visit, arm and metric (each layer too): n, mean, ci_low, ci_high, iqm;
-- `sequence.csv`: the table across the sequence: arm, metric (`eval_return`, `eval_return/fresh`, `mean_return`,
-  `mean_return/fresh`, `final_return`, `final_return/fresh`; those some run has), visits, n, mean, ci_low,
-  ci_high, iqm;
+- `whole_run.csv`: the whole-run table: arm, metric, visits, n, mean, sem, ci_low, ci_high, iqm, vs_none;
+- `sequence.csv`: the table across the sequence: arm, metric (`eval_mean`, `eval_mean/fresh`, `eval_return`,
+  `eval_return/fresh`, `mean_return`, `mean_return/fresh`, `final_return`, `final_return/fresh`; those some run
+  has), visits, n, mean, ci_low, ci_high, iqm;
 - `curves.csv`: the plotted curves: metric, arm, step, n, mean, ci_low, ci_high;
 - `correlation.csv`: the NC1-return correlations above;
 - `provenance.csv`: every session of every run (its `provenance.json`): commit, machine, kernels, host."""
@@ -150,6 +163,8 @@ def make_report(
     rows = visit_rows(runs)
     stats = visit_stats(rows, keys, arms, n_resamples, seed)
     sequence = sequence_stats(rows, keys, arms, n_resamples, seed)
+    main = main_return(rows)
+    whole = whole_run_stats(rows, keys, arms, main, n_resamples, seed)
     offsets = fresh_offsets(runs, keys)
     grid = step_grid(runs, offsets, points)
     curves = curve_bands(runs, arms, grid, offsets, min(n_resamples, 2_000), seed)
@@ -166,13 +181,12 @@ def make_report(
             elif ((sweep_dir / str(entry.get("label"))).resolve(), entry.get("seed")) not in seen:
                 report.not_started.append(trial_id)
 
-    main = main_return(rows)
     correlations = nc1_return_correlations(rows, main)
     report.provenance = summarize_provenance(runs, runs_dir)
 
     report.out.mkdir(parents=True, exist_ok=True)
     report.files += _write_csvs(report.out, runs, runs_dir, rows, stats, curves)
-    for name, frame in (("sequence.csv", sequence), ("correlation.csv", correlations)):
+    for name, frame in (("whole_run.csv", whole), ("sequence.csv", sequence), ("correlation.csv", correlations)):
         frame.to_csv(report.out / name, index=False)
         report.files.append(report.out / name)
     report.files.append(report.provenance.write_csv(report.out))
@@ -185,11 +199,11 @@ def make_report(
             arms,
             report.out / "nc1_vs_return.png",
             main,
-            "eval return at the visit's end" if main == "eval_return" else "mean return over the visit",
+            RETURN_NAMES.get(main, main),
         )
         report.files.append(report.out / "nc1_vs_return.png")
     md = report.out / "report.md"
-    md.write_text(_markdown(report, runs_dir, arms, keys, stats, sequence, correlations, main))
+    md.write_text(_markdown(report, runs_dir, arms, keys, stats, whole, sequence, correlations, main))
     report.files.insert(0, md)
     return report
 
@@ -272,9 +286,9 @@ def _seeds(seeds: list[int]) -> str:
 
 def _returns_note(runs: list[RunData], runs_dir: Path, main: str) -> list[str]:
     """Which return the report leads with, and the runs without evaluation returns."""
-    if main != "eval_return":
+    if main not in ("eval_mean", "eval_return"):
         return [RETURNS_TRAINING, ""]
-    lacking = [r for r in runs if "eval_return" not in r.visits or r.visits["eval_return"].isna().all()]
+    lacking = [r for r in runs if main not in r.visits or r.visits[main].isna().all()]
     lines = [RETURNS_EVAL, ""]
     if lacking:
         listed = ", ".join(f"`{_rel(r.path, runs_dir)}`" for r in lacking)
@@ -288,6 +302,7 @@ def _markdown(
     arms: list[str],
     keys: list[VisitKey],
     stats: pd.DataFrame,
+    whole: pd.DataFrame,
     sequence: pd.DataFrame,
     correlations: pd.DataFrame,
     main: str,
@@ -328,6 +343,22 @@ def _markdown(
             "",
         ]
     lines += _returns_note(runs, runs_dir, main)
+
+    if len(whole):
+        lines += [
+            "## Whole run",
+            "",
+            WHOLE_NOTE.format(visits=len(keys)),
+            "",
+            f"| arm | n | {TITLES[main]}, mean +- s.e. | 95% CI | IQM | relative to none |",
+            "|---|---|---|---|---|---|",
+        ]
+        for _, r in whole.iterrows():
+            lines.append(
+                f"| {r['arm']} | {int(r['n'])} | {_fmt(r['mean'])} +- {_fmt(r['sem'])} | "
+                f"[{_fmt(r['ci_low'])}, {_fmt(r['ci_high'])}] | {_fmt(r['iqm'])} | {_fmt(r['vs_none'])} |"
+            )
+        lines.append("")
 
     if len(sequence):
         tasks = ", ".join(dict.fromkeys(k.task for k in keys[1:]))

@@ -48,7 +48,11 @@ def correlation_row(scope: str, what: str, nc1: np.ndarray, returns: np.ndarray)
 
 
 #: How the table names each return column.
-RETURN_NAMES = {"eval_return": "eval return", "mean_return": "mean return"}
+RETURN_NAMES = {
+    "eval_mean": "eval return over the visit",
+    "eval_return": "eval return at the visit's end",
+    "mean_return": "mean return",
+}
 
 
 def nc1_return_correlations(rows: pd.DataFrame, column: str = "mean_return") -> pd.DataFrame:
@@ -56,7 +60,8 @@ def nc1_return_correlations(rows: pd.DataFrame, column: str = "mean_return") -> 
 
     :param rows: one row per run and task visit, with ``arm, kind, task, complete, nc1`` and ``column``
         (the report's ``visits_by_run.csv``).
-    :param column: the return: ``eval_return`` (evaluation at the visit's end) or ``mean_return`` (training).
+    :param column: the return: ``eval_mean`` (evaluation over the visit), ``eval_return`` (at its end) or
+        ``mean_return`` (training).
     :return: columns :data:`COLUMNS`; empty when no visit has both values.
     """
     if rows.empty or "nc1" not in rows or column not in rows:

@@ -10,6 +10,8 @@
   training return the mean of the ``task/<task>/episode_return`` points in the visit and its final return
   the last one (each point is SB3's mean over the episodes since the previous log, so both approximate the
   CSV's per-episode values); its probes are the last ``plasticity/<probe>@probe_set`` values of the visit.
+  Every run also gets ``eval_mean``, the mean of the visit's evaluation rounds of its task, from its events
+  (:func:`add_eval_means`).
 - **Curves**, read with TensorBoard's ``EventAccumulator`` (all events files of the run directory, so a
   resumed run reads as one): the current task's evaluation return (``eval/mean_return``) and training return
   (all ``task/<task>/episode_return`` tags together, or SB3's ``rollout/ep_rew_mean`` if there are none),
@@ -49,9 +51,9 @@ class RunData:
 
     :param kind: ``continual``, or ``fresh`` for a network trained on one task alone.
     :param task: a fresh run's task.
-    :param visits: one row per task visit: ``task, visit, start_step, end_step, complete, eval_return`` (with
-        evaluation), ``mean_return, final_return`` (training), the probe columns and, per main probe, its mean
-        over layers (column ``erank`` etc.).
+    :param visits: one row per task visit: ``task, visit, start_step, end_step, complete, eval_mean,
+        eval_return`` (with evaluation), ``mean_return, final_return`` (training), the probe columns and, per
+        main probe, its mean over layers (column ``erank`` etc.).
     :param curves: metric (``eval_return``, ``train_return``, ``eval_task/<task>``, ``erank/value_head``,
         ``dormant/q_net.1``, ...) -> (steps, values).
     :param visit_source: ``task_summary.csv`` or ``events``.
@@ -247,6 +249,28 @@ def visits_from_events(
     return pd.DataFrame(rows)
 
 
+def add_eval_means(visits: pd.DataFrame, scalars: dict[str, tuple[np.ndarray, np.ndarray]]) -> pd.DataFrame:
+    """Per visit, ``eval_mean``: the mean of the evaluation rounds of the visit's task (``eval/<task>/mean_return``)
+    at steps ``start_step`` to ``end_step``, both included, so the round at the switch that starts the visit (the
+    network the task first meets, with ``eval.tasks: all``) counts, as C-CHAIN's evaluation at the start of each
+    task does. It is the visit's evaluation curve averaged over its rounds (the area under it, per round): it
+    rewards learning fast as well as ending high, and averages over ``every``-many rounds of ``eval.episodes``
+    episodes, so it is less noisy than ``eval_return``, the last round alone. NaN without such rounds.
+
+    A step logged twice (a resumed run) counts once, with its last value.
+    """
+    visits = visits.copy()
+    means = []
+    for task, start, end in zip(visits["task"], visits["start_step"], visits["end_step"]):
+        steps, values = scalars.get(f"eval/{task}/mean_return", (np.zeros(0, dtype=np.int64), np.zeros(0)))
+        inside = (steps >= start) & (steps <= end)
+        # np.unique keeps each step's first index: reversed, that is its last value.
+        _, last = np.unique(steps[inside][::-1], return_index=True)
+        means.append(float(np.mean(values[inside][::-1][last])) if inside.any() else math.nan)
+    visits["eval_mean"] = means
+    return visits
+
+
 def add_probe_means(visits: pd.DataFrame) -> pd.DataFrame:
     """Per main probe, a column with its mean over layers (``dormant`` = mean of ``dormant/<layer>``)."""
     visits = visits.copy()
@@ -282,7 +306,7 @@ def load_run(run_dir: Path, manifests: dict[Path, dict[str, Any] | None]) -> Run
     else:
         end = progress.total_steps if progress.complete and progress.total_steps else last_step
         visits, source = visits_from_events(scalars, tasks, switch_every, end), "events"
-    visits = add_probe_means(visits) if len(visits) else visits
+    visits = add_probe_means(add_eval_means(visits, scalars)) if len(visits) else visits
     return RunData(
         run_dir,
         arm,

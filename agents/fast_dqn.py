@@ -50,7 +50,6 @@ from torch import nn
 from torch.optim import optimizer as torch_optimizer
 from torch.nn import functional as F
 
-from agents.hooks import Intervention
 from agents.networks import MinAtarCNN, split_output_layer
 
 if TYPE_CHECKING:
@@ -273,10 +272,12 @@ class ExplicitQNetwork:
         h2 = th.addmm(self.hidden.bias, f, self.hidden.weight.t()).relu_()
         return th.addmm(self.out.bias, h2, self.out.weight.t()), (x, h1, f, h2)
 
-    def backward(self, grad_q: th.Tensor, saved: tuple[th.Tensor, ...]) -> None:
+    def backward(
+        self, grad_q: th.Tensor, saved: tuple[th.Tensor, ...], grad_features: th.Tensor | None = None
+    ) -> None:
         """Write the parameters' gradients of a loss whose gradient in the Q-values is ``grad_q`` ``(B,
-        n_actions)`` into their ``.grad`` (views of one buffer; any previous value is overwritten, as after
-        ``zero_grad`` and ``backward``)."""
+        n_actions)``, plus ``grad_features`` ``(B, hidden)`` in the head's input if given, into their ``.grad``
+        (views of one buffer; any previous value is overwritten, as after ``zero_grad`` and ``backward``)."""
         x, h1, f, h2 = saved
         for p, g in zip(self.params, self.grads):
             if p.grad is not g:
@@ -284,7 +285,10 @@ class ExplicitQNetwork:
         g_conv_w, g_conv_b, g_hidden_w, g_hidden_b, g_out_w, g_out_b = self.grads
         th.mm(grad_q.t(), h2, out=g_out_w)
         th.sum(grad_q, 0, out=g_out_b)
-        grad_h2 = th.ops.aten.threshold_backward(grad_q.mm(self.out.weight), h2, 0)
+        grad_h2 = grad_q.mm(self.out.weight)
+        if grad_features is not None:
+            grad_h2 += grad_features
+        grad_h2 = th.ops.aten.threshold_backward(grad_h2, h2, 0)
         th.mm(grad_h2.t(), f, out=g_hidden_w)
         th.sum(grad_h2, 0, out=g_hidden_b)
         grad_h1 = th.ops.aten.threshold_backward(grad_h2.mm(self.hidden.weight), f, 0).view_as(h1)
@@ -416,13 +420,9 @@ class FastState:
 
     def explicit(self, agent: PlasticDQN, training: bool) -> tuple[ExplicitQNetwork, ExplicitQNetwork] | None:
         """The (online, target) networks as :class:`ExplicitQNetwork`, or ``None`` where the fast path must take
-        the modules and autograd: another network, a hook on a module, or (``training``) a parameter hook or an
-        intervention with loss terms (they need the features' graph)."""
+        the modules and autograd: another network, a hook on a module, or (``training``) a parameter hook or a
+        parameter that needs no gradient."""
         online, target = agent.q_net, agent.q_net_target
-        if training:
-            for iv in agent.interventions:
-                if type(iv).loss_terms is not Intervention.loss_terms:
-                    return None
         nets = self._nets
         if nets is None or not (nets[0].matches(online) and nets[1].matches(target)):
             if self._not_explicit is not None and self._not_explicit[0] is online and self._not_explicit[1] is target:
@@ -466,48 +466,66 @@ def td_loss(agent: PlasticDQN, batch: ReplayBufferSamples) -> tuple[th.Tensor, t
     return TD_LOSSES[agent.td_loss](current, target), features
 
 
-def fast_state(agent: PlasticDQN) -> FastState:
-    """The agent's :class:`FastState`, built on first use."""
-    if agent._fast_state is None:
-        agent._fast_state = FastState(agent)
-    return agent._fast_state
+class ExplicitLoss:
+    """:func:`td_loss` on the explicit (online, target) networks (:class:`ExplicitQNetwork`), without a graph.
 
-
-def explicit_td_loss(
-    agent: PlasticDQN, batch: ReplayBufferSamples, nets: tuple[ExplicitQNetwork, ExplicitQNetwork]
-) -> tuple[th.Tensor, Callable[[], None]]:
-    """:func:`td_loss` on the explicit (online, target) networks, without a graph: the loss, and the backward
-    pass that writes its gradient into the online parameters' ``.grad`` (:meth:`ExplicitQNetwork.backward`).
-
-    The gradient of the mean loss in ``Q(s, a)`` is what PyTorch's ``smooth_l1_loss`` (beta 1) and ``mse_loss``
-    backward compute: ``clamp(Q - y, -1, 1) / B`` and ``2 (Q - y) / B``, scattered to the taken actions.
+    ``loss`` is the TD loss and ``features`` the head's input ``(B, hidden)``. For the interventions' loss
+    terms, :meth:`leaves` gives both as leaf tensors that need a gradient: a term built on them (and on the
+    parameters, directly or through forward passes of its own) has a graph back to them, and :meth:`backward`
+    applies the chain rule through the explicit network, so the gradient is that of ``loss + terms``.
     """
-    online, target_net = nets
-    state = fast_state(agent)
-    discounts = batch.discounts if batch.discounts is not None else agent.gamma
-    with th.no_grad():
-        next_obs = state.preprocess(batch.next_observations)
-        next_q = target_net.q_values(next_obs)
-        if agent.double_q:
-            next_q = next_q.gather(1, online.q_values(next_obs).argmax(dim=1, keepdim=True))
-        else:
-            next_q = next_q.amax(dim=1, keepdim=True)
-        target = batch.rewards + (1 - batch.dones) * discounts * next_q
-        q, saved = online.forward(state.preprocess(batch.observations))
-        actions = batch.actions.long()
-        current = q.gather(1, actions)
-        loss = TD_LOSSES[agent.td_loss](current, target)
 
-    def backward() -> None:
+    def __init__(
+        self, agent: PlasticDQN, batch: ReplayBufferSamples, nets: tuple[ExplicitQNetwork, ExplicitQNetwork]
+    ) -> None:
+        self.online, target_net = nets
+        state = fast_state(agent)
+        discounts = batch.discounts if batch.discounts is not None else agent.gamma
         with th.no_grad():
-            diff = current - target
-            if agent.td_loss == "huber":
-                grad = diff.clamp_(-1.0, 1.0).mul_(1.0 / diff.numel())
+            next_obs = state.preprocess(batch.next_observations)
+            next_q = target_net.q_values(next_obs)
+            if agent.double_q:
+                next_q = next_q.gather(1, self.online.q_values(next_obs).argmax(dim=1, keepdim=True))
             else:
-                grad = diff.mul_(2.0 / diff.numel())
-            online.backward(th.zeros_like(q).scatter_(1, actions, grad), saved)
+                next_q = next_q.amax(dim=1, keepdim=True)
+            self.target = batch.rewards + (1 - batch.dones) * discounts * next_q
+            self.q, self.saved = self.online.forward(state.preprocess(batch.observations))
+            self.actions = batch.actions.long()
+            self.current = self.q.gather(1, self.actions)
+            self.loss = TD_LOSSES[agent.td_loss](self.current, self.target)
+        self.features = self.saved[-1]
+        self.huber = agent.td_loss == "huber"
+        self._leaves: tuple[th.Tensor, th.Tensor] | None = None
 
-    return loss, backward
+    def leaves(self) -> tuple[th.Tensor, th.Tensor]:
+        """(features, loss) as leaves that need a gradient, for the interventions' loss terms."""
+        self._leaves = (self.features.detach().requires_grad_(), self.loss.detach().requires_grad_())
+        return self._leaves
+
+    def backward(self, extra: th.Tensor | None = None) -> None:
+        """Write the gradient of ``loss`` (plus ``extra``, the loss terms built on :meth:`leaves`) into the online
+        parameters' ``.grad``.
+
+        The gradient of the mean loss in ``Q(s, a)`` is what PyTorch's ``smooth_l1_loss`` (beta 1) and
+        ``mse_loss`` backward compute: ``clamp(Q - y, -1, 1) / B`` and ``2 (Q - y) / B``, scattered to the taken
+        actions. A term's gradient reaches the parameters through the features, through the loss (scaling that
+        gradient by ``1 + d extra / d loss``) and directly.
+        """
+        online = self.online
+        grad_features, grad_loss, direct = None, None, ()
+        if extra is not None and extra.requires_grad:
+            assert self._leaves is not None, "loss terms are built on leaves()"
+            grads = th.autograd.grad(extra, [*self._leaves, *online.params], allow_unused=True)
+            grad_features, grad_loss, direct = grads[0], grads[1], grads[2:]
+        with th.no_grad():
+            diff = self.current - self.target
+            grad = diff.clamp_(-1.0, 1.0).mul_(1.0 / diff.numel()) if self.huber else diff.mul_(2.0 / diff.numel())
+            if grad_loss is not None:
+                grad.mul_(1.0 + grad_loss)
+            online.backward(th.zeros_like(self.q).scatter_(1, self.actions, grad), self.saved, grad_features)
+            for p, g in zip(online.params, direct):
+                if g is not None:
+                    p.grad.add_(g)  # type: ignore[union-attr]  # backward() set every .grad
 
 
 def fast_state(agent: PlasticDQN) -> FastState:
@@ -542,7 +560,8 @@ def train(agent: PlasticDQN, gradient_steps: int, batch_size: int) -> None:
         if nets is None:
             loss, features = td_loss(agent, batch)
         else:
-            loss, backward = explicit_td_loss(agent, batch, nets)
+            explicit = ExplicitLoss(agent, batch, nets)
+            loss = explicit.loss
         losses.append(loss.item())
         agent._check_finite("train/loss", losses[-1])
         if nets is None:
@@ -551,6 +570,8 @@ def train(agent: PlasticDQN, gradient_steps: int, batch_size: int) -> None:
                 loss = loss + extra
             agent._optimizer_step(loss, clip, step=state.adam_step)
             continue
+        # The terms see the features and the loss as leaves; explicit.backward takes their gradient on.
+        extra = agent._intervention_loss(batch, *explicit.leaves()) if agent.interventions else None
         online = nets[0]
 
         def clip_explicit() -> th.Tensor:
@@ -565,7 +586,9 @@ def train(agent: PlasticDQN, gradient_steps: int, batch_size: int) -> None:
                 return clip_flat(online.flat_grad, agent.max_grad_norm)
             return clip()
 
-        agent._optimizer_step(loss, clip_explicit, backward=backward, step=state.adam_step)
+        agent._optimizer_step(
+            loss, clip_explicit, backward=lambda: explicit.backward(extra), step=state.adam_step  # noqa: B023
+        )
     agent._check_grad_norms()
 
     agent._n_updates += gradient_steps

@@ -15,7 +15,8 @@ has each lever's gain):
   1e-6))``) on the optimizer's gradients, with the foreach kernels called directly (no regrouping by device
   and dtype each step). ``max_grad_norm = inf`` multiplies by exactly 1, as the stock clip does.
 - **Sampling**: one gather per field from the replay buffer's arrays into new tensors, the observations
-  converted to float once (the networks would convert them on each of their two or three forward passes).
+  converted to float once (the networks would convert them on each of their two or three forward passes);
+  with one env, no env-index draw (NumPy's draw in ``[0, 1)`` returns zeros without using the RNG).
 - **Preprocessing** (SB3's ``preprocess_obs``) is decided once: float observations, scaled by 1/255 only for
   image spaces with ``normalize_images``, as SB3 does.
 - **No per-update** ``set_training_mode(True)`` traversal when the network has no module whose forward
@@ -24,13 +25,14 @@ has each lever's gain):
 - **Acting**: ``predict`` draws epsilon and the random action exactly as SB3's ``DQN.predict`` does, then one
   forward pass of the online network on the observation as given (no SB3 ``policy.predict`` wrapping: no
   copy, no mode switch, no shape dispatch).
-- **Explicit forward and backward** (:class:`ExplicitQNetwork`): for the MinAtar network (conv -> ReLU ->
-  flatten -> linear -> ReLU -> linear) with no loss-term intervention and no module or parameter hook, the
-  update is written out as the ops autograd would run (the same ATen kernels: ``conv2d``, ``addmm``,
-  ``threshold_backward``, ``convolution_backward``), without building a graph, the module calls and the
-  autograd engine, and the gradients are written into one preallocated buffer (``.grad`` are views of it), so
-  there is no ``zero_grad`` and the clip takes one norm. Anything else (a loss-term intervention, which needs
-  the features' graph; a recorder's forward hook; another network) takes the autograd update.
+- **Explicit forward and backward** (:class:`ExplicitQNetwork`, :class:`ExplicitLoss`): for the MinAtar network
+  (conv -> ReLU -> flatten -> linear -> ReLU -> linear) with no module or parameter hook, the update (and the
+  acting forward pass) is written out as the ops autograd would run (the same ATen kernels: ``conv2d``,
+  ``addmm``, ``threshold_backward``, ``convolution_backward``), without building a graph, the module calls and
+  the autograd engine, and the gradients are written into one preallocated buffer (``.grad`` are views of it),
+  so there is no ``zero_grad`` and the clip takes one norm (:func:`clip_flat`). The interventions' loss terms
+  see the features and the loss as leaf tensors, and their gradient joins by the chain rule. A hook (a
+  recorder's, K-FAC's), another network or a frozen parameter takes the modules and autograd.
 - **Adam's step** calls ``torch._fused_adam_`` directly (:class:`AdamStep`), as ``Adam.step`` with ``fused=True``
   does after its Python bookkeeping, on the same state tensors, so a save and load see the usual optimizer state.
 """
@@ -38,6 +40,7 @@ has each lever's gain):
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -47,8 +50,8 @@ from stable_baselines3.common.buffers import ReplayBuffer, ReplayBufferSamples
 from stable_baselines3.common.preprocessing import is_image_space
 from stable_baselines3.dqn.policies import QNetwork
 from torch import nn
-from torch.optim import optimizer as torch_optimizer
 from torch.nn import functional as F
+from torch.optim import optimizer as torch_optimizer
 
 from agents.networks import MinAtarCNN, split_output_layer
 
@@ -272,9 +275,7 @@ class ExplicitQNetwork:
         h2 = th.addmm(self.hidden.bias, f, self.hidden.weight.t()).relu_()
         return th.addmm(self.out.bias, h2, self.out.weight.t()), (x, h1, f, h2)
 
-    def backward(
-        self, grad_q: th.Tensor, saved: tuple[th.Tensor, ...], grad_features: th.Tensor | None = None
-    ) -> None:
+    def backward(self, grad_q: th.Tensor, saved: tuple[th.Tensor, ...], grad_features: th.Tensor | None = None) -> None:
         """Write the parameters' gradients of a loss whose gradient in the Q-values is ``grad_q`` ``(B,
         n_actions)``, plus ``grad_features`` ``(B, hidden)`` in the head's input if given, into their ``.grad``
         (views of one buffer; any previous value is overwritten, as after ``zero_grad`` and ``backward``)."""
@@ -294,7 +295,16 @@ class ExplicitQNetwork:
         grad_h1 = th.ops.aten.threshold_backward(grad_h2.mm(self.hidden.weight), f, 0).view_as(h1)
         c = self.conv
         _, grad_w, grad_b = th.ops.aten.convolution_backward(
-            grad_h1, x, c.weight, [c.out_channels], c.stride, c.padding, c.dilation, False, [0, 0], c.groups,
+            grad_h1,
+            x,
+            c.weight,
+            [c.out_channels],
+            c.stride,
+            c.padding,
+            c.dilation,
+            False,
+            [0, 0],
+            c.groups,
             [False, True, True],
         )
         g_conv_w.copy_(grad_w)
@@ -535,6 +545,23 @@ def fast_state(agent: PlasticDQN) -> FastState:
     return agent._fast_state
 
 
+def clip_buffer(
+    online: ExplicitQNetwork, groups: list[dict[str, Any]], max_norm: float, fallback: Callable[[], th.Tensor]
+) -> th.Tensor:
+    """:func:`clip_flat` on the explicit network's gradient buffer while it holds every gradient the optimizer
+    steps (the optimizer's one group is the network's parameters, whose ``.grad`` are still the buffer's views),
+    else ``fallback()``."""
+    params = groups[0]["params"]
+    if (
+        len(groups) == 1
+        and len(params) == len(online.params)
+        and all(p is q for p, q in zip(params, online.params))
+        and online.grads_in_place()
+    ):
+        return clip_flat(online.flat_grad, max_norm)
+    return fallback()
+
+
 def train(agent: PlasticDQN, gradient_steps: int, batch_size: int) -> None:
     """``PlasticDQN.train`` on the fast path: the same hooks, in the same order, around a leaner update.
 
@@ -572,23 +599,8 @@ def train(agent: PlasticDQN, gradient_steps: int, batch_size: int) -> None:
             continue
         # The terms see the features and the loss as leaves; explicit.backward takes their gradient on.
         extra = agent._intervention_loss(batch, *explicit.leaves()) if agent.interventions else None
-        online = nets[0]
-
-        def clip_explicit() -> th.Tensor:
-            # One norm over the gradient buffer while it holds every gradient the optimizer steps.
-            params = groups[0]["params"]
-            if (
-                len(groups) == 1
-                and len(params) == len(online.params)
-                and all(p is q for p, q in zip(params, online.params))
-                and online.grads_in_place()
-            ):
-                return clip_flat(online.flat_grad, agent.max_grad_norm)
-            return clip()
-
-        agent._optimizer_step(
-            loss, clip_explicit, backward=lambda: explicit.backward(extra), step=state.adam_step  # noqa: B023
-        )
+        clip_explicit = partial(clip_buffer, nets[0], groups, agent.max_grad_norm, clip)
+        agent._optimizer_step(loss, clip_explicit, backward=partial(explicit.backward, extra), step=state.adam_step)
     agent._check_grad_norms()
 
     agent._n_updates += gradient_steps

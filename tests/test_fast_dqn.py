@@ -14,6 +14,7 @@ import torch as th
 from stable_baselines3.common.buffers import ReplayBuffer
 from stable_baselines3.common.env_util import make_vec_env
 from stable_baselines3.common.vec_env import DummyVecEnv
+from test_checkpoint import _SigtermAt, assert_same_logs, assert_same_model, cli_run, latest_step, only_run
 
 from agents import PlasticDQN, fast_dqn, minatar_policy_kwargs
 from agents.fast_dqn import ExplicitLoss, ExplicitQNetwork, ReplaySampler, clip_grad_norm, fast_state
@@ -24,7 +25,6 @@ from envs import make_sequence
 from rl_plasticity.config import ConfigError, load_config
 from rl_plasticity.interventions import INTERVENTIONS, build_interventions, register
 from rl_plasticity.runner import build_agent, build_env, train
-from test_checkpoint import _SigtermAt, assert_same_logs, assert_same_model, cli_run, latest_step, only_run
 
 #: Interventions that add loss terms or closed-form gradient terms (they override those hooks).
 TERM_INTERVENTIONS = sorted(
@@ -340,7 +340,9 @@ def test_adam_step_equals_optimizer_step_and_falls_back():
     assert step._direct()
     rng = th.Generator().manual_seed(0)
     for _ in range(5):
-        for p, q in zip(direct.policy.optimizer.param_groups[0]["params"], stock.policy.optimizer.param_groups[0]["params"]):
+        for p, q in zip(
+            direct.policy.optimizer.param_groups[0]["params"], stock.policy.optimizer.param_groups[0]["params"]
+        ):
             p.grad = th.randn(p.shape, generator=rng)
             q.grad = p.grad.clone()
         step()

@@ -211,7 +211,13 @@ class PlasticMixin:
         for iv in self.interventions:
             iv.on_epoch_start(self, epoch)  # type: ignore[arg-type]
 
-    def _optimizer_step(self, loss: th.Tensor, clip: Callable[[], th.Tensor] | None = None) -> None:
+    def _optimizer_step(
+        self,
+        loss: th.Tensor,
+        clip: Callable[[], th.Tensor] | None = None,
+        backward: Callable[[], None] | None = None,
+        step: Callable[[], None] | None = None,
+    ) -> None:
         """One gradient step on ``loss`` as SB3's ``train`` makes it, with the interventions' hooks in place.
 
         ``zero_grad``, ``backward``, the interventions' gradient terms (:meth:`_gradient_terms`), clipping to
@@ -221,17 +227,27 @@ class PlasticMixin:
         :param loss: the scalar loss, already with the interventions' loss terms.
         :param clip: clips the gradients in place and returns their total norm before clipping; default
             ``torch.nn.utils.clip_grad_norm_`` over ``policy.parameters()``, as SB3.
+        :param backward: writes the gradients of ``loss`` into ``.grad``, replacing any previous value; default
+            ``optimizer.zero_grad()`` then ``loss.backward()``, as SB3 (the fast path's explicit networks pass
+            their own).
+        :param step: the optimizer's step; default ``optimizer.step()``.
         """
         optimizer = self.policy.optimizer  # type: ignore[attr-defined]
-        optimizer.zero_grad()
-        loss.backward()
+        if backward is None:
+            optimizer.zero_grad()
+            loss.backward()
+        else:
+            backward()
         self._gradient_terms()
         if clip is None:
             norm = th.nn.utils.clip_grad_norm_(self.policy.parameters(), self.max_grad_norm)  # type: ignore[attr-defined]
         else:
             norm = clip()
         self.last_grad_norm = norm
-        optimizer.step()
+        if step is None:
+            optimizer.step()
+        else:
+            step()
         self._after_gradient_step()
 
     def _after_gradient_step(self) -> None:

@@ -16,7 +16,16 @@ speed drifts, and alternating exposes both to the same drift. The pieces:
   tried and left out of the fast path: it measured no faster);
 - ``online+target fwd (ddqn)``: Double DQN's online forward on s and on s' separately vs one forward of the
   online network on ``[s; s']`` (with the graph, then split), both followed by the backward of the loss;
-- ``compile``: the online forward and backward eager vs ``torch.compile`` (default mode).
+- ``compile``: the online forward and backward eager vs ``torch.compile`` (default mode);
+- ``explicit fwd+bwd``: one update's forward passes (target on s', online on s), loss and backward through the
+  modules and autograd (:func:`~agents.fast_dqn.td_loss`, ``zero_grad``, ``backward``) vs the explicit
+  networks (:class:`~agents.fast_dqn.ExplicitLoss`);
+- ``adam direct``: ``optimizer.step()`` of the fused Adam vs :class:`~agents.fast_dqn.AdamStep`;
+- ``clip flat``: :func:`~agents.fast_dqn.clip_grad_norm` (foreach) vs :func:`~agents.fast_dqn.clip_flat` on the
+  explicit networks' gradient buffer;
+- ``conv im2col``: the online conv's forward and weight gradient by oneDNN (``conv2d``,
+  ``convolution_backward``) vs an index gather of the 3x3 patches and two GEMMs (:func:`conv_by_gemm`; tried
+  and left out: see docs/benchmarks.md).
 
 How to read it: the saving of each lever in ms per env step (one update per step) and the ratio. The pieces
 overlap with nothing, but the whole step has more (env, SB3's loop): ``benchmarks/throughput.py`` times it.
@@ -73,6 +82,28 @@ class ConvWeightGradAsConv(th.autograd.Function):
         (x,) = ctx.saved_tensors
         grad_w = F.conv2d(x.transpose(0, 1), grad_out.transpose(0, 1)).transpose(0, 1).contiguous()
         return None, grad_w, grad_out.sum(dim=(0, 2, 3))
+
+
+def conv_by_gemm(x: th.Tensor, weight: th.Tensor, bias: th.Tensor, grad_out: th.Tensor) -> tuple[th.Tensor, ...]:
+    """The forward of a 3x3, stride-1, unpadded conv on ``x`` ``(B, C, H, W)`` and its weight and bias gradients
+    for the output gradient ``grad_out`` ``(B, O, H-2, W-2)``, by im2col (one index gather) and two GEMMs.
+
+    :return: the output, channels last ``(B * (H-2) * (W-2), O)``, the weight gradient and the bias gradient.
+    """
+    b, c, h, w = x.shape
+    out_h, out_w, o = h - 2, w - 2, weight.shape[0]
+    cols = x.reshape(b, -1).index_select(1, patch_index(c, h, w)).view(b * out_h * out_w, c * 9)
+    out = th.addmm(bias, cols, weight.view(o, -1).t())
+    grad = grad_out.reshape(b, o, -1).transpose(1, 2).reshape(-1, o)
+    return out, grad.t().mm(cols).view_as(weight), grad.sum(0)
+
+
+def patch_index(c: int, h: int, w: int) -> th.Tensor:
+    """Flat indices into a ``(C, H, W)`` input of every 3x3 patch, ``(out position, (channel, dy, dx))`` order."""
+    ch, dy, dx = th.meshgrid(th.arange(c), th.arange(3), th.arange(3), indexing="ij")
+    i, j = th.meshgrid(th.arange(h - 2), th.arange(w - 2), indexing="ij")
+    rows = (i.reshape(-1, 1) + dy.reshape(1, -1)) * w + j.reshape(-1, 1) + dx.reshape(1, -1)
+    return (ch.reshape(1, -1) * h * w + rows).reshape(-1)
 
 
 def build_agent(steps: int) -> PlasticDQN:
@@ -173,6 +204,46 @@ def main() -> None:
             lambda: F.smooth_l1_loss(compiled(obs_s), th.zeros(32, q_net.action_space.n)).backward(),
             args.reps,
             args.rounds,
+        )
+
+    nets = state.explicit(agent, training=True)
+    assert nets is not None, "the MinAtar network without hooks takes the explicit networks"
+
+    def autograd_update() -> None:
+        loss, _ = fast_dqn.td_loss(agent, batch)
+        optimizer.zero_grad()
+        loss.backward()
+
+    rows["explicit fwd+bwd"] = alternate(
+        autograd_update, lambda: fast_dqn.ExplicitLoss(agent, batch, nets).backward(), args.reps, args.rounds
+    )
+    for group in optimizer.param_groups:
+        group["fused"] = True
+    rows["adam direct"] = alternate(optimizer.step, state.adam_step, args.reps, args.rounds)
+    flat = nets[0]
+    rows["clip flat"] = alternate(
+        lambda: fast_dqn.clip_grad_norm([p.grad for p in params], 10.0),
+        lambda: fast_dqn.clip_flat(flat.flat_grad, 10.0),
+        args.reps,
+        args.rounds,
+    )
+
+    def conv_onednn() -> tuple[th.Tensor, ...]:
+        out = F.conv2d(x, conv.weight, conv.bias)
+        stride, padding, dilation, out_channels = [1, 1], [0, 0], [1, 1], [conv.out_channels]
+        mask = [False, True, True]
+        _, grad_w, grad_b = th.ops.aten.convolution_backward(
+            grad, x, conv.weight, out_channels, stride, padding, dilation, False, [0, 0], 1, mask
+        )
+        return out, grad_w, grad_b
+
+    with th.no_grad():
+        want, got = conv_onednn(), conv_by_gemm(x, conv.weight, conv.bias, grad)
+        channels_last = want[0].flatten(2).transpose(1, 2).reshape(-1, conv.out_channels)
+        for a, b in zip((channels_last, *want[1:]), got):
+            assert th.allclose(a, b, rtol=1e-4, atol=1e-5), "im2col conv differs from oneDNN's"
+        rows["conv im2col"] = alternate(
+            conv_onednn, lambda: conv_by_gemm(x, conv.weight, conv.bias, grad), args.reps, args.rounds
         )
 
     print(f"{'lever':26s} {'stock ms':>9s} {'fast ms':>9s} {'saved ms':>9s} {'fast/stock':>10s}")

@@ -4,6 +4,8 @@ intervention, the same actions, and save/load on both paths."""
 
 from __future__ import annotations
 
+import copy
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -12,14 +14,17 @@ import torch as th
 from stable_baselines3.common.buffers import ReplayBuffer
 from stable_baselines3.common.env_util import make_vec_env
 from stable_baselines3.common.vec_env import DummyVecEnv
+from test_checkpoint import _SigtermAt, assert_same_logs, assert_same_model, cli_run, latest_step, only_run
 
-from agents import PlasticDQN, minatar_policy_kwargs
-from agents.fast_dqn import ReplaySampler, clip_grad_norm
+from agents import PlasticDQN, fast_dqn, minatar_policy_kwargs
+from agents.fast_dqn import ExplicitLoss, ExplicitQNetwork, ReplaySampler, clip_grad_norm, fast_state
+from agents.fast_dqn import td_loss as td_loss_of
 from agents.hooks import Intervention
+from agents.networks import POLICIES, CReLU
 from envs import make_sequence
 from rl_plasticity.config import ConfigError, load_config
-from rl_plasticity.interventions import INTERVENTIONS, build_interventions
-from rl_plasticity.runner import build_agent, build_env
+from rl_plasticity.interventions import INTERVENTIONS, build_interventions, register
+from rl_plasticity.runner import build_agent, build_env, train
 
 #: Interventions that add loss terms or closed-form gradient terms (they override those hooks).
 TERM_INTERVENTIONS = sorted(
@@ -53,7 +58,8 @@ def minatar_agent(fast: bool, interventions: list[str] = (), **kwargs: Any) -> P
         seed=0,
     )
     kw.update(kwargs)
-    agent = PlasticDQN("MlpPolicy", env, fast=fast, interventions=build_interventions(list(interventions), {}), **kw)
+    policy = kw.pop("policy", "MlpPolicy")
+    agent = PlasticDQN(policy, env, fast=fast, interventions=build_interventions(list(interventions), {}), **kw)
     agent.learn(LEARNING_STARTS)  # random actions, no update
     return agent
 
@@ -95,7 +101,7 @@ def test_fast_update_matches_stock_for_100_updates(intervention: str, double_q: 
         assert fast.logger.name_to_value[key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
 
 
-@pytest.mark.parametrize("td_loss,max_grad_norm", [("mse", 10.0), ("huber", float("inf")), ("mse", 0.5)])
+@pytest.mark.parametrize("td_loss,max_grad_norm", [("mse", 10.0), ("huber", float("inf")), ("mse", 0.05)])
 def test_fast_update_honours_td_loss_and_max_grad_norm(td_loss: str, max_grad_norm: float):
     stock, fast = (minatar_agent(f, td_loss=td_loss, max_grad_norm=max_grad_norm) for f in (False, True))
     for i in range(30):
@@ -103,6 +109,8 @@ def test_fast_update_honours_td_loss_and_max_grad_norm(td_loss: str, max_grad_no
             np.random.seed(i)
             agent.train(gradient_steps=1, batch_size=32)
         assert float(fast.last_grad_norm) == pytest.approx(float(stock.last_grad_norm), rel=1e-5)
+        for a, b in zip(stock.q_net.parameters(), fast.q_net.parameters()):
+            assert relative_gap(a.grad, b.grad) < 1e-5  # clipped alike (Adam would hide a missing clip)
     for a, b in zip(stock.q_net.parameters(), fast.q_net.parameters()):
         assert relative_gap(a.detach(), b.detach()) < 1e-5
 
@@ -241,3 +249,216 @@ def test_config_switch_reaches_the_agent(tmp_path):
     assert load_config(tmp_path / "c.yaml").agent.fast is False
     with pytest.raises(ConfigError, match="agent.fast"):
         load_config(tmp_path / "c.yaml", ["agent.fast=sometimes"])
+
+
+# -- the explicit networks and the direct Adam step (agents/fast_dqn.py) ------------------------------------------
+
+
+@pytest.mark.parametrize("intervention", ["none", *TERM_INTERVENTIONS])
+def test_explicit_networks_are_taken_unless_a_hook_needs_the_modules(intervention: str):
+    agent = minatar_agent(True, [] if intervention == "none" else [intervention])
+    # kfac_rank records the layers' inputs with forward hooks: its agent takes the modules and autograd.
+    hooked = any(m._forward_hooks or m._forward_pre_hooks for m in agent.q_net.modules())
+    assert hooked == (intervention == "kfac_rank")
+    for training in (True, False):
+        assert (fast_state(agent).explicit(agent, training=training) is None) == hooked
+
+
+@pytest.mark.parametrize("double_q", [False, True], ids=["dqn", "ddqn"])
+@pytest.mark.parametrize("td_loss", ["huber", "mse"])
+def test_explicit_gradients_equal_autograds(td_loss: str, double_q: bool):
+    agent = minatar_agent(True, td_loss=td_loss, double_q=double_q)
+    agent.learn(300, reset_num_timesteps=False)  # trained a little: ReLUs off and on, |Q - y| on both sides of 1
+    nets = fast_state(agent).explicit(agent, training=True)
+    assert nets is not None
+    params = nets[0].params
+    for seed in range(3):
+        np.random.seed(seed)
+        batch = fast_state(agent).sample(agent, 32)
+        want_loss, _ = td_loss_of(agent, batch)
+        agent.policy.optimizer.zero_grad()
+        want_loss.backward()
+        want = [p.grad.clone() for p in params]
+        explicit = ExplicitLoss(agent, batch, nets)
+        loss = explicit.loss
+        explicit.backward()
+        assert float(loss) == pytest.approx(float(want_loss.detach()), rel=1e-6)
+        for p, w, name in zip(params, want, ("conv.w", "conv.b", "hidden.w", "hidden.b", "out.w", "out.b")):
+            assert relative_gap(w, p.grad) < 1e-6, name
+        assert nets[0].grads_in_place()
+
+
+def test_a_hook_sends_training_and_acting_through_the_modules():
+    stock, fast = (minatar_agent(f) for f in (False, True))
+    conv = fast.q_net.features_extractor.cnn[0]
+    calls = []
+    handle = conv.register_forward_hook(lambda module, inputs, output: calls.append(inputs[0].shape[0]))
+    assert fast_state(fast).explicit(fast, training=True) is None
+    for agent in (stock, fast):
+        np.random.seed(0)
+        agent.train(1, 32)
+    assert calls == [32]  # the online network's forward on the batch ran through the hooked module
+    fast.exploration_rate = 0.0
+    fast.predict(fast.get_env().reset(), deterministic=True)
+    assert calls == [32, 1]
+    for a, b in zip(stock.q_net.parameters(), fast.q_net.parameters()):
+        assert relative_gap(a.detach(), b.detach()) < 1e-6
+    handle.remove()
+    assert fast_state(fast).explicit(fast, training=True) is not None
+    fast.train(1, 32)
+    assert calls == [32, 1]
+
+
+def test_a_parameter_hook_or_frozen_parameter_takes_autograd():
+    agent = minatar_agent(True)
+    weight = agent.q_net.q_net[0].weight
+    handle = weight.register_hook(lambda grad: grad)
+    assert fast_state(agent).explicit(agent, training=True) is None
+    handle.remove()
+    weight.requires_grad_(False)
+    assert fast_state(agent).explicit(agent, training=True) is None
+    weight.requires_grad_(True)
+    assert fast_state(agent).explicit(agent, training=True) is not None
+
+
+def test_another_network_takes_autograd():
+    for options in (dict(activation_fn=CReLU), dict(layer_norm=True)):
+        kwargs = minatar_policy_kwargs("dqn", width=32, channels=8, **options)
+        agent = minatar_agent(True, policy=POLICIES["dqn"], policy_kwargs=kwargs)
+        assert ExplicitQNetwork.of(agent.q_net) is None, options
+        assert fast_state(agent).explicit(agent, training=True) is None
+        agent.train(1, 32)  # the autograd update
+
+
+def test_adam_step_equals_optimizer_step_and_falls_back():
+    direct, stock = minatar_agent(True), minatar_agent(True)
+    direct.learn(150, reset_num_timesteps=False)  # the optimizer state exists
+    stock.policy.load_state_dict(direct.policy.state_dict())
+    # (a deep copy: load_state_dict would share the moment tensors)
+    stock.policy.optimizer.load_state_dict(copy.deepcopy(direct.policy.optimizer.state_dict()))
+    step = fast_state(direct).adam_step
+    assert step._direct()
+    rng = th.Generator().manual_seed(0)
+    for _ in range(5):
+        for p, q in zip(
+            direct.policy.optimizer.param_groups[0]["params"], stock.policy.optimizer.param_groups[0]["params"]
+        ):
+            p.grad = th.randn(p.shape, generator=rng)
+            q.grad = p.grad.clone()
+        step()
+        stock.policy.optimizer.step()
+    for p, q in zip(direct.q_net.parameters(), stock.q_net.parameters()):
+        assert th.equal(p, q)
+    for p, q in zip(direct.policy.optimizer.state.values(), stock.policy.optimizer.state.values()):
+        assert all(th.equal(p[k], q[k]) for k in ("step", "exp_avg", "exp_avg_sq"))
+
+    # A step hook, or a group option the direct call does not cover: optimizer.step().
+    calls = []
+    handle = direct.policy.optimizer.register_step_pre_hook(lambda opt, args, kwargs: calls.append(1))
+    assert not step._direct()
+    step()
+    assert calls == [1]
+    handle.remove()
+    direct.policy.optimizer.param_groups[0]["amsgrad"] = True
+    assert not step._direct()
+
+
+def test_fast_learn_matches_stock_over_a_few_thousand_steps():
+    stock, fast = (
+        minatar_agent(f, double_q=True, buffer_size=3_000, learning_starts=200, exploration_fraction=0.3)
+        for f in (False, True)
+    )
+    for agent in (stock, fast):
+        np.random.seed(1)  # the global RNGs, which the agent built second has reseeded
+        th.manual_seed(1)
+        agent.action_space.seed(1)
+        agent.learn(2_500, reset_num_timesteps=False)
+    assert fast.num_gradient_steps == stock.num_gradient_steps > 2_000
+    assert fast_state(fast).explicit(fast, training=True) is not None
+    # The same random draws gave the same transitions (actions, rewards) while the greedy actions agreed.
+    assert np.array_equal(fast.replay_buffer.actions, stock.replay_buffer.actions)
+    for (name, a), b in zip(stock.q_net.named_parameters(), fast.q_net.parameters()):
+        assert relative_gap(a.detach(), b.detach()) < 1e-4, name
+
+
+#: The MinAtar network on the fast path (its explicit networks) through the runner, with the monitor, the greedy
+#: evaluation and checkpoints on.
+MINATAR_FAST = """\
+name: fastminatar
+seed: 4
+total_steps: 900
+threads: 1
+agent: {algo: dqn, fast: true, double_q: true, learning_starts: 100, buffer_size: 1000, batch_size: 16, train_freq: 2,
+        target_update_interval: 50, exploration_fraction: 0.5}
+net: {kind: minatar, width: 32, channels: 8}
+env: {sequence: continual_minatar, switch_every: 450}
+logging: {progress_bar: false}
+monitor: {probe_every: 100, probe_set_size: 32, probes: [rank, dormant, weights], switch_probes: []}
+eval: {episodes: 2, tasks: all, every: 300, max_episode_steps: 200}
+checkpoint: {every: 100}
+"""
+
+
+@pytest.fixture
+def sigterm_intervention():
+    register("_sigterm_test")(_SigtermAt)
+    yield
+    INTERVENTIONS.pop("_sigterm_test", None)
+
+
+def test_explicit_path_run_with_monitor_eval_and_resume_equals_uninterrupted(
+    tmp_path: Path, sigterm_intervention: None, monkeypatch: pytest.MonkeyPatch
+):
+    explicit_updates = []
+
+    class Counted(ExplicitLoss):
+        def __init__(self, *args: Any) -> None:
+            explicit_updates.append(1)
+            super().__init__(*args)
+
+    monkeypatch.setattr(fast_dqn, "ExplicitLoss", Counted)
+    (tmp_path / "run.yaml").write_text(MINATAR_FAST)
+    reference = train(load_config(tmp_path / "run.yaml", [f"logging.root_dir={tmp_path / 'ref'}"]))
+    assert len(explicit_updates) == (900 - 100) // 2  # every update of the run took the explicit networks
+    result = cli_run(
+        "train",
+        str(tmp_path / "run.yaml"),
+        f"logging.root_dir={tmp_path / 'out'}",
+        "interventions=[_sigterm_test]",
+        "intervention_params._sigterm_test.at_step=500",
+    )
+    assert result.exit_code == 143, result.output
+    run_dir = only_run(tmp_path / "out" / "fastminatar")
+    assert latest_step(run_dir) == 500
+    assert cli_run("train", "--resume", str(run_dir)).exit_code == 0
+    assert_same_model(run_dir, reference)
+    assert_same_logs(run_dir, reference)  # the evaluation's returns and the probes' values among them
+
+
+class _EveryPath(Intervention):
+    """Test only: a loss term through the features, the loss, the parameters directly and a forward pass of its
+    own, so that each way into the explicit backward's chain rule carries gradient."""
+
+    name = "_every_path"
+
+    def loss_terms(self, agent: Any, batch: Any, features: th.Tensor, loss: th.Tensor) -> dict[str, th.Tensor]:
+        own = agent.q_net(batch.next_observations.float()).pow(2).mean()
+        direct = agent.q_net.q_net[0].weight.pow(2).sum()
+        return {"term": 0.3 * features.pow(2).mean() + 0.5 * loss.pow(2) + 1e-3 * direct + 0.1 * own}
+
+
+def test_explicit_backward_takes_the_chain_rule_through_loss_terms():
+    stock, fast = (minatar_agent(f) for f in (False, True))
+    for agent in (stock, fast):
+        agent.interventions = [_EveryPath()]
+    assert fast_state(fast).explicit(fast, training=True) is not None
+    for i in range(5):
+        for agent in (stock, fast):
+            np.random.seed(i)
+            agent.train(1, 32)
+        assert float(fast.last_grad_norm) == pytest.approx(float(stock.last_grad_norm), rel=1e-5)
+        for a, b in zip(stock.q_net.parameters(), fast.q_net.parameters()):
+            assert relative_gap(a.grad, b.grad) < 1e-5
+    assert fast.logger.name_to_value["train/_every_path/term"] == pytest.approx(
+        stock.logger.name_to_value["train/_every_path/term"], rel=1e-5
+    )

@@ -132,7 +132,7 @@ def train_cmd(
       (it says so). A damaged checkpoint file is named, and the resume falls back to an older
       complete checkpoint if there is one (checkpoint.keep >= 2), else exits 2.
     """
-    from rl_plasticity.kernels import export_env
+    from rl_plasticity.kernels import KernelError, export_env
     from rl_plasticity.rundirs import read_config
 
     try:
@@ -161,7 +161,7 @@ def train_cmd(
             run_dir = train(cfg, progress_bar=progress)
         else:
             run_dir = resume(resume_dir, cfg, force=force, progress_bar=progress)
-    except (ConfigError, CheckpointError, RunInUse) as exc:
+    except (ConfigError, KernelError, CheckpointError, RunInUse) as exc:
         fail(str(exc))
     except StorageError as exc:
         click.echo(f"rlp: error: {exc.message()}", err=True)

@@ -18,8 +18,9 @@ import sys
 import threading
 import time
 import warnings
+from dataclasses import fields
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch as th
 from stable_baselines3.common.base_class import BaseAlgorithm
@@ -38,6 +39,7 @@ from rl_plasticity.checkpoint import (
     Checkpoint,
     CheckpointCallback,
     CheckpointError,
+    CheckpointSettings,
     CheckpointStore,
     SignalGuard,
     StorageError,
@@ -47,16 +49,25 @@ from rl_plasticity.checkpoint import (
     write_checkpoint,
 )
 from rl_plasticity.config import ConfigError, RunConfig, flat_config, load_config, to_yaml
-from rl_plasticity.evaluation import EvalCallback
+from rl_plasticity.evaluation import EvalCallback, EvalSettings
 from rl_plasticity.interventions import build_interventions
 from rl_plasticity.kernels import check as check_kernels
 from rl_plasticity.kernels import kernels
 from rl_plasticity.layout import CONFIG_FILE, MODEL_FILE
-from rl_plasticity.monitor import MonitorCallback
+from rl_plasticity.monitor import MonitorCallback, MonitorSettings
 from rl_plasticity.provenance import record_session
 from rl_plasticity.runlock import run_lock
 from rl_plasticity.task_envs import TaskEnvs
 from rl_plasticity.task_logging import TaskLogCallback
+
+Settings = TypeVar("Settings")
+
+
+def settings_from(section: Any, settings: type[Settings]) -> Settings:
+    """A validated config section as the settings dataclass of the module below the runner that uses it
+    (:class:`~rl_plasticity.monitor.MonitorSettings`, :class:`~rl_plasticity.evaluation.EvalSettings`,
+    :class:`~rl_plasticity.checkpoint.CheckpointSettings`): the section's values of the fields it names."""
+    return settings(**{f.name: getattr(section, f.name) for f in fields(settings)})  # type: ignore[arg-type]
 
 
 def build_env(cfg: RunConfig) -> VecEnv:
@@ -253,6 +264,7 @@ def train(cfg: RunConfig, progress_bar: bool | None = None) -> Path:
 
     :param progress_bar: overrides ``logging.progress_bar`` when given.
     :raises ConfigError: before anything is written, if the config cannot be built.
+    :raises KernelError: before anything is written, ``cpu_kernels: portable`` whose pins did not take effect.
     :raises TrainingInterrupted: stopped by SIGINT/SIGTERM (after writing a checkpoint).
     :raises StorageError: a file of the run could not be written (full disk, read-only); the last good
         checkpoint is kept.
@@ -392,8 +404,17 @@ def _learn(
     task_names = env.get_attr("task_names")[0]
     task_log = TaskLogCallback(flat_hparams(cfg), task_names)
     task_envs = TaskEnvs.from_config(cfg)
-    evaluation = EvalCallback(cfg.eval, task_envs, cfg.env.switch_every) if cfg.eval.enabled else None
-    monitor = MonitorCallback(cfg.monitor, run_dir, task_envs, evaluation=evaluation) if cfg.monitor.enabled else None
+    evaluation = (
+        EvalCallback(settings_from(cfg.eval, EvalSettings), task_envs, cfg.env.switch_every)
+        if cfg.eval.enabled
+        else None
+    )
+    monitor = (
+        MonitorCallback(settings_from(cfg.monitor, MonitorSettings), run_dir, task_envs, evaluation=evaluation)
+        if cfg.monitor.enabled
+        else None
+    )
+    checkpoints = settings_from(cfg.checkpoint, CheckpointSettings)
     trainee = Trainee(agent, env, list(agent.interventions), task_log, monitor, evaluation)  # type: ignore[arg-type]
     store = CheckpointStore(run_dir)
     if resume_from is not None:
@@ -426,7 +447,7 @@ def _learn(
     try:
         # Evaluation before the monitor: a visit's row in task_summary.csv takes the evaluation at its end.
         callbacks: list[BaseCallback] = [task_log] + [cb for cb in (evaluation, monitor) if cb is not None]
-        callbacks.append(CheckpointCallback(store, trainee, cfg.checkpoint, guard, resume_from))
+        callbacks.append(CheckpointCallback(store, trainee, checkpoints, guard, resume_from))
         if pbar is not None:
             callbacks.append(pbar)
         # Weight decay drives weights and Adam moments towards denormal floats, up to 3x slower on CPU. The
@@ -439,7 +460,7 @@ def _learn(
                 reset_num_timesteps=resume_from is None,
                 **learn_kwargs,
             )
-            write_checkpoint(store, trainee, cfg.checkpoint)
+            write_checkpoint(store, trainee, checkpoints)
     except TrainingInterrupted as exc:
         _close_progress(pbar)
         exc.run_dir = run_dir

@@ -19,12 +19,12 @@ from click.testing import CliRunner
 from stable_baselines3.common.save_util import load_from_zip_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from rl_plasticity.checkpoint import CheckpointStore
+from rl_plasticity.checkpoint import CheckpointSettings, CheckpointStore
 from rl_plasticity.cli import cli
 from rl_plasticity.config import load_config
 from rl_plasticity.interventions import INTERVENTIONS, register
 from rl_plasticity.interventions.base import Params, PlasticityIntervention
-from rl_plasticity.runner import train
+from rl_plasticity.runner import settings_from, train
 
 RLP = str(Path(sys.executable).with_name("rlp"))
 
@@ -430,7 +430,7 @@ def test_interrupted_write_leaves_latest_intact(tmp_path: Path, dqn_reference: P
 
     monkeypatch.setattr(checkpoint.th, "save", killed)
     with pytest.raises(KeyboardInterrupt):
-        store.write(run, cfg.checkpoint)
+        store.write(run, settings_from(cfg.checkpoint, CheckpointSettings))
     assert store.latest() == before and store.read().step == 1500
     assert [p.name for p in store.root.iterdir() if p.name.startswith(".tmp")]  # the unfinished write
     store.clean()
@@ -443,7 +443,7 @@ def test_interrupted_write_leaves_latest_intact(tmp_path: Path, dqn_reference: P
     from agents.plastic import NonFiniteError
 
     with pytest.raises(NonFiniteError, match=r"parameters/q_net\.q_net\.0\.weight = nan"):
-        store.write(run, cfg.checkpoint)
+        store.write(run, settings_from(cfg.checkpoint, CheckpointSettings))
     assert store.latest() == before
     env.close()
 

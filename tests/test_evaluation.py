@@ -12,9 +12,9 @@ import torch as th
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from rl_plasticity.config import ConfigError, validate_config
-from rl_plasticity.evaluation import EvalCallback
+from rl_plasticity.evaluation import EvalCallback, EvalSettings
 from rl_plasticity.monitor import tensorboard_layout
-from rl_plasticity.runner import build_agent, build_env, train
+from rl_plasticity.runner import build_agent, build_env, settings_from, train
 from rl_plasticity.task_envs import TaskEnvs
 
 TASKS = ["cartpole/length=0.5", "cartpole/length=1.5", "cartpole/length=0.25"]
@@ -95,7 +95,7 @@ def test_eval_plays_the_agents_deterministic_policy_on_the_seeded_episodes(tmp_p
     cfg = validate_config(tiny_config(tmp_path, algo, tasks="all", max_episode_steps=60))
     env = build_env(cfg)
     agent = build_agent(cfg, env)
-    callback = EvalCallback(cfg.eval, TaskEnvs.from_config(cfg), cfg.env.switch_every)
+    callback = EvalCallback(settings_from(cfg.eval, EvalSettings), TaskEnvs.from_config(cfg), cfg.env.switch_every)
     agent.learn(300, callback=callback)
     assert set(callback.latest) == {0, 1, 2} and callback.latest[0].step == callback.last_step
     task_envs = TaskEnvs.from_config(cfg)
@@ -129,7 +129,11 @@ def test_eval_does_not_change_training(tmp_path: Path, algo: str):
     for with_eval in (True, False):
         env = build_env(cfg)
         agent = build_agent(cfg, env)
-        callback = EvalCallback(cfg.eval, TaskEnvs.from_config(cfg), cfg.env.switch_every) if with_eval else None
+        callback = (
+            EvalCallback(settings_from(cfg.eval, EvalSettings), TaskEnvs.from_config(cfg), cfg.env.switch_every)
+            if with_eval
+            else None
+        )
         agent.learn(450, callback=callback)
         if with_eval:
             assert callback.last_step == agent.num_timesteps and len(callback.latest) == 3
@@ -146,7 +150,7 @@ def test_eval_epsilon_changes_the_returns(tmp_path: Path):
     results = {}
     for epsilon in (0.0, 1.0):
         callback = EvalCallback(
-            cfg.eval.model_copy(update={"epsilon": epsilon, "episodes": 8}),
+            settings_from(cfg.eval.model_copy(update={"epsilon": epsilon, "episodes": 8}), EvalSettings),
             TaskEnvs.from_config(cfg),
             cfg.env.switch_every,
         )

@@ -11,10 +11,10 @@ import torch as th
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from rl_plasticity.config import validate_config
-from rl_plasticity.monitor import MonitorCallback
+from rl_plasticity.monitor import MonitorCallback, MonitorSettings
 from rl_plasticity.probe_sets import ProbeSets, random_policy_transitions
 from rl_plasticity.probes import effective_rank
-from rl_plasticity.runner import build_agent, build_env, train
+from rl_plasticity.runner import build_agent, build_env, settings_from, train
 from rl_plasticity.task_envs import TaskEnvs
 
 MONITOR = dict(probe_every=50, probe_set_size=64, hessian_order=5, gram_size=32, trainability_steps=5)
@@ -112,7 +112,7 @@ def test_probe_set_values_match_an_independent_computation(tmp_path: Path):
     agent = build_agent(cfg, env)
     run_dir = tmp_path / "direct"
     run_dir.mkdir()
-    callback = MonitorCallback(cfg.monitor, run_dir, TaskEnvs.from_config(cfg))
+    callback = MonitorCallback(settings_from(cfg.monitor, MonitorSettings), run_dir, TaskEnvs.from_config(cfg))
     seen: dict[str, float] = {}
 
     original = callback._probe_round
@@ -140,7 +140,11 @@ def test_monitor_does_not_change_training(tmp_path: Path, algo: str):
     for with_monitor in (True, False):
         env = build_env(cfg)
         agent = build_agent(cfg, env)
-        callback = MonitorCallback(cfg.monitor, tmp_path, TaskEnvs.from_config(cfg)) if with_monitor else None
+        callback = (
+            MonitorCallback(settings_from(cfg.monitor, MonitorSettings), tmp_path, TaskEnvs.from_config(cfg))
+            if with_monitor
+            else None
+        )
         agent.learn(500, callback=callback)
         assert agent.interventions == []  # the monitor's observer is gone afterwards
         params.append({k: v.clone() for k, v in agent.policy.state_dict().items()})
@@ -176,7 +180,11 @@ def test_monitor_leaves_ppo_minatar_training_unchanged(tmp_path: Path):
     for with_monitor in (True, False):
         env = build_env(cfg)
         agent = build_agent(cfg, env)
-        callback = MonitorCallback(cfg.monitor, tmp_path, TaskEnvs.from_config(cfg)) if with_monitor else None
+        callback = (
+            MonitorCallback(settings_from(cfg.monitor, MonitorSettings), tmp_path, TaskEnvs.from_config(cfg))
+            if with_monitor
+            else None
+        )
         agent.learn(256, callback=callback)  # the switch at 128 probes task 0's random-policy set
         assert all(isinstance(p, th.nn.Parameter) for m in agent.policy.modules() for p in m._parameters.values())
         params.append({k: v.clone() for k, v in agent.policy.state_dict().items()})

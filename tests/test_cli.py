@@ -240,7 +240,7 @@ def test_a_refused_kernel_choice_exits_2_with_its_line(tiny: Path, monkeypatch: 
 
     for key, value in PORTABLE_ENV.items():  # what rlp train exports for portable, undone after the test
         monkeypatch.setenv(key, value)
-    message = "cpu_kernels: 'portable' runs ATen's AVX2 kernels, but torch runs DEFAULT kernels here; valid here: native"
+    message = "cpu_kernels: 'portable' runs ATen's AVX2 kernels, but torch runs DEFAULT kernels here; valid: native"
 
     def refuse(choice: str) -> None:
         raise KernelError(message)

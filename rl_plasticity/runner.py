@@ -34,6 +34,7 @@ from torch.utils.tensorboard import SummaryWriter
 from agents import AGENTS, POLICIES, CReLU, minatar_policy_kwargs, mlp_policy_kwargs
 from agents.plastic import NonFiniteError
 from envs import make_sequence
+from rl_plasticity.catalog import registries
 from rl_plasticity.checkpoint import (
     STORAGE_ERRNOS,
     Checkpoint,
@@ -336,7 +337,7 @@ def resume(
 
 def _resume(run_dir: Path, cfg: RunConfig | None, force: bool, progress_bar: bool | None) -> Path:
     saved_file = run_dir / CONFIG_FILE
-    saved = load_config(saved_file)
+    saved = load_config(saved_file, registries=registries())
     store = CheckpointStore(run_dir)
     ckpt = store.read()
 

@@ -208,9 +208,10 @@ def test_bad_input_one_line_exit_2_nothing_written(tiny: Path, overrides: list[s
 def test_preset_can_extend_a_base_preset(tiny: Path):
     child = tiny.parent / "child.yaml"
     child.write_text("base: tiny.yaml\nname: child\nseed: 7\n")
+    from rl_plasticity.catalog import registries
     from rl_plasticity.config import load_config
 
-    cfg = load_config(child, ["agent.gamma=0.9"])
+    cfg = load_config(child, ["agent.gamma=0.9"], registries=registries())
     assert (cfg.name, cfg.seed, cfg.total_steps, cfg.agent.gamma, cfg.env.switch_every) == ("child", 7, 600, 0.9, 200)
     (tiny.parent / "loop.yaml").write_text("base: loop.yaml\n")
     result = run("train", str(tiny.parent / "loop.yaml"))

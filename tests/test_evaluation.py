@@ -11,6 +11,7 @@ import pytest
 import torch as th
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from rl_plasticity.catalog import registries
 from rl_plasticity.config import ConfigError, validate_config
 from rl_plasticity.evaluation import EvalCallback, EvalSettings
 from rl_plasticity.monitor import tensorboard_layout
@@ -55,7 +56,7 @@ def scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
 
 
 def test_eval_logs_every_task_and_fills_task_summary(tmp_path: Path):
-    run_dir = train(validate_config(tiny_config(tmp_path, tasks="all", every=50)))
+    run_dir = train(validate_config(tiny_config(tmp_path, tasks="all", every=50), registries=registries()))
     logged = scalars(run_dir)
     for name in TASKS:
         for what in ("mean_return", "std_return", "mean_length"):
@@ -81,7 +82,7 @@ def test_eval_logs_every_task_and_fills_task_summary(tmp_path: Path):
 
 
 def test_eval_current_task_defaults_to_ten_rounds_per_visit(tmp_path: Path):
-    run_dir = train(validate_config(tiny_config(tmp_path)))
+    run_dir = train(validate_config(tiny_config(tmp_path), registries=registries()))
     logged = scalars(run_dir)
     assert [s for s, _ in logged["eval/cartpole/length=0.5/mean_return"]] == list(range(0, 201, 20))
     assert [s for s, _ in logged["eval/cartpole/length=1.5/mean_return"]] == list(range(220, 401, 20))
@@ -92,7 +93,7 @@ def test_eval_current_task_defaults_to_ten_rounds_per_visit(tmp_path: Path):
 @pytest.mark.parametrize("algo", ["dqn", "ppo"])
 def test_eval_plays_the_agents_deterministic_policy_on_the_seeded_episodes(tmp_path: Path, algo: str):
     # The vectorised rounds against one plain episode at a time with SB3's own predict(deterministic=True).
-    cfg = validate_config(tiny_config(tmp_path, algo, tasks="all", max_episode_steps=60))
+    cfg = validate_config(tiny_config(tmp_path, algo, tasks="all", max_episode_steps=60), registries=registries())
     env = build_env(cfg)
     agent = build_agent(cfg, env)
     callback = EvalCallback(settings_from(cfg.eval, EvalSettings), TaskEnvs.from_config(cfg), cfg.env.switch_every)
@@ -124,7 +125,7 @@ def test_eval_does_not_change_training(tmp_path: Path, algo: str):
     # Epsilon > 0 (the evaluation's own random draws), every task, often; a head reset at each switch draws from
     # torch's RNG, DQN's exploration from NumPy's and the action space's.
     base = tiny_config(tmp_path, algo, tasks="all", every=25, epsilon=0.3)
-    cfg = validate_config({**base, "interventions": ["reset"]})
+    cfg = validate_config({**base, "interventions": ["reset"]}, registries=registries())
     params = []
     for with_eval in (True, False):
         env = build_env(cfg)
@@ -144,7 +145,7 @@ def test_eval_does_not_change_training(tmp_path: Path, algo: str):
 
 def test_eval_epsilon_changes_the_returns(tmp_path: Path):
     # Epsilon is applied: a fully random evaluation policy plays other actions than the greedy one.
-    cfg = validate_config(tiny_config(tmp_path))
+    cfg = validate_config(tiny_config(tmp_path), registries=registries())
     env = build_env(cfg)
     agent = build_agent(cfg, env)
     results = {}
@@ -171,5 +172,5 @@ def test_eval_epsilon_changes_the_returns(tmp_path: Path):
 )
 def test_bad_eval_config_is_one_line(tmp_path: Path, override: dict, message: str):
     with pytest.raises(ConfigError) as info:
-        validate_config(tiny_config(tmp_path, **override))
+        validate_config(tiny_config(tmp_path, **override), registries=registries())
     assert message in str(info.value) and "\n" not in str(info.value)

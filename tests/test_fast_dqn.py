@@ -17,6 +17,7 @@ from agents import PlasticDQN, minatar_policy_kwargs
 from agents.fast_dqn import ReplaySampler, clip_grad_norm
 from agents.hooks import Intervention
 from envs import make_sequence
+from rl_plasticity.catalog import registries
 from rl_plasticity.config import ConfigError, load_config
 from rl_plasticity.interventions import INTERVENTIONS, build_interventions
 from rl_plasticity.runner import build_agent, build_env
@@ -235,9 +236,9 @@ def test_config_switch_reaches_the_agent(tmp_path):
         "env: {sequence: cartpole_shift, switch_every: 100}\n"
     )
     for value in (False, True):
-        cfg = load_config(tmp_path / "c.yaml", [f"agent.fast={str(value).lower()}"])
+        cfg = load_config(tmp_path / "c.yaml", [f"agent.fast={str(value).lower()}"], registries=registries())
         agent = build_agent(cfg, build_env(cfg))
         assert agent.fast is value
-    assert load_config(tmp_path / "c.yaml").agent.fast is False
+    assert load_config(tmp_path / "c.yaml", registries=registries()).agent.fast is False
     with pytest.raises(ConfigError, match="agent.fast"):
-        load_config(tmp_path / "c.yaml", ["agent.fast=sometimes"])
+        load_config(tmp_path / "c.yaml", ["agent.fast=sometimes"], registries=registries())

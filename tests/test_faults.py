@@ -18,6 +18,7 @@ import pytest
 from click.testing import CliRunner
 from test_checkpoint import assert_same_logs, assert_same_model, latest_step, latest_step_under, only_run
 
+from rl_plasticity.catalog import registries
 from rl_plasticity.checkpoint import CheckpointStore
 from rl_plasticity.cli import cli
 from rl_plasticity.config import load_config
@@ -74,7 +75,7 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The uninterrupted run."""
     folder = tmp_path_factory.mktemp("reference")
     (folder / "f.yaml").write_text(CONFIG)
-    return train(load_config(folder / "f.yaml", [f"logging.root_dir={folder / 'out'}"]))
+    return train(load_config(folder / "f.yaml", [f"logging.root_dir={folder / 'out'}"], registries=registries()))
 
 
 @pytest.fixture

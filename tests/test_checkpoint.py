@@ -415,7 +415,8 @@ def test_missing_or_corrupt_checkpoint_one_line_exit_2(tmp_path: Path, dqn_refer
 
 def test_interrupted_write_leaves_latest_intact(tmp_path: Path, dqn_reference: Path, monkeypatch: pytest.MonkeyPatch):
     import rl_plasticity.checkpoint as checkpoint
-    from rl_plasticity.runner import build_agent, build_env, make_logger
+    from rl_plasticity.run_logger import make_logger
+    from rl_plasticity.runner import build_agent, build_env
     from rl_plasticity.task_logging import TaskLogCallback
 
     run_dir = tmp_path / "run"

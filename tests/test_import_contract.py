@@ -7,9 +7,10 @@
   ``agents.ppo``): the rest of the code uses :class:`agents.hooks.PlasticAgent` and builds agents by name through
   ``agents.AGENTS``. Tests may import them.
 - Nothing below the runner imports ``rl_plasticity.config``: the agents, envs, probes, interventions, probing,
-  recording, monitor, checkpointing, evaluation and kernel checks take plain arguments (the monitor, evaluation
-  and checkpoints a settings dataclass of their own, which the runner fills from the validated config); the
-  runner and the CLI validate the config. No module is exempt.
+  recording, monitor, checkpointing, evaluation, kernel checks, run logger, task copies and run-directory
+  helpers take plain arguments (the monitor, evaluation and checkpoints a settings dataclass of their own,
+  which the runner fills from the validated config); the runner and the CLI validate the config. No module
+  is exempt.
 - ``rl_plasticity.config`` imports nothing of the project: it is a plain schema, validated against the
   registries its caller passes in (:func:`rl_plasticity.catalog.registries`).
 
@@ -47,6 +48,14 @@ BELOW_RUNNER = (
     "rl_plasticity.checkpoint",
     "rl_plasticity.evaluation",
     "rl_plasticity.kernels",
+    "rl_plasticity.run_logger",
+    "rl_plasticity.task_envs",
+    "rl_plasticity.task_logging",
+    "rl_plasticity.probe_sets",
+    "rl_plasticity.provenance",
+    "rl_plasticity.layout",
+    "rl_plasticity.runlock",
+    "rl_plasticity.rundirs",
 )
 
 

@@ -10,7 +10,6 @@ their last checkpoint, failed ones retried.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import logging
 import os
 import signal
@@ -20,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from rl_plasticity.layout import LOCK_FILE
+from rl_plasticity.runlock import exclusive_lock
 from rl_plasticity.sweep.grid import SweepError
 from rl_plasticity.sweep.plan import SweepPlan, Trial, check_sweep_dir, new_manifest, write_manifest
 from rl_plasticity.sweep.trial import TrialJob, TrialOutcome, execute_trial, trial_state
@@ -150,15 +150,12 @@ def _exclusive(sweep_dir: Path) -> Iterator[None]:
 
     :raises SweepError: another ``rlp sweep`` holds it.
     """
-    with (sweep_dir / LOCK_FILE).open("a") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            raise SweepError(f"--out: another rlp sweep is running on {sweep_dir}; wait for it or stop it") from None
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def running() -> SweepError:
+        return SweepError(f"--out: another rlp sweep is running on {sweep_dir}; wait for it or stop it")
+
+    with exclusive_lock(sweep_dir / LOCK_FILE, running):
+        yield
 
 
 def _run_locked(

@@ -55,7 +55,7 @@ from rl_plasticity.monitor import MonitorCallback, MonitorSettings
 from rl_plasticity.provenance import record_session
 from rl_plasticity.run_logger import after_earlier_events_files, make_logger
 from rl_plasticity.runlock import run_lock
-from rl_plasticity.task_envs import TaskEnvs
+from rl_plasticity.task_envs import TaskEnvs, sequence_args
 from rl_plasticity.task_logging import TaskLogCallback
 
 Settings = TypeVar("Settings")
@@ -70,24 +70,13 @@ def settings_from(section: Any, settings: type[Settings]) -> Settings:
 
 def build_env(cfg: RunConfig) -> VecEnv:
     """The task sequence as an SB3 ``DummyVecEnv`` of ``env.n_envs`` copies, each in a ``Monitor``."""
-    env_cfg = cfg.env
-    seed = cfg.seed if env_cfg.sequence_seed is None else env_cfg.sequence_seed
-    kwargs: dict[str, Any] = dict(
-        switch_every=env_cfg.switch_every,
-        order=env_cfg.order,
-        task_order=env_cfg.task_order,
-        seed=seed,
-        num_envs=env_cfg.n_envs,
-        **env_cfg.options,
-    )
+    kwargs = sequence_args(cfg.env.model_dump(), cfg.seed)
     # Build one copy first so that bad options fail here, with the config key, not inside SB3.
     try:
-        make_sequence(env_cfg.sequence, **kwargs).close()
+        make_sequence(**kwargs).close()
     except ValueError as exc:
         raise ConfigError(f"env: {exc}") from None
-    return make_vec_env(
-        make_sequence, n_envs=env_cfg.n_envs, env_kwargs=dict(name=env_cfg.sequence, **kwargs), vec_env_cls=DummyVecEnv
-    )
+    return make_vec_env(make_sequence, n_envs=cfg.env.n_envs, env_kwargs=kwargs, vec_env_cls=DummyVecEnv)
 
 
 def policy_kwargs(cfg: RunConfig, env: VecEnv) -> dict[str, Any]:

@@ -174,17 +174,23 @@ def train(cfg: RunConfig, progress_bar: bool | None = None) -> Path:
     :raises NonFiniteError: a loss, loss term, gradient, parameter or probe became non-finite; its
         ``checkpoint`` attribute names the last good checkpoint (or ``None``).
     """
-    if cfg.threads is not None:
-        th.set_num_threads(cfg.threads)
-    check_kernels(cfg.cpu_kernels)
-    env = build_env(cfg)
-    cfg = resolve_total_steps(cfg, env.get_attr("task_names")[0])
+    cfg, env = _prepare(cfg)
     agent = build_agent(cfg, env)
 
     run_dir = make_run_dir(cfg)
     with run_lock(run_dir):
         _write_config(run_dir, cfg)
         return _learn(cfg, env, agent, run_dir, progress_bar)
+
+
+def _prepare(cfg: RunConfig) -> tuple[RunConfig, VecEnv]:
+    """What a new and a resumed run do first, before anything is written: torch's thread count, the kernel
+    check, the env (bad options fail here) and ``total_steps: null`` resolved against its tasks."""
+    if cfg.threads is not None:
+        th.set_num_threads(cfg.threads)
+    check_kernels(cfg.cpu_kernels)
+    env = build_env(cfg)
+    return resolve_total_steps(cfg, env.get_attr("task_names")[0]), env
 
 
 def _write_config(run_dir: Path, cfg: RunConfig) -> None:
@@ -243,12 +249,7 @@ def _resume(run_dir: Path, cfg: RunConfig | None, force: bool, progress_bar: boo
     store = CheckpointStore(run_dir)
     ckpt = store.read()
 
-    new = saved if cfg is None else cfg
-    if new.threads is not None:
-        th.set_num_threads(new.threads)
-    check_kernels(new.cpu_kernels)
-    env = build_env(new)
-    new = resolve_total_steps(new, env.get_attr("task_names")[0])
+    new, env = _prepare(saved if cfg is None else cfg)
     diff = config_diff(saved, new)
     if diff:
         listed = ", ".join(f"{k} ({old!r} -> {val!r})" for k, (old, val) in diff.items())

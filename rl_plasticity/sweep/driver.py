@@ -119,28 +119,14 @@ def run_sweep(
     if ray is not None and todo:
         _ray_init(ray, address, num_cpus, plan.cpus_per_trial)  # before anything is written: it may fail
     try:
-        return _run(plan, command, old, ray, summary, todo, sequential, address, num_cpus, max_concurrent, echo)
+        plan.sweep_dir.mkdir(parents=True, exist_ok=True)
+        with _exclusive(plan.sweep_dir):
+            return _run_locked(
+                plan, command, old, ray, summary, todo, sequential, address, num_cpus, max_concurrent, echo
+            )
     finally:
         if ray is not None and ray.is_initialized():
             ray.shutdown()
-
-
-def _run(
-    plan: SweepPlan,
-    command: list[str],
-    old: dict[str, Any] | None,
-    ray: Any,
-    summary: SweepSummary,
-    todo: list[Trial],
-    sequential: bool,
-    address: str | None,
-    num_cpus: int | None,
-    max_concurrent: int | None,
-    echo: Callable[[str], None],
-) -> SweepSummary:
-    plan.sweep_dir.mkdir(parents=True, exist_ok=True)
-    with _exclusive(plan.sweep_dir):
-        return _run_locked(plan, command, old, ray, summary, todo, sequential, address, num_cpus, max_concurrent, echo)
 
 
 @contextlib.contextmanager

@@ -33,6 +33,7 @@ from pathlib import Path
 import torch as th
 from _timing import clock_cpu
 
+from rl_plasticity.catalog import registries
 from rl_plasticity.config import MonitorConfig, load_config
 from rl_plasticity.evaluation import Evaluator
 from rl_plasticity.probe_sets import RandomProbeSets
@@ -49,7 +50,7 @@ def probe_set_costs() -> None:
         f"episodes, episodes cut at {monitor.probe_set_max_episode_steps} steps)"
     )
     for preset in ("configs/study/permuted_breakout.yaml", "configs/study/continual_minatar.yaml"):
-        cfg = load_config(ROOT / preset)
+        cfg = load_config(ROOT / preset, registries=registries())
         sets = RandomProbeSets(
             TaskEnvs.from_config(cfg),
             monitor.probe_set_size,
@@ -82,6 +83,7 @@ def eval_share(steps: int) -> None:
                 f"logging.root_dir={tmp}",
                 "threads=1",
             ],
+            registries=registries(),
         )
         every = cfg.eval.every or cfg.env.switch_every // 10
         print(

@@ -33,9 +33,10 @@ import torch as th
 from scipy import stats
 from stable_baselines3.common.callbacks import BaseCallback
 
+from rl_plasticity.catalog import registries
 from rl_plasticity.config import CONFIGS_DIR, load_config
-from rl_plasticity.evaluation import EvalCallback
-from rl_plasticity.runner import build_agent, build_env
+from rl_plasticity.evaluation import EvalCallback, EvalSettings
+from rl_plasticity.runner import build_agent, build_env, settings_from
 from rl_plasticity.task_envs import TaskEnvs
 
 
@@ -72,10 +73,11 @@ def run(preset: Path, seed: int, steps: int, fast: bool) -> RunResult:
             "checkpoint.every=null",
             "eval.enabled=true",
         ],
+        registries=registries(),
     )
     env = build_env(cfg)
     agent = build_agent(cfg, env)
-    evaluation = EvalCallback(cfg.eval, TaskEnvs.from_config(cfg), cfg.env.switch_every)
+    evaluation = EvalCallback(settings_from(cfg.eval, EvalSettings), TaskEnvs.from_config(cfg), cfg.env.switch_every)
     last_task = LastTask()
     start = time.perf_counter()
     agent.learn(total_timesteps=steps, callback=[last_task, evaluation], progress_bar=False)

@@ -74,6 +74,7 @@ def child(steps: int) -> None:
 
     import torch as th
 
+    from rl_plasticity.catalog import registries
     from rl_plasticity.config import load_config
     from rl_plasticity.runner import build_agent, build_env
 
@@ -92,6 +93,7 @@ def child(steps: int) -> None:
             f"env.switch_every={steps // 2}",
             "agent.learning_starts=500",
         ],
+        registries=registries(),
     )
     env = build_env(cfg)
     agent = build_agent(cfg, env)

@@ -65,8 +65,9 @@ from _timing import clock_cpu  # benchmarks/ is on sys.path when a script here r
 from stable_baselines3.common.buffers import ReplayBufferSamples
 from stable_baselines3.common.logger import configure
 
+from rl_plasticity.catalog import registries
 from rl_plasticity.config import CONFIGS_DIR, RunConfig, validate_config
-from rl_plasticity.monitor import MonitorCallback
+from rl_plasticity.monitor import MonitorCallback, MonitorSettings
 from rl_plasticity.probes import (
     active_fraction,
     approx_rank,
@@ -90,7 +91,7 @@ from rl_plasticity.probes import (
 )
 from rl_plasticity.probing import _gram_inputs, greedy_labels, probe_batch
 from rl_plasticity.recording import activation_outputs
-from rl_plasticity.runner import build_agent, build_env, flat_hparams
+from rl_plasticity.runner import build_agent, build_env, flat_hparams, settings_from
 from rl_plasticity.task_envs import TaskEnvs
 from rl_plasticity.task_logging import TaskLogCallback
 
@@ -113,7 +114,7 @@ def run_config(arm: str, switch_every: int, learning_starts: int, threads: int, 
     data["net"]["width"] = width
     data["logging"] = dict(progress_bar=False, save_model=False)
     data["monitor"] = {"off": dict(enabled=False), "on": {}, "on-noswitch": dict(switch_probes=[])}[arm]
-    return validate_config(data)
+    return validate_config(data, registries=registries())
 
 
 def _clock_monitor(monitor: MonitorCallback) -> list[float]:
@@ -139,7 +140,7 @@ def timed_run(arm: str, steps: int, learning_starts: int, threads: int) -> tuple
         callbacks: list[Any] = [TaskLogCallback(flat_hparams(cfg), task_names)]
         spent = [0.0]
         if cfg.monitor.enabled:
-            monitor = MonitorCallback(cfg.monitor, Path(tmp), TaskEnvs.from_config(cfg))
+            monitor = MonitorCallback(settings_from(cfg.monitor, MonitorSettings), Path(tmp), TaskEnvs.from_config(cfg))
             spent = _clock_monitor(monitor)
             callbacks.append(monitor)
         gc.collect()

@@ -53,7 +53,8 @@ from stable_baselines3.common.vec_env import DummyVecEnv
 from agents import PlasticDQN, minatar_policy_kwargs
 from envs import make_sequence
 from rl_plasticity.config import MonitorConfig
-from rl_plasticity.monitor import MonitorCallback
+from rl_plasticity.monitor import MonitorCallback, MonitorSettings
+from rl_plasticity.runner import settings_from
 from rl_plasticity.task_envs import TaskEnvs
 
 SEQUENCE = "continual_minatar"
@@ -157,7 +158,9 @@ def monitor_run(steps: int, learning_starts: int) -> dict[str, float]:
     model = plastic(fast=True, double_q=True)(env, learning_starts)
     out = dict(heavy_wall=0.0, heavy_cpu=0.0, heavy_rounds=0)
     with tempfile.TemporaryDirectory() as run_dir:
-        monitor = MonitorCallback(MonitorConfig(), Path(run_dir), TaskEnvs(SEQUENCE, {}, SEED, SEED))
+        monitor = MonitorCallback(
+            settings_from(MonitorConfig(), MonitorSettings), Path(run_dir), TaskEnvs(SEQUENCE, {}, SEED, SEED)
+        )
         probe_round = monitor._probe_round
 
         def timed_round(heavy: bool) -> dict[str, float]:

@@ -1,4 +1,5 @@
-"""What ``rlp list`` shows: every registered agent, task sequence, intervention, probe and config preset."""
+"""The project's registries: what ``rlp list`` shows (every registered agent, task sequence, intervention, probe
+and config preset), and :func:`registries`, the names a config is validated against."""
 
 from __future__ import annotations
 
@@ -7,9 +8,15 @@ from pathlib import Path
 
 from agents import AGENTS
 from envs import SEQUENCES
-from rl_plasticity.config import CONFIGS_DIR
+from rl_plasticity.config import CONFIGS_DIR, Registries
 from rl_plasticity.interventions import INTERVENTIONS, InterventionSpec
-from rl_plasticity.probes import PROBES, ProbeSpec
+from rl_plasticity.probes import PROBES, ProbeSpec, probe_kinds
+
+
+def registries() -> Registries:
+    """The task sequences, interventions and probes registered now, for :func:`rl_plasticity.config.load_config`
+    and :func:`~rl_plasticity.config.validate_config` (the config module imports no registry)."""
+    return Registries(sequences=SEQUENCES, interventions=INTERVENTIONS, probe_kinds=probe_kinds())
 
 
 def _first_doc_line(obj: object) -> str:

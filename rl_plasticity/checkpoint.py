@@ -109,7 +109,6 @@ from stable_baselines3.common.vec_env import DummyVecEnv
 
 from agents import Intervention
 from agents.plastic import NonFiniteError
-from rl_plasticity.config import CheckpointConfig
 from rl_plasticity.layout import CHECKPOINTS_DIR, LATEST, MODEL_FILE
 
 FORMAT = 1
@@ -208,6 +207,21 @@ class TrainingInterrupted(Exception):
             return f"stopped by {name} at env step {self.env_step}; checkpoint written to {self.checkpoint}{resume}"
         last = f"the last checkpoint is {self.checkpoint}" if self.checkpoint else "no checkpoint was written"
         return f"stopped at once by a second {name}; {last}{resume if self.checkpoint else ''}"
+
+
+@dataclass(frozen=True)
+class CheckpointSettings:
+    """When checkpoints are written and what they keep: the ``checkpoint:`` config keys (their defaults and
+    meanings are the config's; the runner builds this from the validated section).
+
+    :param every: env steps between checkpoints (``None``: only at the end and on a signal).
+    :param replay_buffer: DQN: put the replay buffer in the checkpoint.
+    :param keep: checkpoints kept, newest first.
+    """
+
+    every: int | None
+    replay_buffer: bool
+    keep: int
 
 
 @dataclass
@@ -529,7 +543,7 @@ class CheckpointStore:
         os.replace(pointer_tmp, self.root / LATEST)
         _fsync(self.root)
 
-    def write(self, run: Trainee, cfg: CheckpointConfig) -> Path:
+    def write(self, run: Trainee, settings: CheckpointSettings) -> Path:
         """Write a checkpoint of ``run`` atomically, point ``latest`` at it and drop the oldest beyond ``keep``.
 
         :raises StorageError: a file could not be written (full disk, read-only directory): the unfinished
@@ -555,7 +569,7 @@ class CheckpointStore:
             _fsync(at)
             buffer = _replay_buffer(agent)
             rb_info = None
-            if buffer is not None and cfg.replay_buffer:
+            if buffer is not None and settings.replay_buffer:
                 at = tmp / "replay_buffer"
                 rb_info = save_replay_buffer(buffer, at)
             state = capture(run)
@@ -606,7 +620,7 @@ class CheckpointStore:
                 removed=None if complete or tmp is None else tmp,
             ) from None
 
-        for old in self.checkpoints()[: -cfg.keep]:
+        for old in self.checkpoints()[: -settings.keep]:
             if old != final:
                 # Renamed before it is deleted: a deletion cut short leaves a .tmp- folder, never a damaged step_.
                 doomed = self.root / f"{_DELETING}{old.name}-{os.getpid()}"
@@ -743,9 +757,9 @@ class SignalGuard:
         raise TrainingInterrupted(signum, immediate=True)
 
 
-def write_checkpoint(store: CheckpointStore, run: Trainee, cfg: CheckpointConfig) -> Path:
+def write_checkpoint(store: CheckpointStore, run: Trainee, settings: CheckpointSettings) -> Path:
     """:meth:`CheckpointStore.write`, and one line on stderr with the path and the replay buffer's size."""
-    path = store.write(run, cfg)
+    path = store.write(run, settings)
     rb = json.loads((path / "meta.json").read_text())["replay_buffer"]
     size = (
         ""
@@ -771,17 +785,17 @@ class CheckpointCallback(BaseCallback):
         self,
         store: CheckpointStore,
         run: Trainee,
-        cfg: CheckpointConfig,
+        settings: CheckpointSettings,
         guard: SignalGuard,
         resume: Checkpoint | None = None,
     ) -> None:
         super().__init__()
-        self.store, self.run, self.cfg, self.guard = store, run, cfg, guard
+        self.store, self.run, self.settings, self.guard = store, run, settings, guard
         self._resume = resume
         self.next_due: int | None = None
 
     def write(self) -> Path:
-        return write_checkpoint(self.store, self.run, self.cfg)
+        return write_checkpoint(self.store, self.run, self.settings)
 
     def _on_training_start(self) -> None:
         if self._resume is not None:
@@ -796,15 +810,15 @@ class CheckpointCallback(BaseCallback):
                 store.update(saved)
             set_rng_state(self.model, state["rng"])
             self._resume = None
-        if self.cfg.every is not None:
-            self.next_due = (self.model.num_timesteps // self.cfg.every + 1) * self.cfg.every
+        if self.settings.every is not None:
+            self.next_due = (self.model.num_timesteps // self.settings.every + 1) * self.settings.every
 
     def _on_rollout_start(self) -> None:
         step = int(self.model.num_timesteps)
         path = None
         if self.next_due is not None and step >= self.next_due:
             path = self.write()
-            self.next_due = (step // self.cfg.every + 1) * self.cfg.every  # type: ignore[operator]
+            self.next_due = (step // self.settings.every + 1) * self.settings.every  # type: ignore[operator]
         if self.guard.received is not None:  # a signal, possibly during the write just made
             raise TrainingInterrupted(self.guard.received, step, path or self.write())
 

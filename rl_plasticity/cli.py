@@ -132,19 +132,20 @@ def train_cmd(
       (it says so). A damaged checkpoint file is named, and the resume falls back to an older
       complete checkpoint if there is one (checkpoint.keep >= 2), else exits 2.
     """
-    from rl_plasticity.kernels import export_env
+    from rl_plasticity.catalog import registries
+    from rl_plasticity.kernels import KernelError, export_env
     from rl_plasticity.rundirs import read_config
 
     try:
         if resume_dir is None:
             if config is None:
                 fail("missing CONFIG (a YAML file or a preset name; or --resume RUN_DIR)")
-            cfg = load_config(resolve_config(config), overrides)
+            cfg = load_config(resolve_config(config), overrides, registries=registries())
         else:
             if config is not None and "=" in config and not Path(config).is_file():
                 overrides, config = (config, *overrides), None  # only overrides after --resume RUN_DIR
             base = resolve_config(config) if config is not None else Path(resume_dir) / CONFIG_FILE
-            cfg = load_config(base, overrides) if config is not None or overrides else None
+            cfg = load_config(base, overrides, registries=registries()) if config is not None or overrides else None
     except ConfigError as exc:
         fail(str(exc))
     # cpu_kernels=portable pins kernels through environment variables that ATen and MKL read when they first
@@ -161,7 +162,7 @@ def train_cmd(
             run_dir = train(cfg, progress_bar=progress)
         else:
             run_dir = resume(resume_dir, cfg, force=force, progress_bar=progress)
-    except (ConfigError, CheckpointError, RunInUse) as exc:
+    except (ConfigError, KernelError, CheckpointError, RunInUse) as exc:
         fail(str(exc))
     except StorageError as exc:
         click.echo(f"rlp: error: {exc.message()}", err=True)

@@ -1,17 +1,20 @@
 """The typed run configuration: YAML presets plus ``key.sub=value`` overrides, validated by pydantic.
 
 OmegaConf loads the YAML and applies the overrides (its grammar parses ``[a,b]`` lists, numbers and
-booleans); pydantic checks every key and type against the schema below. Any problem becomes a
-:class:`ConfigError` whose message is one line naming the key and the valid choices.
+booleans); pydantic checks every key and type against the schema below, and the names (task sequence,
+interventions and their parameters, probes) against the :class:`Registries` the caller passes in
+(:func:`rl_plasticity.catalog.registries` gathers the project's): this module imports no registry. Any problem
+becomes a :class:`ConfigError` whose message is one line naming the key and the valid choices.
 """
 
 from __future__ import annotations
 
 import difflib
 import types
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union, get_args, get_origin
+from typing import Annotated, Any, Literal, Protocol, Union, get_args, get_origin
 
 import yaml
 from omegaconf import OmegaConf
@@ -28,6 +31,49 @@ Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
 
 class ConfigError(ValueError):
     """A bad config: the message is one line naming the key and what would be valid."""
+
+
+class InterventionEntry(Protocol):
+    """What the config reads of a registered intervention (:class:`rl_plasticity.interventions.InterventionSpec`)."""
+
+    @property
+    def algos(self) -> tuple[str, ...]:
+        """The agents it supports."""
+
+    @property
+    def why_not(self) -> str:
+        """Why an agent left out is not supported."""
+
+    @property
+    def params(self) -> type[BaseModel]:
+        """The pydantic model of its parameters."""
+
+
+@dataclass(frozen=True)
+class Registries:
+    """The names a config may use, passed in by whoever validates it (the CLI, the runner, the sweep plan).
+
+    :param sequences: the task sequences (``env.sequence``).
+    :param interventions: intervention name -> its entry (``interventions``, ``intervention_params``).
+    :param probe_kinds: probe name -> ``light`` or ``heavy`` (``monitor.probes`` and ``monitor.batch_probes``
+        take light ones, ``monitor.switch_probes`` heavy ones).
+    """
+
+    sequences: Collection[str]
+    interventions: Mapping[str, InterventionEntry]
+    probe_kinds: Mapping[str, str]
+
+
+def _registries(info: ValidationInfo) -> Registries | None:
+    """The registries :func:`validate_config` put in the validation context; ``None`` for a section built
+    directly (e.g. ``MonitorConfig()`` in a test), whose names are then left unchecked."""
+    context = info.context if isinstance(info.context, dict) else {}
+    return context.get("registries")
+
+
+def _did_you_mean(name: str, valid: Collection[str]) -> str:
+    close = difflib.get_close_matches(name, list(valid), n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""
 
 
 class _Section(BaseModel):
@@ -201,13 +247,13 @@ class EnvConfig(_Section):
 
     @field_validator("sequence")
     @classmethod
-    def _sequence(cls, value: str) -> str:
-        from envs import SEQUENCES
-
-        if value not in SEQUENCES:
-            close = difflib.get_close_matches(value, list(SEQUENCES), n=1)
-            hint = f" (did you mean '{close[0]}'?)" if close else ""
-            raise ValueError(f"'{value}' is not a task sequence{hint}; valid: {', '.join(SEQUENCES)}")
+    def _sequence(cls, value: str, info: ValidationInfo) -> str:
+        registries = _registries(info)
+        if registries is not None and value not in registries.sequences:
+            valid = registries.sequences
+            raise ValueError(
+                f"'{value}' is not a task sequence{_did_you_mean(value, valid)}; valid: {', '.join(valid)}"
+            )
         return value
 
 
@@ -222,18 +268,12 @@ class LoggingConfig(_Section):
     save_model: bool = Field(True, description="Save the final model (SB3 zip) as model.zip.")
 
 
-def _registered_probe_kinds() -> dict[str, str]:
-    """The probe registry's names and kinds, when the caller passed none (imported only then: it loads torch)."""
-    from rl_plasticity.probes import probe_kinds
-
-    return dict(probe_kinds())
-
-
 def _check_probe_names(names: list[str], kind: str, info: ValidationInfo) -> list[str]:
-    """Every name must be a registered probe of ``kind``; the registry is the validation context's
-    ``probe_kinds`` (name -> light/heavy, see :func:`validate_config`), else the project's own."""
-    context = info.context if isinstance(info.context, dict) else {}
-    kinds = context.get("probe_kinds") or _registered_probe_kinds()
+    """Every name must be a registered probe of ``kind`` (:attr:`Registries.probe_kinds`)."""
+    registries = _registries(info)
+    if registries is None:
+        return names
+    kinds = registries.probe_kinds
     valid = [name for name, k in kinds.items() if k == kind]
     for name in names:
         if name in valid:
@@ -244,9 +284,9 @@ def _check_probe_names(names: list[str], kind: str, info: ValidationInfo) -> lis
                 f"'{name}' is a {kinds[name]} probe: it goes in monitor.{other}; "
                 f"valid {kind} probes: {', '.join(valid)}"
             )
-        close = difflib.get_close_matches(name, valid, n=1)
-        hint = f" (did you mean '{close[0]}'?)" if close else ""
-        raise ValueError(f"'{name}' is not a {kind} probe{hint}; valid: {', '.join(valid)} (rlp list probes)")
+        raise ValueError(
+            f"'{name}' is not a {kind} probe{_did_you_mean(name, valid)}; valid: {', '.join(valid)} (rlp list probes)"
+        )
     return names
 
 
@@ -401,16 +441,18 @@ class RunConfig(_Section):
     )
 
     @model_validator(mode="after")
-    def _check_interventions(self) -> RunConfig:
-        from rl_plasticity.interventions import INTERVENTIONS, valid_intervention_names
-
+    def _check_interventions(self, info: ValidationInfo) -> RunConfig:
+        registries = _registries(info)
+        if registries is None:
+            return self
+        registered = registries.interventions
+        valid_names = ", ".join(sorted(registered)) or "(none registered yet)"
         for i, name in enumerate(self.interventions):
-            spec = INTERVENTIONS.get(name)
+            spec = registered.get(name)
             if spec is None:
-                close = difflib.get_close_matches(name, list(INTERVENTIONS), n=1)
-                hint = f" (did you mean '{close[0]}'?)" if close else ""
                 raise ValueError(
-                    f"interventions[{i}]: '{name}' is not an intervention{hint}; valid: {valid_intervention_names()}"
+                    f"interventions[{i}]: '{name}' is not an intervention{_did_you_mean(name, registered)}; "
+                    f"valid: {valid_names}"
                 )
             if self.agent.algo not in spec.algos:
                 raise ValueError(
@@ -419,11 +461,9 @@ class RunConfig(_Section):
         if len(set(self.interventions)) != len(self.interventions):
             raise ValueError(f"interventions: each may appear once, got {self.interventions}")
         for name, values in self.intervention_params.items():
-            spec = INTERVENTIONS.get(name)
+            spec = registered.get(name)
             if spec is None:
-                raise ValueError(
-                    f"intervention_params.{name}: not an intervention; valid: {valid_intervention_names()}"
-                )
+                raise ValueError(f"intervention_params.{name}: not an intervention; valid: {valid_names}")
             try:
                 spec.params.model_validate(values)
             except ValidationError as exc:
@@ -431,10 +471,8 @@ class RunConfig(_Section):
                 key = ".".join(str(p) for p in err["loc"])
                 if err["type"] == "extra_forbidden":
                     valid = list(spec.params.model_fields)
-                    close = difflib.get_close_matches(key, valid, n=1)
-                    hint = f" (did you mean '{close[0]}'?)" if close else ""
                     raise ValueError(
-                        f"unknown config key 'intervention_params.{name}.{key}'{hint}; "
+                        f"unknown config key 'intervention_params.{name}.{key}'{_did_you_mean(key, valid)}; "
                         f"valid keys for {name}: {', '.join(valid) or '(none)'}"
                     ) from None
                 raise ValueError(f"intervention_params.{name}.{key}: {err['msg']} (got {err.get('input')!r})") from None
@@ -525,14 +563,12 @@ def _load_yaml(path: Path, seen: tuple[Path, ...]) -> Any:
     return OmegaConf.merge(_load_yaml(path.parent / base, (*seen, path.resolve())), conf)
 
 
-def load_config(
-    path: str | Path, overrides: list[str] | tuple[str, ...] = (), probe_kinds: Mapping[str, str] | None = None
-) -> RunConfig:
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = (), *, registries: Registries) -> RunConfig:
     """Load a YAML preset, apply ``key.sub=value`` overrides and validate.
 
     A preset may start from another one with ``base: <path relative to it>``; its keys override the base's.
 
-    :param probe_kinds: the probes ``monitor.*probes`` may name, as :func:`validate_config` takes them.
+    :param registries: the names the config may use, as :func:`validate_config` takes them.
     :raises ConfigError: with a one-line message for any missing file, bad YAML, bad override,
         unknown key or bad value.
     """
@@ -545,18 +581,17 @@ def load_config(
         data = OmegaConf.to_container(merged, resolve=True)
     except (yaml.YAMLError, OmegaConfBaseException) as exc:
         raise ConfigError(f"bad override in {list(overrides)}: {' '.join(str(exc).splitlines()[0].split())}") from None
-    return validate_config(data, probe_kinds)  # type: ignore[arg-type]
+    return validate_config(data, registries=registries)  # type: ignore[arg-type]
 
 
-def validate_config(data: dict[str, Any], probe_kinds: Mapping[str, str] | None = None) -> RunConfig:
+def validate_config(data: dict[str, Any], *, registries: Registries) -> RunConfig:
     """Validate a plain dict against :class:`RunConfig`, raising :class:`ConfigError` on the first problem.
 
-    :param probe_kinds: probe name -> ``light`` or ``heavy``, the names ``monitor.probes``, ``batch_probes``
-        (light) and ``switch_probes`` (heavy) may take; default: the probe registry's
-        (:func:`rl_plasticity.probes.probe_kinds`, imported only then).
+    :param registries: the task sequences, interventions and probes the config may name (the project's:
+        :func:`rl_plasticity.catalog.registries`).
     """
     try:
-        return RunConfig.model_validate(data, context={"probe_kinds": probe_kinds})
+        return RunConfig.model_validate(data, context={"registries": registries})
     except ValidationError as exc:
         raise ConfigError(_format_error(exc.errors()[0], data)) from None
 

@@ -28,14 +28,13 @@ so each round meets new episodes.)
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Literal
 
 import gymnasium as gym
 import numpy as np
 from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.callbacks import BaseCallback
 
-from rl_plasticity.config import EvalConfig
 from rl_plasticity.task_envs import TaskEnvs, derived_seed
 from rl_plasticity.task_logging import TB_ONLY, step_events
 
@@ -43,6 +42,27 @@ from rl_plasticity.task_logging import TB_ONLY, step_events
 EVAL_STREAM = 12
 #: C-CHAIN seeds its evaluation env with ``seed * 1234`` (``crl_run_double_dqn.py``).
 C_CHAIN_SEED_FACTOR = 1234
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    """When and how the policy is evaluated: the ``eval:`` config keys but ``enabled`` (their defaults and
+    meanings are the config's; the runner builds this from the validated section).
+
+    :param every: env steps between rounds (``None``: ``switch_every // 10``).
+    :param episodes: episodes per task and round.
+    :param epsilon: the evaluation policy's epsilon.
+    :param tasks: ``current`` (the task being trained) or ``all`` (every task of the sequence).
+    :param seed: seed of the episodes (``None``: the run seed x :data:`C_CHAIN_SEED_FACTOR`).
+    :param max_episode_steps: steps after which an episode is cut.
+    """
+
+    every: int | None
+    episodes: int
+    epsilon: float
+    tasks: Literal["current", "all"]
+    seed: int | None
+    max_episode_steps: int
 
 
 @dataclass(frozen=True)
@@ -110,14 +130,14 @@ def play_episodes(
 class Evaluator:
     """Plays the evaluation episodes of a task (see the module docstring) on env copies kept between rounds.
 
-    :param cfg: the ``eval:`` config section.
+    :param settings: how many episodes, with which epsilon and seed.
     :param task_envs: makes the separate copies of each task.
     """
 
-    def __init__(self, cfg: EvalConfig, task_envs: TaskEnvs) -> None:
-        self.cfg = cfg
+    def __init__(self, settings: EvalSettings, task_envs: TaskEnvs) -> None:
+        self.settings = settings
         self.task_envs = task_envs
-        self.seed = cfg.seed if cfg.seed is not None else task_envs.run_seed * C_CHAIN_SEED_FACTOR
+        self.seed = settings.seed if settings.seed is not None else task_envs.run_seed * C_CHAIN_SEED_FACTOR
         self._copies: dict[int, list[gym.Env]] = {}
 
     def episode_seed(self, task_id: int, episode: int) -> int:
@@ -128,9 +148,9 @@ class Evaluator:
         """Play ``eval.episodes`` episodes of ``task_id`` with the agent's policy."""
         copies = self._copies.get(task_id)
         if copies is None:
-            copies = self._copies[task_id] = [self.task_envs.make(task_id) for _ in range(self.cfg.episodes)]
-        seeds = [self.episode_seed(task_id, i) for i in range(self.cfg.episodes)]
-        returns, lengths = play_episodes(agent, copies, seeds, self.cfg.epsilon, self.cfg.max_episode_steps)
+            copies = self._copies[task_id] = [self.task_envs.make(task_id) for _ in range(self.settings.episodes)]
+        seeds = [self.episode_seed(task_id, i) for i in range(self.settings.episodes)]
+        returns, lengths = play_episodes(agent, copies, seeds, self.settings.epsilon, self.settings.max_episode_steps)
         return EvalResult(step, task_id, tuple(returns.tolist()), tuple(lengths.tolist()))
 
     def close(self) -> None:
@@ -146,16 +166,16 @@ class EvalCallback(BaseCallback):
     Put it before the monitor in the callback list: the monitor's task summary reads :attr:`latest` at a
     visit's end.
 
-    :param cfg: the ``eval:`` config section.
+    :param settings: when and how to evaluate.
     :param task_envs: makes the separate copies of each task.
-    :param switch_every: env steps per task (``env.switch_every``), for ``eval.every: null``.
+    :param switch_every: env steps per task (``env.switch_every``), for ``every=None``.
     """
 
-    def __init__(self, cfg: EvalConfig, task_envs: TaskEnvs, switch_every: int) -> None:
+    def __init__(self, settings: EvalSettings, task_envs: TaskEnvs, switch_every: int) -> None:
         super().__init__()
-        self.cfg = cfg
-        self.every = cfg.every if cfg.every is not None else max(1, switch_every // 10)
-        self.evaluator = Evaluator(cfg, task_envs)
+        self.settings = settings
+        self.every = settings.every if settings.every is not None else max(1, switch_every // 10)
+        self.evaluator = Evaluator(settings, task_envs)
         self.task_names = list(task_envs.task_names)
         self.next_due = self.every
         self.last_step: int | None = None
@@ -200,7 +220,7 @@ class EvalCallback(BaseCallback):
 
     def _round(self, current: int) -> None:
         step = int(self.model.num_timesteps)
-        tasks = range(len(self.task_names)) if self.cfg.tasks == "all" else [current]
+        tasks = range(len(self.task_names)) if self.settings.tasks == "all" else [current]
         self.latest = {task: self.evaluator.evaluate(self.model, task, step) for task in tasks}
         logger = self.logger
         for task, result in self.latest.items():

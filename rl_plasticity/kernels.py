@@ -29,7 +29,11 @@ import contextlib
 import os
 from collections.abc import Iterator
 
-from rl_plasticity.config import ConfigError
+
+class KernelError(ValueError):
+    """A ``portable`` run whose pins did not take effect: one line naming ``cpu_kernels`` and what is valid
+    (``rlp train`` exits 2 with it, as for a bad config key)."""
+
 
 #: Environment variables of ``portable`` (read by ATen and MKL when they first run).
 PORTABLE_ENV = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "COMPATIBLE"}
@@ -46,7 +50,7 @@ def export_env(choice: str) -> None:
 def check(choice: str) -> None:
     """Refuse a ``portable`` run whose pins did not take effect (before anything is written).
 
-    :raises ConfigError: an environment variable is missing or different (torch was imported before
+    :raises KernelError: an environment variable is missing or different (torch was imported before
         :func:`export_env`, e.g. training from Python), or this CPU cannot run ATen's AVX2 kernels.
     """
     if choice != "portable":
@@ -56,13 +60,13 @@ def check(choice: str) -> None:
     wrong = {key: os.environ.get(key) for key, value in PORTABLE_ENV.items() if os.environ.get(key) != value}
     if wrong:
         needed = " ".join(f"{key}={value}" for key, value in PORTABLE_ENV.items())
-        raise ConfigError(
+        raise KernelError(
             f"cpu_kernels: 'portable' needs {needed} in the environment before torch starts (rlp train "
             f"sets them; from Python, export them before importing torch); got {wrong}"
         )
     capability = th.backends.cpu.get_cpu_capability()
     if capability != PORTABLE_CAPABILITY:
-        raise ConfigError(
+        raise KernelError(
             f"cpu_kernels: 'portable' runs ATen's AVX2 kernels, but torch runs {capability} kernels here "
             "(a CPU without AVX2, or torch computed before the pin was set); valid here: native"
         )

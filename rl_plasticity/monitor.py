@@ -21,7 +21,7 @@ import contextlib
 import csv
 import math
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -32,7 +32,6 @@ from stable_baselines3.common.logger import TensorBoardOutputFormat
 
 from agents import Intervention
 from agents.plastic import NonFiniteError
-from rl_plasticity.config import MonitorConfig
 from rl_plasticity.layout import FIRST_VISIT_FILE, PROBE_SETS_FILE, SUMMARY_FILE
 from rl_plasticity.probe_sets import DQN_FIELDS, PPO_FIELDS, ProbeSets, RandomProbeSets
 from rl_plasticity.probes import grad_stats, snapshot, update_stats, weight_stats
@@ -46,6 +45,38 @@ PROBE_SET, FIRST_VISIT, BATCH = "probe_set", "first_visit", "batch"
 #: Probe values that may be NaN by definition (the registry's, e.g. neural collapse with fewer than two classes,
 #: or no between-class scatter); any other non-finite probe value stops the run (:class:`NonFiniteError`).
 MAY_BE_NAN = may_be_nan_prefixes()
+
+
+@dataclass(frozen=True)
+class MonitorSettings:
+    """What the monitor probes, how often and on how much data: the ``monitor:`` config keys but ``enabled``
+    (their defaults and meanings are the config's; the runner builds this from the validated section).
+
+    The last six are the probes' own parameters, handed to them by name (:func:`probe_settings`).
+    """
+
+    probe_every: int
+    probes: list[str]
+    switch_probes: list[str]
+    on_batch: bool
+    batch_probes: list[str]
+    probe_set_size: int
+    probe_set_episodes: int
+    probe_set_max_episode_steps: int
+    first_visit: bool
+    first_visit_size: int
+    histograms: bool
+    dormant_tau: float
+    hessian_order: int
+    hessian_vectors: int
+    gram_size: int
+    trainability_steps: int
+    trainability_lr: float
+
+
+def probe_settings(settings: MonitorSettings) -> dict[str, Any]:
+    """The settings by name, as :func:`~rl_plasticity.probing.probe_batch` takes them (each probe picks its own)."""
+    return {f.name: getattr(settings, f.name) for f in fields(MonitorSettings)}
 
 
 def check_probe_values(scalars: dict[str, float], source: str | None, env_step: int) -> None:
@@ -83,7 +114,7 @@ class _TrainingObserver(Intervention):
         self.grads: dict[str, float] = {}
 
     def _due(self, agent: Any) -> bool:
-        return "weights" in self.monitor.cfg.probes and agent.num_gradient_steps + 1 >= self.monitor.next_probe
+        return "weights" in self.monitor.settings.probes and agent.num_gradient_steps + 1 >= self.monitor.next_probe
 
     def loss_terms(self, agent: Any, batch: NamedTuple, features: th.Tensor, loss: th.Tensor) -> dict[str, th.Tensor]:
         self.last_batch = batch
@@ -120,7 +151,7 @@ class _Visit:
 class MonitorCallback(BaseCallback):
     """Probes the agent's network during training (see the module docstring).
 
-    :param cfg: the ``monitor:`` config section.
+    :param settings: what to probe, how often and on how much data.
     :param run_dir: where ``task_summary.csv`` and the probe sets (``probe_sets.pt``, ``first_visit_sets.pt``) go.
     :param task_envs: the run's task copies (the random-policy probe sets are played on them); they also name
         the tasks.
@@ -131,23 +162,23 @@ class MonitorCallback(BaseCallback):
 
     def __init__(
         self,
-        cfg: MonitorConfig,
+        settings: MonitorSettings,
         run_dir: Path,
         task_envs: TaskEnvs,
         final_episodes: int = 10,
         evaluation: Any | None = None,
     ) -> None:
         super().__init__()
-        self.cfg = cfg
+        self.settings = settings
         self.run_dir = Path(run_dir)
         self.task_envs = task_envs
         self.task_names = list(task_envs.task_names)
         self.final_episodes = final_episodes
         self.evaluation = evaluation
         self.probe_sets = RandomProbeSets(
-            task_envs, cfg.probe_set_size, cfg.probe_set_episodes, cfg.probe_set_max_episode_steps
+            task_envs, settings.probe_set_size, settings.probe_set_episodes, settings.probe_set_max_episode_steps
         )
-        self.next_probe = cfg.probe_every
+        self.next_probe = settings.probe_every
         self.nc_undefined = 0
         self.visits: dict[int, int] = {}
         self._observer = _TrainingObserver(self)
@@ -226,8 +257,8 @@ class MonitorCallback(BaseCallback):
         agent = self.model
         self.uses_replay = agent.uses_replay
         self.first_visit_sets = (
-            ProbeSets(self.cfg.first_visit_size, DQN_FIELDS if self.uses_replay else PPO_FIELDS)
-            if self.cfg.first_visit
+            ProbeSets(self.settings.first_visit_size, DQN_FIELDS if self.uses_replay else PPO_FIELDS)
+            if self.settings.first_visit
             else None
         )
         self.init_params = snapshot(probed_module(agent))
@@ -334,20 +365,20 @@ class MonitorCallback(BaseCallback):
         logger = self.logger
         fixed_values: dict[str, float] = {}
         sources = self._probe_sets(self.visit.task_id)
-        if self.cfg.on_batch and self._observer.last_batch is not None:
+        if self.settings.on_batch and self._observer.last_batch is not None:
             sources[BATCH] = self._observer.last_batch
 
         for source, batch in sources.items():
             fixed = source != BATCH
             with _non_finite_inputs(f"plasticity/*@{source}", self.num_timesteps):
-                probes = self.cfg.probes if fixed else self.cfg.batch_probes
+                probes = self.settings.probes if fixed else self.settings.batch_probes
                 if heavy and fixed:
-                    probes = [*probes, *self.cfg.switch_probes]
-                result = probe_batch(agent, batch, probes, self.cfg.model_dump())
+                    probes = [*probes, *self.settings.switch_probes]
+                result = probe_batch(agent, batch, probes, probe_settings(self.settings))
             check_probe_values(result.scalars, source, self.num_timesteps)
             for key, value in result.scalars.items():
                 logger.record(f"plasticity/{key}@{source}", value, exclude=TB_ONLY)
-            if self.cfg.histograms:
+            if self.settings.histograms:
                 for key, values in result.histograms.items():
                     logger.record(f"plasticity/{key}@{source}", values, exclude=TB_ONLY)
             if source == PROBE_SET:
@@ -356,7 +387,7 @@ class MonitorCallback(BaseCallback):
                     self.nc_undefined += 1
             elif source == FIRST_VISIT:
                 fixed_values.update({f"{key}@{FIRST_VISIT}": value for key, value in result.scalars.items()})
-        if "weights" in self.cfg.probes:
+        if "weights" in self.settings.probes:
             with _non_finite_inputs("plasticity/weight_*", self.num_timesteps):
                 weight_scalars = self._weight_scalars()
             check_probe_values(weight_scalars, None, self.num_timesteps)
@@ -365,7 +396,7 @@ class MonitorCallback(BaseCallback):
         logger.record("plasticity/nc_undefined_count", self.nc_undefined, exclude=TB_ONLY)
         agent.record_logged_values()
         logger.dump(step=self.num_timesteps)
-        self.next_probe = (agent.num_gradient_steps // self.cfg.probe_every + 1) * self.cfg.probe_every
+        self.next_probe = (agent.num_gradient_steps // self.settings.probe_every + 1) * self.settings.probe_every
         return fixed_values
 
     def _weight_scalars(self) -> dict[str, float]:
@@ -424,7 +455,7 @@ class MonitorCallback(BaseCallback):
         latest = evaluation.latest if evaluation.last_step == self.num_timesteps else {}
         own = latest.get(task_id)
         columns = {"eval_return": own.mean if own else nan, "eval_return_std": own.std if own else nan}
-        if evaluation.cfg.tasks == "all":
+        if evaluation.settings.tasks == "all":
             for task, name in enumerate(self.task_names):
                 result = latest.get(task)
                 columns[f"eval_return/{name}"] = result.mean if result else nan

@@ -1,5 +1,8 @@
 """One writer per run directory: an OS lock on ``<run dir>/.lock`` held while a process trains the run.
 
+:func:`exclusive_lock` is the one ``flock(2)`` wrapper of the project: :func:`run_lock` takes it on a run
+directory, ``rlp sweep`` on its sweep directory.
+
 ``rlp train`` (a new run or ``--resume``) takes the lock before it writes anything into the run directory
 and keeps it until training ends. It is ``flock(2)`` on an open file, so the kernel releases it when the
 process dies in any way (SIGKILL included): a killed run never leaves a stale lock behind. The holder
@@ -14,7 +17,7 @@ import fcntl
 import os
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from rl_plasticity.layout import LOCK_FILE
@@ -62,32 +65,47 @@ def wait_unlocked(run_dir: Path, timeout: float, poll: float = 0.2) -> bool:
 
 
 @contextlib.contextmanager
-def run_lock(run_dir: Path) -> Iterator[None]:
-    """Hold ``<run_dir>/.lock`` exclusively for the ``with`` block.
+def exclusive_lock(path: Path, held: Callable[[], Exception]) -> Iterator[int]:
+    """Hold an exclusive ``flock(2)`` on ``path`` (created if missing) for the ``with`` block; yields its file
+    descriptor. The kernel releases it when the process ends in any way, so no stale lock is left behind.
 
-    :raises RunInUse: another process holds it (nothing in the run directory is changed then).
+    :param held: makes the exception raised when another process holds the lock (nothing is waited for).
+    :raises OSError: ``path`` can neither be created nor opened.
     """
-    path = Path(run_dir) / LOCK_FILE
     # O_CLOEXEC (Python's default): a program this process executes does not inherit the lock.
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError:
-        # A read-only run directory can still be locked through an existing file (the run then stops at its
-        # first write, with that write's error); without the file, the caller gets this OSError.
+        # A read-only directory can still be locked through an existing file (a run then stops at its first
+        # write, with that write's error); without the file, the caller gets this OSError.
         fd = os.open(path, os.O_RDONLY)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise RunInUse(
-                f"{run_dir} is being written by {holder(run_dir)} (rlp train); one writer per run: "
-                "wait for it to end or stop it, then resume"
-            ) from None
+            raise held() from None
+        yield fd
+    finally:
+        os.close(fd)  # releases the lock
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: Path) -> Iterator[None]:
+    """Hold ``<run_dir>/.lock`` exclusively for the ``with`` block, with this process's PID and host in it.
+
+    :raises RunInUse: another process holds it (nothing in the run directory is changed then).
+    """
+
+    def in_use() -> RunInUse:
+        return RunInUse(
+            f"{run_dir} is being written by {holder(run_dir)} (rlp train); one writer per run: "
+            "wait for it to end or stop it, then resume"
+        )
+
+    with exclusive_lock(Path(run_dir) / LOCK_FILE, in_use) as fd:
         try:
             os.ftruncate(fd, 0)
             os.write(fd, f"{os.getpid()} {socket.gethostname()}\n".encode())
         except OSError:
             pass  # a full disk: the lock holds all the same, the holder is then named "an unknown process"
         yield
-    finally:
-        os.close(fd)  # releases the lock

@@ -15,29 +15,28 @@ import datetime as dt
 import math
 import shutil
 import sys
-import threading
-import time
 import warnings
+from dataclasses import fields
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch as th
 from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.callbacks import BaseCallback, ProgressBarCallback
 from stable_baselines3.common.env_util import make_vec_env
-from stable_baselines3.common.logger import HumanOutputFormat, KVWriter, Logger, TensorBoardOutputFormat
 from stable_baselines3.common.vec_env import DummyVecEnv, VecEnv
 from torch import nn
-from torch.utils.tensorboard import SummaryWriter
 
 from agents import AGENTS, POLICIES, CReLU, minatar_policy_kwargs, mlp_policy_kwargs
 from agents.plastic import NonFiniteError
 from envs import make_sequence
+from rl_plasticity.catalog import registries
 from rl_plasticity.checkpoint import (
     STORAGE_ERRNOS,
     Checkpoint,
     CheckpointCallback,
     CheckpointError,
+    CheckpointSettings,
     CheckpointStore,
     SignalGuard,
     StorageError,
@@ -47,38 +46,37 @@ from rl_plasticity.checkpoint import (
     write_checkpoint,
 )
 from rl_plasticity.config import ConfigError, RunConfig, flat_config, load_config, to_yaml
-from rl_plasticity.evaluation import EvalCallback
+from rl_plasticity.evaluation import EvalCallback, EvalSettings
 from rl_plasticity.interventions import build_interventions
 from rl_plasticity.kernels import check as check_kernels
 from rl_plasticity.kernels import kernels
 from rl_plasticity.layout import CONFIG_FILE, MODEL_FILE
-from rl_plasticity.monitor import MonitorCallback
+from rl_plasticity.monitor import MonitorCallback, MonitorSettings
 from rl_plasticity.provenance import record_session
+from rl_plasticity.run_logger import after_earlier_events_files, make_logger
 from rl_plasticity.runlock import run_lock
-from rl_plasticity.task_envs import TaskEnvs
+from rl_plasticity.task_envs import TaskEnvs, sequence_args
 from rl_plasticity.task_logging import TaskLogCallback
+
+Settings = TypeVar("Settings")
+
+
+def settings_from(section: Any, settings: type[Settings]) -> Settings:
+    """A validated config section as the settings dataclass of the module below the runner that uses it
+    (:class:`~rl_plasticity.monitor.MonitorSettings`, :class:`~rl_plasticity.evaluation.EvalSettings`,
+    :class:`~rl_plasticity.checkpoint.CheckpointSettings`): the section's values of the fields it names."""
+    return settings(**{f.name: getattr(section, f.name) for f in fields(settings)})  # type: ignore[arg-type]
 
 
 def build_env(cfg: RunConfig) -> VecEnv:
     """The task sequence as an SB3 ``DummyVecEnv`` of ``env.n_envs`` copies, each in a ``Monitor``."""
-    env_cfg = cfg.env
-    seed = cfg.seed if env_cfg.sequence_seed is None else env_cfg.sequence_seed
-    kwargs: dict[str, Any] = dict(
-        switch_every=env_cfg.switch_every,
-        order=env_cfg.order,
-        task_order=env_cfg.task_order,
-        seed=seed,
-        num_envs=env_cfg.n_envs,
-        **env_cfg.options,
-    )
+    kwargs = sequence_args(cfg.env.model_dump(), cfg.seed)
     # Build one copy first so that bad options fail here, with the config key, not inside SB3.
     try:
-        make_sequence(env_cfg.sequence, **kwargs).close()
+        make_sequence(**kwargs).close()
     except ValueError as exc:
         raise ConfigError(f"env: {exc}") from None
-    return make_vec_env(
-        make_sequence, n_envs=env_cfg.n_envs, env_kwargs=dict(name=env_cfg.sequence, **kwargs), vec_env_cls=DummyVecEnv
-    )
+    return make_vec_env(make_sequence, n_envs=cfg.env.n_envs, env_kwargs=kwargs, vec_env_cls=DummyVecEnv)
 
 
 def policy_kwargs(cfg: RunConfig, env: VecEnv) -> dict[str, Any]:
@@ -159,90 +157,6 @@ def resolve_total_steps(cfg: RunConfig, task_names: list[str]) -> RunConfig:
     return cfg.model_copy(update={"total_steps": cfg.env.switch_every * visits})
 
 
-def make_logger(run_dir: Path, stdout: bool, purge_step: int | None = None) -> Logger:
-    """SB3's logger on ``run_dir`` (TensorBoard, plus the stdout table if asked).
-
-    :param purge_step: on resume, the checkpoint step + 1: TensorBoard then drops what earlier processes
-        logged at or after that step, so the curves continue with no step logged twice.
-    """
-    formats: list[KVWriter] = [HumanOutputFormat(sys.stdout)] if stdout else []
-    formats.append(_TensorBoard(str(run_dir), purge_step))
-    logger = _Logger(str(run_dir), formats)
-    if stdout:
-        logger.log(f"Logging to {run_dir}")  # as SB3's configure() does
-    return logger
-
-
-class _Logger(Logger):
-    """SB3's logger, except that a key is written at most once per step.
-
-    A task switch (and a probe round) dumps the logger at its step, and SB3 may dump again at the same
-    step when an episode ends there; a key recorded in between (``rollout/exploration_rate``) would then
-    get two points at one step. Such a key stays pending until the next dump instead.
-    """
-
-    def __init__(self, folder: str | None, output_formats: list[KVWriter]) -> None:
-        super().__init__(folder, output_formats)
-        self._dumped_step: int | None = None
-        self._dumped_keys: set[str] = set()
-
-    def dump(self, step: int = 0) -> None:
-        if step != self._dumped_step:
-            self._dumped_step, self._dumped_keys = step, set()
-        held = {
-            key: (self.name_to_value.pop(key), self.name_to_count.pop(key, None), self.name_to_excluded.pop(key, None))
-            for key in list(self.name_to_value)
-            if key in self._dumped_keys
-        }
-        self._dumped_keys.update(self.name_to_value)
-        super().dump(step)
-        for key, (value, count, excluded) in held.items():
-            self.name_to_value[key] = value
-            if count is not None:
-                self.name_to_count[key] = count
-            if excluded is not None:
-                self.name_to_excluded[key] = excluded
-
-
-_other_excepthook = threading.excepthook
-
-
-def _quiet_writer_thread(args: Any) -> None:
-    """A write error in TensorBoard's writer thread is handed to the training thread's next write (and told
-    there in one line, :class:`StorageError`); Python would also print the thread's traceback."""
-    if isinstance(args.exc_value, OSError) and type(args.thread).__name__ == "_AsyncWriterThread":
-        return
-    _other_excepthook(args)
-
-
-class _TensorBoard(TensorBoardOutputFormat):
-    """SB3's TensorBoard output, with ``purge_step`` passed to the ``SummaryWriter``; a write that fails
-    (TensorBoard's writer thread hands its error to the next call) is a :class:`StorageError` naming the file."""
-
-    def __init__(self, folder: str, purge_step: int | None = None) -> None:
-        self.writer = SummaryWriter(log_dir=folder, purge_step=purge_step)
-        self._is_closed = False
-        if threading.excepthook is not _quiet_writer_thread:
-            global _other_excepthook
-            _other_excepthook, threading.excepthook = threading.excepthook, _quiet_writer_thread
-
-    @property
-    def path(self) -> str:
-        return self.writer.file_writer.event_writer._file_name  # type: ignore[attr-defined]
-
-    def write(self, *args: Any, **kwargs: Any) -> None:
-        try:
-            super().write(*args, **kwargs)
-        except OSError as exc:
-            raise StorageError(self.path, exc.strerror or str(exc)) from None
-
-    def close(self) -> None:
-        try:
-            super().close()
-        except OSError as exc:
-            raise StorageError(self.path, exc.strerror or str(exc)) from None
-
-
 def train(cfg: RunConfig, progress_bar: bool | None = None) -> Path:
     """Train one run as configured and return its directory.
 
@@ -253,23 +167,30 @@ def train(cfg: RunConfig, progress_bar: bool | None = None) -> Path:
 
     :param progress_bar: overrides ``logging.progress_bar`` when given.
     :raises ConfigError: before anything is written, if the config cannot be built.
+    :raises KernelError: before anything is written, ``cpu_kernels: portable`` whose pins did not take effect.
     :raises TrainingInterrupted: stopped by SIGINT/SIGTERM (after writing a checkpoint).
     :raises StorageError: a file of the run could not be written (full disk, read-only); the last good
         checkpoint is kept.
     :raises NonFiniteError: a loss, loss term, gradient, parameter or probe became non-finite; its
         ``checkpoint`` attribute names the last good checkpoint (or ``None``).
     """
-    if cfg.threads is not None:
-        th.set_num_threads(cfg.threads)
-    check_kernels(cfg.cpu_kernels)
-    env = build_env(cfg)
-    cfg = resolve_total_steps(cfg, env.get_attr("task_names")[0])
+    cfg, env = _prepare(cfg)
     agent = build_agent(cfg, env)
 
     run_dir = make_run_dir(cfg)
     with run_lock(run_dir):
         _write_config(run_dir, cfg)
         return _learn(cfg, env, agent, run_dir, progress_bar)
+
+
+def _prepare(cfg: RunConfig) -> tuple[RunConfig, VecEnv]:
+    """What a new and a resumed run do first, before anything is written: torch's thread count, the kernel
+    check, the env (bad options fail here) and ``total_steps: null`` resolved against its tasks."""
+    if cfg.threads is not None:
+        th.set_num_threads(cfg.threads)
+    check_kernels(cfg.cpu_kernels)
+    env = build_env(cfg)
+    return resolve_total_steps(cfg, env.get_attr("task_names")[0]), env
 
 
 def _write_config(run_dir: Path, cfg: RunConfig) -> None:
@@ -324,16 +245,11 @@ def resume(
 
 def _resume(run_dir: Path, cfg: RunConfig | None, force: bool, progress_bar: bool | None) -> Path:
     saved_file = run_dir / CONFIG_FILE
-    saved = load_config(saved_file)
+    saved = load_config(saved_file, registries=registries())
     store = CheckpointStore(run_dir)
     ckpt = store.read()
 
-    new = saved if cfg is None else cfg
-    if new.threads is not None:
-        th.set_num_threads(new.threads)
-    check_kernels(new.cpu_kernels)
-    env = build_env(new)
-    new = resolve_total_steps(new, env.get_attr("task_names")[0])
+    new, env = _prepare(saved if cfg is None else cfg)
     diff = config_diff(saved, new)
     if diff:
         listed = ", ".join(f"{k} ({old!r} -> {val!r})" for k, (old, val) in diff.items())
@@ -392,8 +308,17 @@ def _learn(
     task_names = env.get_attr("task_names")[0]
     task_log = TaskLogCallback(flat_hparams(cfg), task_names)
     task_envs = TaskEnvs.from_config(cfg)
-    evaluation = EvalCallback(cfg.eval, task_envs, cfg.env.switch_every) if cfg.eval.enabled else None
-    monitor = MonitorCallback(cfg.monitor, run_dir, task_envs, evaluation=evaluation) if cfg.monitor.enabled else None
+    evaluation = (
+        EvalCallback(settings_from(cfg.eval, EvalSettings), task_envs, cfg.env.switch_every)
+        if cfg.eval.enabled
+        else None
+    )
+    monitor = (
+        MonitorCallback(settings_from(cfg.monitor, MonitorSettings), run_dir, task_envs, evaluation=evaluation)
+        if cfg.monitor.enabled
+        else None
+    )
+    checkpoints = settings_from(cfg.checkpoint, CheckpointSettings)
     trainee = Trainee(agent, env, list(agent.interventions), task_log, monitor, evaluation)  # type: ignore[arg-type]
     store = CheckpointStore(run_dir)
     if resume_from is not None:
@@ -411,7 +336,7 @@ def _learn(
         record_session(run_dir, None if resume_from is None else resume_from.step, cfg.cpu_kernels)  # provenance.json
         purge = None if resume_from is None else resume_from.step + 1
         if resume_from is not None:
-            _after_earlier_events_files(run_dir)
+            after_earlier_events_files(run_dir)
         agent.set_logger(make_logger(run_dir, stdout=not show_progress, purge_step=purge))
     except (StorageError, OSError) as exc:
         env.close()
@@ -426,7 +351,7 @@ def _learn(
     try:
         # Evaluation before the monitor: a visit's row in task_summary.csv takes the evaluation at its end.
         callbacks: list[BaseCallback] = [task_log] + [cb for cb in (evaluation, monitor) if cb is not None]
-        callbacks.append(CheckpointCallback(store, trainee, cfg.checkpoint, guard, resume_from))
+        callbacks.append(CheckpointCallback(store, trainee, checkpoints, guard, resume_from))
         if pbar is not None:
             callbacks.append(pbar)
         # Weight decay drives weights and Adam moments towards denormal floats, up to 3x slower on CPU. The
@@ -439,7 +364,7 @@ def _learn(
                 reset_num_timesteps=resume_from is None,
                 **learn_kwargs,
             )
-            write_checkpoint(store, trainee, cfg.checkpoint)
+            write_checkpoint(store, trainee, checkpoints)
     except TrainingInterrupted as exc:
         _close_progress(pbar)
         exc.run_dir = run_dir
@@ -476,23 +401,6 @@ def _learn(
     finally:
         env.close()
     return run_dir
-
-
-def _after_earlier_events_files(run_dir: Path, longest: float = 2.0) -> None:
-    """Wait (at most ``longest`` seconds) until this second is later than every events file's creation second.
-
-    TensorBoard reads a run's events files in name order, and a name starts with the second it was created
-    in, then the host and the PID. A process killed within the same second as its resume started would
-    otherwise be read after it, and its steps past the checkpoint would escape the resume's ``purge_step``.
-    """
-    seconds = [
-        int(p.name.split(".")[3])
-        for p in run_dir.glob("events.out.tfevents.*")
-        if len(p.name.split(".")) > 3 and p.name.split(".")[3].isdigit()
-    ]
-    deadline = time.monotonic() + longest
-    while seconds and int(time.time()) <= max(seconds) and time.monotonic() < deadline:
-        time.sleep(0.05)
 
 
 def _close_quietly(agent: BaseAlgorithm, env: VecEnv) -> None:

@@ -11,6 +11,7 @@ and a continual run with the same seed build the same copies of task ``k``.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,6 +30,34 @@ def derived_seed(*words: int) -> int:
     episode) never coincides with training's.
     """
     return int(np.random.SeedSequence([int(w) for w in words]).generate_state(1)[0])
+
+
+def sequence_seed(env: Mapping[str, Any], run_seed: int) -> int:
+    """The seed of a run's task family and random order: ``env.sequence_seed``, or the run seed when it is null."""
+    seed = env.get("sequence_seed")
+    return int(run_seed if seed is None else seed)
+
+
+def sequence_args(env: Mapping[str, Any], run_seed: int) -> dict[str, Any]:
+    """:func:`envs.make_sequence`'s keyword arguments for a run's ``env:`` section: the name, the schedule, the
+    number of envs, the sequence seed (:func:`sequence_seed`) and the sequence's own options.
+
+    The one place that maps the config's ``env`` keys to the sequence: the runner builds its training envs with
+    it, and the report rebuilds a run's sequence (for its task names) from the saved ``config.yaml`` with it.
+
+    :param env: the ``env`` section as a mapping (``EnvConfig.model_dump()``, or read from ``config.yaml``).
+    :param run_seed: the run's ``seed``.
+    :raises KeyError: ``env`` lacks a key of the schedule.
+    """
+    return dict(
+        name=env["sequence"],
+        switch_every=env["switch_every"],
+        order=env["order"],
+        task_order=env.get("task_order"),
+        seed=sequence_seed(env, run_seed),
+        num_envs=env["n_envs"],
+        **(env.get("options") or {}),
+    )
 
 
 @dataclass
@@ -56,9 +85,8 @@ class TaskEnvs:
     @classmethod
     def from_config(cls, cfg: Any) -> TaskEnvs:
         """The copies of a :class:`~rl_plasticity.config.RunConfig`'s sequence."""
-        env = cfg.env
-        seed = cfg.seed if env.sequence_seed is None else env.sequence_seed
-        return cls(env.sequence, dict(env.options), int(seed), int(cfg.seed))
+        env = cfg.env.model_dump()
+        return cls(env["sequence"], env["options"], sequence_seed(env, cfg.seed), int(cfg.seed))
 
     @property
     def num_tasks(self) -> int:

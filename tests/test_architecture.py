@@ -18,6 +18,7 @@ from torch.nn import functional as F
 from agents import AGENTS, POLICIES, CReLU, MinAtarCNN
 from agents.networks import build_mlp
 from envs import make_sequence
+from rl_plasticity.catalog import registries
 from rl_plasticity.cli import cli
 from rl_plasticity.config import ConfigError, validate_config
 from rl_plasticity.runner import policy_kwargs
@@ -58,7 +59,7 @@ def build(algo: str, kind: str, env: gym.Env, layer_norm: bool, crelu: bool, see
         layer_norm=layer_norm,
         activation="crelu" if crelu else "relu",
     )
-    cfg = validate_config(dict(agent=dict(algo=algo), net=net))
+    cfg = validate_config(dict(agent=dict(algo=algo), net=net), registries=registries())
     return AGENTS[algo](
         POLICIES[algo], env, policy_kwargs=policy_kwargs(cfg, env), device="cpu", seed=seed, **SMALL[algo]
     )
@@ -105,11 +106,11 @@ def test_crelu_needs_an_even_width():
     with pytest.raises(ValueError, match="even width"):
         build_mlp(4, 0, [7], CReLU)
     with pytest.raises(ConfigError, match=r"net\.activation.*net\.width must be even"):
-        validate_config(dict(net=dict(activation="crelu", width=15)))
+        validate_config(dict(net=dict(activation="crelu", width=15)), registries=registries())
     with pytest.raises(ConfigError, match=r"net\.channels must be even"):
-        validate_config(dict(net=dict(activation="crelu", channels=5)))
+        validate_config(dict(net=dict(activation="crelu", channels=5)), registries=registries())
     # The MLP has no channels, so they do not matter there.
-    validate_config(dict(net=dict(kind="mlp", activation="crelu", channels=5)))
+    validate_config(dict(net=dict(kind="mlp", activation="crelu", channels=5)), registries=registries())
 
 
 @pytest.mark.parametrize("crelu", [False, True], ids=["relu", "crelu"])
@@ -180,7 +181,10 @@ def test_options_off_build_and_train_sb3_networks(algo: str, kind: str, envs):
     if kind == "minatar":
         today = dict(features_extractor_class=MinAtarCNN, features_extractor_kwargs=dict(channels=CHANNELS), **today)
 
-    cfg = validate_config(dict(agent=dict(algo=algo), net=dict(kind=kind, width=WIDTH, depth=DEPTH, channels=CHANNELS)))
+    cfg = validate_config(
+        dict(agent=dict(algo=algo), net=dict(kind=kind, width=WIDTH, depth=DEPTH, channels=CHANNELS)),
+        registries=registries(),
+    )
     assert policy_kwargs(cfg, env) == today
 
     def leaves(policy: nn.Module) -> list[tuple[str, type]]:

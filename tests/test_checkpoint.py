@@ -19,12 +19,13 @@ from click.testing import CliRunner
 from stable_baselines3.common.save_util import load_from_zip_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from rl_plasticity.checkpoint import CheckpointStore
+from rl_plasticity.catalog import registries
+from rl_plasticity.checkpoint import CheckpointSettings, CheckpointStore
 from rl_plasticity.cli import cli
 from rl_plasticity.config import load_config
 from rl_plasticity.interventions import INTERVENTIONS, register
 from rl_plasticity.interventions.base import Params, PlasticityIntervention
-from rl_plasticity.runner import train
+from rl_plasticity.runner import settings_from, train
 
 RLP = str(Path(sys.executable).with_name("rlp"))
 
@@ -160,7 +161,7 @@ def dqn_reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The uninterrupted DQN run."""
     folder = tmp_path_factory.mktemp("reference")
     (folder / "dqn.yaml").write_text(DQN)
-    return train(load_config(folder / "dqn.yaml", [f"logging.root_dir={folder / 'out'}"]))
+    return train(load_config(folder / "dqn.yaml", [f"logging.root_dir={folder / 'out'}"], registries=registries()))
 
 
 @pytest.fixture(scope="module")
@@ -168,7 +169,7 @@ def fast_dqn_reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The uninterrupted DQN run on the fast path (agent.fast)."""
     folder = tmp_path_factory.mktemp("reference_fast")
     (folder / "dqn.yaml").write_text(DQN.replace("fast: false", "fast: true"))
-    return train(load_config(folder / "dqn.yaml", [f"logging.root_dir={folder / 'out'}"]))
+    return train(load_config(folder / "dqn.yaml", [f"logging.root_dir={folder / 'out'}"], registries=registries()))
 
 
 def wait_for(proc: subprocess.Popen, condition, what: str, timeout: float = 120.0) -> None:
@@ -264,7 +265,9 @@ def test_sigterm_mid_task_and_after_switch_then_resume_equals_uninterrupted(
 
 def test_ppo_resume_equals_uninterrupted(tmp_path: Path, sigterm_intervention: None):
     (tmp_path / "ppo.yaml").write_text(PPO)
-    reference = train(load_config(tmp_path / "ppo.yaml", [f"logging.root_dir={tmp_path / 'ref'}"]))
+    reference = train(
+        load_config(tmp_path / "ppo.yaml", [f"logging.root_dir={tmp_path / 'ref'}"], registries=registries())
+    )
     # The same run with a SIGTERM to this process during the update at step 640 (in task 1); PPO stops at
     # the next rollout boundary, right after that update, with an empty rollout buffer.
     result = cli_run(
@@ -345,7 +348,7 @@ def test_changed_config_refused_unless_force(tmp_path: Path, dqn_reference: Path
     result = cli_run("train", "--resume", str(run_dir), "--force", "total_steps=1800")
     assert result.exit_code == 0, result.output
     assert "total_steps (1500 -> 1800)" in result.stderr
-    assert load_config(run_dir / "config.yaml").total_steps == 1800
+    assert load_config(run_dir / "config.yaml", registries=registries()).total_steps == 1800
     assert final_state(run_dir)["agent"]["num_timesteps"] == 1800
     after = (run_dir / "task_summary.csv").read_text()
     # One more row: the second visit of task 0, cut short by the new end.
@@ -412,12 +415,13 @@ def test_missing_or_corrupt_checkpoint_one_line_exit_2(tmp_path: Path, dqn_refer
 
 def test_interrupted_write_leaves_latest_intact(tmp_path: Path, dqn_reference: Path, monkeypatch: pytest.MonkeyPatch):
     import rl_plasticity.checkpoint as checkpoint
-    from rl_plasticity.runner import build_agent, build_env, make_logger
+    from rl_plasticity.run_logger import make_logger
+    from rl_plasticity.runner import build_agent, build_env
     from rl_plasticity.task_logging import TaskLogCallback
 
     run_dir = tmp_path / "run"
     shutil.copytree(dqn_reference, run_dir)
-    cfg = load_config(run_dir / "config.yaml")
+    cfg = load_config(run_dir / "config.yaml", registries=registries())
     env = build_env(cfg)
     agent = build_agent(cfg, env)
     agent.set_logger(make_logger(tmp_path / "logs", stdout=False))
@@ -430,7 +434,7 @@ def test_interrupted_write_leaves_latest_intact(tmp_path: Path, dqn_reference: P
 
     monkeypatch.setattr(checkpoint.th, "save", killed)
     with pytest.raises(KeyboardInterrupt):
-        store.write(run, cfg.checkpoint)
+        store.write(run, settings_from(cfg.checkpoint, CheckpointSettings))
     assert store.latest() == before and store.read().step == 1500
     assert [p.name for p in store.root.iterdir() if p.name.startswith(".tmp")]  # the unfinished write
     store.clean()
@@ -443,7 +447,7 @@ def test_interrupted_write_leaves_latest_intact(tmp_path: Path, dqn_reference: P
     from agents.plastic import NonFiniteError
 
     with pytest.raises(NonFiniteError, match=r"parameters/q_net\.q_net\.0\.weight = nan"):
-        store.write(run, cfg.checkpoint)
+        store.write(run, settings_from(cfg.checkpoint, CheckpointSettings))
     assert store.latest() == before
     env.close()
 

@@ -139,6 +139,26 @@ def test_train_help_documents_every_field():
             assert f"{prefix}{field} (" in text, f"{prefix}{field} missing from --help"
 
 
+def test_settings_of_the_modules_below_the_runner_mirror_their_config_sections():
+    # The monitor, evaluation and checkpoints take plain settings (they import no config): every key of their
+    # section but `enabled` (the runner's switch) is a field, and the runner hands its validated value over.
+    from dataclasses import asdict, fields
+
+    from rl_plasticity.checkpoint import CheckpointSettings
+    from rl_plasticity.config import CheckpointConfig, EvalConfig, MonitorConfig
+    from rl_plasticity.evaluation import EvalSettings
+    from rl_plasticity.monitor import MonitorSettings
+    from rl_plasticity.runner import settings_from
+
+    for section, settings in [
+        (MonitorConfig(probe_every=7, probes=["rank"]), MonitorSettings),
+        (EvalConfig(every=9, tasks="all"), EvalSettings),
+        (CheckpointConfig(every=None, keep=3), CheckpointSettings),
+    ]:
+        assert {f.name for f in fields(settings)} == set(type(section).model_fields) - {"enabled"}, settings
+        assert asdict(settings_from(section, settings)) == section.model_dump(exclude={"enabled"})
+
+
 BAD = [
     (["agent.learnin_rate=1e-3"], ["agent.learnin_rate", "did you mean 'agent.learning_rate'"]),
     (["sed=3"], ["'sed'", "did you mean 'seed'"]),
@@ -188,9 +208,10 @@ def test_bad_input_one_line_exit_2_nothing_written(tiny: Path, overrides: list[s
 def test_preset_can_extend_a_base_preset(tiny: Path):
     child = tiny.parent / "child.yaml"
     child.write_text("base: tiny.yaml\nname: child\nseed: 7\n")
+    from rl_plasticity.catalog import registries
     from rl_plasticity.config import load_config
 
-    cfg = load_config(child, ["agent.gamma=0.9"])
+    cfg = load_config(child, ["agent.gamma=0.9"], registries=registries())
     assert (cfg.name, cfg.seed, cfg.total_steps, cfg.agent.gamma, cfg.env.switch_every) == ("child", 7, 600, 0.9, 200)
     (tiny.parent / "loop.yaml").write_text("base: loop.yaml\n")
     result = run("train", str(tiny.parent / "loop.yaml"))
@@ -210,6 +231,24 @@ def test_cuda_requested_without_cuda(tiny: Path):
         pytest.skip("this machine has CUDA")
     result = run("train", str(tiny), "device=cuda")
     assert result.exit_code == 2 and "device" in result.stderr and "cpu" in result.stderr
+    assert not (tiny.parent / "runs").exists()
+
+
+def test_a_refused_kernel_choice_exits_2_with_its_line(tiny: Path, monkeypatch: pytest.MonkeyPatch):
+    # The kernel check raises its own KernelError (it imports no config); the CLI ends it as any bad input.
+    from rl_plasticity import runner
+    from rl_plasticity.kernels import PORTABLE_ENV, KernelError
+
+    for key, value in PORTABLE_ENV.items():  # what rlp train exports for portable, undone after the test
+        monkeypatch.setenv(key, value)
+    message = "cpu_kernels: 'portable' runs ATen's AVX2 kernels, but torch runs DEFAULT kernels here; valid: native"
+
+    def refuse(choice: str) -> None:
+        raise KernelError(message)
+
+    monkeypatch.setattr(runner, "check_kernels", refuse)
+    result = run("train", str(tiny), "cpu_kernels=portable", "threads=1")
+    assert result.exit_code == 2 and result.stderr.strip().splitlines() == [f"rlp: error: {message}"]
     assert not (tiny.parent / "runs").exists()
 
 

@@ -9,6 +9,7 @@ from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from rl_plasticity.catalog import registries
 from rl_plasticity.cli import cli
 from rl_plasticity.config import ConfigError, load_config
 from rl_plasticity.interventions import INTERVENTIONS
@@ -99,7 +100,7 @@ def base_file(tmp_path: Path) -> Path:
 def test_valid_configs_build_env_and_agent(tmp_path_factory, overrides):
     path = base_file(tmp_path_factory.mktemp("valid"))
     try:
-        cfg = load_config(path, list(overrides))
+        cfg = load_config(path, list(overrides), registries=registries())
     except ConfigError as exc:
         # Combinations may still be invalid as a whole (e.g. an odd crelu width); that must be a clean error.
         assert "\n" not in str(exc)

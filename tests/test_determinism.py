@@ -10,6 +10,7 @@ import torch as th
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from agents import PlasticDQN, PlasticPPO
+from rl_plasticity.catalog import registries
 from rl_plasticity.config import validate_config
 from rl_plasticity.runner import train
 
@@ -55,7 +56,8 @@ def test_same_seed_same_parameters_and_scalars(tmp_path: Path, algo: str):
                 logging=dict(root_dir=str(tmp_path), progress_bar=False),
                 monitor=dict(probe_every=50, probe_set_size=32, hessian_order=3, gram_size=16, trainability_steps=3),
                 checkpoint=dict(every=None, replay_buffer=False),
-            )
+            ),
+            registries=registries(),
         )
         runs.append(train(cfg))
     cls = PlasticDQN if algo == "dqn" else PlasticPPO

@@ -22,6 +22,7 @@ from stable_baselines3.common.vec_env import DummyVecEnv
 
 from agents import POLICIES, PlasticDQN
 from envs import make_sequence
+from rl_plasticity.catalog import registries
 from rl_plasticity.checkpoint import CheckpointStore
 from rl_plasticity.cli import cli
 from rl_plasticity.config import CONFIGS_DIR, load_config, validate_config
@@ -227,7 +228,7 @@ TINY = dict(
 
 
 def test_default_config_builds_a_stock_sb3_dqn():
-    cfg = validate_config(TINY)
+    cfg = validate_config(TINY, registries=registries())
     env = build_env(cfg)
     ours = build_agent(cfg, env).learn(300)
     hyper = cfg.agent.model_dump(
@@ -262,14 +263,15 @@ def test_config_passes_the_options_to_the_agent():
                 "exploration_reset_on_switch": True,
                 "random_steps_per_task": 30,
             },
-        }
+        },
+        registries=registries(),
     )
     assert cfg.agent.exploration_fraction is None  # exploration_steps alone replaces it
     agent = build_agent(cfg, build_env(cfg))
     assert (agent.td_loss, agent.max_grad_norm, agent.exploration_steps) == ("mse", math.inf, 70)
     assert agent.exploration_reset_on_switch and agent.random_steps_per_task == 30
     # The saved config loads again as it was (the resume path).
-    assert validate_config(cfg.model_dump(mode="json")) == cfg
+    assert validate_config(cfg.model_dump(mode="json"), registries=registries()) == cfg
 
 
 BAD = [
@@ -302,7 +304,7 @@ def test_bad_values_one_line_exit_2_nothing_written(tmp_path: Path, override: st
 
 
 def test_cchain_preset_runs_what_the_cchain_code_runs():
-    agent = load_config(CONFIGS_DIR / "dqn_minatar_cycle.yaml").agent
+    agent = load_config(CONFIGS_DIR / "dqn_minatar_cycle.yaml", registries=registries()).agent
     assert (agent.buffer_size, agent.exploration_steps, agent.exploration_fraction) == (100_000, 100_000, None)
     assert (agent.exploration_initial_eps, agent.exploration_final_eps) == (1.0, 0.1)
     assert (agent.random_steps_per_task, agent.learning_starts, agent.train_freq, agent.gradient_steps) == (
@@ -310,7 +312,7 @@ def test_cchain_preset_runs_what_the_cchain_code_runs():
     ) * 2 + (1, 1)
     assert (agent.td_loss, agent.max_grad_norm, agent.learning_rate, agent.batch_size) == ("mse", None, 3e-4, 32)
     assert (agent.target_update_interval, agent.double_q, agent.gamma) == (1_000, True, 0.99)
-    env = load_config(CONFIGS_DIR / "dqn_minatar_cycle.yaml").env
+    env = load_config(CONFIGS_DIR / "dqn_minatar_cycle.yaml", registries=registries()).env
     assert env.options == {
         "sticky_action_prob": 0.1,
         "low_return_cutoff": {"steps": 1000, "min_return": 0.1, "games": ["seaquest"]},
@@ -319,7 +321,7 @@ def test_cchain_preset_runs_what_the_cchain_code_runs():
 
 @pytest.mark.parametrize("preset,tasks", [("continual_minatar", 3), ("permuted_breakout", 6)])
 def test_study_presets_keep_the_schedule_they_ran_with(preset: str, tasks: int):
-    cfg = load_config(CONFIGS_DIR / "study" / f"{preset}.yaml")
+    cfg = load_config(CONFIGS_DIR / "study" / f"{preset}.yaml", registries=registries())
     # The study ran with exploration_fraction 0.0833333 of one pass (tasks x switch_every).
     assert cfg.agent.exploration_steps == round(0.0833333 * tasks * cfg.env.switch_every)
     assert cfg.agent.exploration_fraction is None
@@ -348,7 +350,9 @@ checkpoint: {every: 100, keep: 100}
 
 def test_resume_inside_a_visits_random_steps_equals_the_uninterrupted_run(tmp_path: Path):
     (tmp_path / "r.yaml").write_text(RESUME)
-    reference = train(load_config(tmp_path / "r.yaml", [f"logging.root_dir={tmp_path / 'ref'}"]))
+    reference = train(
+        load_config(tmp_path / "r.yaml", [f"logging.root_dir={tmp_path / 'ref'}"], registries=registries())
+    )
     # The reference's own checkpoint at step 600: task 1, 100 steps into its 150 random steps.
     run_dir = tmp_path / "copy"
     shutil.copytree(reference, run_dir)

@@ -11,10 +11,11 @@ import pytest
 import torch as th
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from rl_plasticity.catalog import registries
 from rl_plasticity.config import ConfigError, validate_config
-from rl_plasticity.evaluation import EvalCallback
+from rl_plasticity.evaluation import EvalCallback, EvalSettings
 from rl_plasticity.monitor import tensorboard_layout
-from rl_plasticity.runner import build_agent, build_env, train
+from rl_plasticity.runner import build_agent, build_env, settings_from, train
 from rl_plasticity.task_envs import TaskEnvs
 
 TASKS = ["cartpole/length=0.5", "cartpole/length=1.5", "cartpole/length=0.25"]
@@ -55,7 +56,7 @@ def scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
 
 
 def test_eval_logs_every_task_and_fills_task_summary(tmp_path: Path):
-    run_dir = train(validate_config(tiny_config(tmp_path, tasks="all", every=50)))
+    run_dir = train(validate_config(tiny_config(tmp_path, tasks="all", every=50), registries=registries()))
     logged = scalars(run_dir)
     for name in TASKS:
         for what in ("mean_return", "std_return", "mean_length"):
@@ -81,7 +82,7 @@ def test_eval_logs_every_task_and_fills_task_summary(tmp_path: Path):
 
 
 def test_eval_current_task_defaults_to_ten_rounds_per_visit(tmp_path: Path):
-    run_dir = train(validate_config(tiny_config(tmp_path)))
+    run_dir = train(validate_config(tiny_config(tmp_path), registries=registries()))
     logged = scalars(run_dir)
     assert [s for s, _ in logged["eval/cartpole/length=0.5/mean_return"]] == list(range(0, 201, 20))
     assert [s for s, _ in logged["eval/cartpole/length=1.5/mean_return"]] == list(range(220, 401, 20))
@@ -92,10 +93,10 @@ def test_eval_current_task_defaults_to_ten_rounds_per_visit(tmp_path: Path):
 @pytest.mark.parametrize("algo", ["dqn", "ppo"])
 def test_eval_plays_the_agents_deterministic_policy_on_the_seeded_episodes(tmp_path: Path, algo: str):
     # The vectorised rounds against one plain episode at a time with SB3's own predict(deterministic=True).
-    cfg = validate_config(tiny_config(tmp_path, algo, tasks="all", max_episode_steps=60))
+    cfg = validate_config(tiny_config(tmp_path, algo, tasks="all", max_episode_steps=60), registries=registries())
     env = build_env(cfg)
     agent = build_agent(cfg, env)
-    callback = EvalCallback(cfg.eval, TaskEnvs.from_config(cfg), cfg.env.switch_every)
+    callback = EvalCallback(settings_from(cfg.eval, EvalSettings), TaskEnvs.from_config(cfg), cfg.env.switch_every)
     agent.learn(300, callback=callback)
     assert set(callback.latest) == {0, 1, 2} and callback.latest[0].step == callback.last_step
     task_envs = TaskEnvs.from_config(cfg)
@@ -124,12 +125,16 @@ def test_eval_does_not_change_training(tmp_path: Path, algo: str):
     # Epsilon > 0 (the evaluation's own random draws), every task, often; a head reset at each switch draws from
     # torch's RNG, DQN's exploration from NumPy's and the action space's.
     base = tiny_config(tmp_path, algo, tasks="all", every=25, epsilon=0.3)
-    cfg = validate_config({**base, "interventions": ["reset"]})
+    cfg = validate_config({**base, "interventions": ["reset"]}, registries=registries())
     params = []
     for with_eval in (True, False):
         env = build_env(cfg)
         agent = build_agent(cfg, env)
-        callback = EvalCallback(cfg.eval, TaskEnvs.from_config(cfg), cfg.env.switch_every) if with_eval else None
+        callback = (
+            EvalCallback(settings_from(cfg.eval, EvalSettings), TaskEnvs.from_config(cfg), cfg.env.switch_every)
+            if with_eval
+            else None
+        )
         agent.learn(450, callback=callback)
         if with_eval:
             assert callback.last_step == agent.num_timesteps and len(callback.latest) == 3
@@ -140,13 +145,13 @@ def test_eval_does_not_change_training(tmp_path: Path, algo: str):
 
 def test_eval_epsilon_changes_the_returns(tmp_path: Path):
     # Epsilon is applied: a fully random evaluation policy plays other actions than the greedy one.
-    cfg = validate_config(tiny_config(tmp_path))
+    cfg = validate_config(tiny_config(tmp_path), registries=registries())
     env = build_env(cfg)
     agent = build_agent(cfg, env)
     results = {}
     for epsilon in (0.0, 1.0):
         callback = EvalCallback(
-            cfg.eval.model_copy(update={"epsilon": epsilon, "episodes": 8}),
+            settings_from(cfg.eval.model_copy(update={"epsilon": epsilon, "episodes": 8}), EvalSettings),
             TaskEnvs.from_config(cfg),
             cfg.env.switch_every,
         )
@@ -167,5 +172,5 @@ def test_eval_epsilon_changes_the_returns(tmp_path: Path):
 )
 def test_bad_eval_config_is_one_line(tmp_path: Path, override: dict, message: str):
     with pytest.raises(ConfigError) as info:
-        validate_config(tiny_config(tmp_path, **override))
+        validate_config(tiny_config(tmp_path, **override), registries=registries())
     assert message in str(info.value) and "\n" not in str(info.value)

@@ -22,6 +22,7 @@ from agents.fast_dqn import td_loss as td_loss_of
 from agents.hooks import Intervention
 from agents.networks import POLICIES, CReLU
 from envs import make_sequence
+from rl_plasticity.catalog import registries
 from rl_plasticity.config import ConfigError, load_config
 from rl_plasticity.interventions import INTERVENTIONS, build_interventions, register
 from rl_plasticity.runner import build_agent, build_env, train
@@ -243,12 +244,12 @@ def test_config_switch_reaches_the_agent(tmp_path):
         "env: {sequence: cartpole_shift, switch_every: 100}\n"
     )
     for value in (False, True):
-        cfg = load_config(tmp_path / "c.yaml", [f"agent.fast={str(value).lower()}"])
+        cfg = load_config(tmp_path / "c.yaml", [f"agent.fast={str(value).lower()}"], registries=registries())
         agent = build_agent(cfg, build_env(cfg))
         assert agent.fast is value
-    assert load_config(tmp_path / "c.yaml").agent.fast is False
+    assert load_config(tmp_path / "c.yaml", registries=registries()).agent.fast is False
     with pytest.raises(ConfigError, match="agent.fast"):
-        load_config(tmp_path / "c.yaml", ["agent.fast=sometimes"])
+        load_config(tmp_path / "c.yaml", ["agent.fast=sometimes"], registries=registries())
 
 
 # -- the explicit networks and the direct Adam step (agents/fast_dqn.py) ------------------------------------------
@@ -418,7 +419,9 @@ def test_explicit_path_run_with_monitor_eval_and_resume_equals_uninterrupted(
 
     monkeypatch.setattr(fast_dqn, "ExplicitLoss", Counted)
     (tmp_path / "run.yaml").write_text(MINATAR_FAST)
-    reference = train(load_config(tmp_path / "run.yaml", [f"logging.root_dir={tmp_path / 'ref'}"]))
+    reference = train(
+        load_config(tmp_path / "run.yaml", [f"logging.root_dir={tmp_path / 'ref'}"], registries=registries())
+    )
     assert len(explicit_updates) == (900 - 100) // 2  # every update of the run took the explicit networks
     result = cli_run(
         "train",

@@ -18,6 +18,7 @@ import pytest
 from click.testing import CliRunner
 from test_checkpoint import assert_same_logs, assert_same_model, latest_step, latest_step_under, only_run
 
+from rl_plasticity.catalog import registries
 from rl_plasticity.checkpoint import CheckpointStore
 from rl_plasticity.cli import cli
 from rl_plasticity.config import load_config
@@ -74,7 +75,7 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The uninterrupted run."""
     folder = tmp_path_factory.mktemp("reference")
     (folder / "f.yaml").write_text(CONFIG)
-    return train(load_config(folder / "f.yaml", [f"logging.root_dir={folder / 'out'}"]))
+    return train(load_config(folder / "f.yaml", [f"logging.root_dir={folder / 'out'}"], registries=registries()))
 
 
 @pytest.fixture
@@ -151,6 +152,31 @@ def test_a_second_writer_is_refused_while_the_first_lives(workdir: Path, referen
     result = cli_run("train", "--resume", str(run_dir), "--force", f"total_steps={latest_step(run_dir) + 100}")
     assert result.exit_code == 0, result.output
     assert f"resuming {run_dir} from step_" in result.stderr
+
+
+def test_the_run_and_the_sweep_lock_are_one_flock_helper(tmp_path: Path):
+    # In one process too: flock belongs to the open file, so a second open of .lock is a second holder.
+    from rl_plasticity.runlock import RunInUse
+    from rl_plasticity.sweep.driver import _exclusive
+    from rl_plasticity.sweep.grid import SweepError
+
+    with run_lock(tmp_path):
+        assert is_locked(tmp_path)
+        with (
+            pytest.raises(RunInUse, match=f"is being written by PID {os.getpid()} \\(rlp train\\)"),
+            run_lock(tmp_path),
+        ):
+            pass
+        with pytest.raises(SweepError, match="another rlp sweep is running"), _exclusive(tmp_path):
+            pass
+    assert not is_locked(tmp_path)
+    with _exclusive(tmp_path):
+        with pytest.raises(RunInUse), run_lock(tmp_path):
+            pass
+    # An error raised inside the block is the block's own, not a lock someone else holds.
+    with pytest.raises(BlockingIOError, match="the block's"), run_lock(tmp_path):
+        raise BlockingIOError("the block's")
+    assert not is_locked(tmp_path)
 
 
 def test_the_lock_is_taken_before_anything_is_written_and_released_after(workdir: Path, reference: Path):

@@ -7,8 +7,12 @@
   ``agents.ppo``): the rest of the code uses :class:`agents.hooks.PlasticAgent` and builds agents by name through
   ``agents.AGENTS``. Tests may import them.
 - Nothing below the runner imports ``rl_plasticity.config``: the agents, envs, probes, interventions, probing,
-  recording, monitor, checkpointing, evaluation and kernel checks take plain arguments; the runner and the CLI
-  validate the config. Today's exceptions are listed in :data:`CONFIG_EXCEPTIONS` with their reason.
+  recording, monitor, checkpointing, evaluation, kernel checks, run logger, task copies and run-directory
+  helpers take plain arguments (the monitor, evaluation and checkpoints a settings dataclass of their own,
+  which the runner fills from the validated config); the runner and the CLI validate the config. No module
+  is exempt.
+- ``rl_plasticity.config`` imports nothing of the project: it is a plain schema, validated against the
+  registries its caller passes in (:func:`rl_plasticity.catalog.registries`).
 
 Every import counts, at module level or inside a function (a lazy import is still an arrow), and under
 ``TYPE_CHECKING`` too.
@@ -44,14 +48,15 @@ BELOW_RUNNER = (
     "rl_plasticity.checkpoint",
     "rl_plasticity.evaluation",
     "rl_plasticity.kernels",
+    "rl_plasticity.run_logger",
+    "rl_plasticity.task_envs",
+    "rl_plasticity.task_logging",
+    "rl_plasticity.probe_sets",
+    "rl_plasticity.provenance",
+    "rl_plasticity.layout",
+    "rl_plasticity.runlock",
+    "rl_plasticity.rundirs",
 )
-#: Known exceptions to the config rule, each with why it is still there (issue 14, section 3, removes them).
-CONFIG_EXCEPTIONS = {
-    "rl_plasticity.monitor": "PlasticityMonitor takes the validated MonitorConfig as its settings object",
-    "rl_plasticity.checkpoint": "the checkpoint writer takes the validated CheckpointConfig (keep_last, every)",
-    "rl_plasticity.evaluation": "the evaluation callbacks take the validated EvalConfig",
-    "rl_plasticity.kernels": "the cpu_kernels check raises ConfigError so a wrong environment exits 2 like a bad key",
-}
 
 
 def module_name(path: Path) -> str:
@@ -107,12 +112,24 @@ def agent_class_rule(module: str, name: str) -> str | None:
 
 
 def config_rule(module: str, name: str) -> str | None:
-    if within(module, BELOW_RUNNER) and module not in CONFIG_EXCEPTIONS and within(name, "rl_plasticity.config"):
+    if within(module, BELOW_RUNNER) and within(name, "rl_plasticity.config"):
         return "nothing below the runner imports rl_plasticity.config"
     return None
 
 
-RULES: list[Callable[[str, str], str | None]] = [envs_rule, probes_rule, agent_class_rule, config_rule]
+def plain_config_rule(module: str, name: str) -> str | None:
+    if module == "rl_plasticity.config" and within(name, PROJECT) and name != "rl_plasticity":
+        return "rl_plasticity.config imports nothing of the project (the registries come from its caller)"
+    return None
+
+
+RULES: list[Callable[[str, str], str | None]] = [
+    envs_rule,
+    probes_rule,
+    agent_class_rule,
+    config_rule,
+    plain_config_rule,
+]
 
 
 def violations(source: str, module: str, is_package: bool = False) -> list[str]:
@@ -137,13 +154,6 @@ def test_the_tree_keeps_the_layer_rules() -> None:
     assert found == []
 
 
-def test_config_exceptions_are_still_needed() -> None:
-    """An exception whose module no longer imports the config must be dropped from the list."""
-    for module in CONFIG_EXCEPTIONS:
-        path = ROOT / (module.replace(".", "/") + ".py")
-        assert any(within(n, "rl_plasticity.config") for n in imported_names(path.read_text(), module)), module
-
-
 @pytest.mark.parametrize(
     ("source", "module", "rule"),
     [
@@ -159,6 +169,13 @@ def test_config_exceptions_are_still_needed() -> None:
         ("from agents import PlasticDQN\n", "rl_plasticity.monitor", "concrete agent"),
         ("def f():\n    from agents.ppo import PPOLoss\n", "rl_plasticity.interventions.l2", "concrete agent"),
         ("from rl_plasticity.config import MonitorConfig\n", "rl_plasticity.probing", "below the runner"),
+        ("from rl_plasticity.config import MonitorConfig\n", "rl_plasticity.monitor", "below the runner"),
+        ("from rl_plasticity.config import ConfigError\n", "rl_plasticity.kernels", "below the runner"),
+        ("def f():\n    from .config import EvalConfig\n", "rl_plasticity.evaluation", "below the runner"),
+        ("from rl_plasticity import config\n", "rl_plasticity.checkpoint", "below the runner"),
+        ("def f():\n    from envs import SEQUENCES\n", "rl_plasticity.config", "registries come from its caller"),
+        ("from rl_plasticity.interventions import INTERVENTIONS\n", "rl_plasticity.config", "registries come from"),
+        ("from .probes import probe_kinds\n", "rl_plasticity.config", "registries come from its caller"),
         ("from .config import RunConfig\n", "rl_plasticity.recording", "below the runner"),
         ("from rl_plasticity import config\n", "agents.dqn", "below the runner"),
     ],
@@ -180,7 +197,8 @@ def test_each_rule_flags_a_violation(source: str, module: str, rule: str) -> Non
         ("from agents import AGENTS\nfrom agents.hooks import PlasticAgent\n", "rl_plasticity.runner"),
         ("from agents import PlasticDQN\n", "agents.fast_dqn"),
         ("from rl_plasticity.config import RunConfig\n", "rl_plasticity.runner"),
-        ("from rl_plasticity.config import MonitorConfig\n", "rl_plasticity.monitor"),  # a listed exception
+        ("from rl_plasticity.config import load_config\n", "rl_plasticity.cli"),
+        ("from rl_plasticity.config import ConfigError\n", "rl_plasticity.sweep.plan"),
     ],
 )
 def test_allowed_imports_pass(source: str, module: str) -> None:

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from rl_plasticity.catalog import registries
 from rl_plasticity.config import validate_config
 from rl_plasticity.interventions import INTERVENTIONS
 from rl_plasticity.runner import train
@@ -41,7 +42,8 @@ def test_intervention_runs_and_logs_its_tags(tmp_path: Path, name: str, fast: bo
             checkpoint=dict(every=None, replay_buffer=False),
             interventions=[name],
             intervention_params={name: FAST[name]} if name in FAST else {},
-        )
+        ),
+        registries=registries(),
     )
     run_dir = train(cfg)
     (events,) = run_dir.glob("events.out.tfevents.*")

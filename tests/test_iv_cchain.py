@@ -13,6 +13,7 @@ from test_agents import assert_same_parameters
 from test_checkpoint import DQN, _SigtermAt, assert_same_logs, assert_same_model, cli_run, latest_step, only_run
 
 from agents import PlasticDQN, PlasticPPO
+from rl_plasticity.catalog import registries
 from rl_plasticity.config import load_config, validate_config
 from rl_plasticity.interventions import INTERVENTIONS, register
 from rl_plasticity.interventions.cchain import COEF_EPS, CChain, CChainParams, WindowMean
@@ -85,12 +86,13 @@ def numpy_params(agent: PlasticDQN) -> dict[str, np.ndarray]:
 def test_registered_for_dqn_only_with_a_clear_error_for_ppo():
     assert INTERVENTIONS["cchain"].algos == ("dqn",)
     with pytest.raises(ValueError, match="'cchain' does not support agent 'ppo'"):
-        validate_config(dict(name="x", agent=dict(algo="ppo"), interventions=["cchain"]))
+        validate_config(dict(name="x", agent=dict(algo="ppo"), interventions=["cchain"]), registries=registries())
     with pytest.raises(ValueError, match="cchain supports DQN only"):
         PlasticPPO("MlpPolicy", "CartPole-v1", interventions=[CChain()], n_steps=64, batch_size=32, device="cpu")
     with pytest.raises(ValueError, match="intervention_params.cchain.ref_batch_size"):
         validate_config(
-            dict(name="x", interventions=["cchain"], intervention_params=dict(cchain=dict(ref_batch_size=0)))
+            dict(name="x", interventions=["cchain"], intervention_params=dict(cchain=dict(ref_batch_size=0))),
+            registries=registries(),
         )
 
 
@@ -256,7 +258,11 @@ def test_resume_equals_uninterrupted(tmp_path: Path, sigterm_intervention: None)
     (tmp_path / "dqn.yaml").write_text(DQN)
     cchain = ["intervention_params.cchain.auto_after=100", "intervention_params.cchain.window=64"]
     reference = train(
-        load_config(tmp_path / "dqn.yaml", [f"logging.root_dir={tmp_path / 'ref'}", "interventions=[cchain]", *cchain])
+        load_config(
+            tmp_path / "dqn.yaml",
+            [f"logging.root_dir={tmp_path / 'ref'}", "interventions=[cchain]", *cchain],
+            registries=registries(),
+        )
     )
     result = cli_run(
         "train",

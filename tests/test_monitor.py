@@ -10,11 +10,12 @@ import pytest
 import torch as th
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from rl_plasticity.catalog import registries
 from rl_plasticity.config import validate_config
-from rl_plasticity.monitor import MonitorCallback
+from rl_plasticity.monitor import MonitorCallback, MonitorSettings
 from rl_plasticity.probe_sets import ProbeSets, random_policy_transitions
 from rl_plasticity.probes import effective_rank
-from rl_plasticity.runner import build_agent, build_env, train
+from rl_plasticity.runner import build_agent, build_env, settings_from, train
 from rl_plasticity.task_envs import TaskEnvs
 
 MONITOR = dict(probe_every=50, probe_set_size=64, hessian_order=5, gram_size=32, trainability_steps=5)
@@ -57,7 +58,9 @@ def read_events(run_dir: Path) -> EventAccumulator:
 @pytest.mark.parametrize("algo", ["dqn", "ppo"])
 def test_monitor_logs_probes_summary_and_probe_sets(tmp_path: Path, algo: str):
     # PPO takes 4 gradient steps per 64-step rollout here, so it needs a shorter probe period.
-    run_dir = train(validate_config(tiny_config(tmp_path, algo, probe_every=50 if algo == "dqn" else 8)))
+    run_dir = train(
+        validate_config(tiny_config(tmp_path, algo, probe_every=50 if algo == "dqn" else 8), registries=registries())
+    )
     acc = read_events(run_dir)
     scalars = set(acc.Tags()["scalars"])
     for source in ("probe_set", "batch"):
@@ -107,12 +110,12 @@ def test_monitor_logs_probes_summary_and_probe_sets(tmp_path: Path, algo: str):
 
 def test_probe_set_values_match_an_independent_computation(tmp_path: Path):
     # The erank logged for task 0's probe set at its switch equals effective_rank on that frozen set.
-    cfg = validate_config(tiny_config(tmp_path, probe_every=10_000))
+    cfg = validate_config(tiny_config(tmp_path, probe_every=10_000), registries=registries())
     env = build_env(cfg)
     agent = build_agent(cfg, env)
     run_dir = tmp_path / "direct"
     run_dir.mkdir()
-    callback = MonitorCallback(cfg.monitor, run_dir, TaskEnvs.from_config(cfg))
+    callback = MonitorCallback(settings_from(cfg.monitor, MonitorSettings), run_dir, TaskEnvs.from_config(cfg))
     seen: dict[str, float] = {}
 
     original = callback._probe_round
@@ -135,12 +138,16 @@ def test_probe_set_values_match_an_independent_computation(tmp_path: Path):
 @pytest.mark.parametrize("algo", ["dqn", "ppo"])
 def test_monitor_does_not_change_training(tmp_path: Path, algo: str):
     # Both probe sources: the random-policy sets are built during training (at the first round of a task).
-    cfg = validate_config(tiny_config(tmp_path, algo, probe_every=20, first_visit=True))
+    cfg = validate_config(tiny_config(tmp_path, algo, probe_every=20, first_visit=True), registries=registries())
     params = []
     for with_monitor in (True, False):
         env = build_env(cfg)
         agent = build_agent(cfg, env)
-        callback = MonitorCallback(cfg.monitor, tmp_path, TaskEnvs.from_config(cfg)) if with_monitor else None
+        callback = (
+            MonitorCallback(settings_from(cfg.monitor, MonitorSettings), tmp_path, TaskEnvs.from_config(cfg))
+            if with_monitor
+            else None
+        )
         agent.learn(500, callback=callback)
         assert agent.interventions == []  # the monitor's observer is gone afterwards
         params.append({k: v.clone() for k, v in agent.policy.state_dict().items()})
@@ -170,13 +177,18 @@ def test_monitor_leaves_ppo_minatar_training_unchanged(tmp_path: Path):
             tiny_config(tmp_path, "ppo", probe_every=4, hessian_order=3, gram_size=8, probe_set_size=16),
             net=dict(kind="minatar", width=8, channels=4),
             env=dict(sequence="continual_minatar", switch_every=128),
-        )
+        ),
+        registries=registries(),
     )
     params = []
     for with_monitor in (True, False):
         env = build_env(cfg)
         agent = build_agent(cfg, env)
-        callback = MonitorCallback(cfg.monitor, tmp_path, TaskEnvs.from_config(cfg)) if with_monitor else None
+        callback = (
+            MonitorCallback(settings_from(cfg.monitor, MonitorSettings), tmp_path, TaskEnvs.from_config(cfg))
+            if with_monitor
+            else None
+        )
         agent.learn(256, callback=callback)  # the switch at 128 probes task 0's random-policy set
         assert all(isinstance(p, th.nn.Parameter) for m in agent.policy.modules() for p in m._parameters.values())
         params.append({k: v.clone() for k, v in agent.policy.state_dict().items()})
@@ -242,7 +254,7 @@ def _probe_set_run(tmp_path: Path, name: str, seed: int = 3, **over) -> Path:
     )
     for key, value in over.items():
         cfg[key] = {**cfg[key], **value} if isinstance(value, dict) else value
-    run_dir = train(validate_config(cfg))
+    run_dir = train(validate_config(cfg, registries=registries()))
     return run_dir
 
 

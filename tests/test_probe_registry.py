@@ -4,12 +4,15 @@ all read it)."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import gymnasium as gym
 import pytest
 import torch as th
 from click.testing import CliRunner
 
 from agents import PlasticDQN, PlasticPPO
+from rl_plasticity.catalog import registries
 from rl_plasticity.cli import cli
 from rl_plasticity.config import ConfigError, MonitorConfig, validate_config
 from rl_plasticity.monitor import MAY_BE_NAN, tensorboard_layout
@@ -111,7 +114,9 @@ def test_a_new_probe_is_one_registration(agents, restore_registry):
         expected = 2.0 * agent.value_features(batch.observations).mean().item()
     assert result.scalars == {"mean_feature/value_head": pytest.approx(expected)}
     assert next(iter(PROBES)) == "mean_feature"  # order=1: first
-    assert validate_config({"monitor": {"probes": ["mean_feature"]}}).monitor.probes == ["mean_feature"]
+    assert validate_config({"monitor": {"probes": ["mean_feature"]}}, registries=registries()).monitor.probes == [
+        "mean_feature"
+    ]
     assert tensorboard_layout()["test group"] == {"mean_feature": ["Multiline", ["plasticity/mean_feature/.*"]]}
     listing = CliRunner().invoke(cli, ["list", "probes"])
     assert listing.exit_code == 0 and "mean_feature" in listing.output and "a test probe" in listing.output
@@ -120,14 +125,39 @@ def test_a_new_probe_is_one_registration(agents, restore_registry):
 
 
 def test_config_validates_against_the_names_passed_in():
-    mine = {"only_light": "light", "only_heavy": "heavy"}
+    mine = replace(registries(), probe_kinds={"only_light": "light", "only_heavy": "heavy"})
     cfg = validate_config(
-        {"monitor": {"probes": ["only_light"], "batch_probes": [], "switch_probes": ["only_heavy"]}}, probe_kinds=mine
+        {"monitor": {"probes": ["only_light"], "batch_probes": [], "switch_probes": ["only_heavy"]}}, registries=mine
     )
     assert cfg.monitor.switch_probes == ["only_heavy"]
     with pytest.raises(ConfigError, match=r"^monitor.probes: 'rank' is not a light probe; valid: only_light "):
-        validate_config({"monitor": {"batch_probes": []}}, probe_kinds=mine)  # the default list names rank
+        validate_config({"monitor": {"batch_probes": []}}, registries=mine)  # the default list names rank
     with pytest.raises(ConfigError, match=r"monitor.switch_probes: 'rank' is a light probe: it goes in monitor.probes"):
-        validate_config({"monitor": {"switch_probes": ["rank"]}})
+        validate_config({"monitor": {"switch_probes": ["rank"]}}, registries=registries())
     with pytest.raises(ConfigError, match=r"'gramm' is not a heavy probe \(did you mean 'gram'\?\); valid: hessian, "):
-        validate_config({"monitor": {"switch_probes": ["gramm"]}})
+        validate_config({"monitor": {"switch_probes": ["gramm"]}}, registries=registries())
+
+
+def test_config_validates_sequences_and_interventions_against_the_registries_passed_in():
+    # The config module imports no registry: a sequence or intervention the caller's registries lack is refused,
+    # one the caller adds is accepted (with its own parameters checked).
+    from rl_plasticity.interventions import INTERVENTIONS
+
+    mine = replace(registries(), sequences=("cartpole_shift",), interventions={"l2": INTERVENTIONS["l2"]})
+    cfg = validate_config(
+        {"env": {"sequence": "cartpole_shift"}, "interventions": ["l2"], "intervention_params": {"l2": {"coef": 0.5}}},
+        registries=mine,
+    )
+    assert cfg.interventions == ["l2"]
+    with pytest.raises(
+        ConfigError, match=r"^env.sequence: 'continual_minatar' is not a task sequence; valid: cartpole_shift"
+    ):
+        validate_config({"env": {"sequence": "continual_minatar"}}, registries=mine)
+    with pytest.raises(ConfigError, match=r"^interventions\[0\]: 'reset' is not an intervention; valid: l2$"):
+        validate_config({"env": {"sequence": "cartpole_shift"}, "interventions": ["reset"]}, registries=mine)
+    with pytest.raises(
+        ConfigError, match=r"^unknown config key 'intervention_params.l2.wd'.*; valid keys for l2: coef"
+    ):
+        validate_config(
+            {"env": {"sequence": "cartpole_shift"}, "intervention_params": {"l2": {"wd": 1}}}, registries=mine
+        )

@@ -342,11 +342,13 @@ def test_portable_kernels_refused_without_threads_or_without_the_pins(tmp_path: 
     assert result.exit_code == 2 and "cpu_kernels" in result.stderr and "portable" in result.stderr
 
     # From Python, in a process where torch already computed with its own choice: refused, nothing written.
-    from rl_plasticity.config import ConfigError, load_config
+    from rl_plasticity.catalog import registries
+    from rl_plasticity.config import load_config
+    from rl_plasticity.kernels import KernelError
     from rl_plasticity.runner import train
 
     for key in PINS:
         monkeypatch.delenv(key, raising=False)
-    with pytest.raises(ConfigError, match="needs ATEN_CPU_CAPABILITY=avx2 MKL_CBWR=COMPATIBLE in the environment"):
-        train(load_config(tmp_path / "tiny.yaml", ["cpu_kernels=portable"]))
+    with pytest.raises(KernelError, match="needs ATEN_CPU_CAPABILITY=avx2 MKL_CBWR=COMPATIBLE in the environment"):
+        train(load_config(tmp_path / "tiny.yaml", ["cpu_kernels=portable"], registries=registries()))
     assert not (tmp_path / "out").exists()

@@ -719,3 +719,42 @@ def test_report_names_runs_without_evaluation(eval_runs: Path, tmp_path: Path):
     assert "1 of 7 runs logged no evaluation return" in md and "20260101-000009_seed9" in md
     stats = pd.read_csv(tmp_path / "out" / "visits.csv")
     assert stat(stats, 2, "none", "eval_return")["n"] == 2 and stat(stats, 2, "none", "mean_return")["n"] == 3
+
+
+def test_the_runner_and_the_report_build_a_runs_sequence_with_the_same_arguments(monkeypatch: pytest.MonkeyPatch):
+    # One builder of make_sequence's arguments (task_envs.sequence_args): the runner's training envs, the task
+    # copies and the report's rebuilt sequence get the same ones, the sequence seed falling back to the run seed.
+    from rl_plasticity import runner
+    from rl_plasticity.catalog import registries
+    from rl_plasticity.config import validate_config
+    from rl_plasticity.report import runs
+    from rl_plasticity.task_envs import TaskEnvs
+
+    seen: list[dict] = []
+
+    def spy(**kwargs):
+        seen.append(kwargs)
+        return make_sequence(**kwargs)
+
+    from envs import make_sequence
+
+    monkeypatch.setattr(runner, "make_sequence", spy)
+    monkeypatch.setattr("envs.make_sequence", spy)
+    env = {"sequence": "cartpole_shift", "order": "random", "n_envs": 2, "options": {"values": [0.5, 1.5]}}
+    for sequence_seed, expected_seed in ((None, 7), (3, 3)):
+        seen.clear()
+        cfg = validate_config({"seed": 7, "env": {**env, "sequence_seed": sequence_seed}}, registries=registries())
+        runner.build_env(cfg).close()
+        runs._task_names.cache_clear()
+        assert runs.task_names(cfg.model_dump(mode="json")) == ["cartpole/length=0.5", "cartpole/length=1.5"]
+        expected = dict(
+            name="cartpole_shift",
+            switch_every=cfg.env.switch_every,
+            order="random",
+            task_order=None,
+            seed=expected_seed,
+            num_envs=2,
+            values=[0.5, 1.5],
+        )
+        assert seen and all(kwargs == expected for kwargs in seen), seen
+        assert TaskEnvs.from_config(cfg).sequence_seed == expected_seed

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from rl_plasticity.catalog import registries
 from rl_plasticity.cli import cli
 from rl_plasticity.config import load_config
 from rl_plasticity.rundirs import run_progress
@@ -97,11 +98,14 @@ def test_grid_expansion_labels_and_overrides():
 def test_grid_values_reach_the_trial_config_unchanged(tiny: Path):
     # Nested lists, strings that need quoting and nulls survive the trip through an override string.
     _, overrides = parse_grid("env.options.values=[[0.5,1.5],[2.0,0.25,3]]")
-    assert [load_config(tiny, [o]).env.options["values"] for o in overrides] == [[0.5, 1.5], [2.0, 0.25, 3]]
+    assert [load_config(tiny, [o], registries=registries()).env.options["values"] for o in overrides] == [
+        [0.5, 1.5],
+        [2.0, 0.25, 3],
+    ]
     _, overrides = parse_grid('env.options.note=[\'a=b\', "x y", "it\'s"]')
     assert overrides == ["env.options.note='a=b'", "env.options.note='x y'", "env.options.note='it''s'"]
     _, overrides = parse_grid("checkpoint.every=[null,1000]")
-    assert [load_config(tiny, [o]).checkpoint.every for o in overrides] == [None, 1000]
+    assert [load_config(tiny, [o], registries=registries()).checkpoint.every for o in overrides] == [None, 1000]
 
 
 def test_plan_trials_arms_fresh_and_their_full_configs(tiny: Path):
@@ -131,7 +135,7 @@ def test_plan_trials_arms_fresh_and_their_full_configs(tiny: Path):
         "interventions=[reset]",
         "agent.learning_rate=0.0001",
     )
-    cfg = load_config(tiny, trial.run_overrides(plan.sweep_dir, 2))
+    cfg = load_config(tiny, trial.run_overrides(plan.sweep_dir, 2), registries=registries())
     assert (cfg.seed, cfg.name, cfg.threads, cfg.interventions) == (2, "reset_0.0001", 2, ["reset"])
     assert (cfg.agent.learning_rate, cfg.agent.gamma, cfg.logging.root_dir) == (1e-4, 0.9, str(plan.sweep_dir))
     assert plan.configs[trial.id]["agent.learning_rate"] == 1e-4 and "threads" not in plan.configs[trial.id]
@@ -139,7 +143,7 @@ def test_plan_trials_arms_fresh_and_their_full_configs(tiny: Path):
     # Fresh network: the base config on task k alone, one switch period, no intervention.
     f = plan.trial("fresh_task2/seed0")
     assert (f.arm, f.task) == ("fresh", "cartpole/length=0.25")
-    cfg = load_config(tiny, f.run_overrides(plan.sweep_dir, 1))
+    cfg = load_config(tiny, f.run_overrides(plan.sweep_dir, 1), registries=registries())
     assert (cfg.env.order, cfg.env.task_order, cfg.total_steps, cfg.interventions) == ("explicit", [2], None, [])
     assert cfg.agent.gamma == 0.9 and cfg.agent.learning_rate == 5e-4  # the base's, not a grid value
 
@@ -357,7 +361,7 @@ def test_ray_sweep_2x2_end_to_end(tiny: Path):
         label, seed = trial_id.split("/seed")
         assert entry["status"] == "finished" and entry["attempts"] == 1
         run_dir = sweep / entry["run_dir"]
-        cfg = load_config(run_dir / "config.yaml")
+        cfg = load_config(run_dir / "config.yaml", registries=registries())
         assert (cfg.seed, cfg.name, cfg.threads) == (int(seed), label, 1)
         assert cfg.interventions == ([] if label == "none" else ["l2"])
         assert run_progress(run_dir).complete and (run_dir / "model.zip").is_file()
@@ -398,7 +402,7 @@ def test_flat_config_keeps_empty_mappings_only_for_a_trial(tiny: Path):
     from rl_plasticity.config import flat_config
     from rl_plasticity.sweep.plan import trial_config
 
-    cfg = load_config(tiny, ["intervention_params={}", "agent.gamma=0.9"])
+    cfg = load_config(tiny, ["intervention_params={}", "agent.gamma=0.9"], registries=registries())
     run, trial = flat_config(cfg), trial_config(cfg)
     assert run["agent.gamma"] == trial["agent.gamma"] == 0.9 and run["net.width"] == 16
     assert not any(k.startswith("intervention_params") for k in run)

@@ -13,7 +13,6 @@ from rl_plasticity.interventions.registry import (
     InterventionSpec,
     build_interventions,
     register,
-    valid_intervention_names,
 )
 
 _INFRASTRUCTURE = {"base", "registry", "surgery"}
@@ -28,5 +27,4 @@ __all__ = [
     "TriggeredIntervention",
     "build_interventions",
     "register",
-    "valid_intervention_names",
 ]

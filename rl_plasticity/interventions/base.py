@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -42,6 +43,15 @@ class PlasticityIntervention(Intervention):
     def log(self, agent: PlasticAgent, key: str, value: float) -> None:
         """Record ``interventions/<name>/<key>`` (written at the logger's next dump)."""
         agent.logger.record(f"interventions/{self.name}/{key}", value)
+
+    def log_layers(self, agent: PlasticAgent, values: Mapping[str, float]) -> None:
+        """Record per-layer values as ``interventions/<name>/<key>``, in TensorBoard only.
+
+        They stay out of the console table: SB3 truncates its keys to 36 characters and fails on two that then
+        coincide (PPO's ``mlp_extractor.policy_net.0`` / ``value_net.0``).
+        """
+        for key, value in values.items():
+            agent.logger.record(f"interventions/{self.name}/{key}", value, exclude=("stdout", "log"))
 
     def fire(self, agent: PlasticAgent, **touched: float) -> None:
         """Count one firing and log it with what it touched (units, parameters, fraction, ...)."""

@@ -163,10 +163,7 @@ class KFACRank(L2Penalty, PlasticityIntervention):
             products.append(erank_a * erank_g)
             logged += [(f"erank_A/{name}", erank_a), (f"erank_G/{name}", erank_g)]
         values = th.stack([value.detach() for _, value in logged]).tolist() if logged else []
-        for (key, _), value in zip(logged, values):
-            # Out of the console table: SB3 truncates its keys to 36 characters and fails on two that then
-            # coincide (PPO's mlp_extractor.policy_net.0 / value_net.0).
-            agent.logger.record(f"interventions/{self.name}/{key}", value, exclude=("stdout", "log"))
+        self.log_layers(agent, {key: value for (key, _), value in zip(logged, values)})
 
         # Mean over all layers, the skipped ones counting 0.
         total = th.stack(products).sum() if products else loss.new_zeros(())

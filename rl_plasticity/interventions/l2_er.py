@@ -129,10 +129,7 @@ class L2ER(L2Penalty, PlasticityIntervention):
 
     def _fire(self, agent: PlasticAgent, logged: dict[str, float]) -> None:
         self.fire(agent, er_loss=logged.pop("er_loss"))
-        for key, value in logged.items():
-            # Per-layer keys stay out of the console table: SB3 truncates its keys to 36 characters and
-            # fails on two that then coincide (PPO's mlp_extractor.policy_net.1 / value_net.1).
-            agent.logger.record(f"interventions/{self.name}/{key}", value, exclude=("stdout", "log"))
+        self.log_layers(agent, logged)
 
     def er_step(self, agent: PlasticAgent, obs: th.Tensor) -> dict[str, float]:
         """One plain gradient step ``theta <- theta - er_lr * grad L_ER`` on ``obs``; returns what to log.

@@ -112,10 +112,7 @@ class ReDo(PlasticityIntervention):
         logged = self.recycle(agent, batch)
         per_layer = {key: logged.pop(key) for key in list(logged) if key.startswith("recycled/")}
         self.fire(agent, **logged)
-        for key, value in per_layer.items():
-            # Per-layer keys stay out of the console table: SB3 truncates its keys to 36 characters and fails
-            # on two that then coincide (PPO's mlp_extractor.policy_net.0 / .2).
-            agent.logger.record(f"interventions/{self.name}/{key}", value, exclude=("stdout", "log"))
+        self.log_layers(agent, per_layer)
 
     def scoring_batch(self, agent: PlasticAgent) -> NamedTuple:
         """``replay_batch_size`` transitions drawn afresh from the agent's buffer, to score the units on.

@@ -61,11 +61,6 @@ def register(
     return decorate
 
 
-def valid_intervention_names() -> str:
-    """The registered names, for error messages."""
-    return ", ".join(sorted(INTERVENTIONS)) or "(none registered yet)"
-
-
 def build_interventions(names: Sequence[str], params: Mapping[str, Mapping[str, Any]]) -> list[PlasticityIntervention]:
     """Instantiate the named interventions, in order, each with its (validated) parameters.
 

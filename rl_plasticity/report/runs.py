@@ -104,21 +104,12 @@ def config_arm(config: dict[str, Any]) -> tuple[str, str]:
 
 
 @lru_cache(maxsize=64)
-def _task_names(env_json: str) -> tuple[str, ...]:
+def _task_names(args_json: str) -> tuple[str, ...]:
     import json
 
     from envs import make_sequence
 
-    env = json.loads(env_json)
-    seq = make_sequence(
-        env["sequence"],
-        switch_every=env["switch_every"],
-        order=env.get("order", "cyclic"),
-        task_order=env.get("task_order"),
-        seed=env["seed"],
-        num_envs=env.get("n_envs", 1),
-        **(env.get("options") or {}),
-    )
+    seq = make_sequence(**json.loads(args_json))
     try:
         return tuple(seq.task_names)
     finally:
@@ -126,14 +117,15 @@ def _task_names(env_json: str) -> tuple[str, ...]:
 
 
 def task_names(config: dict[str, Any]) -> list[str]:
-    """The run's task names by task id (building its sequence, as the run did); empty if that fails."""
+    """The run's task names by task id (building its sequence as the run did: :func:`sequence_args`); empty if
+    that fails."""
     import json
 
-    env = dict(config.get("env") or {})
-    seed = env.get("sequence_seed")
-    env["seed"] = config.get("seed", 0) if seed is None else seed
+    from rl_plasticity.task_envs import sequence_args
+
     try:
-        return list(_task_names(json.dumps(env, sort_keys=True)))
+        args = sequence_args(config.get("env") or {}, config.get("seed", 0))
+        return list(_task_names(json.dumps(args, sort_keys=True)))
     except (ValueError, TypeError, KeyError):  # an old or foreign config: visits then name tasks task<k>
         return []
 

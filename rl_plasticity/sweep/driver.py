@@ -10,7 +10,6 @@ their last checkpoint, failed ones retried.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import logging
 import os
 import signal
@@ -20,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from rl_plasticity.layout import LOCK_FILE
+from rl_plasticity.runlock import exclusive_lock
 from rl_plasticity.sweep.grid import SweepError
 from rl_plasticity.sweep.plan import SweepPlan, Trial, check_sweep_dir, new_manifest, write_manifest
 from rl_plasticity.sweep.trial import TrialJob, TrialOutcome, execute_trial, trial_state
@@ -119,28 +119,14 @@ def run_sweep(
     if ray is not None and todo:
         _ray_init(ray, address, num_cpus, plan.cpus_per_trial)  # before anything is written: it may fail
     try:
-        return _run(plan, command, old, ray, summary, todo, sequential, address, num_cpus, max_concurrent, echo)
+        plan.sweep_dir.mkdir(parents=True, exist_ok=True)
+        with _exclusive(plan.sweep_dir):
+            return _run_locked(
+                plan, command, old, ray, summary, todo, sequential, address, num_cpus, max_concurrent, echo
+            )
     finally:
         if ray is not None and ray.is_initialized():
             ray.shutdown()
-
-
-def _run(
-    plan: SweepPlan,
-    command: list[str],
-    old: dict[str, Any] | None,
-    ray: Any,
-    summary: SweepSummary,
-    todo: list[Trial],
-    sequential: bool,
-    address: str | None,
-    num_cpus: int | None,
-    max_concurrent: int | None,
-    echo: Callable[[str], None],
-) -> SweepSummary:
-    plan.sweep_dir.mkdir(parents=True, exist_ok=True)
-    with _exclusive(plan.sweep_dir):
-        return _run_locked(plan, command, old, ray, summary, todo, sequential, address, num_cpus, max_concurrent, echo)
 
 
 @contextlib.contextmanager
@@ -150,15 +136,12 @@ def _exclusive(sweep_dir: Path) -> Iterator[None]:
 
     :raises SweepError: another ``rlp sweep`` holds it.
     """
-    with (sweep_dir / LOCK_FILE).open("a") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            raise SweepError(f"--out: another rlp sweep is running on {sweep_dir}; wait for it or stop it") from None
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def running() -> SweepError:
+        return SweepError(f"--out: another rlp sweep is running on {sweep_dir}; wait for it or stop it")
+
+    with exclusive_lock(sweep_dir / LOCK_FILE, running):
+        yield
 
 
 def _run_locked(

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from rl_plasticity.catalog import registries
 from rl_plasticity.config import ConfigError, RunConfig, flat_config, load_config
 from rl_plasticity.sweep.grid import (
     SweepError,
@@ -135,11 +136,12 @@ def build_plan(
     :raises SweepError: any bad input, one line.
     """
     config = Path(config).resolve()
+    known = registries()  # the names every trial's config is checked against
     for override in overrides:
         if "=" in override:
             check_not_sweep_key(override_key(override), f"override '{override}'")
     try:
-        base = load_config(config, overrides)
+        base = load_config(config, overrides, registries=known)
     except ConfigError as exc:
         raise SweepError(str(exc)) from None
     if cpus_per_trial < 1:
@@ -195,7 +197,7 @@ def build_plan(
     checked_envs = {json.dumps(base.env.model_dump(mode="json"), sort_keys=True)}
     for trial in trials:
         try:
-            cfg = load_config(config, trial.run_overrides(sweep_dir, cpus_per_trial))
+            cfg = load_config(config, trial.run_overrides(sweep_dir, cpus_per_trial), registries=known)
         except ConfigError as exc:
             raise SweepError(f"trial {trial.id}: {exc}") from None
         env_key = json.dumps(cfg.env.model_dump(mode="json"), sort_keys=True)

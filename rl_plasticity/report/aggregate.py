@@ -182,6 +182,11 @@ def sequence_stats(
     return frame.sort_values("arm", key=lambda a: a.map(order), kind="stable").reset_index(drop=True)
 
 
+def _fresh_by_seed_and_task(done: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """The fresh arm's ``metric``, seeds x tasks (the mean where a seed has several runs on a task)."""
+    return done[done["arm"] == "fresh"].groupby(["seed", "task"])[metric].mean().unstack("task")
+
+
 def whole_run_stats(
     rows: pd.DataFrame, keys: list[VisitKey], arms: list[str], metric: str, n_resamples: int, seed: int
 ) -> pd.DataFrame:
@@ -204,7 +209,7 @@ def whole_run_stats(
     for _, run in done[(done["arm"] != "fresh") & (done["kind"] != "fresh")].groupby("run"):
         if len(run) == len(keys):
             per_arm.setdefault(str(run["arm"].iloc[0]), []).append(float(run[metric].astype(float).mean()))
-    fresh = done[done["arm"] == "fresh"].groupby(["seed", "task"])[metric].mean().unstack("task")
+    fresh = _fresh_by_seed_and_task(done, metric)
     wanted = [k.task for k in keys]
     if len(fresh) and set(wanted) <= set(fresh.columns):
         per_arm["fresh"] = fresh[wanted].dropna().astype(float).mean(axis=1).tolist()
@@ -249,7 +254,7 @@ def _sequence_metric(
         returns.append(later[metric].astype(float).tolist())
         tasks.append(later["task"].astype(str).tolist())
     # The baseline: the fresh seeds with a run on every task these visits meet (so every resample has one).
-    fresh = done[done["arm"] == "fresh"].groupby(["seed", "task"])[metric].mean().unstack("task")
+    fresh = _fresh_by_seed_and_task(done, metric)
     wanted = [k.task for k in keys[1:]]
     needed = sorted({t for _, tasks in per_arm.values() for run in tasks for t in run} | set(wanted))
     fresh = fresh[[t for t in needed if t in fresh.columns]].dropna()

@@ -364,22 +364,34 @@ def test_adam_step_equals_optimizer_step_and_falls_back():
     assert not step._direct()
 
 
-def test_fast_learn_matches_stock_over_a_few_thousand_steps():
-    stock, fast = (
-        minatar_agent(f, double_q=True, buffer_size=3_000, learning_starts=200, exploration_fraction=0.3)
-        for f in (False, True)
+@pytest.mark.parametrize("td_loss,max_grad_norm", [("huber", 10.0), ("mse", float("inf"))])
+def test_fast_learn_is_stock_with_fused_adam_bit_for_bit(td_loss: str, max_grad_norm: float):
+    # The explicit networks run the ops autograd runs, in its order; the arithmetic differences from the stock
+    # path are the fused Adam kernel and, when the clip acts, the norm taken over one buffer instead of the
+    # norm of the per-tensor norms. Against stock SB3 with fused Adam, while the clip does not act, the runs
+    # are identical, not close (docs/benchmarks.md: also over 30k steps of the permuted-Breakout preset). With
+    # MSE the gradient norm passes 10 here, hence no clip for that case.
+    fused = {**minatar_policy_kwargs("dqn", width=32, channels=8), "optimizer_kwargs": {"fused": True}}
+    kwargs = dict(
+        double_q=True,
+        buffer_size=3_000,
+        learning_starts=200,
+        exploration_fraction=0.3,
+        td_loss=td_loss,
+        max_grad_norm=max_grad_norm,
     )
+    stock, fast = minatar_agent(False, policy_kwargs=fused, **kwargs), minatar_agent(True, **kwargs)
     for agent in (stock, fast):
-        np.random.seed(1)  # the global RNGs, which the agent built second has reseeded
+        np.random.seed(1)
         th.manual_seed(1)
         agent.action_space.seed(1)
-        agent.learn(2_500, reset_num_timesteps=False)
-    assert fast.num_gradient_steps == stock.num_gradient_steps > 2_000
+        agent.learn(2_000, reset_num_timesteps=False)
+    assert fast.num_gradient_steps == stock.num_gradient_steps > 1_500
     assert fast_state(fast).explicit(fast, training=True) is not None
-    # The same random draws gave the same transitions (actions, rewards) while the greedy actions agreed.
     assert np.array_equal(fast.replay_buffer.actions, stock.replay_buffer.actions)
-    for (name, a), b in zip(stock.q_net.named_parameters(), fast.q_net.parameters()):
-        assert relative_gap(a.detach(), b.detach()) < 1e-4, name
+    for net in ("q_net", "q_net_target"):
+        for (name, a), b in zip(getattr(stock, net).named_parameters(), getattr(fast, net).parameters()):
+            assert th.equal(a, b), f"{net}.{name}"
 
 
 #: The MinAtar network on the fast path (its explicit networks) through the runner, with the monitor, the greedy

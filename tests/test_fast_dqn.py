@@ -310,6 +310,26 @@ def test_a_hook_sends_training_and_acting_through_the_modules():
     assert calls == [32, 1]
 
 
+def test_a_hook_added_after_the_explicit_networks_were_built_is_seen():
+    agent = minatar_agent(True)
+    for training in (True, False):
+        assert fast_state(agent).explicit(agent, training=training) is not None
+    # Every module the forward pass calls, in both networks, and every kind of module hook.
+    for net in (agent.q_net, agent.q_net_target):
+        for module in (net, net.features_extractor, net.features_extractor.cnn[0], net.q_net, net.q_net[-1]):
+            for add_hook in (
+                module.register_forward_hook,
+                module.register_forward_pre_hook,
+                module.register_full_backward_hook,
+                module.register_full_backward_pre_hook,
+            ):
+                handle = add_hook(lambda *args: None)
+                for training in (True, False):
+                    assert fast_state(agent).explicit(agent, training=training) is None, (module, add_hook)
+                handle.remove()
+    assert fast_state(agent).explicit(agent, training=True) is not None
+
+
 def test_a_parameter_hook_or_frozen_parameter_takes_autograd():
     agent = minatar_agent(True)
     weight = agent.q_net.q_net[0].weight

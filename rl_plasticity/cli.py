@@ -421,7 +421,8 @@ def report_cmd(runs_dir: Path, out: Path | None, points: int, resamples: int, se
       provenance.csv     every run's commit, machine and kernels (from its provenance.json);
                          a warning is printed when they differ between runs
     Arms come from the sweep's sweep.json, else from each run's interventions ("none" without any;
-    "fresh" for a run on one task alone). A partly finished sweep is fine: incomplete runs are listed
+    "fresh" for a run on one task alone); a fresh trial the sweep reused (sweep.json: reused) is its source
+    trial's first visit. A partly finished sweep is fine: incomplete runs are listed
     and what they have is used (complete visits; curves up to their last log).
 
     \b

@@ -591,6 +591,26 @@ EVAL_RESET = {0: (6.0, 9.0), 1: (8.0, 13.0)}
 EVAL_FRESH_B = {0: 10.0, 1: 14.0}
 
 
+def write_eval_fresh_b(run_dir: Path, seed: int, value: float) -> Path:
+    """A fresh run on task B alone, with evaluation: its return is ``value`` at the end."""
+    return write_run(
+        run_dir,
+        seed=seed,
+        interventions=[],
+        total=SWITCH,
+        checkpoint=SWITCH,
+        task_order=[1],
+        rows=[{**row(B, 1, 0, 90.0, 91.0, 9.0, (0.0, 0.0), 3.0), "eval_return": value}],
+        scalars={
+            f"task/{B}/episode_return": [(50, 90.0)],
+            "task/id": [(10, 1)],
+            "eval/mean_return": [(0, 0.0), (100, value)],
+            f"eval/{B}/mean_return": [(0, 0.0), (100, value)],
+            f"eval/{A}/mean_return": [(0, 3.0), (100, 3.0)],
+        },
+    )
+
+
 @pytest.fixture
 def eval_runs(tmp_path: Path) -> Path:
     root = tmp_path / "eval_runs"
@@ -617,22 +637,7 @@ def eval_runs(tmp_path: Path) -> Path:
                 scalars=scalars,
             )
     for seed, value in EVAL_FRESH_B.items():
-        write_run(
-            root / "fresh" / f"20260101-00000{seed}_seed{seed}",
-            seed=seed,
-            interventions=[],
-            total=SWITCH,
-            checkpoint=SWITCH,
-            task_order=[1],
-            rows=[{**row(B, 1, 0, 90.0, 91.0, 9.0, (0.0, 0.0), 3.0), "eval_return": value}],
-            scalars={
-                f"task/{B}/episode_return": [(50, 90.0)],
-                "task/id": [(10, 1)],
-                "eval/mean_return": [(0, 0.0), (100, value)],
-                f"eval/{B}/mean_return": [(0, 0.0), (100, value)],
-                f"eval/{A}/mean_return": [(0, 3.0), (100, 3.0)],
-            },
-        )
+        write_eval_fresh_b(root / "fresh" / f"20260101-00000{seed}_seed{seed}", seed, value)
     return root
 
 
@@ -753,22 +758,7 @@ def reuse_sweep(root: Path, reuse: bool) -> Path:
             root / "none" / name, seed=seed, interventions=[], total=200, checkpoint=200, rows=rows, scalars=scalars
         )
         trial("none", seed, "none", None, f"none/{name}")
-        value = EVAL_FRESH_B[seed]
-        write_run(
-            root / "fresh_task1" / name,
-            seed=seed,
-            interventions=[],
-            total=SWITCH,
-            checkpoint=SWITCH,
-            task_order=[1],
-            rows=[{**row(B, 1, 0, 90.0, 91.0, 9.0, (0.0, 0.0), 3.0), "eval_return": value}],
-            scalars={
-                f"task/{B}/episode_return": [(50, 90.0)],
-                "eval/mean_return": [(0, 0.0), (100, value)],
-                f"eval/{B}/mean_return": [(0, 0.0), (100, value)],
-                f"eval/{A}/mean_return": [(0, 3.0), (100, 3.0)],
-            },
-        )
+        write_eval_fresh_b(root / "fresh_task1" / name, seed, EVAL_FRESH_B[seed])
         trial("fresh_task1", seed, "fresh", B, f"fresh_task1/{name}")
         if reuse:
             trial("fresh_task0", seed, "fresh", A, None, reused_from=f"none/seed{seed}")

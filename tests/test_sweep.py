@@ -210,12 +210,13 @@ def test_dry_run_shows_reused_trials_and_no_fresh_reuse_runs_them(tiny: Path):
     args = ["sweep", str(tiny), "--out", "sweep", "--arms", "none", "--fresh", *STEPS, "--dry-run"]
     result = run(*args)
     assert result.exit_code == 0, result.output
-    assert [line.split()[:3] for line in result.output.splitlines()[1:3]] == [
-        ["none/seed0", "start", "interventions=[]"],
+    assert [line.split()[:3] for line in result.output.splitlines()[1:4]] == [
+        ["none/seed0", "start", "agent.exploration_fraction=null"],
         ["fresh_task0/seed0", "reused", "(none/seed0)"],
+        ["fresh_task1/seed0", "start", "agent.exploration_fraction=null"],
     ]
     result = run(*args, "--no-fresh-reuse")
-    assert result.exit_code == 0 and "reused" not in result.output
+    assert result.exit_code == 0 and "reused (" not in result.output
     assert result.output.splitlines()[2].split()[:2] == ["fresh_task0/seed0", "start"]
     assert "--no-fresh-reuse" in run("sweep", "--help").output
 

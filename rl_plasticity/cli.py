@@ -210,7 +210,11 @@ Grid syntax:
                            total_steps=null). Its epsilon decays over the same env steps as a
                            continual run's first task with agent.exploration_steps (the study presets);
                            agent.exploration_fraction follows its own, shorter length. rlp report sets it
-                           beside every visit of task k.
+                           beside every visit of task k. A fresh trial that is the same run as the first
+                           visit of a continual trial of its seed (fresh_task0 and the none arm: equal
+                           configs but for the fresh keys, exploration_steps) is not run: sweep.json marks
+                           it reused (reused_from) and rlp report takes that first visit.
+  --no-fresh-reuse         run every fresh trial, even one that is a continual trial's first visit.
   --seeds 0-4 | 0,2,5 | 0-2,7   every trial once per seed.
   Quote the brackets in the shell: --grid 'interventions=[[],[reset]]'.
 
@@ -265,6 +269,13 @@ Exit status:
 )
 @click.option("--fresh", is_flag=True, help="Add the fresh-network arm (see below).")
 @click.option(
+    "--no-fresh-reuse",
+    "fresh_reuse",
+    flag_value=False,
+    default=True,
+    help="Run fresh_task<k> even where a continual trial's first visit is the same run (see below).",
+)
+@click.option(
     "--out",
     type=click.Path(path_type=Path),
     default=None,
@@ -306,6 +317,7 @@ def sweep_cmd(
     arms: str | None,
     arms_file: Path | None,
     fresh: bool,
+    fresh_reuse: bool,
     out: Path | None,
     address: str | None,
     num_cpus: int | None,
@@ -335,13 +347,16 @@ def sweep_cmd(
             parse_seeds(seeds) if seeds else None,
             out,
             cpus_per_trial,
+            fresh_reuse,
         )
         if dry_run:
             click.echo(f"sweep: {len(plan.trials)} trials in {plan.sweep_dir} (dry run: nothing is written)")
             for trial in plan.trials:
                 state = trial_state(plan.sweep_dir, trial.label, trial.seed)
                 what = (
-                    "start"
+                    f"reused ({trial.reused_from})"
+                    if trial.reused_from is not None
+                    else "start"
                     if state is None
                     else "skip (finished)"
                     if state.complete
@@ -406,7 +421,8 @@ def report_cmd(runs_dir: Path, out: Path | None, points: int, resamples: int, se
       provenance.csv     every run's commit, machine and kernels (from its provenance.json);
                          a warning is printed when they differ between runs
     Arms come from the sweep's sweep.json, else from each run's interventions ("none" without any;
-    "fresh" for a run on one task alone). A partly finished sweep is fine: incomplete runs are listed
+    "fresh" for a run on one task alone); a fresh trial the sweep reused (sweep.json: reused) is its source
+    trial's first visit. A partly finished sweep is fine: incomplete runs are listed
     and what they have is used (complete visits; curves up to their last log).
 
     \b

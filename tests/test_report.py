@@ -591,6 +591,26 @@ EVAL_RESET = {0: (6.0, 9.0), 1: (8.0, 13.0)}
 EVAL_FRESH_B = {0: 10.0, 1: 14.0}
 
 
+def write_eval_fresh_b(run_dir: Path, seed: int, value: float) -> Path:
+    """A fresh run on task B alone, with evaluation: its return is ``value`` at the end."""
+    return write_run(
+        run_dir,
+        seed=seed,
+        interventions=[],
+        total=SWITCH,
+        checkpoint=SWITCH,
+        task_order=[1],
+        rows=[{**row(B, 1, 0, 90.0, 91.0, 9.0, (0.0, 0.0), 3.0), "eval_return": value}],
+        scalars={
+            f"task/{B}/episode_return": [(50, 90.0)],
+            "task/id": [(10, 1)],
+            "eval/mean_return": [(0, 0.0), (100, value)],
+            f"eval/{B}/mean_return": [(0, 0.0), (100, value)],
+            f"eval/{A}/mean_return": [(0, 3.0), (100, 3.0)],
+        },
+    )
+
+
 @pytest.fixture
 def eval_runs(tmp_path: Path) -> Path:
     root = tmp_path / "eval_runs"
@@ -617,22 +637,7 @@ def eval_runs(tmp_path: Path) -> Path:
                 scalars=scalars,
             )
     for seed, value in EVAL_FRESH_B.items():
-        write_run(
-            root / "fresh" / f"20260101-00000{seed}_seed{seed}",
-            seed=seed,
-            interventions=[],
-            total=SWITCH,
-            checkpoint=SWITCH,
-            task_order=[1],
-            rows=[{**row(B, 1, 0, 90.0, 91.0, 9.0, (0.0, 0.0), 3.0), "eval_return": value}],
-            scalars={
-                f"task/{B}/episode_return": [(50, 90.0)],
-                "task/id": [(10, 1)],
-                "eval/mean_return": [(0, 0.0), (100, value)],
-                f"eval/{B}/mean_return": [(0, 0.0), (100, value)],
-                f"eval/{A}/mean_return": [(0, 3.0), (100, 3.0)],
-            },
-        )
+        write_eval_fresh_b(root / "fresh" / f"20260101-00000{seed}_seed{seed}", seed, value)
     return root
 
 
@@ -719,6 +724,89 @@ def test_report_names_runs_without_evaluation(eval_runs: Path, tmp_path: Path):
     assert "1 of 7 runs logged no evaluation return" in md and "20260101-000009_seed9" in md
     stats = pd.read_csv(tmp_path / "out" / "visits.csv")
     assert stat(stats, 2, "none", "eval_return")["n"] == 2 and stat(stats, 2, "none", "mean_return")["n"] == 3
+
+
+# -- a fresh trial reused from a continual trial's first visit ---------------------------------------------
+
+
+def reuse_sweep(root: Path, reuse: bool) -> Path:
+    """A sweep of the none arm (seeds 0, 1) and the fresh arm on tasks A and B. Fresh on A is none's first visit:
+    reused (``sweep.json``: ``status: reused``, no run of its own) or a real run that logged exactly that."""
+    trials = {}
+
+    def trial(label: str, seed: int, arm: str, task: str | None, run_dir: str | None, **extra) -> None:
+        status = "finished" if run_dir else "reused"
+        trials[f"{label}/seed{seed}"] = dict(label=label, seed=seed, arm=arm, task=task, status=status, run_dir=run_dir)
+        trials[f"{label}/seed{seed}"].update(extra)
+
+    for seed, (ea, eb) in EVAL_NONE.items():
+        rows = [
+            {**row(A, 1, 0, 50.0 + seed, 51.0, 2.0 + seed, (0.1, 0.3), 1.0 + seed), "eval_return": ea},
+            {**row(B, 1, SWITCH, 60.0 + seed, 61.0, 3.0, (0.2, 0.4), 3.0 + ea), "eval_return": eb},
+        ]
+        scalars = {
+            f"task/{A}/episode_return": curve(seed, 0.0),
+            f"task/{B}/episode_return": [(150, 70.0 + seed), (200, 80.0)],
+            "task/id": [(10, 0), (100, 1), (200, 0)],
+            "eval/mean_return": [(0, 0.0), (50, ea / 2), (100, ea), (200, eb)],
+            f"eval/{A}/mean_return": [(0, 0.0), (50, ea / 2), (100, ea), (200, ea - 1)],
+            f"eval/{B}/mean_return": [(0, 1.0), (100, 1.0), (200, eb)],
+            "plasticity/erank/value_head@probe_set": [(50, 1.0 + seed), (100, 2.0 + seed), (200, 3.0)],
+        }
+        name = f"20260101-00000{seed}_seed{seed}"
+        write_run(
+            root / "none" / name, seed=seed, interventions=[], total=200, checkpoint=200, rows=rows, scalars=scalars
+        )
+        trial("none", seed, "none", None, f"none/{name}")
+        write_eval_fresh_b(root / "fresh_task1" / name, seed, EVAL_FRESH_B[seed])
+        trial("fresh_task1", seed, "fresh", B, f"fresh_task1/{name}")
+        if reuse:
+            trial("fresh_task0", seed, "fresh", A, None, reused_from=f"none/seed{seed}")
+        else:  # what the fresh run on A logs: the first visit's row, and every tag up to the switch
+            first = {tag: [(s, v) for s, v in points if s <= SWITCH] for tag, points in scalars.items()}
+            write_run(
+                root / "fresh_task0" / name,
+                seed=seed,
+                interventions=[],
+                total=SWITCH,
+                checkpoint=SWITCH,
+                task_order=[0],
+                rows=rows[:1],
+                scalars=first,
+            )
+            trial("fresh_task0", seed, "fresh", A, f"fresh_task0/{name}")
+    (root / "sweep.json").write_text(json.dumps({"trials": trials, "arms_order": ["none", "fresh"]}))
+    return root
+
+
+def test_report_takes_a_reused_fresh_trial_from_its_source_runs_first_visit(tmp_path: Path):
+    out = {}
+    for reuse in (False, True):
+        sweep = reuse_sweep(tmp_path / f"reuse_{reuse}", reuse)
+        make_report(sweep, None, points=9, n_resamples=500)
+        out[reuse] = sweep / "report"
+    for name in ("visits.csv", "sequence.csv", "whole_run.csv", "correlation.csv", "curves.csv"):
+        pd.testing.assert_frame_equal(pd.read_csv(out[True] / name), pd.read_csv(out[False] / name), obj=name)
+    # The fresh arm has both tasks, so every number relative to fresh (and the whole-run row) exists.
+    stats = pd.read_csv(out[True] / "visits.csv")
+    assert stat(stats, 1, "fresh", "eval_mean")["n"] == 2
+    first_visits = [ea for ea, _ in EVAL_NONE.values()]
+    assert stat(stats, 1, "fresh", "eval_return")["mean"] == pytest.approx(np.mean(first_visits))
+    whole = pd.read_csv(out[True] / "whole_run.csv").set_index("arm")
+    assert "fresh" in whole.index
+    # The same visit rows, where the reused ones name their source run.
+    key = ["arm", "seed", "task", "visit"]
+    by_run = {r: pd.read_csv(out[r] / "visits_by_run.csv").sort_values(key).reset_index(drop=True) for r in out}
+    pd.testing.assert_frame_equal(by_run[True].drop(columns="run"), by_run[False].drop(columns="run"))
+    reused = by_run[True][(by_run[True]["arm"] == "fresh") & (by_run[True]["task"] == A)]
+    assert list(reused["run"]) == [f"none/20260101-00000{s}_seed{s}" for s in (0, 1)]
+    runs_csv = pd.read_csv(out[True] / "runs.csv")
+    assert sorted(runs_csv["reused_from"].dropna()) == ["none/seed0", "none/seed1"]
+    assert "reused_from" not in pd.read_csv(out[False] / "runs.csv")
+    md = (out[True] / "report.md").read_text()
+    assert "| fresh | 4 | 0, 1 | 4 of 4 |" in md
+    assert f"The `fresh` run on {A} (seeds 0, 1) is the none arm's first visit of it" in md
+    assert "not started" not in md and "Incomplete runs" not in md
 
 
 def test_the_runner_and_the_report_build_a_runs_sequence_with_the_same_arguments(monkeypatch: pytest.MonkeyPatch):

@@ -58,9 +58,18 @@ def manifest(sweep: Path) -> dict:
     return json.loads((sweep / MANIFEST).read_text())
 
 
-def plan_for(tiny: Path, grids=(), arms=(), fresh=False, seeds="0", overrides=(), cpus=1):
+def plan_for(tiny: Path, grids=(), arms=(), fresh=False, seeds="0", overrides=(), cpus=1, fresh_reuse=True):
     return build_plan(
-        tiny, list(overrides), list(grids), list(arms), ARMS, fresh, parse_seeds(seeds), tiny.parent / "sweep", cpus
+        tiny,
+        list(overrides),
+        list(grids),
+        list(arms),
+        ARMS,
+        fresh,
+        parse_seeds(seeds),
+        tiny.parent / "sweep",
+        cpus,
+        fresh_reuse,
     )
 
 
@@ -146,6 +155,199 @@ def test_plan_trials_arms_fresh_and_their_full_configs(tiny: Path):
     cfg = load_config(tiny, f.run_overrides(plan.sweep_dir, 1), registries=registries())
     assert (cfg.env.order, cfg.env.task_order, cfg.total_steps, cfg.interventions) == ("explicit", [2], None, [])
     assert cfg.agent.gamma == 0.9 and cfg.agent.learning_rate == 5e-4  # the base's, not a grid value
+
+
+# Epsilon over a fixed number of env steps (not a fraction of total_steps): the study presets' schedule.
+STEPS = ("agent.exploration_fraction=null", "agent.exploration_steps=100")
+
+
+def reused(plan) -> dict[str, str]:
+    return {t.id: t.reused_from for t in plan.trials if t.reused_from is not None}
+
+
+def test_fresh_task0_is_reused_from_the_none_arms_first_visit_at_every_seed(tiny: Path):
+    plan = plan_for(tiny, arms=["reset", "none", "l2"], fresh=True, seeds="0-2", overrides=STEPS)
+    # Only none has the base config: reset and l2 come first but have interventions; tasks 1 and 2 run.
+    assert reused(plan) == {f"fresh_task0/seed{s}": f"none/seed{s}" for s in (0, 1, 2)}
+    assert len(plan.trials) == 3 * 6
+    assert reused(plan_for(tiny, arms=["reset", "none"], fresh=True, overrides=STEPS, fresh_reuse=False)) == {}
+    # sweep.json says so; the trial keeps its config (a re-run compares it).
+    entry = new_manifest(plan, None, ["rlp"])["trials"]["fresh_task0/seed1"]
+    assert (entry["status"], entry["reused_from"], entry["run_dir"]) == ("reused", "none/seed1", None)
+    assert entry["config"]["env.task_order"] == [0] and entry["config"]["name"] == "fresh_task0"
+
+
+@pytest.mark.parametrize(
+    "grids,overrides,source",
+    [
+        # A grid point that changes a hyperparameter is not the base config; the one equal to it is, whatever its label.
+        (["agent.learning_rate=[1e-3,1e-2]"], [], None),
+        (["agent.learning_rate=[1e-3,1e-4]"], [], "0.0001/seed0"),
+        (["interventions=[[l2],[reset]]"], [], None),
+        (["interventions=[[l2],[]]"], [], "none/seed0"),
+        # Epsilon over a fraction of total_steps decays over 200 steps alone, over 600 in the continual run.
+        ([], ["agent.exploration_fraction=0.1", "agent.exploration_steps=null"], None),
+        # A random order may start with another task; an explicit one that starts with task 0 is fine ...
+        ([], ["env.order=random"], None),
+        ([], ["env.order=explicit", "env.task_order=[0,2]"], "tiny/seed0"),
+        # ... if the continual run reaches the switch; its length does not matter otherwise.
+        ([], ["total_steps=100"], None),
+        ([], ["total_steps=200"], "tiny/seed0"),
+        ([], ["total_steps=5000"], "tiny/seed0"),
+    ],
+)
+def test_fresh_reuse_needs_the_very_same_first_visit(tiny: Path, grids, overrides, source):
+    plan = plan_for(tiny, grids=grids, fresh=True, overrides=[*STEPS, *overrides])
+    assert reused(plan) == ({"fresh_task0/seed0": source} if source else {})
+
+
+def test_an_explicit_order_reuses_the_fresh_run_of_its_first_task(tiny: Path):
+    plan = plan_for(tiny, fresh=True, overrides=[*STEPS, "env.order=explicit", "env.task_order=[2,0,1]"])
+    assert reused(plan) == {"fresh_task2/seed0": "tiny/seed0"}
+
+
+def test_dry_run_shows_reused_trials_and_no_fresh_reuse_runs_them(tiny: Path):
+    args = ["sweep", str(tiny), "--out", "sweep", "--arms", "none", "--fresh", *STEPS, "--dry-run"]
+    result = run(*args)
+    assert result.exit_code == 0, result.output
+    assert [line.split()[:3] for line in result.output.splitlines()[1:4]] == [
+        ["none/seed0", "start", "agent.exploration_fraction=null"],
+        ["fresh_task0/seed0", "reused", "(none/seed0)"],
+        ["fresh_task1/seed0", "start", "agent.exploration_fraction=null"],
+    ]
+    result = run(*args, "--no-fresh-reuse")
+    assert result.exit_code == 0 and "reused (" not in result.output
+    assert result.output.splitlines()[2].split()[:2] == ["fresh_task0/seed0", "start"]
+    assert "--no-fresh-reuse" in run("sweep", "--help").output
+
+
+def test_resuming_a_sweep_planned_before_reuse(tiny: Path):
+    """A sweep.json written before reuse existed (fresh_task0 pending) resumes with fresh_task0 reused; one whose
+    fresh_task0 has a run directory keeps it as an ordinary trial."""
+    old = plan_for(tiny, arms=["none"], fresh=True, seeds="0-1", overrides=STEPS, fresh_reuse=False)
+    old.sweep_dir.mkdir()
+    write_manifest(old.sweep_dir, new_manifest(old, None, ["rlp", "sweep"]))
+    assert manifest(old.sweep_dir)["trials"]["fresh_task0/seed0"]["status"] == "pending"
+    # Seed 1's fresh_task0 ran already.
+    run_dir = old.sweep_dir / "fresh_task0" / "20260101-000000_seed1"
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.yaml").write_text("seed: 1\n")
+    data = manifest(old.sweep_dir)
+    data["trials"]["fresh_task0/seed1"].update(status="finished", run_dir="fresh_task0/20260101-000000_seed1")
+    write_manifest(old.sweep_dir, data)
+
+    plan = plan_for(tiny, arms=["none"], fresh=True, seeds="0-1", overrides=STEPS)
+    assert reused(plan) == {"fresh_task0/seed0": "none/seed0"}
+    trials = new_manifest(plan, check_sweep_dir(plan), ["rlp", "sweep"])["trials"]  # the same configs: no refusal
+    entry = trials["fresh_task0/seed0"]
+    assert (entry["status"], entry["reused_from"]) == ("reused", "none/seed0")
+    assert trials["fresh_task0/seed1"]["status"] == "finished" and trials["fresh_task0/seed1"]["reused_from"] is None
+    assert trials["fresh_task1/seed0"]["status"] == "pending"
+    # Reused, then run after all with --no-fresh-reuse: pending again until it ends.
+    write_manifest(plan.sweep_dir, new_manifest(plan, None, ["rlp", "sweep"]))
+    again = plan_for(tiny, arms=["none"], fresh=True, seeds="0-1", overrides=STEPS, fresh_reuse=False)
+    assert new_manifest(again, check_sweep_dir(again), ["rlp"])["trials"]["fresh_task0/seed0"]["status"] == "pending"
+
+
+# Tiny, with what a study run has on: the monitor (heavy probes at the switch too), evaluation of every task,
+# random steps at the task start, epsilon over exploration_steps, a checkpoint at the switch (keep: the one at
+# the switch stays).
+IDENTITY = """\
+name: tiny
+seed: 0
+agent: {algo: dqn, learning_starts: 50, buffer_size: 1000, batch_size: 16, train_freq: 1, target_update_interval: 50,
+        exploration_fraction: null, exploration_steps: 150, random_steps_per_task: 20}
+net: {kind: mlp, width: 16, depth: 1}
+env: {sequence: cartpole_shift, switch_every: 200, options: {values: [0.5, 1.5]}}
+monitor: {probe_every: 50, probe_set_size: 64, probe_set_episodes: 2, gram_size: 32, hessian_order: 8,
+          hessian_vectors: 1, trainability_steps: 10}
+eval: {every: 50, episodes: 2, tasks: all, max_episode_steps: 100}
+checkpoint: {every: 200, keep: 2}
+logging: {progress_bar: false}
+"""
+
+
+def _checkpoint_state(run_dir: Path, step: int) -> dict:
+    """The networks and Adam state (SB3's zip) and the replay buffer of the run's checkpoint at ``step``."""
+    import numpy as np
+    from stable_baselines3.common.save_util import load_from_zip_file
+
+    folder = run_dir / "checkpoints" / f"step_{step:012d}"
+    _, params, _ = load_from_zip_file(folder / "model.zip")
+    buffer = {f.name: np.load(f) for f in sorted((folder / "replay_buffer").glob("*.npy"))}
+    return {"params": params, "buffer": buffer}
+
+
+def test_fresh_task0_is_the_none_arms_first_visit_and_a_resumed_sweep_reuses_it(tmp_path: Path, monkeypatch):
+    """The identity reuse rests on, end to end: a fresh run on task 0 and the none arm's run, both made by the
+    sweep, log the same task-0 row, curves and checkpoint at the switch. Then the same sweep as an older rlp
+    sweep left it (fresh_task0 pending) resumes with fresh_task0 reused, and its report equals the one over the
+    real run."""
+    import shutil
+
+    import numpy as np
+    import pandas as pd
+    import torch
+
+    from rl_plasticity.report import make_report
+    from rl_plasticity.report.runs import read_scalars
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "tiny.yaml").write_text(IDENTITY)
+    args = ["sweep", "tiny.yaml", "--arms", "none", "--fresh", "--sequential"]
+    result = run(*args, "--out", "sweep", "--no-fresh-reuse")
+    assert result.exit_code == 0, result.output
+    sweep = tmp_path / "sweep"
+    (none,) = (sweep / "none").iterdir()
+    (fresh,) = (sweep / "fresh_task0").iterdir()
+
+    continual, alone = (d.joinpath("task_summary.csv").read_text().splitlines() for d in (none, fresh))
+    assert len(continual) == 3 and len(alone) == 2  # header, task 0 (and task 1)
+    assert "hessian_top_eig/loss" in alone[0] and "eval_return/cartpole/length=1.5" in alone[0]
+    assert alone[1].startswith("0,cartpole/length=0.5,1,0,200,")
+    assert continual[:2] == alone
+    # Parameters, Adam state and replay buffer at the switch, after that step's update.
+    a, b = _checkpoint_state(none, 200), _checkpoint_state(fresh, 200)
+    policy, adam = a["params"]["policy"], a["params"]["policy.optimizer"]["state"]
+    assert len(policy) >= 8 and len(adam) >= 4  # online and target nets; the online net's moments
+    for key, tensor in policy.items():
+        assert torch.equal(b["params"]["policy"][key], tensor), key
+    for p, state in adam.items():
+        for key, value in state.items():
+            assert torch.equal(b["params"]["policy.optimizer"]["state"][p][key], value), (p, key)
+    assert a["buffer"].keys() == b["buffer"].keys() and len(a["buffer"]) >= 5
+    for name, array in a["buffer"].items():
+        np.testing.assert_array_equal(b["buffer"][name], array, err_msg=name)
+    # Every evaluation and probe logged up to the switch.
+    sa, sb = read_scalars(none), read_scalars(fresh)
+    tags = [t for t in sb if t.startswith(("eval/", "plasticity/"))]
+    assert len(tags) > 20
+    for tag in tags:
+        sa_steps, sa_values = sa[tag]
+        np.testing.assert_array_equal(sa_values[sa_steps <= 200], sb[tag][1], err_msg=tag)
+
+    # The same sweep before its fresh_task0 ran, as an older rlp sweep left it: resumed, fresh_task0 is reused.
+    resumed = tmp_path / "resumed"
+    shutil.copytree(sweep, resumed)
+    shutil.rmtree(resumed / "fresh_task0")
+    shutil.rmtree(resumed / "report", ignore_errors=True)
+    data = manifest(resumed)
+    data["trials"]["fresh_task0/seed0"].update(status="pending", run_dir=None)
+    del data["trials"]["fresh_task0/seed0"]["reused_from"]
+    write_manifest(resumed, data)
+    result = run(*args, "--out", "resumed")
+    assert result.exit_code == 0, result.output
+    assert "2 finished already (skipped), 1 reused (a continual trial's first visit), 0 to run" in result.output
+    entry = manifest(resumed)["trials"]["fresh_task0/seed0"]
+    assert (entry["status"], entry["reused_from"]) == ("reused", "none/seed0")
+
+    for folder in (sweep, resumed):
+        make_report(folder, None, points=9, n_resamples=200)
+    for name in ("visits.csv", "sequence.csv", "whole_run.csv", "curves.csv"):
+        before, after = (pd.read_csv(folder / "report" / name) for folder in (sweep, resumed))
+        pd.testing.assert_frame_equal(after, before, obj=name)
+    fresh_rows = pd.read_csv(resumed / "report" / "visits.csv").query("arm == 'fresh' and metric == 'eval_mean'")
+    assert list(fresh_rows["n"]) == [1, 1]  # tasks 0 and 1
 
 
 BAD = [

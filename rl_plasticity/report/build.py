@@ -26,7 +26,15 @@ from rl_plasticity.report.aggregate import (
 )
 from rl_plasticity.report.correlation import RETURN_NAMES, nc1_return_correlations
 from rl_plasticity.report.provenance import ProvenanceSummary, summarize_provenance
-from rl_plasticity.report.runs import EVAL_RETURN, EVAL_TASK, MAIN_PROBES, TRAIN_RETURN, RunData, load_run
+from rl_plasticity.report.runs import (
+    EVAL_RETURN,
+    EVAL_TASK,
+    MAIN_PROBES,
+    TRAIN_RETURN,
+    RunData,
+    load_run,
+    reused_runs,
+)
 from rl_plasticity.rundirs import find_run_dirs
 
 TITLES = {
@@ -157,6 +165,7 @@ def make_report(
         raise ReportError(f"RUNS_DIR: no run directory (a folder with config.yaml) under {runs_dir}")
     manifests: dict[Path, dict[str, Any] | None] = {}
     runs = [load_run(path, manifests) for path in run_dirs]
+    runs += reused_runs(runs, manifests)  # the fresh trials a sweep took from a continual trial's first visit
     preferred = [a for m in manifests.values() if m for a in m.get("arms_order", [])]
     arms = arm_order(runs, preferred)
     keys = visit_keys(runs)
@@ -170,7 +179,9 @@ def make_report(
     curves = curve_bands(runs, arms, grid, offsets, min(n_resamples, 2_000), seed)
 
     report = Report(
-        Path(out) if out is not None else runs_dir / "report", runs, [r for r in runs if not r.progress.complete]
+        Path(out) if out is not None else runs_dir / "report",
+        runs,
+        [r for r in runs if not r.progress.complete and r.reused_from is None],  # a source run is listed itself
     )
     # The manifest names a trial's run directory once it ends; a running one is found by its label and seed.
     seen = {(r.path.parent.resolve(), r.seed) for r in runs}
@@ -178,11 +189,13 @@ def make_report(
         for trial_id, entry in (manifest or {}).get("trials", {}).items():
             if entry.get("status") == "failed":
                 report.failed[trial_id] = str(entry.get("error"))
+            elif entry.get("status") == "reused":
+                continue
             elif ((sweep_dir / str(entry.get("label"))).resolve(), entry.get("seed")) not in seen:
                 report.not_started.append(trial_id)
 
     correlations = nc1_return_correlations(rows, main)
-    report.provenance = summarize_provenance(runs, runs_dir)
+    report.provenance = summarize_provenance([r for r in runs if r.reused_from is None], runs_dir)
 
     report.out.mkdir(parents=True, exist_ok=True)
     report.files += _write_csvs(report.out, runs, runs_dir, rows, stats, curves)
@@ -237,6 +250,8 @@ def _write_csvs(
             for r in runs
         ]
     )
+    if any(r.reused_from is not None for r in runs):  # only then: a sweep without reuse keeps its columns
+        table["reused_from"] = [r.reused_from for r in runs]
     rows = rows.assign(run=[_rel(Path(p), runs_dir) for p in rows["run"]]) if len(rows) else rows
     files = {"runs.csv": table, "visits_by_run.csv": rows, "visits.csv": stats, "curves.csv": curves}
     for name, frame in files.items():
@@ -284,6 +299,21 @@ def _seeds(seeds: list[int]) -> str:
     return ", ".join(str(s) for s in sorted(set(seeds)))
 
 
+def _reused_note(runs: list[RunData]) -> list[str]:
+    """One line per task and source arm of the reused fresh runs: where they come from."""
+    by_source: dict[tuple[str, str], list[int]] = {}
+    sources = {str(r.path): r.arm for r in runs if r.reused_from is None}
+    for r in runs:
+        if r.reused_from is not None:
+            by_source.setdefault((str(r.task), sources.get(str(r.path), r.reused_from)), []).append(r.seed)
+    lines = [
+        f"The `fresh` run on {task} (seeds {_seeds(seeds)}) is the {arm} arm's first visit of it: the same run "
+        "(the same config but for the fresh-network keys), so the sweep did not run it again (sweep.json: reused)."
+        for (task, arm), seeds in by_source.items()
+    ]
+    return [*lines, ""] if lines else []
+
+
 def _returns_note(runs: list[RunData], runs_dir: Path, main: str) -> list[str]:
     """Which return the report leads with, and the runs without evaluation returns."""
     if main not in ("eval_mean", "eval_return"):
@@ -324,6 +354,7 @@ def _markdown(
         done = sum(r.progress.complete for r in mine)
         lines.append(f"| {arm} | {len(mine)} | {_seeds([r.seed for r in mine])} | {done} of {len(mine)} |")
     lines.append("")
+    lines += _reused_note(runs)
     if report.incomplete:
         lines += ["**Incomplete runs** (their complete visits are used; their curves stop at their last log):", ""]
         lines += [

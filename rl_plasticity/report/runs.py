@@ -17,6 +17,9 @@
   (all ``task/<task>/episode_return`` tags together, or SB3's ``rollout/ep_rew_mean`` if there are none),
   every task's evaluation return (``eval/<task>/mean_return``; a fresh run's own task only) and the main
   probes on the fixed probe set.
+- **Reused trials**: a fresh-network trial that the sweep did not run because a continual trial's first visit is
+  the same run (``reused_from`` in ``sweep.json``) is that first visit: the source run's row of the visit that
+  starts at step 0 and its curves up to the switch, labelled as the fresh run (:func:`reused_runs`).
 """
 
 from __future__ import annotations
@@ -57,6 +60,8 @@ class RunData:
     :param curves: metric (``eval_return``, ``train_return``, ``eval_task/<task>``, ``erank/value_head``,
         ``dormant/q_net.1``, ...) -> (steps, values).
     :param visit_source: ``task_summary.csv`` or ``events``.
+    :param reused_from: a reused fresh trial (:func:`reused_runs`): the id of the continual trial it is the
+        first visit of (``path`` is that trial's run directory).
     """
 
     path: Path
@@ -71,6 +76,7 @@ class RunData:
     curves: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
     last_step: int = 0
     visit_source: str = "events"
+    reused_from: str | None = None
 
 
 def manifest_entry(run_dir: Path, seed: int, manifests: dict[Path, dict[str, Any] | None]) -> dict[str, Any] | None:
@@ -312,4 +318,65 @@ def load_run(run_dir: Path, manifests: dict[Path, dict[str, Any] | None]) -> Run
         curves_from_scalars(scalars, task if kind == "fresh" else None),
         last_step,
         source,
+    )
+
+
+def reused_runs(runs: list[RunData], manifests: dict[Path, dict[str, Any] | None]) -> list[RunData]:
+    """The sweeps' reused fresh trials (``status: reused`` in ``sweep.json``), each as the run it stands for: the
+    first visit of its source run (the visit that starts at step 0, the rows and curves up to its end), with the
+    fresh trial's arm, kind, task and seed. A trial whose source run is not among ``runs`` yet is left out.
+
+    :param runs: the runs read so far (:func:`load_run`), the source runs among them.
+    :param manifests: the manifests :func:`load_run` read, by sweep directory.
+    """
+    out = []
+    for sweep_dir, manifest in manifests.items():
+        trials = (manifest or {}).get("trials", {})
+        for entry in trials.values():
+            source_entry = trials.get(str(entry.get("reused_from")))
+            if entry.get("status") != "reused" or source_entry is None:
+                continue
+            folder = (sweep_dir / str(source_entry.get("label"))).resolve()
+            # The source trial's run that counts: the one its entry names, else the one furthest on.
+            candidates = [r for r in runs if r.path.parent.resolve() == folder and r.seed == entry.get("seed")]
+            run_dir = source_entry.get("run_dir")
+            named = [r for r in candidates if run_dir and r.path.resolve() == (sweep_dir / run_dir).resolve()]
+            candidates = named or sorted(candidates, key=lambda r: r.last_step, reverse=True)
+            if candidates:
+                out.append(_first_visit(candidates[0], entry, str(entry["reused_from"])))
+    return out
+
+
+def _first_visit(source: RunData, entry: dict[str, Any], source_id: str) -> RunData:
+    """``source``'s first visit as a run of the reused fresh trial ``entry`` (see :func:`reused_runs`)."""
+    visits = source.visits
+    if len(visits) and "start_step" in visits:
+        visits = visits[(visits["start_step"] == 0) & (visits["task"] == entry.get("task"))].head(1)
+    else:
+        visits = pd.DataFrame()
+    complete = bool(len(visits) and visits["complete"].iloc[0])
+    end = int(visits["end_step"].iloc[0]) if len(visits) else int(source.switch_every or source.last_step)
+    task = entry.get("task")
+    curves = {}
+    for metric, (steps, values) in source.curves.items():
+        if metric.startswith(f"{EVAL_TASK}/") and metric != f"{EVAL_TASK}/{task}":
+            continue  # of every task's evaluation, a fresh run's report keeps its own task's
+        inside = steps <= end
+        curves[metric] = (steps[inside], values[inside])
+    checkpoint = end if complete else source.progress.checkpoint_step
+    progress = RunProgress(source.path, None if checkpoint is None else min(checkpoint, end), end)
+    return RunData(
+        source.path,
+        str(entry.get("arm")),
+        source.seed,
+        "fresh",
+        task,
+        progress,
+        source.switch_every,
+        source.tasks,
+        visits.reset_index(drop=True),
+        curves,
+        min(source.last_step, end),
+        source.visit_source,
+        source_id,
     )

@@ -44,6 +44,7 @@ class SweepSummary:
 
     finished: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
+    reused: list[str] = field(default_factory=list)
     failed: list[TrialOutcome] = field(default_factory=list)
     interrupted: list[str] = field(default_factory=list)
     signal: int | None = None
@@ -112,7 +113,9 @@ def run_sweep(
     todo: list[Trial] = []
     for trial in plan.trials:
         state = trial_state(plan.sweep_dir, trial.label, trial.seed)
-        if state is not None and state.complete:
+        if trial.reused_from is not None:
+            summary.reused.append(trial.id)
+        elif state is not None and state.complete:
             summary.skipped.append(trial.id)
         else:
             todo.append(trial)
@@ -174,7 +177,8 @@ def _run_locked(
     )
     echo(
         f"sweep: {len(plan.trials)} trials in {plan.sweep_dir}; {len(summary.skipped)} finished already (skipped), "
-        f"{len(todo)} to run {where}, {plan.cpus_per_trial} CPU(s) each"
+        + (f"{len(summary.reused)} reused (a continual trial's first visit), " if summary.reused else "")
+        + f"{len(todo)} to run {where}, {plan.cpus_per_trial} CPU(s) each"
     )
 
     def record(outcome: TrialOutcome, done: int) -> None:
@@ -221,6 +225,7 @@ def _run_locked(
 
     echo(
         f"sweep: {len(summary.finished)} finished, {len(summary.failed)} failed, {len(summary.skipped)} skipped"
+        + (f", {len(summary.reused)} reused" if summary.reused else "")
         + (f", {len(summary.interrupted)} interrupted" if summary.interrupted else "")
         + f"; manifest: {plan.sweep_dir / 'sweep.json'}"
     )

@@ -14,7 +14,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,12 +29,16 @@ from rl_plasticity.sweep.grid import (
     render_value,
     sanitize_label,
 )
+from rl_plasticity.sweep.trial import trial_runs
 
 MANIFEST = "sweep.json"
 LOGS_DIR = "logs"
 FRESH = "fresh"
 #: Config keys a trial's identity does not depend on: a sweep re-run may change them.
 VOLATILE_KEYS = ("threads", "logging.root_dir", "logging.progress_bar")
+#: Keys in which a fresh-network trial may differ from a continual trial whose first visit it is: its name and
+#: what the fresh overrides set (``interventions=[]`` is not among them: the continual trial must have none too).
+FRESH_KEYS = ("name", "env.order", "env.task_order", "total_steps")
 
 
 @dataclass(frozen=True)
@@ -45,6 +49,8 @@ class Trial:
     :param arm: what ``rlp report`` groups it under: the label, or ``fresh`` for the fresh-network arm.
     :param overrides: what it sets on top of the base config, before the keys the sweep owns.
     :param task: fresh-network trials: the name of the one task they train on.
+    :param reused_from: a fresh-network trial that is not run: the id of the continual trial whose first
+        ``env.switch_every`` steps are the same run (:func:`same_first_visit`); ``rlp report`` takes its first visit.
     """
 
     label: str
@@ -52,6 +58,7 @@ class Trial:
     seed: int
     overrides: tuple[str, ...]
     task: str | None = None
+    reused_from: str | None = None
 
     @property
     def id(self) -> str:
@@ -101,6 +108,52 @@ def trial_config(cfg: RunConfig) -> dict[str, Any]:
     return {k: v for k, v in flat_config(cfg, keep_empty=True).items() if k not in VOLATILE_KEYS}
 
 
+def _first_task(config: dict[str, Any]) -> int | None:
+    """The task a run's schedule starts with (``None``: a random order, drawn per cycle)."""
+    order = config.get("env.order")
+    if order == "cyclic":
+        return 0
+    task_order = config.get("env.task_order")
+    return int(task_order[0]) if order == "explicit" and task_order else None
+
+
+def same_first_visit(continual: dict[str, Any], fresh: dict[str, Any]) -> bool:
+    """Whether the first ``env.switch_every`` steps of a continual trial are the very run of a fresh-network trial
+    (equal ``task_summary.csv`` row, evaluations, curves and parameters at the switch), from their
+    :func:`trial_config`.
+
+    They are if the configs differ only in :data:`FRESH_KEYS`, the continual schedule starts with the fresh
+    trial's task and runs at least one ``env.switch_every``, and nothing depends on the run's length: epsilon
+    decays over ``agent.exploration_steps``, not a fraction of ``total_steps``. Everything else a run draws is
+    seeded by the seed, the task and the step (exploration, probe sets, evaluation episodes), and the monitor and
+    the evaluation close a visit at the switch step alike in both (the fresh schedule switches to its task again).
+    """
+    keys = set(continual) | set(fresh)
+    if any(continual.get(k, "(unset)") != fresh.get(k, "(unset)") for k in keys - set(FRESH_KEYS)):
+        return False
+    total = continual.get("total_steps")
+    return (
+        _first_task(continual) is not None
+        and _first_task(continual) == _first_task(fresh)
+        and (total is None or total >= continual["env.switch_every"])
+        and continual.get("agent.exploration_fraction") is None
+    )
+
+
+def _reuse(trial: Trial, trials: list[Trial], configs: dict[str, dict[str, Any]], sweep_dir: Path) -> Trial:
+    """A fresh-network trial marked as reused from the first continual trial of its seed with the same first visit
+    (:func:`same_first_visit`); unchanged if there is none, or if it has a run directory already (a sweep made
+    before reuse existed: its run is kept and used)."""
+    if trial.arm != FRESH or trial_runs(sweep_dir, trial.label, trial.seed):
+        return trial
+    for source in trials:
+        if source.arm == FRESH or source.seed != trial.seed:
+            continue
+        if same_first_visit(configs[source.id], configs[trial.id]):
+            return replace(trial, reused_from=source.id)
+    return trial
+
+
 def _task_names(cfg: RunConfig) -> list[str]:
     """The task names of the config's sequence; building the env also checks its options (as a run would)."""
     from rl_plasticity.runner import build_env  # torch and SB3: only once the cheap checks passed
@@ -122,6 +175,7 @@ def build_plan(
     seeds: list[int] | None,
     sweep_dir: Path | None,
     cpus_per_trial: int,
+    fresh_reuse: bool = True,
 ) -> SweepPlan:
     """Expand and validate the sweep: every trial's full config is loaded and checked here, so a bad grid,
     arm or override fails before anything is written.
@@ -131,6 +185,8 @@ def build_plan(
         config (the common overrides, no intervention) on task ``k`` alone for one ``env.switch_every``. With
         ``agent.exploration_steps`` its epsilon decays as a continual run's first task; an
         ``agent.exploration_fraction`` follows its own length.
+    :param fresh_reuse: a fresh-network trial whose run a continual trial of its seed makes anyway as its first
+        visit (:func:`same_first_visit`: normally ``fresh_task0`` and the ``none`` arm) is not run but reused.
     :param seeds: the seeds (default: the config's own ``seed``).
     :param sweep_dir: default ``<logging.root_dir>/<name>_sweep`` of the base config.
     :raises SweepError: any bad input, one line.
@@ -208,6 +264,8 @@ def build_plan(
             except ConfigError as exc:
                 raise SweepError(f"trial {trial.id}: {exc}") from None
         configs[trial.id] = trial_config(cfg)
+    if fresh_reuse:
+        trials = [_reuse(trial, trials, configs, sweep_dir) for trial in trials]
     return SweepPlan(
         config,
         sweep_dir,
@@ -293,7 +351,12 @@ def new_manifest(plan: SweepPlan, old: dict[str, Any] | None, command: list[str]
             task=trial.task,
             overrides=list(trial.overrides),
             config=plan.configs[trial.id],
+            reused_from=trial.reused_from,
         )
+        if trial.reused_from is not None:
+            entry.update(status="reused", run_dir=None, error=None)
+        elif entry["status"] == "reused":  # reused before, run now (--no-fresh-reuse)
+            entry["status"] = "pending"
         trials[trial.id] = entry
     arms = list(dict.fromkeys([*(old or {}).get("arms_order", []), *(t.arm for t in plan.trials)]))
     return {

@@ -809,6 +809,40 @@ def test_report_takes_a_reused_fresh_trial_from_its_source_runs_first_visit(tmp_
     assert "not started" not in md and "Incomplete runs" not in md
 
 
+def test_a_reused_fresh_trial_follows_its_source_stopped_in_its_first_visit_or_not_started(tmp_path: Path):
+    sweep = reuse_sweep(tmp_path / "sweep", True)
+    manifest = json.loads((sweep / "sweep.json").read_text())
+    # Seed 2's none run stopped inside its first visit (checkpoint at 60, logs to 50); seed 3's never started.
+    name = "20260101-000002_seed2"
+    scalars = {
+        f"task/{A}/episode_return": [(20, 1.0), (50, 2.0)],
+        "task/id": [(10, 0)],
+        f"eval/{A}/mean_return": [(0, 0.0), (50, 1.0)],
+    }
+    write_run(sweep / "none" / name, seed=2, interventions=[], total=200, checkpoint=60, rows=None, scalars=scalars)
+    for seed, status in ((2, "interrupted"), (3, "pending")):
+        manifest["trials"][f"none/seed{seed}"] = dict(label="none", seed=seed, arm="none", status=status, run_dir=None)
+        manifest["trials"][f"fresh_task0/seed{seed}"] = dict(
+            label="fresh_task0",
+            seed=seed,
+            arm="fresh",
+            task=A,
+            status="reused",
+            run_dir=None,
+            reused_from=f"none/seed{seed}",
+        )
+    (sweep / "sweep.json").write_text(json.dumps(manifest))
+    make_report(sweep, None, points=9, n_resamples=500)
+    runs = pd.read_csv(sweep / "report" / "runs.csv")
+    fresh2 = runs[(runs["arm"] == "fresh") & (runs["seed"] == 2)].iloc[0]
+    # As far on as a fresh run stopped at the same step would be: 60 of one switch, not complete.
+    assert (fresh2["checkpoint_step"], fresh2["total_steps"], bool(fresh2["complete"])) == (60, SWITCH, False)
+    md = (sweep / "report" / "report.md").read_text()
+    assert "| fresh | 5 | 0, 1, 2 | 4 of 5 |" in md
+    assert "`fresh_task0/seed3`" in md.split("Trials not started yet")[1]
+    assert "`fresh_task0/seed2`" not in md.split("Trials not started yet")[1]
+
+
 def test_the_runner_and_the_report_build_a_runs_sequence_with_the_same_arguments(monkeypatch: pytest.MonkeyPatch):
     # One builder of make_sequence's arguments (task_envs.sequence_args): the runner's training envs, the task
     # copies and the report's rebuilt sequence get the same ones, the sequence seed falling back to the run seed.

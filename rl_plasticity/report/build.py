@@ -185,12 +185,14 @@ def make_report(
     )
     # The manifest names a trial's run directory once it ends; a running one is found by its label and seed.
     seen = {(r.path.parent.resolve(), r.seed) for r in runs}
+    reused = {(r.reused_from, r.seed) for r in runs if r.reused_from is not None}
     for sweep_dir, manifest in manifests.items():
         for trial_id, entry in (manifest or {}).get("trials", {}).items():
             if entry.get("status") == "failed":
                 report.failed[trial_id] = str(entry.get("error"))
             elif entry.get("status") == "reused":
-                continue
+                if (entry.get("reused_from"), entry.get("seed")) not in reused:  # its source has no run yet
+                    report.not_started.append(trial_id)
             elif ((sweep_dir / str(entry.get("label"))).resolve(), entry.get("seed")) not in seen:
                 report.not_started.append(trial_id)
 

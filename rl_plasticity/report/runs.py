@@ -324,7 +324,8 @@ def load_run(run_dir: Path, manifests: dict[Path, dict[str, Any] | None]) -> Run
 def reused_runs(runs: list[RunData], manifests: dict[Path, dict[str, Any] | None]) -> list[RunData]:
     """The sweeps' reused fresh trials (``status: reused`` in ``sweep.json``), each as the run it stands for: the
     first visit of its source run (the visit that starts at step 0, the rows and curves up to its end), with the
-    fresh trial's arm, kind, task and seed. A trial whose source run is not among ``runs`` yet is left out.
+    fresh trial's arm, kind, task and seed. A trial whose source run is not among ``runs`` yet is left out (the
+    report lists it as not started).
 
     :param runs: the runs read so far (:func:`load_run`), the source runs among them.
     :param manifests: the manifests :func:`load_run` read, by sweep directory.
@@ -363,8 +364,11 @@ def _first_visit(source: RunData, entry: dict[str, Any], source_id: str) -> RunD
             continue  # of every task's evaluation, a fresh run's report keeps its own task's
         inside = steps <= end
         curves[metric] = (steps[inside], values[inside])
-    checkpoint = end if complete else source.progress.checkpoint_step
-    progress = RunProgress(source.path, None if checkpoint is None else min(checkpoint, end), end)
+    # A fresh run's length is one switch, whatever the source's last log: a source stopped inside its first visit
+    # gives a fresh run that is as far on as its checkpoint, not a complete one.
+    total = int(source.switch_every) if source.switch_every else end
+    checkpoint = total if complete else source.progress.checkpoint_step
+    progress = RunProgress(source.path, None if checkpoint is None else min(checkpoint, total), total)
     return RunData(
         source.path,
         str(entry.get("arm")),

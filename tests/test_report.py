@@ -510,6 +510,31 @@ def test_report_on_runs_that_completed_no_visit_yet(tmp_path: Path):
     assert curves["mean"].tolist() == pytest.approx([np.mean([6.5, 7.5])])
 
 
+def test_visit_span_comes_from_the_runs_that_completed_it(tmp_path: Path):
+    # One run complete, two stopped inside visit 1 (rebuilt from their events, ending at their last log):
+    # the median over all three would put visit 1's end at step 60.
+    root = tmp_path / "runs"
+    rows = [row(A, 1, 0, 5.0, 6.0, 2.0, (0.1, 0.3), 1.0), row(B, 1, SWITCH, 4.0, 5.0, 2.0, (0.1, 0.3), 1.0)]
+    scalars = {"task/id": [(20, 0), (100, 1), (200, 1)], f"task/{A}/episode_return": [(20, 5.0)]}
+    write_run(root / "none" / "20260101-000000_seed0", seed=0, interventions=[], total=200, checkpoint=200,
+              rows=rows, scalars=scalars)  # fmt: skip
+    for seed, last in ((1, 40), (2, 60)):
+        write_run(
+            root / "none" / f"20260101-00000{seed}_seed{seed}",
+            seed=seed,
+            interventions=[],
+            total=200,
+            checkpoint=None,
+            rows=None,
+            scalars={"task/id": [(20, 0), (last, 0)], f"task/{A}/episode_return": [(20, 5.0), (last, 6.0)]},
+        )
+    result = CliRunner().invoke(cli, ["report", str(root), "--points", "5", "--resamples", "200"])
+    assert result.exit_code == 0, result.output
+    md = (root / "report" / "report.md").read_text()
+    assert f"### 1. {A}, visit 1 (steps 0–{SWITCH})" in md
+    assert f"### 2. {B}, visit 1 (steps {SWITCH}–{2 * SWITCH})" in md
+
+
 def test_config_arm_without_manifest(tmp_path: Path):
     from rl_plasticity.report.runs import config_arm
 

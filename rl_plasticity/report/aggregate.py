@@ -32,7 +32,8 @@ def main_return(rows: pd.DataFrame) -> str:
 
 @dataclass(frozen=True)
 class VisitKey:
-    """A task visit as the continual runs have it (``start``/``end``: median over runs)."""
+    """A task visit as the continual runs have it (``start``/``end``: median over the runs that completed it, or
+    over all runs while none has)."""
 
     index: int
     task: str
@@ -55,6 +56,10 @@ def visit_keys(runs: list[RunData]) -> list[VisitKey]:
     rows = [run.visits.assign(_run=i) for i, run in enumerate(runs) if run.kind == "continual" and len(run.visits)]
     if rows:
         frame = pd.concat(rows, ignore_index=True)
+        # A visit's span from the runs that completed it: a run stopped inside it would pull the median short.
+        if "complete" in frame:
+            done = frame["complete"].fillna(False).astype(bool)
+            frame = frame[done | ~done.groupby([frame["task"], frame["visit"]]).transform("any")]
         grouped = frame.groupby(["task", "visit"], sort=False).agg(
             start=("start_step", "median"), end=("end_step", "median")
         )

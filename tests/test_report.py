@@ -20,6 +20,7 @@ from torch.utils.tensorboard import SummaryWriter
 from rl_plasticity.cli import cli
 from rl_plasticity.report import band, interpolate, iqm, make_report, relative_summary, summarize
 from rl_plasticity.report.correlation import correlation_row
+from rl_plasticity.rundirs import trial_state
 
 A, B = "cartpole/length=0.5", "cartpole/length=1.5"
 SWITCH = 100
@@ -848,29 +849,27 @@ def test_a_reused_fresh_trial_takes_the_source_run_the_sweep_counts_not_a_stale_
 ):
     # Seed 2's none trial failed once (a stale attempt stopped inside its first visit, the one sweep.json still
     # names) and runs again in a newer directory, further on: through its first visit, checkpoint at 150.
-    from rl_plasticity.rundirs import trial_state
-
     sweep = reuse_sweep(tmp_path / "sweep", True)
     manifest = json.loads((sweep / "sweep.json").read_text())
     stale, newer = "20260101-000002_seed2", "20260102-000000_seed2"
-    write_run(
-        sweep / "none" / stale,
-        seed=2,
-        interventions=[],
-        total=200,
-        checkpoint=60,
-        rows=None,
-        scalars={"task/id": [(10, 0)], f"eval/{A}/mean_return": [(0, 0.0), (50, 1.0)]},
-    )
-    write_run(
-        sweep / "none" / newer,
-        seed=2,
-        interventions=[],
-        total=200,
-        checkpoint=150,
-        rows=[{**row(A, 1, 0, 40.0, 41.0, 2.0, (0.1, 0.3), 1.0), "eval_return": 7.0}],
-        scalars={"task/id": [(10, 0), (100, 1)], f"eval/{A}/mean_return": [(0, 0.0), (100, 7.0), (150, 3.0)]},
-    )
+    for name, checkpoint, rows, scalars in (
+        (stale, 60, None, {"task/id": [(10, 0)], f"eval/{A}/mean_return": [(0, 0.0), (50, 1.0)]}),
+        (
+            newer,
+            150,
+            [{**row(A, 1, 0, 40.0, 41.0, 2.0, (0.1, 0.3), 1.0), "eval_return": 7.0}],
+            {"task/id": [(10, 0), (100, 1)], f"eval/{A}/mean_return": [(0, 0.0), (100, 7.0), (150, 3.0)]},
+        ),
+    ):
+        write_run(
+            sweep / "none" / name,
+            seed=2,
+            interventions=[],
+            total=200,
+            checkpoint=checkpoint,
+            rows=rows,
+            scalars=scalars,
+        )
     manifest["trials"]["none/seed2"] = dict(
         label="none", seed=2, arm="none", status="failed", run_dir=f"none/{stale}", error="rlp: boom (exit 1)"
     )

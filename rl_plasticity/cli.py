@@ -333,8 +333,8 @@ def sweep_cmd(
     local Ray is started on this machine; each trial gets --cpus-per-trial CPUs (default 1), so on 2
     cores two trials run at once. Every trial's config is checked before anything starts.
     """
+    from rl_plasticity.rundirs import trial_state
     from rl_plasticity.sweep import SweepError, build_plan, parse_seeds, run_sweep
-    from rl_plasticity.sweep.trial import trial_state
 
     try:
         plan = build_plan(

@@ -1,13 +1,15 @@
 """Run directories on disk: finding them and telling how far each got.
 
 Shared by ``rlp sweep`` (skip finished trials, resume interrupted ones) and ``rlp report`` (mark incomplete
-runs). It reads files only (``config.yaml`` and ``checkpoints/``) and imports neither torch nor SB3, so it
-is cheap to call on a whole sweep.
+runs); both take a sweep trial's run that counts from :func:`trial_state`, so they agree on it. It reads files
+only (``config.yaml`` and ``checkpoints/``) and imports neither torch nor SB3, so it is cheap to call on a whole
+sweep.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -115,3 +117,25 @@ def find_run_dirs(root: Path) -> list[Path]:
 
     walk(root)
     return found
+
+
+def _run_name(seed: int) -> re.Pattern[str]:
+    """Names :func:`rl_plasticity.runner.make_run_dir` gives: ``<YYYYmmdd-HHMMSS>_seed<k>``, maybe ``-<n>``."""
+    return re.compile(rf"\d{{8}}-\d{{6}}_seed{seed}(-\d+)?")
+
+
+def trial_runs(sweep_dir: Path, label: str, seed: int) -> list[RunProgress]:
+    """The run directories of a sweep trial (``<sweep_dir>/<label>/<run>``; normally at most one), furthest first:
+    complete ones, then by checkpoint step, then newest."""
+    folder = Path(sweep_dir) / label
+    if not folder.is_dir():
+        return []
+    pattern = _run_name(seed)
+    runs = [run_progress(p) for p in folder.iterdir() if pattern.fullmatch(p.name) and is_run_dir(p)]
+    return sorted(runs, key=lambda r: (r.complete, r.checkpoint_step or -1, r.run_dir.name), reverse=True)
+
+
+def trial_state(sweep_dir: Path, label: str, seed: int) -> RunProgress | None:
+    """The trial's run that counts: a complete one, else the furthest resumable one, else ``None``."""
+    runs = trial_runs(sweep_dir, label, seed)
+    return runs[0] if runs and runs[0].checkpoint_step is not None else None

@@ -9,6 +9,8 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -149,11 +151,50 @@ class _SigtermAt(PlasticityIntervention):
             signal.raise_signal(signal.SIGTERM)
 
 
+@contextmanager
+def sigterm_test_intervention() -> Iterator[None]:
+    """``_sigterm_test`` (:class:`_SigtermAt`) registered, for a run that uses it and for its resumes."""
+    register("_sigterm_test")(_SigtermAt)
+    try:
+        yield
+    finally:
+        INTERVENTIONS.pop("_sigterm_test", None)
+
+
 @pytest.fixture
 def sigterm_intervention():
-    register("_sigterm_test")(_SigtermAt)
-    yield
-    INTERVENTIONS.pop("_sigterm_test", None)
+    with sigterm_test_intervention():
+        yield
+
+
+def assert_sigterm_resume_equals(
+    reference: Path, config: Path, at_step: int, interventions: list[str], *overrides: str
+) -> Path:
+    """Run ``rlp train config`` (in this process, into ``out/`` beside ``config``) with ``interventions`` and the
+    ``overrides``, SIGTERMed at the first update at or after env step ``at_step`` (:class:`_SigtermAt`); check that
+    it stopped there (exit 143, its checkpoint at ``at_step``, the stop line), resume it to the end and check that
+    its parameters, optimizer state and logs equal those of ``reference``, the same run never stopped.
+
+    :return: the run directory.
+    """
+    out = config.parent / "out"
+    with sigterm_test_intervention():
+        result = cli_run(
+            "train",
+            str(config),
+            f"logging.root_dir={out}",
+            f"interventions=[{','.join([*interventions, '_sigterm_test'])}]",
+            *overrides,
+            f"intervention_params._sigterm_test.at_step={at_step}",
+        )
+        assert result.exit_code == 143, result.output
+        run_dir = only_run(only_run(out))
+        assert latest_step(run_dir) == at_step and f"stopped by SIGTERM at env step {at_step}" in result.stderr
+        result = cli_run("train", "--resume", str(run_dir))
+        assert result.exit_code == 0, result.output
+    assert_same_model(run_dir, reference)
+    assert_same_logs(run_dir, reference)
+    return run_dir
 
 
 @pytest.fixture(scope="module")
@@ -263,26 +304,14 @@ def test_sigterm_mid_task_and_after_switch_then_resume_equals_uninterrupted(
     assert len(CheckpointStore(run_dir).checkpoints()) == 1  # checkpoint.keep = 1
 
 
-def test_ppo_resume_equals_uninterrupted(tmp_path: Path, sigterm_intervention: None):
+def test_ppo_resume_equals_uninterrupted(tmp_path: Path):
     (tmp_path / "ppo.yaml").write_text(PPO)
     reference = train(
         load_config(tmp_path / "ppo.yaml", [f"logging.root_dir={tmp_path / 'ref'}"], registries=registries())
     )
     # The same run with a SIGTERM to this process during the update at step 640 (in task 1); PPO stops at
     # the next rollout boundary, right after that update, with an empty rollout buffer.
-    result = cli_run(
-        "train",
-        str(tmp_path / "ppo.yaml"),
-        f"logging.root_dir={tmp_path / 'out'}",
-        "interventions=[l2,_sigterm_test]",
-        "intervention_params._sigterm_test.at_step=640",
-    )
-    assert result.exit_code == 143, result.output
-    run_dir = only_run(tmp_path / "out" / "ppo")
-    assert latest_step(run_dir) == 640 and "stopped by SIGTERM at env step 640" in result.stderr
-    assert cli_run("train", "--resume", str(run_dir)).exit_code == 0
-    assert_same_model(run_dir, reference)
-    assert_same_logs(run_dir, reference)
+    run_dir = assert_sigterm_resume_equals(reference, tmp_path / "ppo.yaml", 640, ["l2"])
     assert (run_dir / "task_summary.csv").read_text() == (reference / "task_summary.csv").read_text()
 
 

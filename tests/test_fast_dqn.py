@@ -14,7 +14,7 @@ import torch as th
 from stable_baselines3.common.buffers import ReplayBuffer
 from stable_baselines3.common.env_util import make_vec_env
 from stable_baselines3.common.vec_env import DummyVecEnv
-from test_checkpoint import _SigtermAt, assert_same_logs, assert_same_model, cli_run, latest_step, only_run
+from test_checkpoint import assert_sigterm_resume_equals
 
 from agents import PlasticDQN, fast_dqn, minatar_policy_kwargs
 from agents.fast_dqn import ExplicitLoss, ExplicitQNetwork, ReplaySampler, clip_grad_norm, fast_state
@@ -24,7 +24,7 @@ from agents.networks import POLICIES, CReLU
 from envs import make_sequence
 from rl_plasticity.catalog import registries
 from rl_plasticity.config import ConfigError, load_config
-from rl_plasticity.interventions import INTERVENTIONS, build_interventions, register
+from rl_plasticity.interventions import INTERVENTIONS, build_interventions
 from rl_plasticity.runner import build_agent, build_env, train
 
 #: Interventions that add loss terms or closed-form gradient terms (they override those hooks).
@@ -432,15 +432,8 @@ checkpoint: {every: 100}
 """
 
 
-@pytest.fixture
-def sigterm_intervention():
-    register("_sigterm_test")(_SigtermAt)
-    yield
-    INTERVENTIONS.pop("_sigterm_test", None)
-
-
 def test_explicit_path_run_with_monitor_eval_and_resume_equals_uninterrupted(
-    tmp_path: Path, sigterm_intervention: None, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ):
     explicit_updates = []
 
@@ -455,19 +448,8 @@ def test_explicit_path_run_with_monitor_eval_and_resume_equals_uninterrupted(
         load_config(tmp_path / "run.yaml", [f"logging.root_dir={tmp_path / 'ref'}"], registries=registries())
     )
     assert len(explicit_updates) == (900 - 100) // 2  # every update of the run took the explicit networks
-    result = cli_run(
-        "train",
-        str(tmp_path / "run.yaml"),
-        f"logging.root_dir={tmp_path / 'out'}",
-        "interventions=[_sigterm_test]",
-        "intervention_params._sigterm_test.at_step=500",
-    )
-    assert result.exit_code == 143, result.output
-    run_dir = only_run(tmp_path / "out" / "fastminatar")
-    assert latest_step(run_dir) == 500
-    assert cli_run("train", "--resume", str(run_dir)).exit_code == 0
-    assert_same_model(run_dir, reference)
-    assert_same_logs(run_dir, reference)  # the evaluation's returns and the probes' values among them
+    # The evaluation's returns and the probes' values among the logs compared.
+    assert_sigterm_resume_equals(reference, tmp_path / "run.yaml", 500, [])
 
 
 class _EveryPath(Intervention):

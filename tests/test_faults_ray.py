@@ -18,7 +18,7 @@ from test_checkpoint import assert_same_logs, assert_same_model
 from test_sweep import TINY, manifest
 
 from rl_plasticity.layout import LOCK_FILE
-from rl_plasticity.sweep.trial import trial_state
+from rl_plasticity.rundirs import trial_state
 
 pytestmark = pytest.mark.ray
 RLP = str(Path(sys.executable).with_name("rlp"))

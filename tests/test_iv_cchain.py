@@ -10,12 +10,12 @@ import pytest
 import torch as th
 from stable_baselines3.common.env_util import make_vec_env
 from test_agents import assert_same_parameters
-from test_checkpoint import DQN, _SigtermAt, assert_same_logs, assert_same_model, cli_run, latest_step, only_run
+from test_checkpoint import DQN, assert_sigterm_resume_equals
 
 from agents import PlasticDQN, PlasticPPO
 from rl_plasticity.catalog import registries
 from rl_plasticity.config import load_config, validate_config
-from rl_plasticity.interventions import INTERVENTIONS, register
+from rl_plasticity.interventions import INTERVENTIONS
 from rl_plasticity.interventions.cchain import COEF_EPS, CChain, CChainParams, WindowMean
 from rl_plasticity.interventions.kfac_rank import KFACRank
 from rl_plasticity.runner import train
@@ -245,14 +245,7 @@ def test_window_mean_over_the_last_values():
     assert np.isnan(WindowMean(3).mean())
 
 
-@pytest.fixture
-def sigterm_intervention():
-    register("_sigterm_test")(_SigtermAt)
-    yield
-    INTERVENTIONS.pop("_sigterm_test", None)
-
-
-def test_resume_equals_uninterrupted(tmp_path: Path, sigterm_intervention: None):
+def test_resume_equals_uninterrupted(tmp_path: Path):
     """SIGTERM mid-run with cchain on (the automatic coefficient running, its windows wrapped), resume: the same
     parameters, optimizer state and logs as a run that was never stopped."""
     (tmp_path / "dqn.yaml").write_text(DQN)
@@ -264,17 +257,4 @@ def test_resume_equals_uninterrupted(tmp_path: Path, sigterm_intervention: None)
             registries=registries(),
         )
     )
-    result = cli_run(
-        "train",
-        str(tmp_path / "dqn.yaml"),
-        f"logging.root_dir={tmp_path / 'out'}",
-        "interventions=[cchain,_sigterm_test]",
-        *cchain,
-        "intervention_params._sigterm_test.at_step=900",
-    )
-    assert result.exit_code == 143, result.output
-    run_dir = only_run(tmp_path / "out" / "dqn")
-    assert latest_step(run_dir) == 900
-    assert cli_run("train", "--resume", str(run_dir)).exit_code == 0
-    assert_same_model(run_dir, reference)
-    assert_same_logs(run_dir, reference)
+    assert_sigterm_resume_equals(reference, tmp_path / "dqn.yaml", 900, ["cchain"], *cchain)

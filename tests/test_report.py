@@ -20,6 +20,7 @@ from torch.utils.tensorboard import SummaryWriter
 from rl_plasticity.cli import cli
 from rl_plasticity.report import band, interpolate, iqm, make_report, relative_summary, summarize
 from rl_plasticity.report.correlation import correlation_row
+from rl_plasticity.rundirs import trial_state
 
 A, B = "cartpole/length=0.5", "cartpole/length=1.5"
 SWITCH = 100
@@ -866,6 +867,50 @@ def test_a_reused_fresh_trial_follows_its_source_stopped_in_its_first_visit_or_n
     assert "| fresh | 5 | 0, 1, 2 | 4 of 5 |" in md
     assert "`fresh_task0/seed3`" in md.split("Trials not started yet")[1]
     assert "`fresh_task0/seed2`" not in md.split("Trials not started yet")[1]
+
+
+def test_a_reused_fresh_trial_takes_the_source_run_the_sweep_counts_not_a_stale_one_the_manifest_names(
+    tmp_path: Path,
+):
+    # Seed 2's none trial failed once (a stale attempt stopped inside its first visit, the one sweep.json still
+    # names) and runs again in a newer directory, further on: through its first visit, checkpoint at 150.
+    sweep = reuse_sweep(tmp_path / "sweep", True)
+    manifest = json.loads((sweep / "sweep.json").read_text())
+    stale, newer = "20260101-000002_seed2", "20260102-000000_seed2"
+    for name, checkpoint, rows, scalars in (
+        (stale, 60, None, {"task/id": [(10, 0)], f"eval/{A}/mean_return": [(0, 0.0), (50, 1.0)]}),
+        (
+            newer,
+            150,
+            [{**row(A, 1, 0, 40.0, 41.0, 2.0, (0.1, 0.3), 1.0), "eval_return": 7.0}],
+            {"task/id": [(10, 0), (100, 1)], f"eval/{A}/mean_return": [(0, 0.0), (100, 7.0), (150, 3.0)]},
+        ),
+    ):
+        write_run(
+            sweep / "none" / name,
+            seed=2,
+            interventions=[],
+            total=200,
+            checkpoint=checkpoint,
+            rows=rows,
+            scalars=scalars,
+        )
+    manifest["trials"]["none/seed2"] = dict(
+        label="none", seed=2, arm="none", status="failed", run_dir=f"none/{stale}", error="rlp: boom (exit 1)"
+    )
+    manifest["trials"]["fresh_task0/seed2"] = dict(
+        label="fresh_task0", seed=2, arm="fresh", task=A, status="reused", run_dir=None, reused_from="none/seed2"
+    )
+    (sweep / "sweep.json").write_text(json.dumps(manifest))
+    assert trial_state(sweep, "none", 2).run_dir.name == newer  # the sweep would resume the newer run
+
+    make_report(sweep, None, points=9, n_resamples=500)
+    runs = pd.read_csv(sweep / "report" / "runs.csv")
+    fresh2 = runs[(runs["arm"] == "fresh") & (runs["seed"] == 2)].iloc[0]
+    assert (fresh2["checkpoint_step"], fresh2["total_steps"], bool(fresh2["complete"])) == (SWITCH, SWITCH, True)
+    by_run = pd.read_csv(sweep / "report" / "visits_by_run.csv")
+    (visit,) = by_run[(by_run["arm"] == "fresh") & (by_run["seed"] == 2)].itertuples()
+    assert (visit.run, visit.task, visit.eval_return, visit.eval_mean) == (f"none/{newer}", A, 7.0, 3.5)
 
 
 def test_the_runner_and_the_report_build_a_runs_sequence_with_the_same_arguments(monkeypatch: pytest.MonkeyPatch):

@@ -22,11 +22,11 @@ from click.testing import CliRunner
 from rl_plasticity.catalog import registries
 from rl_plasticity.cli import cli
 from rl_plasticity.config import load_config
-from rl_plasticity.rundirs import run_progress
+from rl_plasticity.rundirs import run_progress, trial_state
 from rl_plasticity.sweep import SweepError, build_plan, expand_grid, parse_grid, parse_seeds
 from rl_plasticity.sweep.driver import job_for
 from rl_plasticity.sweep.plan import MANIFEST, check_sweep_dir, new_manifest, write_manifest
-from rl_plasticity.sweep.trial import execute_trial, trial_state
+from rl_plasticity.sweep.trial import execute_trial
 
 TINY = """\
 name: tiny

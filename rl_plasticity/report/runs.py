@@ -36,7 +36,7 @@ import pandas as pd
 
 from rl_plasticity.layout import SUMMARY_FILE
 from rl_plasticity.probes.registry import main_probes
-from rl_plasticity.rundirs import RunProgress, read_config, run_progress
+from rl_plasticity.rundirs import RunProgress, read_config, run_progress, trial_state
 
 #: The main probes of the report, as the probe registry declares them: the probe's key in tags and in
 #: task_summary.csv -> title (effective rank, dormant fraction, NC1, K-FAC epsilon-rank).
@@ -324,8 +324,9 @@ def load_run(run_dir: Path, manifests: dict[Path, dict[str, Any] | None]) -> Run
 def reused_runs(runs: list[RunData], manifests: dict[Path, dict[str, Any] | None]) -> list[RunData]:
     """The sweeps' reused fresh trials (``status: reused`` in ``sweep.json``), each as the run it stands for: the
     first visit of its source run (the visit that starts at step 0, the rows and curves up to its end), with the
-    fresh trial's arm, kind, task and seed. A trial whose source run is not among ``runs`` yet is left out (the
-    report lists it as not started).
+    fresh trial's arm, kind, task and seed. The source run is the source trial's run that counts
+    (:func:`~rl_plasticity.rundirs.trial_state`, the sweep's own rule); a trial whose source has none yet (no
+    checkpoint), or whose run is not among ``runs``, is left out (the report lists it as not started).
 
     :param runs: the runs read so far (:func:`load_run`), the source runs among them.
     :param manifests: the manifests :func:`load_run` read, by sweep directory.
@@ -334,17 +335,15 @@ def reused_runs(runs: list[RunData], manifests: dict[Path, dict[str, Any] | None
     for sweep_dir, manifest in manifests.items():
         trials = (manifest or {}).get("trials", {})
         for entry in trials.values():
-            source_entry = trials.get(str(entry.get("reused_from")))
-            if entry.get("status") != "reused" or source_entry is None:
+            source_entry = trials.get(str(entry.get("reused_from"))) or {}
+            if entry.get("status") != "reused" or not isinstance(source_entry.get("seed"), int):
                 continue
-            folder = (sweep_dir / str(source_entry.get("label"))).resolve()
-            # The source trial's run that counts: the one its entry names, else the one furthest on.
-            candidates = [r for r in runs if r.path.parent.resolve() == folder and r.seed == entry.get("seed")]
-            run_dir = source_entry.get("run_dir")
-            named = [r for r in candidates if run_dir and r.path.resolve() == (sweep_dir / run_dir).resolve()]
-            candidates = named or sorted(candidates, key=lambda r: r.last_step, reverse=True)
-            if candidates:
-                out.append(_first_visit(candidates[0], entry, str(entry["reused_from"])))
+            # The source trial's run that counts, as the sweep picks it (not the one the manifest names: that is
+            # an earlier attempt's until the running one ends).
+            state = trial_state(sweep_dir, str(source_entry.get("label")), source_entry["seed"])
+            source = [r for r in runs if state is not None and r.path.resolve() == state.run_dir.resolve()]
+            if source:
+                out.append(_first_visit(source[0], entry, str(entry["reused_from"])))
     return out
 
 

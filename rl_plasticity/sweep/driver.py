@@ -19,10 +19,11 @@ from pathlib import Path
 from typing import Any
 
 from rl_plasticity.layout import LOCK_FILE
+from rl_plasticity.rundirs import trial_state
 from rl_plasticity.runlock import exclusive_lock
 from rl_plasticity.sweep.grid import SweepError
 from rl_plasticity.sweep.plan import SweepPlan, Trial, check_sweep_dir, new_manifest, write_manifest
-from rl_plasticity.sweep.trial import TrialJob, TrialOutcome, execute_trial, trial_state
+from rl_plasticity.sweep.trial import TrialJob, TrialOutcome, execute_trial
 
 INSTALL_HINT = (
     'Ray is not installed: install it with pip install -c constraints.txt -e ".[distributed]" '

@@ -20,6 +20,7 @@ from typing import Any
 
 from rl_plasticity.catalog import registries
 from rl_plasticity.config import ConfigError, RunConfig, flat_config, load_config
+from rl_plasticity.rundirs import trial_runs
 from rl_plasticity.sweep.grid import (
     SweepError,
     check_not_sweep_key,
@@ -29,7 +30,6 @@ from rl_plasticity.sweep.grid import (
     render_value,
     sanitize_label,
 )
-from rl_plasticity.sweep.trial import trial_runs
 
 MANIFEST = "sweep.json"
 LOGS_DIR = "logs"

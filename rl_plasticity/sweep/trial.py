@@ -9,7 +9,6 @@ from __future__ import annotations
 import ctypes
 import datetime as dt
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -19,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from rl_plasticity.rundirs import RunProgress, is_run_dir, run_progress
+from rl_plasticity.rundirs import trial_runs, trial_state
 from rl_plasticity.runlock import holder, is_locked, wait_unlocked
 
 #: Seconds a trial gets to write its checkpoint after SIGTERM before it is killed.
@@ -61,27 +60,6 @@ class TrialOutcome:
     exit_code: int | None
     error: str | None
     seconds: float
-
-
-def _run_name(seed: int) -> re.Pattern[str]:
-    """Names :func:`rl_plasticity.runner.make_run_dir` gives: ``<YYYYmmdd-HHMMSS>_seed<k>``, maybe ``-<n>``."""
-    return re.compile(rf"\d{{8}}-\d{{6}}_seed{seed}(-\d+)?")
-
-
-def trial_runs(sweep_dir: Path, label: str, seed: int) -> list[RunProgress]:
-    """The run directories of a trial (normally at most one), furthest first."""
-    folder = Path(sweep_dir) / label
-    if not folder.is_dir():
-        return []
-    pattern = _run_name(seed)
-    runs = [run_progress(p) for p in folder.iterdir() if pattern.fullmatch(p.name) and is_run_dir(p)]
-    return sorted(runs, key=lambda r: (r.complete, r.checkpoint_step or -1, r.run_dir.name), reverse=True)
-
-
-def trial_state(sweep_dir: Path, label: str, seed: int) -> RunProgress | None:
-    """The trial's run that counts: a complete one, else the furthest resumable one, else ``None``."""
-    runs = trial_runs(sweep_dir, label, seed)
-    return runs[0] if runs and runs[0].checkpoint_step is not None else None
 
 
 def _load_prctl() -> Callable[..., int] | None:

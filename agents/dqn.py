@@ -9,9 +9,11 @@ import numpy as np
 import torch as th
 from stable_baselines3 import DQN
 from stable_baselines3.common.buffers import ReplayBuffer, ReplayBufferSamples
+from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.noise import ActionNoise
-from stable_baselines3.common.type_aliases import GymEnv, Schedule
+from stable_baselines3.common.type_aliases import GymEnv, RolloutReturn, Schedule, TrainFreq
 from stable_baselines3.common.utils import LinearSchedule
+from stable_baselines3.common.vec_env import VecEnv
 from stable_baselines3.dqn.policies import DQNPolicy
 from torch import nn
 
@@ -368,6 +370,32 @@ class PlasticDQN(PlasticMixin, DQN):
         self.logger.record("train/n_updates", self._n_updates, exclude="tensorboard")
         self.logger.record("train/loss", np.mean(losses))
         self._record_terms()
+
+    def collect_rollouts(
+        self,
+        env: VecEnv,
+        callback: BaseCallback,
+        train_freq: TrainFreq,
+        replay_buffer: ReplayBuffer,
+        action_noise: ActionNoise | None = None,
+        learning_starts: int = 0,
+        log_interval: int | None = None,
+    ) -> RolloutReturn:
+        """SB3's ``collect_rollouts``; on the fast path, :func:`agents.fast_dqn.collect_rollouts` where it applies
+        (:func:`agents.fast_dqn.lean_collection_applies`)."""
+        if self.fast and fast_dqn.lean_collection_applies(self, env, action_noise):
+            return fast_dqn.collect_rollouts(
+                self,
+                env,
+                callback,
+                train_freq,
+                replay_buffer,
+                learning_starts,
+                log_interval,  # type: ignore[arg-type]
+            )
+        return super().collect_rollouts(
+            env, callback, train_freq, replay_buffer, action_noise, learning_starts, log_interval
+        )
 
     def predict(
         self,

@@ -578,7 +578,8 @@ def test_lean_collection_loop_is_sb3s_bit_for_bit(tmp_path: Path, monkeypatch: p
 
 
 class _Recorder(BaseCallback):
-    """Test only: a copy of the loop's locals at every ``on_step``; stops training at the ``stop_at``-th call."""
+    """Test only: the callback calls in order, with a copy of the loop's locals at every ``on_step``; stops
+    training at the ``stop_at``-th ``on_step``."""
 
     def __init__(self, stop_at: int) -> None:
         super().__init__()
@@ -588,11 +589,16 @@ class _Recorder(BaseCallback):
 
     def _on_rollout_start(self) -> None:
         self.rollouts += 1
+        self.seen.append({"call": "on_rollout_start"})
+
+    def _on_rollout_end(self) -> None:
+        self.seen.append({"call": "on_rollout_end"})
 
     def _on_step(self) -> bool:
         keep = ("actions", "buffer_actions", "new_obs", "rewards", "dones", "num_collected_steps", "idx", "done")
         self.seen.append(
             {
+                "call": "on_step",
                 "keys": sorted(k for k in self.locals if k not in {"total_timesteps", "tb_log_name"}),
                 **{k: copy.deepcopy(self.locals[k]) for k in keep if k in self.locals},
                 "infos": [{k: v for k, v in i.items() if k != "episode"} for i in self.locals["infos"]],
@@ -628,7 +634,9 @@ def test_lean_collection_loop_gives_callbacks_sb3s_locals_and_stops_as_sb3(
             agent.learn(1_000, callback=recorder, reset_num_timesteps=False)
     assert len(lean_calls) == recorders[0].rollouts > 0
     assert lean.num_timesteps == sb3.num_timesteps == start + 400  # on_step's False stopped both
-    assert len(recorders[0].seen) == len(recorders[1].seen) == 400
+    assert len(recorders[0].seen) == len(recorders[1].seen)
+    assert sum(seen["call"] == "on_step" for seen in recorders[0].seen) == 400
+    assert sum(seen["call"] == "on_rollout_end" for seen in recorders[0].seen) == recorders[0].rollouts - 1
     for step, (got, want) in enumerate(zip(*(r.seen for r in recorders))):
         assert _same(got, want), step
     for field in BUFFER_FIELDS:

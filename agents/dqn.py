@@ -49,7 +49,7 @@ class PlasticDQN(PlasticMixin, DQN):
 
     SB3's ``max_grad_norm`` may be ``math.inf``: no clipping (``clip_grad_norm_`` then scales the gradients by
     exactly 1.0 and still returns their norm, which the NaN guard checks).
-    :param fast: train and act on the fast path (:mod:`agents.fast_dqn`): the same maths with less
+    :param fast: train, act and collect on the fast path (:mod:`agents.fast_dqn`): the same maths with less
         overhead, equal to the stock path up to float rounding. Off by default: training is then stock SB3.
     """
 

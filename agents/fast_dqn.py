@@ -35,6 +35,11 @@ has each lever's gain):
   recorder's, K-FAC's), another network or a frozen parameter takes the modules and autograd.
 - **Adam's step** calls ``torch._fused_adam_`` directly (:class:`AdamStep`), as ``Adam.step`` with ``fused=True``
   does after its Python bookkeeping, on the same state tensors, so a save and load see the usual optimizer state.
+- **Collection** (:func:`collect_rollouts`): SB3's ``collect_rollouts`` with ``DummyVecEnv.step`` and
+  ``_store_transition`` written out for one env, and no ``set_training_mode(False)`` traversal when the policy
+  already is in eval mode and its forward does not depend on the mode. The same calls, draws and stored
+  transitions as SB3's loop, bit for bit (unlike the update, nothing in it is arithmetic); for one
+  ``DummyVecEnv`` without action noise or ``VecNormalize`` (:func:`lean_collection_applies`), else SB3's loop.
 """
 
 from __future__ import annotations

@@ -503,22 +503,21 @@ def test_explicit_backward_takes_the_chain_rule_through_loss_terms():
     )
 
 
-#: A run on the fast path with every callback of a CLI run (task log, evaluation, monitor, checkpoints), an update
-#: per env step, SB3's episode logging every 4 episodes, and three task visits: each switch truncates an episode.
-LEAN_RUN = """\
-name: leanloop
-seed: 3
-total_steps: 3000
-threads: 1
-agent: {algo: dqn, fast: true, double_q: true, learning_starts: 200, buffer_size: 5000, batch_size: 16, train_freq: 1,
-        target_update_interval: 100, exploration_fraction: 0.3}
-net: {kind: minatar, width: 32, channels: 8}
-env: {sequence: continual_minatar, switch_every: 1000}
-logging: {progress_bar: false, log_interval: 4}
-monitor: {probe_every: 500, probe_set_size: 32, probes: [rank, dormant, weights], switch_probes: []}
-eval: {episodes: 2, tasks: all, every: 1000, max_episode_steps: 200}
-checkpoint: {every: 1000}
-"""
+#: MINATAR_FAST with an update per env step, SB3's episode logging every 4 episodes and three task visits (each
+#: switch truncates an episode), 3000 steps.
+LEAN_RUN = [
+    "total_steps=3000",
+    "agent.train_freq=1",
+    "agent.learning_starts=200",
+    "agent.buffer_size=5000",
+    "agent.target_update_interval=100",
+    "agent.exploration_fraction=0.3",
+    "env.switch_every=1000",
+    "logging.log_interval=4",
+    "monitor.probe_every=500",
+    "eval.every=1000",
+    "checkpoint.every=1000",
+]
 
 BUFFER_FIELDS = ("observations", "next_observations", "actions", "rewards", "dones", "timeouts")
 
@@ -545,10 +544,11 @@ def test_lean_collection_loop_is_sb3s_bit_for_bit(tmp_path: Path, monkeypatch: p
 
     monkeypatch.setattr(runner, "build_agent", kept)
     lean_calls = counted_lean_loop(monkeypatch)
-    (tmp_path / "run.yaml").write_text(LEAN_RUN)
+    (tmp_path / "run.yaml").write_text(MINATAR_FAST)
 
     def config(root: str) -> Any:
-        return load_config(tmp_path / "run.yaml", [f"logging.root_dir={tmp_path / root}"], registries=registries())
+        overrides = [*LEAN_RUN, f"logging.root_dir={tmp_path / root}"]
+        return load_config(tmp_path / "run.yaml", overrides, registries=registries())
 
     lean_run = train(config("lean"))
     assert len(lean_calls) == 3000  # every rollout of the run took the lean loop

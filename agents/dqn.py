@@ -9,9 +9,11 @@ import numpy as np
 import torch as th
 from stable_baselines3 import DQN
 from stable_baselines3.common.buffers import ReplayBuffer, ReplayBufferSamples
+from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.noise import ActionNoise
-from stable_baselines3.common.type_aliases import GymEnv, Schedule
+from stable_baselines3.common.type_aliases import GymEnv, RolloutReturn, Schedule, TrainFreq
 from stable_baselines3.common.utils import LinearSchedule
+from stable_baselines3.common.vec_env import VecEnv
 from stable_baselines3.dqn.policies import DQNPolicy
 from torch import nn
 
@@ -47,7 +49,7 @@ class PlasticDQN(PlasticMixin, DQN):
 
     SB3's ``max_grad_norm`` may be ``math.inf``: no clipping (``clip_grad_norm_`` then scales the gradients by
     exactly 1.0 and still returns their norm, which the NaN guard checks).
-    :param fast: train and act on the fast path (:mod:`agents.fast_dqn`): the same maths with less
+    :param fast: train, act and collect on the fast path (:mod:`agents.fast_dqn`): the same maths with less
         overhead, equal to the stock path up to float rounding. Off by default: training is then stock SB3.
     """
 
@@ -368,6 +370,32 @@ class PlasticDQN(PlasticMixin, DQN):
         self.logger.record("train/n_updates", self._n_updates, exclude="tensorboard")
         self.logger.record("train/loss", np.mean(losses))
         self._record_terms()
+
+    def collect_rollouts(
+        self,
+        env: VecEnv,
+        callback: BaseCallback,
+        train_freq: TrainFreq,
+        replay_buffer: ReplayBuffer,
+        action_noise: ActionNoise | None = None,
+        learning_starts: int = 0,
+        log_interval: int | None = None,
+    ) -> RolloutReturn:
+        """SB3's ``collect_rollouts``; on the fast path, :func:`agents.fast_dqn.collect_rollouts` where it applies
+        (:func:`agents.fast_dqn.lean_collection_applies`)."""
+        if self.fast and fast_dqn.lean_collection_applies(self, env, action_noise):
+            return fast_dqn.collect_rollouts(
+                self,
+                env,
+                callback,
+                train_freq,
+                replay_buffer,
+                learning_starts,
+                log_interval,  # type: ignore[arg-type]
+            )
+        return super().collect_rollouts(
+            env, callback, train_freq, replay_buffer, action_noise, learning_starts, log_interval
+        )
 
     def predict(
         self,

@@ -35,11 +35,17 @@ has each lever's gain):
   recorder's, K-FAC's), another network or a frozen parameter takes the modules and autograd.
 - **Adam's step** calls ``torch._fused_adam_`` directly (:class:`AdamStep`), as ``Adam.step`` with ``fused=True``
   does after its Python bookkeeping, on the same state tensors, so a save and load see the usual optimizer state.
+- **Collection** (:func:`collect_rollouts`): SB3's ``collect_rollouts`` with ``DummyVecEnv.step`` and
+  ``_store_transition`` written out for one env, and no ``set_training_mode(False)`` traversal when the policy
+  already is in eval mode and its forward does not depend on the mode. The same calls, draws and stored
+  transitions as SB3's loop, bit for bit (unlike the update, nothing in it is arithmetic); for one
+  ``DummyVecEnv`` without action noise or ``VecNormalize`` (:func:`lean_collection_applies`), else SB3's loop.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from copy import deepcopy
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
@@ -47,7 +53,12 @@ import numpy as np
 import torch as th
 from gymnasium import spaces
 from stable_baselines3.common.buffers import ReplayBuffer, ReplayBufferSamples
+from stable_baselines3.common.callbacks import BaseCallback
+from stable_baselines3.common.off_policy_algorithm import OffPolicyAlgorithm
 from stable_baselines3.common.preprocessing import is_image_space
+from stable_baselines3.common.type_aliases import RolloutReturn, TrainFreq
+from stable_baselines3.common.utils import should_collect_more_steps
+from stable_baselines3.common.vec_env import DummyVecEnv
 from stable_baselines3.dqn.policies import QNetwork
 from torch import nn
 from torch.nn import functional as F
@@ -634,3 +645,122 @@ def predict(agent: PlasticDQN, observation: Any, deterministic: bool) -> tuple[n
         obs = th.as_tensor(observation, device=agent.device)
         q_values = agent.q_net(obs) if nets is None else nets[0].q_values(state.preprocess(obs))
     return q_values.argmax(dim=1).cpu().numpy(), None
+
+
+def lean_collection_applies(agent: PlasticDQN, env: Any, action_noise: Any) -> bool:
+    """Whether :func:`collect_rollouts` may stand in for SB3's ``collect_rollouts``: the env is SB3's own
+    ``DummyVecEnv`` (not a subclass, no ``VecEnv`` wrapper such as ``VecNormalize``) with one copy of a
+    non-dict, non-tuple observation space, no action noise, no gSDE, and the agent does not override SB3's
+    ``_store_transition``."""
+    return (
+        type(env) is DummyVecEnv
+        and env.num_envs == 1
+        and env.keys == [None]
+        and action_noise is None
+        and not agent.use_sde
+        and agent._vec_normalize_env is None
+        and type(agent)._store_transition is OffPolicyAlgorithm._store_transition
+    )
+
+
+def collect_rollouts(
+    agent: PlasticDQN,
+    env: DummyVecEnv,
+    callback: BaseCallback,
+    train_freq: TrainFreq,
+    replay_buffer: ReplayBuffer,
+    learning_starts: int,
+    log_interval: int | None,
+) -> RolloutReturn:
+    """SB3's ``OffPolicyAlgorithm.collect_rollouts`` (2.x) where :func:`lean_collection_applies`, with less
+    machinery around each env step and the same effects in the same order.
+
+    The same calls to the agent (``_sample_action``, ``_update_info_buffer``, ``_update_current_progress_remaining``,
+    ``_on_step``, ``dump_logs``), to the callback (``on_rollout_start``, ``update_locals`` with the names SB3's
+    loop has then, ``on_step`` whose ``False`` stops, ``on_rollout_end``) and to the replay buffer (``add`` of the
+    previous observation, the next one, or ``infos[0]["terminal_observation"]`` at an episode's end, terminated
+    or truncated), the same random draws (those of ``_sample_action`` and of the env) and the same episode
+    bookkeeping. What it leaves out, each the same computation:
+
+    - ``policy.set_training_mode(False)`` (a traversal of every module) when the policy already is in eval mode
+      and its network has no module whose forward depends on the mode (:attr:`FastState.mode_free`; the fast
+      path's update leaves such a policy in eval mode). A module put into such a network in training mode keeps
+      that flag until the next full switch: its forward is the same in both modes.
+    - ``DummyVecEnv.step``'s dispatch and ``deepcopy`` of its one-key observation dict: its ``step_wait`` for one
+      env is written out (the same env calls, buffers and ``TimeLimit.truncated`` / ``terminal_observation``
+      entries; the infos are still deep-copied).
+    - ``_store_transition``'s ``deepcopy`` of the next observation (an array: a copy) and its dispatch.
+
+    :return: SB3's ``RolloutReturn`` (env steps collected, episodes ended, whether to go on).
+    """
+    policy = agent.policy
+    if policy.training or not fast_state(agent).mode_free:
+        policy.set_training_mode(False)
+    num_collected_steps, num_collected_episodes = 0, 0
+    assert train_freq.frequency > 0, "Should at least collect one step or episode."
+    inner, buf_obs = env.envs[0], env.buf_obs[None]
+    callback.on_rollout_start()
+    continue_training = True
+    idx_done: dict[str, Any] = {}  # SB3's loop variables idx and done, once its episode loop has run
+    while should_collect_more_steps(train_freq, num_collected_steps, num_collected_episodes):
+        actions, buffer_actions = agent._sample_action(learning_starts, None, 1)
+
+        # DummyVecEnv.step for its one env (step_async, then step_wait).
+        env.actions = actions
+        obs, env.buf_rews[0], terminated, truncated, env.buf_infos[0] = inner.step(actions[0])
+        env.buf_dones[0] = terminated or truncated
+        env.buf_infos[0]["TimeLimit.truncated"] = truncated and not terminated
+        if env.buf_dones[0]:
+            env.buf_infos[0]["terminal_observation"] = obs
+            obs, env.reset_infos[0] = inner.reset()
+        buf_obs[0] = obs
+        new_obs, rewards, dones = buf_obs.copy(), env.buf_rews.copy(), env.buf_dones.copy()
+        infos = deepcopy(env.buf_infos)
+
+        agent.num_timesteps += 1
+        num_collected_steps += 1
+        # SB3's locals() at this point.
+        callback.update_locals(
+            {
+                "self": agent,
+                "env": env,
+                "callback": callback,
+                "train_freq": train_freq,
+                "replay_buffer": replay_buffer,
+                "action_noise": None,
+                "learning_starts": learning_starts,
+                "log_interval": log_interval,
+                "num_collected_steps": num_collected_steps,
+                "num_collected_episodes": num_collected_episodes,
+                "continue_training": continue_training,
+                **idx_done,
+                "actions": actions,
+                "buffer_actions": buffer_actions,
+                "new_obs": new_obs,
+                "rewards": rewards,
+                "dones": dones,
+                "infos": infos,
+            }
+        )
+        if not callback.on_step():
+            return RolloutReturn(num_collected_steps, num_collected_episodes, continue_training=False)
+        agent._update_info_buffer(infos, dones)
+
+        # _store_transition without VecNormalize.
+        agent._last_original_obs = agent._last_obs
+        next_obs = new_obs.copy()
+        if dones[0] and infos[0].get("terminal_observation") is not None:
+            next_obs[0] = infos[0]["terminal_observation"]
+        replay_buffer.add(agent._last_original_obs, next_obs, buffer_actions, rewards, dones, infos)  # type: ignore[arg-type]
+        agent._last_obs = new_obs  # type: ignore[assignment]
+
+        agent._update_current_progress_remaining(agent.num_timesteps, agent._total_timesteps)
+        agent._on_step()
+        idx_done = {"idx": 0, "done": dones[0]}
+        if dones[0]:
+            num_collected_episodes += 1
+            agent._episode_num += 1
+            if log_interval is not None and agent._episode_num % log_interval == 0:
+                agent.dump_logs()
+    callback.on_rollout_end()
+    return RolloutReturn(num_collected_steps, num_collected_episodes, continue_training)

@@ -12,9 +12,12 @@ import numpy as np
 import pytest
 import torch as th
 from stable_baselines3.common.buffers import ReplayBuffer
+from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.env_util import make_vec_env
-from stable_baselines3.common.vec_env import DummyVecEnv
-from test_checkpoint import assert_sigterm_resume_equals
+from stable_baselines3.common.noise import NormalActionNoise
+from stable_baselines3.common.off_policy_algorithm import OffPolicyAlgorithm
+from stable_baselines3.common.vec_env import DummyVecEnv, VecNormalize
+from test_checkpoint import assert_same_logs, assert_same_model, assert_sigterm_resume_equals
 
 from agents import PlasticDQN, fast_dqn, minatar_policy_kwargs
 from agents.fast_dqn import ExplicitLoss, ExplicitQNetwork, ReplaySampler, clip_grad_norm, fast_state
@@ -22,6 +25,7 @@ from agents.fast_dqn import td_loss as td_loss_of
 from agents.hooks import Intervention
 from agents.networks import POLICIES, CReLU
 from envs import make_sequence
+from rl_plasticity import runner
 from rl_plasticity.catalog import registries
 from rl_plasticity.config import ConfigError, load_config
 from rl_plasticity.interventions import INTERVENTIONS, build_interventions
@@ -479,3 +483,167 @@ def test_explicit_backward_takes_the_chain_rule_through_loss_terms():
     assert fast.logger.name_to_value["train/_every_path/term"] == pytest.approx(
         stock.logger.name_to_value["train/_every_path/term"], rel=1e-5
     )
+
+
+#: MINATAR_FAST with an update per env step, SB3's episode logging every 4 episodes and three task visits (each
+#: switch truncates an episode), 3000 steps.
+LEAN_RUN = [
+    "total_steps=3000",
+    "agent.train_freq=1",
+    "agent.learning_starts=200",
+    "agent.buffer_size=5000",
+    "agent.target_update_interval=100",
+    "agent.exploration_fraction=0.3",
+    "env.switch_every=1000",
+    "logging.log_interval=4",
+    "monitor.probe_every=500",
+    "eval.every=1000",
+    "checkpoint.every=1000",
+]
+
+BUFFER_FIELDS = ("observations", "next_observations", "actions", "rewards", "dones", "timeouts")
+
+
+def counted_lean_loop(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Count the calls of the lean collection loop (one per rollout)."""
+    calls: list[int] = []
+    lean = fast_dqn.collect_rollouts
+
+    def counted(*args: Any) -> Any:
+        calls.append(1)
+        return lean(*args)
+
+    monkeypatch.setattr(fast_dqn, "collect_rollouts", counted)
+    return calls
+
+
+def test_lean_collection_loop_is_sb3s_bit_for_bit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    agents: list[PlasticDQN] = []
+
+    def kept(cfg: Any, env: Any) -> Any:
+        agents.append(build_agent(cfg, env))  # type: ignore[arg-type]
+        return agents[-1]
+
+    monkeypatch.setattr(runner, "build_agent", kept)
+    lean_calls = counted_lean_loop(monkeypatch)
+    (tmp_path / "run.yaml").write_text(MINATAR_FAST)
+
+    def config(root: str) -> Any:
+        overrides = [*LEAN_RUN, f"logging.root_dir={tmp_path / root}"]
+        return load_config(tmp_path / "run.yaml", overrides, registries=registries())
+
+    lean_run = train(config("lean"))
+    assert len(lean_calls) == 3000  # every rollout of the run took the lean loop
+    with monkeypatch.context() as m:
+        m.setattr(PlasticDQN, "collect_rollouts", OffPolicyAlgorithm.collect_rollouts)
+        sb3_run = train(config("sb3"))
+    assert len(lean_calls) == 3000
+    lean, sb3 = agents
+
+    assert_same_model(lean_run, sb3_run)  # parameters, target network, Adam state
+    assert_same_logs(lean_run, sb3_run)  # every logged value: losses, episodes, evaluation, probes
+    for net in ("q_net", "q_net_target"):
+        for (name, a), b in zip(getattr(sb3, net).named_parameters(), getattr(lean, net).parameters()):
+            assert th.equal(a, b), f"{net}.{name}"
+    for field in BUFFER_FIELDS:
+        assert np.array_equal(getattr(lean.replay_buffer, field), getattr(sb3.replay_buffer, field)), field
+    assert (lean.replay_buffer.pos, lean.replay_buffer.full) == (sb3.replay_buffer.pos, sb3.replay_buffer.full)
+    timeouts, dones = sb3.replay_buffer.timeouts[:3000], sb3.replay_buffer.dones[:3000]
+    assert timeouts.sum() >= 2 and (dones * (1 - timeouts)).sum() >= 5  # truncated and terminated episodes
+    assert np.array_equal(lean._last_obs, sb3._last_obs)  # type: ignore[arg-type]
+    for attr in ("num_timesteps", "_episode_num", "_n_calls", "num_gradient_steps", "exploration_rate"):
+        assert getattr(lean, attr) == getattr(sb3, attr), attr
+    assert lean._episode_num >= 10
+    # Monitor's episode records: return and length (its "t" is wall-clock time).
+    assert [(e["r"], e["l"]) for e in lean.ep_info_buffer] == [(e["r"], e["l"]) for e in sb3.ep_info_buffer]
+    assert list(lean.ep_success_buffer) == list(sb3.ep_success_buffer)
+
+
+class _Recorder(BaseCallback):
+    """Test only: the callback calls in order, with a copy of the loop's locals at every ``on_step``; stops
+    training at the ``stop_at``-th ``on_step``."""
+
+    def __init__(self, stop_at: int) -> None:
+        super().__init__()
+        self.stop_at = stop_at
+        self.seen: list[dict[str, Any]] = []
+        self.rollouts = 0
+
+    def _on_rollout_start(self) -> None:
+        self.rollouts += 1
+        self.seen.append({"call": "on_rollout_start"})
+
+    def _on_rollout_end(self) -> None:
+        self.seen.append({"call": "on_rollout_end"})
+
+    def _on_step(self) -> bool:
+        keep = ("actions", "buffer_actions", "new_obs", "rewards", "dones", "num_collected_steps", "idx", "done")
+        self.seen.append(
+            {
+                "call": "on_step",
+                "keys": sorted(k for k in self.locals if k not in {"total_timesteps", "tb_log_name"}),
+                **{k: copy.deepcopy(self.locals[k]) for k in keep if k in self.locals},
+                "infos": [{k: v for k, v in i.items() if k != "episode"} for i in self.locals["infos"]],
+            }
+        )
+        return self.n_calls < self.stop_at
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, np.ndarray):
+        return isinstance(b, np.ndarray) and a.dtype == b.dtype and np.array_equal(a, b)
+    return type(a) is type(b) and a == b
+
+
+@pytest.mark.parametrize("train_freq", [1, (3, "step"), (1, "episode")])
+def test_lean_collection_loop_gives_callbacks_sb3s_locals_and_stops_as_sb3(
+    train_freq: Any, monkeypatch: pytest.MonkeyPatch
+):
+    kwargs = dict(train_freq=train_freq, exploration_fraction=0.5)
+    lean, sb3 = minatar_agent(True, **kwargs), minatar_agent(True, **kwargs)
+    start = sb3.num_timesteps  # the warm-up's, rounded up to whole rollouts
+    lean_calls = counted_lean_loop(monkeypatch)
+    recorders = _Recorder(stop_at=400), _Recorder(stop_at=400)
+    for agent, recorder in zip((lean, sb3), recorders):
+        with monkeypatch.context() as m:
+            if agent is sb3:
+                m.setattr(PlasticDQN, "collect_rollouts", OffPolicyAlgorithm.collect_rollouts)
+            np.random.seed(2)
+            agent.learn(1_000, callback=recorder, reset_num_timesteps=False)
+    assert len(lean_calls) == recorders[0].rollouts > 0
+    assert lean.num_timesteps == sb3.num_timesteps == start + 400  # on_step's False stopped both
+    assert len(recorders[0].seen) == len(recorders[1].seen)
+    assert sum(seen["call"] == "on_step" for seen in recorders[0].seen) == 400
+    assert sum(seen["call"] == "on_rollout_end" for seen in recorders[0].seen) == recorders[0].rollouts - 1
+    for step, (got, want) in enumerate(zip(*(r.seen for r in recorders))):
+        assert _same(got, want), step
+    for field in BUFFER_FIELDS:
+        assert np.array_equal(getattr(lean.replay_buffer, field), getattr(sb3.replay_buffer, field)), field
+    assert lean._episode_num == sb3._episode_num > 0
+    for a, b in zip(sb3.policy.parameters(), lean.policy.parameters()):
+        assert th.equal(a, b)
+
+
+def test_lean_collection_loop_applies_only_where_it_is_sb3s(monkeypatch: pytest.MonkeyPatch):
+    agent = minatar_agent(True)
+    env = agent.env
+    assert fast_dqn.lean_collection_applies(agent, env, None)
+    assert not fast_dqn.lean_collection_applies(agent, env, NormalActionNoise(np.zeros(1), np.ones(1)))
+    assert not fast_dqn.lean_collection_applies(agent, VecNormalize(env), None)
+    two = make_vec_env(
+        make_sequence,
+        n_envs=2,
+        vec_env_cls=DummyVecEnv,
+        env_kwargs=dict(name="continual_minatar", switch_every=100_000, seed=0),
+    )
+    assert not fast_dqn.lean_collection_applies(agent, two, None)
+    lean_calls = counted_lean_loop(monkeypatch)
+    agent.learn(20, reset_num_timesteps=False)
+    assert len(lean_calls) == 20
+    stock = minatar_agent(False)
+    stock.learn(20, reset_num_timesteps=False)
+    assert len(lean_calls) == 20  # not on the stock path

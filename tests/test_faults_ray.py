@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -96,6 +97,53 @@ def test_a_killed_ray_worker_is_reported_and_its_trial_resumes_exactly(tmp_path:
     (reference_run,) = (tmp_path / "reference" / "tiny").iterdir()
     assert_same_model(run_dir, reference_run)
     assert_same_logs(run_dir, reference_run, monitored=False)  # the tiny sweep config runs no monitor
+
+
+def _sigint_ignored() -> None:  # pragma: no cover - runs in the child between fork and exec
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def test_sigterm_stops_the_trials_of_a_sweep_started_in_the_background(tmp_path: Path):
+    """A driver started as ``nohup rlp sweep ... &`` ignores SIGINT, and so do its Ray workers: Ray's
+    cancellation must still reach the running trials, which write a checkpoint and stop."""
+    pytest.importorskip("ray")
+    (tmp_path / "tiny.yaml").write_text(TINY)
+    args = ["sweep", "tiny.yaml", "--num-cpus", "2", "--seeds", "0-1", "total_steps=200000", "checkpoint.every=200"]
+    sweep = subprocess.Popen(
+        [RLP, *args, "--out", "sweep"],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=_env(),
+        preexec_fn=_sigint_ignored,  # noqa: PLW1509 - as a non-interactive shell's `&` leaves it
+    )
+    pids: list[int] = []
+    try:
+        deadline = time.monotonic() + 240
+        while any(trial_state(tmp_path / "sweep", "tiny", seed) is None for seed in (0, 1)):
+            if sweep.poll() is not None or time.monotonic() > deadline:
+                pytest.fail("the trials did not both checkpoint in 240 s")
+            time.sleep(0.1)
+        runs = [trial_state(tmp_path / "sweep", "tiny", seed).run_dir for seed in (0, 1)]
+        pids = [int((run / LOCK_FILE).read_text().split()[0]) for run in runs]
+        sweep.send_signal(signal.SIGTERM)
+        out, _ = sweep.communicate(timeout=120)  # before the fix: the trials ran on and the driver waited
+    finally:
+        if sweep.poll() is None:
+            sweep.kill()
+            sweep.wait()
+        for pid in pids:  # the runs, were they left running
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    assert sweep.returncode == 143, out
+    assert "sweep: stopped by SIGTERM" in out, out
+    entries = manifest(tmp_path / "sweep")["trials"]
+    for seed in (0, 1):
+        assert entries[f"tiny/seed{seed}"]["status"] == "interrupted", entries
+        state = trial_state(tmp_path / "sweep", "tiny", seed)
+        assert state is not None and 0 < state.checkpoint_step < 200000 and not state.complete
+        assert "stopped by SIGTERM" in (tmp_path / "sweep" / "logs" / f"tiny_seed{seed}.err").read_text()
 
 
 def _free_port() -> int:

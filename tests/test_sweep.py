@@ -526,6 +526,33 @@ def test_a_trial_waits_for_an_earlier_attempt_that_still_holds_its_run(tiny: Pat
     assert f"rlp sweep: removed {stale}: it stopped before its first checkpoint (nothing to resume)" in log
 
 
+@pytest.mark.parametrize("sigint", ["ignored", "default"])
+def test_an_interrupt_stops_the_run_even_where_sigint_is_ignored(sigint: str):
+    """Ray cancels a trial with ``_thread.interrupt_main()``, a no-op while SIGINT is ignored (as in a
+    background ``rlp sweep ... &``): the trial must still SIGTERM its run, and leave SIGINT as it found it."""
+    import _thread
+    import threading
+
+    from rl_plasticity.sweep.trial import _run_to_end
+
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN if sigint == "ignored" else signal.default_int_handler)
+    child = "import signal, sys, time; signal.signal(signal.SIGTERM, lambda *a: sys.exit(143)); time.sleep(30)"
+    try:
+        proc = subprocess.Popen([sys.executable, "-c", child])
+        time.sleep(0.5)  # let the child install its handler
+        threading.Timer(0.5, _thread.interrupt_main).start()
+        start = time.monotonic()
+        code, interrupted = _run_to_end(proc)
+        assert (code, interrupted) == (143, True)
+        assert time.monotonic() - start < 10
+        expected = signal.SIG_IGN if sigint == "ignored" else signal.default_int_handler
+        assert signal.getsignal(signal.SIGINT) == expected
+    finally:
+        signal.signal(signal.SIGINT, before)
+        if proc.poll() is None:
+            proc.kill()
+
+
 # -- a real Ray ---------------------------------------------------------------------------------------
 
 

@@ -6,6 +6,7 @@ the run is started by hand. :func:`execute_trial` is what a Ray task (or the seq
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import datetime as dt
 import os
@@ -13,8 +14,9 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -136,12 +138,7 @@ def execute_trial(job: TrialJob) -> TrialOutcome:
         proc = subprocess.Popen(
             cmd, stdout=out, stderr=err, stdin=subprocess.DEVNULL, env=env, cwd=str(sweep_dir), preexec_fn=death_signal
         )  # noqa: PLW1509
-        interrupted = False
-        try:
-            code = _wait(proc)
-        except KeyboardInterrupt:
-            interrupted = True
-            code = _stop(proc)
+        code, interrupted = _run_to_end(proc)
     with err_path.open() as err:
         err.seek(err_offset)
         stderr = err.read()
@@ -162,6 +159,35 @@ def execute_trial(job: TrialJob) -> TrialOutcome:
     else:
         error = f"{_last_error_line(stderr)} (exit {code})"
     return TrialOutcome(job.trial_id, "failed", mode, run_dir, code, error, seconds)
+
+
+def _run_to_end(proc: subprocess.Popen) -> tuple[int, bool]:
+    """Wait for the run; on KeyboardInterrupt stop it (see :func:`_stop`). Returns its exit status and
+    whether it was interrupted."""
+    with _interruptible():
+        try:
+            return _wait(proc), False
+        except KeyboardInterrupt:
+            return _stop(proc), True
+
+
+@contextlib.contextmanager
+def _interruptible() -> Iterator[None]:
+    """Let SIGINT raise KeyboardInterrupt here even where it is ignored, and put it back afterwards.
+
+    Ray cancels a running task with ``_thread.interrupt_main()``, which does nothing while SIGINT is ignored
+    (Python >= 3.10), and it is ignored in every process started in the background by a non-interactive
+    shell (``nohup rlp sweep ... &``), which Ray's workers inherit: the trials then ran on after the driver
+    was stopped. Only the main thread may set handlers; elsewhere this changes nothing.
+    """
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) != signal.SIG_IGN:
+        yield
+        return
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _wait(proc: subprocess.Popen) -> int:

@@ -536,21 +536,29 @@ def test_an_interrupt_stops_the_run_even_where_sigint_is_ignored(sigint: str):
     from rl_plasticity.sweep.trial import _run_to_end
 
     before = signal.signal(signal.SIGINT, signal.SIG_IGN if sigint == "ignored" else signal.default_int_handler)
-    child = "import signal, sys, time; signal.signal(signal.SIGTERM, lambda *a: sys.exit(143)); time.sleep(30)"
+    child = (
+        "import signal, sys, time; signal.signal(signal.SIGTERM, lambda *a: sys.exit(143)); "
+        "print('ready', flush=True); time.sleep(60)"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", child], stdout=subprocess.PIPE, text=True)
+    timer = threading.Timer(1.0, _thread.interrupt_main)  # as Ray's cancellation does, from another thread
     try:
-        proc = subprocess.Popen([sys.executable, "-c", child])
-        time.sleep(0.5)  # let the child install its handler
-        threading.Timer(0.5, _thread.interrupt_main).start()
+        assert proc.stdout is not None and proc.stdout.readline() == "ready\n"  # its SIGTERM handler is in place
+        timer.start()
         start = time.monotonic()
         code, interrupted = _run_to_end(proc)
         assert (code, interrupted) == (143, True)
-        assert time.monotonic() - start < 10
+        assert time.monotonic() - start < 30
         expected = signal.SIG_IGN if sigint == "ignored" else signal.default_int_handler
         assert signal.getsignal(signal.SIGINT) == expected
+    except KeyboardInterrupt:  # never let it reach pytest
+        pytest.fail("the interrupt arrived outside the trial's wait")
     finally:
+        timer.cancel()
         signal.signal(signal.SIGINT, before)
         if proc.poll() is None:
             proc.kill()
+            proc.wait()
 
 
 # -- a real Ray ---------------------------------------------------------------------------------------

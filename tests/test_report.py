@@ -693,7 +693,9 @@ def test_report_leads_with_evaluation_returns(eval_runs: Path, tmp_path: Path):
         np.mean([(1 + EVAL_NONE[s][1]) / 2 / fresh_b for s in (0, 1)])
     )
     # The whole run (C-CHAIN's Table 4 form): per run the mean of eval_mean over both visits; mean +- s.e.
-    whole = pd.read_csv(out / "whole_run.csv").set_index("arm")
+    whole_csv = pd.read_csv(out / "whole_run.csv")
+    assert sorted(set(whole_csv["metric"])) == ["eval_mean", "eval_return"]
+    whole = whole_csv[whole_csv["metric"] == "eval_mean"].set_index("arm")
     per_run = {
         arm: [np.mean([table[s][0] / 2, (1 + table[s][1]) / 2]) for s in (0, 1)]
         for arm, table in (("none", EVAL_NONE), ("reset", EVAL_RESET))
@@ -703,6 +705,18 @@ def test_report_leads_with_evaluation_returns(eval_runs: Path, tmp_path: Path):
         assert whole.loc[arm, "sem"] == pytest.approx(np.std(values, ddof=1) / np.sqrt(2))
     assert whole.loc["reset", "vs_none"] == pytest.approx(np.mean(per_run["reset"]) / np.mean(per_run["none"]))
     assert "fresh" not in whole.index  # the fresh arm has task B only: no whole-run value
+    # Beside it, the final-return reading: per run the mean of the evaluation at each visit's end.
+    ends = whole_csv[whole_csv["metric"] == "eval_return"].set_index("arm")
+    at_ends = {arm: [np.mean(table[s]) for s in (0, 1)] for arm, table in (("none", EVAL_NONE), ("reset", EVAL_RESET))}
+    for arm, values in at_ends.items():
+        assert ends.loc[arm, "mean"] == pytest.approx(np.mean(values))
+        assert ends.loc[arm, "sem"] == pytest.approx(np.std(values, ddof=1) / np.sqrt(2))
+    assert ends.loc["reset", "vs_none"] == pytest.approx(np.mean(at_ends["reset"]) / np.mean(at_ends["none"]))
+    section = (out / "report.md").read_text().split("## Whole run", 1)[1]
+    row = next(line for line in section.splitlines() if line.startswith("| reset | 2 |"))
+    mean, sem = np.mean(at_ends["reset"]), np.std(at_ends["reset"], ddof=1) / np.sqrt(2)
+    assert row.count("|") == 11 and row.split("|")[7:9] == [" 2 ", " 9.00 +- 1.50 "], row  # (7.5, 10.5) per run
+    assert (mean, sem) == pytest.approx((9.0, 1.5))
     md = (out / "report.md").read_text()
     assert "The main return is the evaluation return over the visit" in md and "falls back" not in md
     over, end = "eval return over the visit", "eval return at its end"

@@ -98,7 +98,9 @@ WHOLE_NOTE = (
     "the summary of C-CHAIN's Table 4 (the evaluation return over the whole run, averaged over the games). "
     "Mean over runs +- standard error (the paper's form), [95% bootstrap CI], IQM; relative to none: the "
     "arm's mean over none's. n: runs with every visit complete; `fresh`: per seed, the fresh networks' "
-    "returns on the visits' tasks, averaged the same way (seeds with every task)."
+    "returns on the visits' tasks, averaged the same way (seeds with every task). With evaluation, the "
+    "evaluation return at each visit's end is averaged the same way beside it: C-CHAIN's code keeps no per-run "
+    "summary, so Table 4 may also be read as this final-return form."
 )
 CURVES_NOTE = (
     "Mean over seeds with a shaded 95% bootstrap band; dashed vertical lines are task switches. Each run "
@@ -173,7 +175,12 @@ def make_report(
     stats = visit_stats(rows, keys, arms, n_resamples, seed)
     sequence = sequence_stats(rows, keys, arms, n_resamples, seed)
     main = main_return(rows)
-    whole = whole_run_stats(rows, keys, arms, main, n_resamples, seed)
+    # Beside the main return, the evaluation return at the visits' ends: C-CHAIN's code keeps no per-run summary,
+    # so its Table 4 may be read as either.
+    whole_metrics = [main, *(["eval_return"] if main == "eval_mean" and "eval_return" in rows else [])]
+    whole = pd.concat(
+        [whole_run_stats(rows, keys, arms, m, n_resamples, seed) for m in whole_metrics], ignore_index=True
+    )
     offsets = fresh_offsets(runs, keys)
     grid = step_grid(runs, offsets, points)
     curves = curve_bands(runs, arms, grid, offsets, min(n_resamples, 2_000), seed)
@@ -378,19 +385,34 @@ def _markdown(
     lines += _returns_note(runs, runs_dir, main)
 
     if len(whole):
+        ends = (
+            {r["arm"]: r for _, r in whole[whole["metric"] == "eval_return"].iterrows()}
+            if main != "eval_return"
+            else {}
+        )
         lines += [
             "## Whole run",
             "",
             WHOLE_NOTE.format(visits=len(keys)),
             "",
-            f"| arm | n | {TITLES[main]}, mean +- s.e. | 95% CI | IQM | relative to none |",
-            "|---|---|---|---|---|---|",
+            f"| arm | n | {TITLES[main]}, mean +- s.e. | 95% CI | IQM | relative to none |"
+            + (" n | eval return at the visits' ends, mean +- s.e. | 95% CI | relative to none |" if ends else ""),
+            "|---|---|---|---|---|---|" + ("---|---|---|---|" if ends else ""),
         ]
-        for _, r in whole.iterrows():
-            lines.append(
+        for _, r in whole[whole["metric"] == main].iterrows():
+            line = (
                 f"| {r['arm']} | {int(r['n'])} | {_fmt(r['mean'])} +- {_fmt(r['sem'])} | "
                 f"[{_fmt(r['ci_low'])}, {_fmt(r['ci_high'])}] | {_fmt(r['iqm'])} | {_fmt(r['vs_none'])} |"
             )
+            end = ends.get(r["arm"])
+            if ends and end is None:
+                line += " 0 | | | |"
+            elif end is not None:
+                line += (
+                    f" {int(end['n'])} | {_fmt(end['mean'])} +- {_fmt(end['sem'])} | "
+                    f"[{_fmt(end['ci_low'])}, {_fmt(end['ci_high'])}] | {_fmt(end['vs_none'])} |"
+                )
+            lines.append(line)
         lines.append("")
 
     if len(sequence):

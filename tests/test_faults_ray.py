@@ -105,10 +105,11 @@ def _sigint_ignored() -> None:  # pragma: no cover - runs in the child between f
 
 def test_sigterm_stops_the_trials_of_a_sweep_started_in_the_background(tmp_path: Path):
     """A driver started as ``nohup rlp sweep ... &`` ignores SIGINT, and so do its Ray workers: Ray's
-    cancellation must still reach the running trials, which write a checkpoint and stop."""
+    cancellation must still reach the running trials, which write a checkpoint and stop; a queued trial is
+    said not to have started."""
     pytest.importorskip("ray")
     (tmp_path / "tiny.yaml").write_text(TINY)
-    args = ["sweep", "tiny.yaml", "--num-cpus", "2", "--seeds", "0-1", "total_steps=200000", "checkpoint.every=200"]
+    args = ["sweep", "tiny.yaml", "--num-cpus", "2", "--seeds", "0-2", "total_steps=200000", "checkpoint.every=200"]
     sweep = subprocess.Popen(
         [RLP, *args, "--out", "sweep"],
         cwd=tmp_path,
@@ -118,15 +119,15 @@ def test_sigterm_stops_the_trials_of_a_sweep_started_in_the_background(tmp_path:
         env=_env(),
         preexec_fn=_sigint_ignored,  # noqa: PLW1509 - as a non-interactive shell's `&` leaves it
     )
-    pids: list[int] = []
+    seeds, pids = (0, 1, 2), []
     try:
         deadline = time.monotonic() + 240
-        while any(trial_state(tmp_path / "sweep", "tiny", seed) is None for seed in (0, 1)):
+        while sum(trial_state(tmp_path / "sweep", "tiny", seed) is not None for seed in seeds) < 2:
             if sweep.poll() is not None or time.monotonic() > deadline:
-                pytest.fail("the trials did not both checkpoint in 240 s")
+                pytest.fail("two trials did not checkpoint in 240 s")
             time.sleep(0.1)
-        runs = [trial_state(tmp_path / "sweep", "tiny", seed).run_dir for seed in (0, 1)]
-        pids = [int((run / LOCK_FILE).read_text().split()[0]) for run in runs]
+        states = {seed: trial_state(tmp_path / "sweep", "tiny", seed) for seed in seeds}
+        pids = [int((state.run_dir / LOCK_FILE).read_text().split()[0]) for state in states.values() if state]
         sweep.send_signal(signal.SIGTERM)
         out, _ = sweep.communicate(timeout=120)  # before the fix: the trials ran on and the driver waited
     finally:
@@ -137,12 +138,20 @@ def test_sigterm_stops_the_trials_of_a_sweep_started_in_the_background(tmp_path:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
     assert sweep.returncode == 143, out
+    assert "sweep: stopping 2 running trial(s); each writes a checkpoint first; 1 queued trial(s) will not start" in out
     assert "sweep: stopped by SIGTERM" in out, out
     entries = manifest(tmp_path / "sweep")["trials"]
-    for seed in (0, 1):
-        assert entries[f"tiny/seed{seed}"]["status"] == "interrupted", entries
+    (queued,) = [seed for seed in seeds if states[seed] is None]
+    for seed in seeds:
+        entry = entries[f"tiny/seed{seed}"]
+        assert entry["status"] == "interrupted", entries
         state = trial_state(tmp_path / "sweep", "tiny", seed)
+        if seed == queued:
+            assert entry["error"] == "not started: SIGTERM came first" and state is None
+            assert not (tmp_path / "sweep" / "logs" / f"tiny_seed{seed}.err").exists()
+            continue
         assert state is not None and 0 < state.checkpoint_step < 200000 and not state.complete
+        assert entry["error"].startswith(f"stopped by SIGTERM (at step {state.checkpoint_step} of 200000")
         assert "stopped by SIGTERM" in (tmp_path / "sweep" / "logs" / f"tiny_seed{seed}.err").read_text()
 
 

@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from rl_plasticity.layout import LOCK_FILE
-from rl_plasticity.rundirs import trial_state
-from rl_plasticity.runlock import exclusive_lock
+from rl_plasticity.rundirs import trial_runs, trial_state
+from rl_plasticity.runlock import exclusive_lock, is_locked
 from rl_plasticity.sweep.grid import SweepError
 from rl_plasticity.sweep.plan import SweepPlan, Trial, check_sweep_dir, new_manifest, write_manifest
 from rl_plasticity.sweep.trial import TrialJob, TrialOutcome, execute_trial
@@ -340,29 +340,36 @@ def _run_ray(
                 record(_result(ray, ref, job), done)
     except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (on_sigterm has set summary.signal)
         summary.signal = summary.signal or signal.SIGINT
-        echo(f"sweep: stopping {len(running)} running trial(s); each writes a checkpoint first")
+        # Every trial is submitted at once, so Ray holds some queued: a trial has started when its run is held.
+        started = {job.trial_id for job in running.values() if _run_held(job)}
+        queued = len(running) - len(started)
+        echo(
+            f"sweep: stopping {len(started)} running trial(s); each writes a checkpoint first"
+            + (f"; {queued} queued trial(s) will not start" if queued else "")
+        )
         for ref in running:
             ray.cancel(ref)  # KeyboardInterrupt in the task: it SIGTERMs its run and waits for it
         try:
             ray.wait(list(running), num_returns=len(running))
         except KeyboardInterrupt:  # a second Ctrl-C: stop waiting (the runs still get SIGTERM on shutdown)
             pass
+        name = signal.Signals(summary.signal).name
         for job in running.values():
             done += 1
             state = trial_state(job.sweep_dir, job.label, job.seed)
+            where = state.describe() if state else "no checkpoint yet"
+            why = f"stopped by {name} ({where})" if job.trial_id in started else f"not started: {name} came first"
+            if job.trial_id not in started and state:
+                why += f" ({where})"
             record(
-                TrialOutcome(
-                    job.trial_id,
-                    "interrupted",
-                    "started",
-                    state and str(state.run_dir),
-                    None,
-                    f"stopped by {signal.Signals(summary.signal).name} "
-                    f"({state.describe() if state else 'no checkpoint yet'})",
-                    0.0,
-                ),
+                TrialOutcome(job.trial_id, "interrupted", "started", state and str(state.run_dir), None, why, 0.0),
                 done,
             )
+
+
+def _run_held(job: TrialJob) -> bool:
+    """Whether a run of the trial is being written now (its ``rlp train`` holds the run's lock)."""
+    return any(is_locked(run.run_dir) for run in trial_runs(Path(job.sweep_dir), job.label, job.seed))
 
 
 def _result(ray: Any, ref: Any, job: TrialJob) -> TrialOutcome:

@@ -13,6 +13,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from test_checkpoint import assert_same_logs, assert_same_model
@@ -35,18 +36,18 @@ def _ppid(pid: int) -> int:
     return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
 
 
+def _start_sweep(tmp_path: Path, args: list[str], **popen: Any) -> subprocess.Popen:
+    """``rlp ARGS --out sweep`` in ``tmp_path`` on the tiny config (written there), its stdout piped as text."""
+    (tmp_path / "tiny.yaml").write_text(TINY)
+    return subprocess.Popen(  # noqa: PLW1509 - a preexec_fn only sets a signal disposition
+        [RLP, *args, "--out", "sweep"], cwd=tmp_path, stdout=subprocess.PIPE, text=True, env=_env(), **popen
+    )
+
+
 def test_a_killed_ray_worker_is_reported_and_its_trial_resumes_exactly(tmp_path: Path):
     pytest.importorskip("ray")
-    (tmp_path / "tiny.yaml").write_text(TINY)
     args = ["sweep", "tiny.yaml", "--num-cpus", "1", "total_steps=1200", "checkpoint.every=100"]
-    sweep = subprocess.Popen(
-        [RLP, *args, "--out", "sweep"],
-        cwd=tmp_path,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=_env(),
-    )
+    sweep = _start_sweep(tmp_path, args, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 180
         while (state := trial_state(tmp_path / "sweep", "tiny", 0)) is None or state.checkpoint_step < 200:
@@ -108,17 +109,9 @@ def test_sigterm_stops_the_trials_of_a_sweep_started_in_the_background(tmp_path:
     cancellation must still reach the running trials, which write a checkpoint and stop; a queued trial is
     said not to have started."""
     pytest.importorskip("ray")
-    (tmp_path / "tiny.yaml").write_text(TINY)
     args = ["sweep", "tiny.yaml", "--num-cpus", "2", "--seeds", "0-2", "total_steps=200000", "checkpoint.every=200"]
-    sweep = subprocess.Popen(
-        [RLP, *args, "--out", "sweep"],
-        cwd=tmp_path,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env=_env(),
-        preexec_fn=_sigint_ignored,  # noqa: PLW1509 - as a non-interactive shell's `&` leaves it
-    )
+    # SIGINT ignored, as a non-interactive shell's `&` leaves it.
+    sweep = _start_sweep(tmp_path, args, stderr=subprocess.STDOUT, preexec_fn=_sigint_ignored)
     seeds, pids = (0, 1, 2), []
     try:
         deadline = time.monotonic() + 240

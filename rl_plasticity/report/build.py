@@ -385,11 +385,7 @@ def _markdown(
     lines += _returns_note(runs, runs_dir, main)
 
     if len(whole):
-        ends = (
-            {r["arm"]: r for _, r in whole[whole["metric"] == "eval_return"].iterrows()}
-            if main != "eval_return"
-            else {}
-        )
+        ends = {r["arm"]: r for _, r in whole[whole["metric"] != main].iterrows()}  # eval_return beside eval_mean
         lines += [
             "## Whole run",
             "",

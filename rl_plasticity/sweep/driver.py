@@ -357,10 +357,10 @@ def _run_ray(
         for job in running.values():
             done += 1
             state = trial_state(job.sweep_dir, job.label, job.seed)
-            where = state.describe() if state else "no checkpoint yet"
-            why = f"stopped by {name} ({where})" if job.trial_id in started else f"not started: {name} came first"
-            if job.trial_id not in started and state:
-                why += f" ({where})"
+            if job.trial_id in started:
+                why = f"stopped by {name} ({state.describe() if state else 'no checkpoint yet'})"
+            else:
+                why = f"not started: {name} came first" + (f" ({state.describe()})" if state else "")
             record(
                 TrialOutcome(job.trial_id, "interrupted", "started", state and str(state.run_dir), None, why, 0.0),
                 done,

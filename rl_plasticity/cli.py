@@ -413,11 +413,13 @@ def report_cmd(runs_dir: Path, out: Path | None, points: int, resamples: int, se
                          return (with their IQM) and the main probes at the end of the visit
                          (effective rank, dormant fraction, NC1, K-FAC epsilon-rank), each as
                          mean [95% percentile-bootstrap CI] over seeds; which runs are incomplete;
-                         the NC1-return correlation across task visits (Pearson with CI, Spearman)
+                         the NC1-return correlation across task visits (Pearson with CI, Spearman);
+                         each probe at a task switch against the next visit's return, pooled
+                         and within arms (does a probe warn before the return falls?)
       return.png, erank.png, dormant.png, nc1.png, kfac_eps_rank.png, nc1_vs_return.png
                          mean curve per arm with a shaded 95% band, task switches as vertical lines
-      runs.csv, visits_by_run.csv, visits.csv, sequence.csv, curves.csv, correlation.csv
-                         the same data
+      runs.csv, visits_by_run.csv, visits.csv, sequence.csv, curves.csv, correlation.csv,
+      lead.csv           the same data
       provenance.csv     every run's commit, machine and kernels (from its provenance.json);
                          a warning is printed when they differ between runs
     Arms come from the sweep's sweep.json, else from each run's interventions ("none" without any;

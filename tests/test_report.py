@@ -20,6 +20,7 @@ from torch.utils.tensorboard import SummaryWriter
 from rl_plasticity.cli import cli
 from rl_plasticity.report import band, interpolate, iqm, make_report, relative_summary, summarize
 from rl_plasticity.report.correlation import correlation_row
+from rl_plasticity.report.lead import probe_lead_correlations
 from rl_plasticity.rundirs import trial_state
 
 A, B = "cartpole/length=0.5", "cartpole/length=1.5"
@@ -608,6 +609,109 @@ def test_report_nc1_return_correlation_over_complete_continual_visits(runs: Path
     assert "## NC1 and return across task visits" in md and "| all visits | mean return | 12 |" in md
     assert "falls back to the **training returns**" in md  # these runs logged no evaluation
     assert (tmp_path / "out" / "nc1_vs_return.png").stat().st_size > 0
+
+
+# -- probes at a switch against the next visit's return ----------------------------------------------------
+def visits_frame() -> pd.DataFrame:
+    """Visit rows as the report builds them: two arms of three runs over tasks X -> Y -> Z, and fresh runs."""
+    rng = np.random.default_rng(1)
+    out = []
+    for arm, shift in (("none", 0.0), ("cchain", 5.0)):
+        for seed in range(3):
+            run = f"{arm}/seed{seed}"
+            for visit, task in enumerate("XYZ"):
+                out.append(
+                    {
+                        "run": run,
+                        "kind": "continual",
+                        "arm": arm,
+                        "seed": seed,
+                        "task": task,
+                        "start_step": 100 * visit,
+                        "end_step": 100 * (visit + 1),
+                        "complete": not (run == "cchain/seed2" and task == "Y"),  # cut short: no pair
+                        "eval_mean": shift + rng.normal(),
+                        "erank/value_head": shift + rng.normal(),
+                        "eval_return/X": 123.0,  # a return, not a probe
+                    }
+                )
+    for task, value in (("Y", 2.0), ("Y", 6.0), ("Z", 10.0), ("X", 1.0)):  # fresh means: Y 4, Z 10
+        out.append(
+            {
+                "run": f"fresh/{task}{value}",
+                "kind": "fresh",
+                "arm": "fresh",
+                "task": task,
+                "start_step": 0,
+                "end_step": 100,
+                "complete": True,
+                "eval_mean": value,
+                "erank/value_head": 50.0,
+            }
+        )
+    return pd.DataFrame(out)
+
+
+def test_probe_lead_pairs_each_switch_and_separates_arms_from_within_arm():
+    rows = visits_frame()
+    table = probe_lead_correlations(rows, "eval_mean")
+    assert list(table["probe"]) == ["erank/value_head"]  # eval_return/X is a return
+    got = table.iloc[0]
+    # By hand: each complete continual run's switches X->Y and Y->Z; the probe from the earlier visit, the
+    # later visit's return over the fresh networks' mean on its task; cchain seed 2 (Y cut short) has none.
+    x, y, arm = [], [], []
+    fresh = {"Y": 4.0, "Z": 10.0}
+    for name, visits in rows[rows["kind"] == "continual"].groupby("run"):
+        if name == "cchain/seed2":
+            continue
+        v = visits.sort_values("start_step")
+        for i in (0, 1):
+            x.append(v["erank/value_head"].iloc[i])
+            y.append(v["eval_mean"].iloc[i + 1] / fresh[v["task"].iloc[i + 1]])
+            arm.append(v["arm"].iloc[0])
+    x, y, arm = np.array(x), np.array(y), np.array(arm)
+    assert got["n"] == len(x) == 10 and got["arms"] == 2
+    assert got["return"] == "next visit's eval return over the visit / fresh"
+    assert got["pearson_r"] == pytest.approx(np.corrcoef(x, y)[0, 1])
+    assert got["pearson_r"] > 0.5  # the arms' shift moves both
+    # Within arms, independently: least squares of y on x with one intercept per arm (n - 3 dof).
+    design = np.column_stack([x, arm == "none", arm == "cchain"]).astype(float)
+    beta, res, *_ = np.linalg.lstsq(design, y, rcond=None)
+    dof = len(y) - 3
+    cov = res[0] / dof * np.linalg.inv(design.T @ design)
+    t = beta[0] / np.sqrt(cov[0, 0])
+    assert got["within_p"] == pytest.approx(2 * sps.t.sf(abs(t), dof))
+    r = t / np.sqrt(t * t + dof)  # the partial correlation from the slope's t
+    assert got["within_r"] == pytest.approx(r)
+    half = 1.959964 / np.sqrt(len(y) - 2 - 2)  # Fisher's z, one covariate per arm beyond the first
+    assert (got["within_ci_low"], got["within_ci_high"]) == pytest.approx(
+        (np.tanh(np.arctanh(r) - half), np.tanh(np.arctanh(r) + half))
+    )
+    assert abs(got["within_r"]) < got["pearson_r"]  # noise inside an arm: no warning there
+
+
+def test_probe_lead_without_fresh_uses_the_raw_return_and_needs_a_switch():
+    rows = visits_frame()
+    table = probe_lead_correlations(rows[rows["kind"] != "fresh"], "eval_mean")
+    assert table.iloc[0]["return"] == "next visit's eval return over the visit"
+    one_visit = rows[(rows["kind"] != "fresh") & (rows["task"] == "X")]
+    assert probe_lead_correlations(one_visit, "eval_mean").empty
+
+
+def test_report_writes_the_probe_lead_table(runs: Path, tmp_path: Path):
+    make_report(runs, tmp_path / "out", points=5, n_resamples=500)
+    table = pd.read_csv(tmp_path / "out" / "lead.csv").set_index("probe")
+    # The fixture's switches: none and reset seeds 0-2 (the incomplete reset run has none); erank at A's end is
+    # 2 + seed, the next return B's training return over the fresh networks' mean on B (34).
+    x = [2.0 + s for s in NONE] + [2.0 + s for s in RESET]
+    y = [NONE[s][1] / 34.0 for s in NONE] + [RESET[s][1] / 34.0 for s in RESET]
+    erank = table.loc["erank/value_head"]
+    assert erank["n"] == 6 and erank["arms"] == 2
+    assert erank["pearson_r"] == pytest.approx(np.corrcoef(x, y)[0, 1])
+    assert erank["within_r"] == pytest.approx(1.0)  # inside each arm the return rises with the seed, as erank
+    assert np.isnan(table.loc["kfac_eps_rank/q_net.0", "pearson_r"])  # 0.5 everywhere: no spread
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "## Probes at a switch and the next task's return" in md and "| `erank/value_head` | 6 | 2 |" in md
 
 
 # -- evaluation returns ------------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ from rl_plasticity.report.aggregate import (
     whole_run_stats,
 )
 from rl_plasticity.report.correlation import RETURN_NAMES, nc1_return_correlations
+from rl_plasticity.report.lead import probe_lead_correlations
 from rl_plasticity.report.provenance import ProvenanceSummary, summarize_provenance
 from rl_plasticity.report.runs import (
     EVAL_RETURN,
@@ -121,6 +122,8 @@ FILES_NOTE = """\
   has), visits, n, mean, ci_low, ci_high, iqm;
 - `curves.csv`: the plotted curves: metric, arm, step, n, mean, ci_low, ci_high;
 - `correlation.csv`: the NC1-return correlations above;
+- `lead.csv`: each probe at a switch against the next visit's return (the table above): probe, return, n, arms,
+  pearson_r, ci_low, ci_high, p_value, spearman_rho, within_r, within_ci_low, within_ci_high, within_p;
 - `provenance.csv`: every session of every run (its `provenance.json`): commit, machine, kernels, host."""
 CORRELATION_NOTE = (
     "Each point is one complete task visit of one continual run (every arm but `fresh`): NC1 of the value-head "
@@ -130,6 +133,41 @@ CORRELATION_NOTE = (
     "return relative to the fresh network's on the same task do not. Visits of one run are not independent, "
     "so the intervals are optimistic."
 )
+
+LEAD_NOTE = (
+    "Does a probe warn before the return falls? Each point is one switch of one continual run: the probe at the "
+    "end of the earlier visit (the network that meets the next task, on the earlier task's probe set) against the "
+    "next visit's main return relative to the fresh network's on that task (raw without a fresh arm). Pooled: over "
+    "every arm's switches, so it is large when arms differ in both, and then it ranks interventions. Within arms: "
+    "the partial correlation given the arm (both values centred on their arm's mean), which asks whether the probe "
+    "warns inside one method. Pearson's r with its 95% interval (Fisher z) and p-value, Spearman's rho of the "
+    "pooled pairs; strongest pooled correlation first. Switches of one run are not independent, so the intervals "
+    "are optimistic, and every probe column is tested, so about one in 20 passes p < 0.05 by chance. Where the "
+    "tasks are different games, the switches into each game differ in both for the game's sake: the table is "
+    "clearest on a family of like tasks (permuted observations, shuffled actions)."
+)
+
+
+def _lead_lines(leads: pd.DataFrame) -> list[str]:
+    """The report's section on probes at a switch against the next visit's return (``lead.csv``)."""
+    lines = ["## Probes at a switch and the next task's return", "", LEAD_NOTE, ""]
+    usable = leads[leads["n"] > 0]
+    if usable.empty:
+        return [*lines, "No run has two consecutive complete visits with probes yet.", ""]
+    lines += [
+        f"Return: {usable['return'].iloc[0]}.",
+        "",
+        "| probe (at the switch) | n | arms | pooled r [95% CI] | p | Spearman rho | within arms r [95% CI] | p |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for _, r in usable.iterrows():
+        lines.append(
+            f"| `{r['probe']}` | {r['n']} | {r['arms']} | {_fmt(r['pearson_r'])} [{_fmt(r['ci_low'])}, "
+            f"{_fmt(r['ci_high'])}] | {_pvalue(r['p_value'])} | {_fmt(r['spearman_rho'])} | "
+            f"{_fmt(r['within_r'])} [{_fmt(r['within_ci_low'])}, {_fmt(r['within_ci_high'])}] | "
+            f"{_pvalue(r['within_p'])} |"
+        )
+    return [*lines, ""]
 
 
 class ReportError(ValueError):
@@ -204,11 +242,13 @@ def make_report(
                 report.not_started.append(trial_id)
 
     correlations = nc1_return_correlations(rows, main)
+    leads = probe_lead_correlations(rows, main)
     report.provenance = summarize_provenance([r for r in runs if r.reused_from is None], runs_dir)
 
     report.out.mkdir(parents=True, exist_ok=True)
     report.files += _write_csvs(report.out, runs, runs_dir, rows, stats, curves)
-    for name, frame in (("whole_run.csv", whole), ("sequence.csv", sequence), ("correlation.csv", correlations)):
+    tables = {"whole_run.csv": whole, "sequence.csv": sequence, "correlation.csv": correlations, "lead.csv": leads}
+    for name, frame in tables.items():
         frame.to_csv(report.out / name, index=False)
         report.files.append(report.out / name)
     report.files.append(report.provenance.write_csv(report.out))
@@ -225,7 +265,7 @@ def make_report(
         )
         report.files.append(report.out / "nc1_vs_return.png")
     md = report.out / "report.md"
-    md.write_text(_markdown(report, runs_dir, arms, keys, stats, whole, sequence, correlations, main))
+    md.write_text(_markdown(report, runs_dir, arms, keys, stats, whole, sequence, correlations, leads, main))
     report.files.insert(0, md)
     return report
 
@@ -344,6 +384,7 @@ def _markdown(
     whole: pd.DataFrame,
     sequence: pd.DataFrame,
     correlations: pd.DataFrame,
+    leads: pd.DataFrame,
     main: str,
 ) -> str:
     runs = report.runs
@@ -485,6 +526,7 @@ def _markdown(
         if (report.out / "nc1_vs_return.png").is_file():
             lines += ["![NC1 against return per task visit](nc1_vs_return.png)", ""]
 
+    lines += _lead_lines(leads)
     lines += ["## Curves", "", CURVES_NOTE, ""]
     for filename, title, _ in PLOTS.values():
         if (report.out / filename).is_file():

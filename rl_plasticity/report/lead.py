@@ -1,0 +1,145 @@
+"""Do the probes warn before the return falls? Each probe at a task switch against the next visit's return.
+
+A probe is useful as a warning of lost plasticity if its value on the network that *meets* a task predicts how
+well that network then learns the task. Each point here is one pair of consecutive complete task visits of one
+continual run: the probe at the end of the earlier visit (the network at the switch, on the earlier task's fixed
+probe set: the last value before the new task's data reaches it) against the later visit's main return, divided
+by the fresh networks' mean return on the later task (so tasks of different scales pool; raw when the sweep has
+no fresh arm).
+
+Two correlations per probe (Pearson's r, 95% interval by Fisher's z, two-sided p):
+
+- **pooled** over every pair of every arm. Arms that differ in both the probe and the return make it large even
+  when, inside an arm, the probe says nothing about which run or task goes worse: it ranks interventions.
+- **within arms**: the partial correlation given the arm (both values centred on their arm's mean; the
+  interval and p-value count the arm means as fitted, ``n - arms - 2`` degrees of freedom for Fisher's z and
+  ``n - arms - 1`` for the t-test). This asks whether the probe warns of the next task inside one method.
+
+Spearman's rank correlation of the pooled pairs is given beside, as a check against a few extreme points.
+Pairs of one run are not independent, so every interval is optimistic; and every probe column is tested, so
+about one in 20 passes p < 0.05 by chance. Where the tasks are different games, the switches into each game
+differ in both probe and return for the game's sake, so the table is clearest on a family of like tasks.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+from rl_plasticity.report.correlation import RETURN_NAMES, correlation_row
+from rl_plasticity.report.stats import CONFIDENCE
+
+COLUMNS = [
+    "probe",
+    "return",
+    "n",
+    "arms",
+    "pearson_r",
+    "ci_low",
+    "ci_high",
+    "p_value",
+    "spearman_rho",
+    "within_r",
+    "within_ci_low",
+    "within_ci_high",
+    "within_p",
+]
+#: Visit columns that are not probes although their names have a ``/``.
+_NOT_PROBES = ("eval_return/",)
+
+
+def probe_columns(rows: pd.DataFrame) -> list[str]:
+    """The per-layer probe columns of the report's visit rows (``<probe>/<layer>``), in their order."""
+    return [
+        c for c in rows.columns if "/" in c and not c.startswith(_NOT_PROBES) and pd.api.types.is_numeric_dtype(rows[c])
+    ]
+
+
+def switch_pairs(rows: pd.DataFrame, column: str) -> pd.DataFrame:
+    """Consecutive complete visits of each continual run: one row per switch.
+
+    :param rows: the report's visit rows (``visits_by_run.csv``): ``run, kind, arm, task, start_step, end_step,
+        complete``, the probe columns and ``column``.
+    :param column: the return (``eval_mean``, ``eval_return`` or ``mean_return``).
+    :return: ``arm, run, task`` (the later visit's), ``next_return`` (relative to fresh when there is a fresh
+        arm), ``relative`` (bool) and every probe column taken from the earlier visit.
+    """
+    probes = probe_columns(rows)
+    done = rows[rows["complete"].astype(bool)]
+    continual = done[done["kind"] != "fresh"].sort_values(["run", "start_step"])
+    fresh = done[done["kind"] == "fresh"]
+    relative = len(fresh) > 0
+    if relative:
+        baseline = pd.to_numeric(fresh[column], errors="coerce").groupby(fresh["task"]).mean()
+    out = []
+    for _, visits in continual.groupby("run", sort=False):
+        for (_, before), (_, after) in zip(visits.iloc[:-1].iterrows(), visits.iloc[1:].iterrows()):
+            if before["end_step"] != after["start_step"]:  # a visit in between is incomplete
+                continue
+            value = float(after[column])
+            if relative:
+                scale = float(baseline.get(after["task"], np.nan))
+                value = value / scale if scale > 0 else np.nan
+            out.append(
+                {"arm": after["arm"], "run": after["run"], "task": after["task"], "next_return": value}
+                | {p: float(before[p]) for p in probes}
+            )
+    frame = pd.DataFrame(out, columns=["arm", "run", "task", "next_return", *probes])
+    return frame.assign(relative=relative)
+
+
+def _within_arms(x: np.ndarray, y: np.ndarray, arms: np.ndarray) -> tuple[float, float, float, float]:
+    """Partial correlation of ``x`` and ``y`` given the arm: r, its 95% interval and two-sided p."""
+    nan = (float("nan"),) * 4
+    groups = len(np.unique(arms))
+    dof = len(x) - groups - 1
+    if dof < 2:
+        return nan
+    xc = x - pd.Series(x).groupby(arms).transform("mean").to_numpy()
+    yc = y - pd.Series(y).groupby(arms).transform("mean").to_numpy()
+    if np.ptp(xc) == 0 or np.ptp(yc) == 0:
+        return nan
+    r = float(np.clip(np.corrcoef(xc, yc)[0, 1], -1.0, 1.0))
+    half = stats.norm.ppf(0.5 + CONFIDENCE / 2) / np.sqrt(dof - 1)
+    low, high = np.tanh(np.arctanh(np.clip(r, -0.999999, 0.999999)) + np.array([-half, half]))
+    t = r * np.sqrt(dof / max(1.0 - r * r, 1e-300))
+    return r, float(low), float(high), float(2 * stats.t.sf(abs(t), dof))
+
+
+def probe_lead_correlations(rows: pd.DataFrame, column: str = "mean_return") -> pd.DataFrame:
+    """The table of the module docstring: one row per probe column, strongest pooled correlation first.
+
+    :param rows: the report's per-run visit rows (``visits_by_run.csv``).
+    :param column: the return, as in :func:`~rl_plasticity.report.correlation.nc1_return_correlations`.
+    :return: columns :data:`COLUMNS`; empty without a switch between two complete visits.
+    """
+    needed = {"run", "kind", "arm", "task", "start_step", "end_step", "complete", column}
+    if rows.empty or not needed.issubset(rows.columns):
+        return pd.DataFrame(columns=COLUMNS)
+    pairs = switch_pairs(rows, column)
+    if pairs.empty:
+        return pd.DataFrame(columns=COLUMNS)
+    name = RETURN_NAMES.get(column, column)
+    what = f"next visit's {name}" + (" / fresh" if bool(pairs["relative"].iloc[0]) else "")
+    y_all = pairs["next_return"].to_numpy(dtype=float)
+    out = []
+    for probe in probe_columns(pairs.drop(columns=["relative"])):
+        x_all = pairs[probe].to_numpy(dtype=float)
+        keep = np.isfinite(x_all) & np.isfinite(y_all)
+        x, y, arms = x_all[keep], y_all[keep], pairs["arm"].to_numpy()[keep]
+        pooled = correlation_row(probe, what, x, y)
+        within = _within_arms(x, y, arms)
+        out.append(
+            {
+                "probe": probe,
+                "return": what,
+                "n": pooled["n"],
+                "arms": len(np.unique(arms)),
+                **{k: pooled[k] for k in ("pearson_r", "ci_low", "ci_high", "p_value", "spearman_rho")},
+                **dict(zip(("within_r", "within_ci_low", "within_ci_high", "within_p"), within)),
+            }
+        )
+    table = pd.DataFrame(out, columns=COLUMNS)
+    order = table["pearson_r"].abs().fillna(-1).sort_values(ascending=False, kind="stable").index
+    return table.loc[order].reset_index(drop=True)

@@ -414,8 +414,8 @@ def report_cmd(runs_dir: Path, out: Path | None, points: int, resamples: int, se
                          (effective rank, dormant fraction, NC1, K-FAC epsilon-rank), each as
                          mean [95% percentile-bootstrap CI] over seeds; which runs are incomplete;
                          the NC1-return correlation across task visits (Pearson with CI, Spearman);
-                         each probe at a task switch against the next visit's return, pooled
-                         and within arms (does a probe warn before the return falls?)
+                         each probe at a task switch against the next visit's return, pooled,
+                         within arms and within arm and switch (does a probe warn first?)
       return.png, erank.png, dormant.png, nc1.png, kfac_eps_rank.png, nc1_vs_return.png
                          mean curve per arm with a shaded 95% band, task switches as vertical lines
       runs.csv, visits_by_run.csv, visits.csv, sequence.csv, curves.csv, correlation.csv,

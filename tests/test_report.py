@@ -635,32 +635,33 @@ def visits_frame() -> pd.DataFrame:
                         "eval_return/X": 123.0,  # a return, not a probe
                     }
                 )
-    for task, value in (("Y", 2.0), ("Y", 6.0), ("Z", 10.0), ("X", 1.0)):  # fresh means: Y 4, Z 10
+    for task, value in (("Y", 2.0), ("Y", 6.0), ("Z", 10.0), ("X", 1.0), ("X", 3.0)):  # fresh means: X 2, Y 4, Z 10
         out.append(
             {
-                "run": f"fresh/{task}{value}",
+                "run": f"fresh/{task}{value}" if value != 3.0 else "fresh/X1.0",  # two visits: still no pair
                 "kind": "fresh",
                 "arm": "fresh",
                 "task": task,
-                "start_step": 0,
-                "end_step": 100,
+                "start_step": 0 if value != 3.0 else 100,
+                "end_step": 100 if value != 3.0 else 200,
                 "complete": True,
                 "eval_mean": value,
                 "erank/value_head": 50.0,
+                "num_classes/value_head": 3.0,  # NC's class count, not a probe
             }
         )
-    return pd.DataFrame(out)
+    return pd.DataFrame(out).sample(frac=1.0, random_state=0)  # the report's rows need not be in order
 
 
 def test_probe_lead_pairs_each_switch_and_separates_arms_from_within_arm():
     rows = visits_frame()
     table = probe_lead_correlations(rows, "eval_mean")
-    assert list(table["probe"]) == ["erank/value_head"]  # eval_return/X is a return
-    got = table.iloc[0]
+    assert list(table["probe"]) == ["(return at the switch)", "erank/value_head"]  # eval_return/X is a return
+    got = table.iloc[1]
     # By hand: each complete continual run's switches X->Y and Y->Z; the probe from the earlier visit, the
     # later visit's return over the fresh networks' mean on its task; cchain seed 2 (Y cut short) has none.
-    x, y, arm = [], [], []
-    fresh = {"Y": 4.0, "Z": 10.0}
+    x, y, arm, switch, before = [], [], [], [], []
+    fresh = {"X": 2.0, "Y": 4.0, "Z": 10.0}
     for name, visits in rows[rows["kind"] == "continual"].groupby("run"):
         if name == "cchain/seed2":
             continue
@@ -668,8 +669,10 @@ def test_probe_lead_pairs_each_switch_and_separates_arms_from_within_arm():
         for i in (0, 1):
             x.append(v["erank/value_head"].iloc[i])
             y.append(v["eval_mean"].iloc[i + 1] / fresh[v["task"].iloc[i + 1]])
+            before.append(v["eval_mean"].iloc[i] / fresh[v["task"].iloc[i]])
             arm.append(v["arm"].iloc[0])
-    x, y, arm = np.array(x), np.array(y), np.array(arm)
+            switch.append(i + 1)
+    x, y, arm, switch = np.array(x), np.array(y), np.array(arm), np.array(switch)
     assert got["n"] == len(x) == 10 and got["arms"] == 2
     assert got["return"] == "next visit's eval return over the visit / fresh"
     assert got["pearson_r"] == pytest.approx(np.corrcoef(x, y)[0, 1])
@@ -688,6 +691,17 @@ def test_probe_lead_pairs_each_switch_and_separates_arms_from_within_arm():
         (np.tanh(np.arctanh(r) - half), np.tanh(np.arctanh(r) + half))
     )
     assert abs(got["within_r"]) < got["pearson_r"]  # noise inside an arm: no warning there
+    # Within arm and switch: one intercept per (arm, switch) cell, 4 cells.
+    cells = [(a, k) for a in ("none", "cchain") for k in (1, 2)]
+    design = np.column_stack([x] + [(arm == a) & (switch == k) for a, k in cells]).astype(float)
+    beta, res, *_ = np.linalg.lstsq(design, y, rcond=None)
+    dof = len(y) - 5
+    t = beta[0] / np.sqrt(res[0] / dof * np.linalg.inv(design.T @ design)[0, 0])
+    assert got["switch_p"] == pytest.approx(2 * sps.t.sf(abs(t), dof))
+    assert got["switch_r"] == pytest.approx(t / np.sqrt(t * t + dof))
+    # The reference row: the earlier visit's return relative to fresh in the probe's place.
+    reference = table.iloc[0]
+    assert reference["n"] == 10 and reference["pearson_r"] == pytest.approx(np.corrcoef(before, y)[0, 1])
 
 
 def test_probe_lead_without_fresh_uses_the_raw_return_and_needs_a_switch():

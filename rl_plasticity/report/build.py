@@ -25,7 +25,7 @@ from rl_plasticity.report.aggregate import (
     whole_run_stats,
 )
 from rl_plasticity.report.correlation import RETURN_NAMES, nc1_return_correlations
-from rl_plasticity.report.lead import probe_lead_correlations
+from rl_plasticity.report.lead import RETURN_AT_SWITCH, probe_lead_correlations
 from rl_plasticity.report.provenance import ProvenanceSummary, summarize_provenance
 from rl_plasticity.report.runs import (
     EVAL_RETURN,
@@ -123,7 +123,8 @@ FILES_NOTE = """\
 - `curves.csv`: the plotted curves: metric, arm, step, n, mean, ci_low, ci_high;
 - `correlation.csv`: the NC1-return correlations above;
 - `lead.csv`: each probe at a switch against the next visit's return (the table above): probe, return, n, arms,
-  pearson_r, ci_low, ci_high, p_value, spearman_rho, within_r, within_ci_low, within_ci_high, within_p;
+  pearson_r, ci_low, ci_high, p_value, spearman_rho, then r, ci_low, ci_high, p within arms (`within_`) and
+  within arm and switch (`switch_`);
 - `provenance.csv`: every session of every run (its `provenance.json`): commit, machine, kernels, host."""
 CORRELATION_NOTE = (
     "Each point is one complete task visit of one continual run (every arm but `fresh`): NC1 of the value-head "
@@ -139,12 +140,16 @@ LEAD_NOTE = (
     "end of the earlier visit (the network that meets the next task, on the earlier task's probe set) against the "
     "next visit's main return relative to the fresh network's on that task (raw without a fresh arm). Pooled: over "
     "every arm's switches, so it is large when arms differ in both, and then it ranks interventions. Within arms: "
-    "the partial correlation given the arm (both values centred on their arm's mean), which asks whether the probe "
-    "warns inside one method. Pearson's r with its 95% interval (Fisher z) and p-value, Spearman's rho of the "
-    "pooled pairs; strongest pooled correlation first. Switches of one run are not independent, so the intervals "
-    "are optimistic, and every probe column is tested, so about one in 20 passes p < 0.05 by chance. Where the "
-    "tasks are different games, the switches into each game differ in both for the game's sake: the table is "
-    "clearest on a family of like tasks (permuted observations, shuffled actions)."
+    "the partial correlation given the arm (both values centred on their arm's mean); what is left mixes seeds, "
+    "tasks and the trend over the sequence. Within arm and switch: given the arm and the switch's place in the "
+    "run, so only the seeds of one arm at one switch are compared: does the probe tell which run of a method will "
+    "learn the next task better? The first row puts the return at the switch (the earlier visit's, relative to "
+    "fresh) in the probe's place: a probe that predicts no better moves with the return, not before it. Pearson's "
+    "r with its 95% interval (Fisher z) and p-value, Spearman's rho of the pooled pairs; strongest pooled "
+    "correlation first. Switches of one run are not independent, so the intervals are optimistic, and every probe "
+    "column is tested, so some pass p < 0.05 by chance. Where the tasks are different games, the switches into "
+    "each game differ in both for the game's sake: the table is clearest on a family of like tasks (permuted "
+    "observations, shuffled actions)."
 )
 
 
@@ -157,15 +162,21 @@ def _lead_lines(leads: pd.DataFrame) -> list[str]:
     lines += [
         f"Return: {usable['return'].iloc[0]}.",
         "",
-        "| probe (at the switch) | n | arms | pooled r [95% CI] | p | Spearman rho | within arms r [95% CI] | p |",
-        "|---|---|---|---|---|---|---|---|",
+        "| at the switch | n | arms | pooled r [95% CI] | p | Spearman rho | within arms r [95% CI] | p "
+        "| within arm and switch r [95% CI] | p |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
+
+    def interval(r: pd.Series, prefix: str) -> str:
+        return f"{_fmt(r[prefix + 'r'])} [{_fmt(r[prefix + 'ci_low'])}, {_fmt(r[prefix + 'ci_high'])}]"
+
     for _, r in usable.iterrows():
+        name = r["probe"] if r["probe"] == RETURN_AT_SWITCH else f"`{r['probe']}`"
         lines.append(
-            f"| `{r['probe']}` | {r['n']} | {r['arms']} | {_fmt(r['pearson_r'])} [{_fmt(r['ci_low'])}, "
+            f"| {name} | {r['n']} | {r['arms']} | {_fmt(r['pearson_r'])} [{_fmt(r['ci_low'])}, "
             f"{_fmt(r['ci_high'])}] | {_pvalue(r['p_value'])} | {_fmt(r['spearman_rho'])} | "
-            f"{_fmt(r['within_r'])} [{_fmt(r['within_ci_low'])}, {_fmt(r['within_ci_high'])}] | "
-            f"{_pvalue(r['within_p'])} |"
+            f"{interval(r, 'within_')} | {_pvalue(r['within_p'])} | {interval(r, 'switch_')} | "
+            f"{_pvalue(r['switch_p'])} |"
         )
     return [*lines, ""]
 

@@ -19,6 +19,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 from rl_plasticity.cli import cli
 from rl_plasticity.report import band, interpolate, iqm, make_report, relative_summary, summarize
+from rl_plasticity.report.build import _lead_lines
 from rl_plasticity.report.correlation import correlation_row
 from rl_plasticity.report.lead import probe_lead_correlations
 from rl_plasticity.rundirs import trial_state
@@ -710,6 +711,10 @@ def test_probe_lead_without_fresh_uses_the_raw_return_and_needs_a_switch():
     assert table.iloc[0]["return"] == "next visit's eval return over the visit"
     one_visit = rows[(rows["kind"] != "fresh") & (rows["task"] == "X")]
     assert probe_lead_correlations(one_visit, "eval_mean").empty
+    # One run: two switches, too few for a correlation; the report says so in one line instead of a table of dashes.
+    one_run = probe_lead_correlations(rows[rows["run"] == "none/seed0"], "eval_mean")
+    assert one_run["n"].max() == 2 and one_run["pearson_r"].isna().all()
+    assert _lead_lines(one_run)[-2] == "Too few switches for a correlation yet (2; at least 3 with some spread)."
 
 
 def test_report_writes_the_probe_lead_table(runs: Path, tmp_path: Path):

@@ -159,6 +159,9 @@ def _lead_lines(leads: pd.DataFrame) -> list[str]:
     usable = leads[leads["n"] > 0]
     if usable.empty:
         return [*lines, "No run has two consecutive complete visits with probes yet.", ""]
+    if usable["pearson_r"].isna().all():
+        n = int(usable["n"].max())
+        return [*lines, f"Too few switches for a correlation yet ({n}; at least 3 with some spread).", ""]
     lines += [
         f"Return: {usable['return'].iloc[0]}.",
         "",

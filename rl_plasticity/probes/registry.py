@@ -150,6 +150,11 @@ def may_be_nan_prefixes() -> tuple[str, ...]:
     return tuple(f"{tag}/" for spec in PROBES.values() for tag in spec.may_be_nan)
 
 
+def probe_tag_prefixes() -> tuple[str, ...]:
+    """``"<tag>/"`` of every tag any probe logs, in probe order (how a ``<tag>/<layer>`` column is told apart)."""
+    return tuple(f"{tag}/" for spec in PROBES.values() for tag in spec.tags)
+
+
 def main_probes() -> dict[str, str]:
     """The report's main probes: tag -> title, in probe order."""
     return {tag: title for spec in PROBES.values() for tag, title in spec.main}

@@ -55,6 +55,19 @@ RETURN_NAMES = {
 }
 
 
+def fresh_baseline(done: pd.DataFrame, column: str) -> pd.Series:
+    """Task -> the fresh networks' mean ``column`` on it (empty without a fresh run), from complete visit rows."""
+    fresh = done[done["kind"] == "fresh"]
+    return pd.to_numeric(fresh[column], errors="coerce").groupby(fresh["task"]).mean()
+
+
+def relative_to_fresh(returns: np.ndarray, tasks: pd.Series, baseline: pd.Series) -> np.ndarray:
+    """Each return divided by the fresh baseline of its task; NaN where the baseline is missing or not positive."""
+    scale = tasks.map(baseline).to_numpy(dtype=float)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(scale > 0, np.asarray(returns, dtype=float) / scale, np.nan)
+
+
 def nc1_return_correlations(rows: pd.DataFrame, column: str = "mean_return") -> pd.DataFrame:
     """The table described in the module docstring, from the report's per-run visit rows.
 
@@ -73,12 +86,8 @@ def nc1_return_correlations(rows: pd.DataFrame, column: str = "mean_return") -> 
     ret = pd.to_numeric(continual[column], errors="coerce")
     out = [correlation_row("all visits", name, nc1.to_numpy(), ret.to_numpy())]
 
-    fresh = done[done["kind"] == "fresh"]
-    if len(fresh):
-        fresh_mean = pd.to_numeric(fresh[column], errors="coerce").groupby(fresh["task"]).mean()
-        scale = continual["task"].map(fresh_mean).to_numpy(dtype=float)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            relative = np.where(scale > 0, ret.to_numpy() / scale, np.nan)
+    if (done["kind"] == "fresh").any():
+        relative = relative_to_fresh(ret.to_numpy(), continual["task"], fresh_baseline(done, column))
         out.append(correlation_row("all visits", f"{name} / fresh {name}", nc1.to_numpy(), relative))
     for task in continual["task"].unique():
         mine = continual["task"] == task

@@ -35,7 +35,8 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from rl_plasticity.report.correlation import RETURN_NAMES, correlation_row
+from rl_plasticity.probes.registry import probe_tag_prefixes
+from rl_plasticity.report.correlation import RETURN_NAMES, correlation_row, fresh_baseline, relative_to_fresh
 from rl_plasticity.report.stats import CONFIDENCE
 
 #: The reference row: the return at the switch in a probe's place.
@@ -53,15 +54,15 @@ COLUMNS = [
     "spearman_rho",
     *(f"{c}_{s}" for c in _CONTROLS for s in ("r", "ci_low", "ci_high", "p")),
 ]
-#: Visit columns that are not probes although their names have a ``/``: returns, and NC's count of classes.
-_NOT_PROBES = ("eval_return/", "num_classes/")
+#: A tag the probes log that is not a measure of the network: NC's count of classes on the probe set.
+_NOT_MEASURES = ("num_classes/",)
 
 
 def probe_columns(rows: pd.DataFrame) -> list[str]:
-    """The per-layer probe columns of the report's visit rows (``<probe>/<layer>``), in their order."""
-    return [
-        c for c in rows.columns if "/" in c and not c.startswith(_NOT_PROBES) and pd.api.types.is_numeric_dtype(rows[c])
-    ]
+    """The per-layer probe columns of the report's visit rows (``<tag>/<layer>`` of a registered probe's tag),
+    in their order."""
+    tags = tuple(t for t in probe_tag_prefixes() if t not in _NOT_MEASURES)
+    return [c for c in rows.columns if c.startswith(tags) and pd.api.types.is_numeric_dtype(rows[c])]
 
 
 def switch_pairs(rows: pd.DataFrame, column: str) -> pd.DataFrame:
@@ -70,24 +71,14 @@ def switch_pairs(rows: pd.DataFrame, column: str) -> pd.DataFrame:
     :param rows: the report's visit rows (``visits_by_run.csv``): ``run, kind, arm, task, start_step, end_step,
         complete``, the probe columns and ``column``.
     :param column: the return (``eval_mean``, ``eval_return`` or ``mean_return``).
-    :return: ``arm, run, task`` (the later visit's), ``switch`` (the later visit's place in its run: 1 for the
-        first switch), ``next_return`` and :data:`RETURN_AT_SWITCH` (the earlier visit's), both relative to fresh
-        on their own task when there is a fresh arm, ``relative`` (bool) and every probe column taken from the
-        earlier visit.
+    :return: ``arm, run, task`` (the later visit's), ``from_task`` (the earlier visit's), ``switch`` (the later
+        visit's place in its run: 1 for the first switch), ``next_return`` and :data:`RETURN_AT_SWITCH` (the
+        earlier visit's), both relative to fresh on their own task when there is a fresh arm, ``relative`` (bool)
+        and every probe column taken from the earlier visit.
     """
     probes = probe_columns(rows)
     done = rows[rows["complete"].astype(bool)]
     continual = done[done["kind"] != "fresh"].sort_values(["run", "start_step"])
-    fresh = done[done["kind"] == "fresh"]
-    relative = len(fresh) > 0
-    baseline = pd.to_numeric(fresh[column], errors="coerce").groupby(fresh["task"]).mean()
-
-    def scaled(visit: pd.Series) -> float:
-        if not relative:
-            return float(visit[column])
-        scale = float(baseline.get(visit["task"], np.nan))
-        return float(visit[column]) / scale if scale > 0 else float("nan")
-
     out = []
     for _, visits in continual.groupby("run", sort=False):
         for (_, before), (_, after) in zip(visits.iloc[:-1].iterrows(), visits.iloc[1:].iterrows()):
@@ -98,13 +89,20 @@ def switch_pairs(rows: pd.DataFrame, column: str) -> pd.DataFrame:
                     "arm": after["arm"],
                     "run": after["run"],
                     "task": after["task"],
+                    "from_task": before["task"],
                     "switch": int((visits["start_step"] < after["start_step"]).sum()),
-                    "next_return": scaled(after),
-                    RETURN_AT_SWITCH: scaled(before),
+                    "next_return": float(after[column]),
+                    RETURN_AT_SWITCH: float(before[column]),
                 }
                 | {p: float(before[p]) for p in probes}
             )
-    frame = pd.DataFrame(out, columns=["arm", "run", "task", "switch", "next_return", RETURN_AT_SWITCH, *probes])
+    columns = ["arm", "run", "task", "from_task", "switch", "next_return", RETURN_AT_SWITCH, *probes]
+    frame = pd.DataFrame(out, columns=columns)
+    relative = bool((done["kind"] == "fresh").any())
+    if relative:
+        baseline = fresh_baseline(done, column)
+        frame["next_return"] = relative_to_fresh(frame["next_return"].to_numpy(), frame["task"], baseline)
+        frame[RETURN_AT_SWITCH] = relative_to_fresh(frame[RETURN_AT_SWITCH].to_numpy(), frame["from_task"], baseline)
     return frame.assign(relative=relative)
 
 
@@ -148,7 +146,7 @@ def probe_lead_correlations(rows: pd.DataFrame, column: str = "mean_return") -> 
     y_all = pairs["next_return"].to_numpy(dtype=float)
     cells = (pairs["arm"].astype(str) + "|" + pairs["switch"].astype(str)).to_numpy()
     out = []
-    for probe in [RETURN_AT_SWITCH, *probe_columns(pairs.drop(columns=["relative", "switch"]))]:
+    for probe in [RETURN_AT_SWITCH, *probe_columns(pairs)]:
         x_all = pairs[probe].to_numpy(dtype=float)
         keep = np.isfinite(x_all) & np.isfinite(y_all)
         x, y, arms = x_all[keep], y_all[keep], pairs["arm"].to_numpy()[keep]
